@@ -1,0 +1,312 @@
+"""Events for every decision, listeners that receive them, and `stats()` snapshots.
+
+Every retry, fallback, rejection and breaker transition is an `Event`. Components
+hand events to an `EventBus`: their own listeners plus the process-wide ones
+(`add_listener`). The default global listener logs to the stdlib logger
+``rag_resilience`` so nothing degraded is silent even when nobody subscribed.
+
+Listeners must be cheap and must not raise; an exception in a listener is logged
+and swallowed, never propagated into the user's call. A listener that does not
+care about the high-volume routine events (``attempt`` and ``success``) sets the
+attribute ``routine = False`` so the hot path does not build events for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "Event",
+    "EventBus",
+    "EventKind",
+    "Listener",
+    "LoggingListener",
+    "StatsCollector",
+    "add_listener",
+    "remove_listener",
+]
+
+logger = logging.getLogger("rag_resilience")
+
+
+class EventKind(str, Enum):
+    """What happened. Terminal kinds (one per call): SUCCESS, FALLBACK, FAILURE."""
+
+    ATTEMPT = "attempt"  # an attempt is starting (routine)
+    RETRY = "retry"  # an attempt failed, a retry is scheduled after `delay` for `reason`
+    SUCCESS = "success"  # the call succeeded live (routine)
+    FAILURE = "failure"  # the call failed and nothing could be served: the user sees `error`
+    FALLBACK = "fallback"  # a degraded answer was served from `served_from`
+    REJECTED = "rejected"  # no call made: circuit open, queue full, retry budget, deadline
+    STATE_CHANGE = "state_change"  # breaker moved from `old_state` to `new_state`
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ROUTINE_KINDS = frozenset({EventKind.ATTEMPT, EventKind.SUCCESS})
+
+
+@dataclass(slots=True)
+class Event:
+    """One decision. Fields that do not apply to a kind are None."""
+
+    kind: EventKind
+    name: str
+    attempt: int = 0
+    delay: float | None = None
+    reason: str | None = None
+    error: BaseException | None = None
+    duration: float | None = None
+    old_state: str | None = None
+    new_state: str | None = None
+    served_from: str | None = None
+    age_s: float | None = None
+    timestamp: float = field(default_factory=time.time)
+    extra: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (the error as its class name and message)."""
+        out: dict[str, Any] = {"kind": self.kind.value, "name": self.name}
+        for key in ("attempt", "delay", "reason", "duration", "old_state", "new_state",
+                    "served_from", "age_s", "timestamp", "extra"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.error is not None:
+            out["error"] = f"{type(self.error).__name__}: {self.error}"
+        return out
+
+
+Listener = Callable[[Event], None]
+
+_global_listeners: list[Listener] = []
+
+
+def add_listener(listener: Listener) -> None:
+    """Subscribe `listener` to the events of every component in this process."""
+    if listener not in _global_listeners:
+        _global_listeners.append(listener)
+
+
+def remove_listener(listener: Listener) -> None:
+    """Unsubscribe a global listener (a no-op if it was not subscribed)."""
+    if listener in _global_listeners:
+        _global_listeners.remove(listener)
+
+
+def _wants_routine(listener: Listener) -> bool:
+    return bool(getattr(listener, "routine", True))
+
+
+class EventBus:
+    """Fan-out of events to a component's listeners and the global ones."""
+
+    __slots__ = ("_listeners",)
+
+    def __init__(self, listeners: Iterable[Listener] | None = None) -> None:
+        self._listeners: list[Listener] = list(listeners or ())
+
+    def add(self, listener: Listener) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return [*self._listeners, *_global_listeners]
+
+    def wants(self, kind: EventKind) -> bool:
+        """Cheap check before building an event on the hot path."""
+        if kind not in ROUTINE_KINDS:
+            return bool(self._listeners or _global_listeners)
+        for listener in self._listeners:
+            if _wants_routine(listener):
+                return True
+        return any(_wants_routine(listener) for listener in _global_listeners)
+
+    def emit(self, event: Event) -> None:
+        routine = event.kind in ROUTINE_KINDS
+        for listener in (*self._listeners, *_global_listeners):
+            if routine and not _wants_routine(listener):
+                continue
+            try:
+                listener(event)
+            except Exception:  # a broken listener must never break the user's call
+                logger.exception("rag_resilience listener %r raised; ignored", listener)
+
+    def publish(self, kind: EventKind, name: str, **fields: Any) -> None:
+        """Build and emit an event only if someone listens for this kind."""
+        if self.wants(kind):
+            self.emit(Event(kind, name, **fields))
+
+
+class LoggingListener:
+    """Logs every non-routine event to the ``rag_resilience`` logger.
+
+    Retries, fallbacks, rejections and breaker transitions are WARNING (degraded
+    service must be visible); a call that fails to the user is ERROR.
+    """
+
+    routine = False
+
+    def __init__(self, log: logging.Logger | None = None) -> None:
+        self.log = log or logger
+
+    def __call__(self, event: Event) -> None:
+        kind = event.kind
+        if kind is EventKind.RETRY:
+            self.log.warning(
+                "[%s] attempt %d failed (%s: %s); retrying in %.2fs",
+                event.name, event.attempt, event.reason, _err(event.error), event.delay or 0.0,
+            )
+        elif kind is EventKind.STATE_CHANGE:
+            self.log.warning("[%s] circuit %s -> %s", event.name, event.old_state, event.new_state)
+        elif kind is EventKind.FALLBACK:
+            age = f", age {event.age_s:.1f}s" if event.age_s is not None else ""
+            self.log.warning(
+                "[%s] served degraded answer from %s%s after %s",
+                event.name, event.served_from, age, _err(event.error),
+            )
+        elif kind is EventKind.REJECTED:
+            self.log.warning("[%s] rejected without calling upstream: %s", event.name, event.reason)
+        elif kind is EventKind.FAILURE:
+            self.log.error(
+                "[%s] failed after %d attempt(s): %s", event.name, event.attempt, _err(event.error)
+            )
+        elif self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("[%s] %s", event.name, event.as_dict())
+
+
+def _err(error: BaseException | None) -> str:
+    if error is None:
+        return "-"
+    return f"{type(error).__name__}: {error}"
+
+
+DEFAULT_LOGGING_LISTENER = LoggingListener()
+add_listener(DEFAULT_LOGGING_LISTENER)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class StatsCollector:
+    """A listener that aggregates events into a `stats()` snapshot.
+
+    Counts are exact; latency percentiles are over the last `latency_window` calls.
+    `extra` callables add live gauges (breaker state, queue depth) to each snapshot.
+    """
+
+    routine = True
+
+    def __init__(self, latency_window: int = 4096) -> None:
+        if latency_window < 1:
+            raise ValueError(f"latency_window must be >= 1, got {latency_window}")
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self.gauges: dict[str, Callable[[], Any]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = 0
+            self.successes = 0
+            self.failures = 0
+            self.attempts = 0
+            self.retries = 0
+            self.rejections = 0
+            self.degraded = 0
+            self.errors_by_class: Counter[str] = Counter()
+            self.retry_reasons: Counter[str] = Counter()
+            self.rejections_by_reason: Counter[str] = Counter()
+            self.fallbacks_by_source: Counter[str] = Counter()
+            self.transitions: Counter[str] = Counter()
+            self.last_state: dict[str, str] = {}
+            self._latencies.clear()
+
+    def __call__(self, event: Event) -> None:
+        kind = event.kind
+        with self._lock:
+            if kind is EventKind.ATTEMPT:
+                self.attempts += 1
+            elif kind is EventKind.SUCCESS:
+                self.calls += 1
+                self.successes += 1
+                if event.duration is not None:
+                    self._latencies.append(event.duration)
+            elif kind is EventKind.RETRY:
+                self.retries += 1
+                self.retry_reasons[event.reason or "unknown"] += 1
+                if event.error is not None:
+                    self.errors_by_class[type(event.error).__name__] += 1
+            elif kind is EventKind.FALLBACK:
+                self.calls += 1
+                self.degraded += 1
+                self.fallbacks_by_source[event.served_from or "unknown"] += 1
+                if event.duration is not None:
+                    self._latencies.append(event.duration)
+            elif kind is EventKind.FAILURE:
+                self.calls += 1
+                self.failures += 1
+                if event.error is not None:
+                    self.errors_by_class[type(event.error).__name__] += 1
+                if event.duration is not None:
+                    self._latencies.append(event.duration)
+            elif kind is EventKind.REJECTED:
+                self.rejections += 1
+                self.rejections_by_reason[event.reason or "unknown"] += 1
+            elif kind is EventKind.STATE_CHANGE:
+                self.transitions[f"{event.old_state}->{event.new_state}"] += 1
+                if event.new_state is not None:
+                    self.last_state[event.name] = event.new_state
+
+    def stats(self) -> dict[str, Any]:
+        """A point-in-time snapshot (plain dict, JSON-serialisable)."""
+        with self._lock:
+            lat = sorted(self._latencies)
+            calls = self.calls
+            snapshot: dict[str, Any] = {
+                "calls": calls,
+                "successes": self.successes,
+                "failures": self.failures,
+                "degraded": self.degraded,
+                "error_rate": (self.failures / calls) if calls else 0.0,
+                "degraded_rate": (self.degraded / calls) if calls else 0.0,
+                "attempts": self.attempts,
+                "retries": self.retries,
+                "retry_reasons": dict(self.retry_reasons),
+                "errors_by_class": dict(self.errors_by_class),
+                "rejections": self.rejections,
+                "rejections_by_reason": dict(self.rejections_by_reason),
+                "fallbacks_by_source": dict(self.fallbacks_by_source),
+                "breaker_transitions": dict(self.transitions),
+                "breaker_states": dict(self.last_state),
+                "latency_s": {
+                    "p50": _percentile(lat, 0.50),
+                    "p95": _percentile(lat, 0.95),
+                    "p99": _percentile(lat, 0.99),
+                    "max": lat[-1] if lat else None,
+                    "count": len(lat),
+                },
+            }
+        for key, gauge in self.gauges.items():
+            try:
+                snapshot[key] = gauge()
+            except Exception as exc:  # a gauge must not break stats()
+                snapshot[key] = f"unavailable: {exc!r}"
+        return snapshot

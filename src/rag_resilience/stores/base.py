@@ -1,0 +1,147 @@
+"""The store interface: where breaker state, cache entries and limiter leases live.
+
+Three small families of operations, each what one component needs:
+
+* key/value with an atomic read-modify-write (`update`) for circuit breaker state;
+* bounded, expiring cache entries (`cache_get` / `cache_set`) for last-known-good answers;
+* leases with expiry (`lease_acquire` / `lease_release`) for a distributed concurrency
+  limit, so a crashed process cannot hold a permit forever.
+
+Values are JSON-serialisable (dict, list, str, int, float, bool, None). Stores that
+cross a process boundary serialise with `json`, never pickle: a shared cache must not
+be a code-execution hole. Times are wall-clock seconds passed in by the caller (the
+component's `Clock`), so fake clocks work against every store and hosts agree.
+
+Async twins default to calling the sync method (fine for memory and SQLite, whose
+operations are short); network stores override them with real async clients.
+Implementations must be safe to use from many threads at once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["JSON", "Store", "UpdateFn"]
+
+JSON = Any  # JSON-serialisable value
+R = TypeVar("R")
+UpdateFn = Callable[[JSON | None], tuple[JSON | None, R]]
+
+
+class Store(ABC):
+    """Shared state behind CircuitBreaker, GracefulFallbacks and ConcurrencyLimit."""
+
+    #: True when state is visible to other processes (SQLite file, Redis).
+    shared: bool = False
+
+    # -- key/value -------------------------------------------------------------------
+    @abstractmethod
+    def get(self, key: str) -> JSON | None:
+        """The value at `key`, or None."""
+
+    @abstractmethod
+    def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        """Store `value` at `key`, expiring after `ttl` seconds if given."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key` (no error if absent)."""
+
+    @abstractmethod
+    def update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        """Atomically apply `fn` to the value at `key`.
+
+        `fn(current) -> (new_value, result)`; `new_value` None deletes the key. `fn`
+        must be pure: optimistic stores may call it more than once. Returns `result`.
+        """
+
+    # -- bounded cache ---------------------------------------------------------------
+    @abstractmethod
+    def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        """`(value, stored_at)` if present and not expired at `now`; refreshes LRU recency."""
+
+    @abstractmethod
+    def cache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        """Store an entry; evict least recently used entries beyond `max_entries`."""
+
+    @abstractmethod
+    def cache_delete(self, namespace: str, key: str) -> None:
+        """Drop one entry."""
+
+    @abstractmethod
+    def cache_clear(self, namespace: str) -> None:
+        """Drop every entry of `namespace`."""
+
+    @abstractmethod
+    def cache_len(self, namespace: str, now: float) -> int:
+        """Number of live entries in `namespace`."""
+
+    # -- leases ----------------------------------------------------------------------
+    @abstractmethod
+    def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        """Take one of `limit` permits at `key` for `token` until `now + lease_s`.
+
+        Expired leases are dropped first. Re-acquiring a held token renews it.
+        Returns False (without blocking) when all permits are held.
+        """
+
+    @abstractmethod
+    def lease_release(self, key: str, token: str) -> None:
+        """Give back the permit held by `token` (no error if it already expired)."""
+
+    @abstractmethod
+    def lease_count(self, key: str, now: float) -> int:
+        """Permits currently held (unexpired) at `key`."""
+
+    # -- async twins -----------------------------------------------------------------
+    async def aget(self, key: str) -> JSON | None:
+        return self.get(key)
+
+    async def aset(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        self.set(key, value, ttl)
+
+    async def adelete(self, key: str) -> None:
+        self.delete(key)
+
+    async def aupdate(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        return self.update(key, fn, ttl)
+
+    async def acache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        return self.cache_get(namespace, key, now)
+
+    async def acache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        self.cache_set(namespace, key, value, stored_at=stored_at, ttl=ttl, max_entries=max_entries)
+
+    async def alease_acquire(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        return self.lease_acquire(key, token, limit, lease_s, now)
+
+    async def alease_release(self, key: str, token: str) -> None:
+        self.lease_release(key, token)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections/files. Idempotent."""
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,133 @@
+"""The default store: process-local, thread-safe, no serialisation (values kept as given)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, TypeVar
+
+from .base import JSON, Store, UpdateFn
+
+__all__ = ["MemoryStore"]
+
+R = TypeVar("R")
+
+
+class MemoryStore(Store):
+    """Dict-backed store. One lock guards everything; every operation is O(1) amortised."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._kv: dict[str, tuple[Any, float | None]] = {}
+        self._caches: dict[str, OrderedDict[str, tuple[Any, float, float | None]]] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+
+    # -- key/value
+    def _live(self, key: str) -> Any:
+        item = self._kv.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and time.monotonic() >= expires:
+            del self._kv[key]
+            return None
+        return value
+
+    def get(self, key: str) -> JSON | None:
+        with self._lock:
+            return self._live(key)
+
+    def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        with self._lock:
+            self._kv[key] = (value, None if ttl is None else time.monotonic() + ttl)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._kv.pop(key, None)
+
+    def update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        with self._lock:
+            new, result = fn(self._live(key))
+            if new is None:
+                self._kv.pop(key, None)
+            else:
+                self._kv[key] = (new, None if ttl is None else time.monotonic() + ttl)
+            return result
+
+    # -- cache
+    def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        with self._lock:
+            entries = self._caches.get(namespace)
+            if not entries:
+                return None
+            item = entries.get(key)
+            if item is None:
+                return None
+            value, stored_at, expires = item
+            if expires is not None and now >= expires:
+                del entries[key]
+                return None
+            entries.move_to_end(key)
+            return value, stored_at
+
+    def cache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        with self._lock:
+            entries = self._caches.get(namespace)
+            if entries is None:
+                entries = self._caches[namespace] = OrderedDict()
+            entries[key] = (value, stored_at, None if ttl is None else stored_at + ttl)
+            entries.move_to_end(key)
+            if max_entries is not None:
+                while len(entries) > max_entries:
+                    entries.popitem(last=False)
+
+    def cache_delete(self, namespace: str, key: str) -> None:
+        with self._lock:
+            entries = self._caches.get(namespace)
+            if entries is not None:
+                entries.pop(key, None)
+
+    def cache_clear(self, namespace: str) -> None:
+        with self._lock:
+            self._caches.pop(namespace, None)
+
+    def cache_len(self, namespace: str, now: float) -> int:
+        with self._lock:
+            entries = self._caches.get(namespace)
+            if not entries:
+                return 0
+            return sum(1 for _, _, exp in entries.values() if exp is None or exp > now)
+
+    # -- leases
+    def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        with self._lock:
+            held = self._leases.setdefault(key, {})
+            for t in [t for t, exp in held.items() if exp <= now]:
+                del held[t]
+            if token in held or len(held) < limit:
+                held[token] = now + lease_s
+                return True
+            return False
+
+    def lease_release(self, key: str, token: str) -> None:
+        with self._lock:
+            held = self._leases.get(key)
+            if held is not None:
+                held.pop(token, None)
+
+    def lease_count(self, key: str, now: float) -> int:
+        with self._lock:
+            held = self._leases.get(key, {})
+            return sum(1 for exp in held.values() if exp > now)
