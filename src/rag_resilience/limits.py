@@ -1,0 +1,883 @@
+"""Backpressure: a bounded request queue, its worker, and a concurrency limit.
+
+Unbounded queues turn a traffic spike into memory exhaustion and minutes of latency;
+a bounded one says "no" early, which callers can handle (the seed's "Please try again
+shortly"). Three pieces:
+
+* `RequestQueue`: the seed's bounded, thread-safe FIFO. `enqueue` returns False when
+  full instead of growing.
+* `QueueWorker`: background thread(s) draining a `RequestQueue` through a function.
+  `stop()` drains or hands back what is left, never drops an item silently, never hangs.
+* `ConcurrencyLimit`: at most `max_concurrency` calls in flight, at most `max_waiting`
+  callers queued behind them (FIFO); beyond that `QueueFullError` at once. One instance
+  serves threads and asyncio tasks on any number of event loops together. With a shared
+  store (SQLite, Redis) permits are leases, so the limit spans processes and a crashed
+  process's permits free themselves when their lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from .clock import Clock, get_clock
+from .errors import QueueFullError, WaitTimeoutError
+from .events import EventBus, EventKind, Listener
+from .stores.base import Store
+
+__all__ = ["ConcurrencyLimit", "QueueWorker", "RequestQueue"]
+
+logger = logging.getLogger("rag_resilience")
+
+T = TypeVar("T")
+
+# Distributed waiters poll the store: first after 5 ms, backing off to 50 ms.
+_POLL_FIRST_S = 0.005
+_POLL_MAX_S = 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# RequestQueue
+# ---------------------------------------------------------------------------------------
+class RequestQueue(Generic[T]):
+    """Bounded FIFO: `enqueue` refuses (returns False) instead of growing past `max_size`.
+
+    Thread-safe. `dequeue()` never blocks unless given a `timeout`. `None` is returned for
+    "nothing available", so do not enqueue `None` itself. A queue object is always truthy
+    (use `len()` or `size()`), so ``queue or RequestQueue()`` never replaces an empty one.
+    """
+
+    def __init__(self, max_size: int = 1000) -> None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be an integer >= 1, got {max_size!r}")
+        self.max_size = max_size
+        self._items: deque[T] = deque()
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)  # item added, queue closed, worker stop
+        self._changed = threading.Condition(lock)  # item taken or finished (wait_idle)
+        self._closed = False
+        self.total_enqueued = 0
+        self.total_dequeued = 0
+        self.total_rejected = 0
+        self.peak_size = 0
+
+    def enqueue(self, item: T) -> bool:
+        """Append `item`; False (and counted as rejected) when full or closed: backpressure."""
+        with self._not_empty:
+            size = len(self._items)
+            if size >= self.max_size or self._closed:
+                self.total_rejected += 1
+                return False
+            self._items.append(item)
+            self.total_enqueued += 1
+            if size >= self.peak_size:
+                self.peak_size = size + 1
+            self._not_empty.notify()
+        return True
+
+    def dequeue(self, timeout: float | None = None) -> T | None:
+        """Oldest item, or None if empty. With `timeout` (seconds), wait up to that long."""
+        with self._not_empty:
+            if not self._items and timeout is not None and timeout > 0 and not self._closed:
+                deadline = time.monotonic() + timeout
+                while not self._items and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._not_empty.wait(remaining)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self.total_dequeued += 1
+            self._changed.notify_all()
+            return item
+
+    def drain(self) -> list[T]:
+        """Remove and return every queued item (oldest first)."""
+        with self._not_empty:
+            items = list(self._items)
+            self._items.clear()
+            self.total_dequeued += len(items)
+            self._changed.notify_all()
+            return items
+
+    def size(self) -> int:
+        return len(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse new items and wake every blocked `dequeue` (queued items stay dequeuable)."""
+        with self._not_empty:
+            self._closed = True
+            self._not_empty.notify_all()
+            self._changed.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        """Snapshot: depth, capacity and counters (the seed prints it as ``key: value``)."""
+        with self._not_empty:
+            size = len(self._items)
+            offered = self.total_enqueued + self.total_rejected
+            return {
+                "size": size,
+                "max_size": self.max_size,
+                "utilization": round(size / self.max_size, 4),
+                "total_enqueued": self.total_enqueued,
+                "total_rejected": self.total_rejected,
+                "total_dequeued": self.total_dequeued,
+                "rejection_rate": round(self.total_rejected / offered, 4) if offered else 0.0,
+                "peak_size": self.peak_size,
+                "closed": self._closed,
+            }
+
+    def __repr__(self) -> str:
+        return f"RequestQueue(size={len(self._items)}, max_size={self.max_size})"
+
+
+# ---------------------------------------------------------------------------------------
+# QueueWorker
+# ---------------------------------------------------------------------------------------
+class _Run:
+    """One start()..stop() generation; a stuck thread of an old run keeps its own flag."""
+
+    __slots__ = ("stopping", "threads")
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+
+
+class QueueWorker(Generic[T]):
+    """Daemon thread(s) that take items from a `RequestQueue` and call `fn(item)`.
+
+    An exception from `fn` is logged (logger ``rag_resilience``) and counted in `failed`;
+    it never kills the worker. `stop()` drains by default and returns whatever it could
+    not process, so nothing is dropped silently; it is bounded by `timeout`.
+    """
+
+    def __init__(
+        self,
+        queue: RequestQueue[T],
+        fn: Callable[[T], object],
+        *,
+        num_workers: int = 1,
+        name: str = "queue-worker",
+    ) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        self.queue = queue
+        self.fn = fn
+        self.num_workers = num_workers
+        self.name = name
+        self._cond = queue._changed  # shares the queue's lock: take + mark busy is atomic
+        self._run: _Run | None = None
+        self._current: dict[int, T] = {}  # thread ident -> item being processed
+        self.processed = 0
+        self.failed = 0
+        self.returned = 0  # items handed back by stop() unprocessed
+
+    # -- lifecycle
+    def start(self) -> None:
+        """Start the worker threads (no-op if already running)."""
+        with self._cond:
+            if self._run is not None and not self._run.stopping:
+                return
+            run = self._run = _Run()
+            for i in range(self.num_workers):
+                thread = threading.Thread(
+                    target=self._loop, args=(run,), name=f"{self.name}-{i}", daemon=True
+                )
+                run.threads.append(thread)
+        for thread in run.threads:
+            thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = 10.0) -> list[T]:
+        """Stop the workers; return the items left unprocessed (removed from the queue).
+
+        With `drain`, queued items are processed first (up to `timeout` seconds). Whatever
+        is still queued then is taken out of the queue and returned, with a warning, so the
+        caller owns it. An `fn` still running when `timeout` expires is reported (warning,
+        `in_progress`) and left to finish in its daemon thread: stop never hangs on it.
+        """
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            run = self._run
+            if run is None or run.stopping:
+                return []
+        if drain:
+            self.wait_idle(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            run.stopping = True
+            self.queue._not_empty.notify_all()
+        left = self.queue.drain()
+        current = threading.current_thread()
+        for thread in run.threads:
+            if thread is current:
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if left:
+            with self._cond:
+                self.returned += len(left)
+            logger.warning(
+                "[%s] stopped with %d unprocessed item(s); returned to the caller",
+                self.name,
+                len(left),
+            )
+        stuck = [t for t in run.threads if t.is_alive() and t is not current]
+        if stuck:
+            logger.warning(
+                "[%s] %d worker thread(s) still inside fn after the %ss stop timeout; "
+                "items in progress: %r",
+                self.name,
+                len(stuck),
+                timeout,
+                self.in_progress,
+            )
+        return left
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the queue is empty and no item is in progress; False on timeout."""
+        queue = self.queue
+        with self._cond:
+            return self._cond.wait_for(lambda: not queue._items and not self._current, timeout)
+
+    @property
+    def is_running(self) -> bool:
+        run = self._run
+        return run is not None and not run.stopping and any(t.is_alive() for t in run.threads)
+
+    @property
+    def in_progress(self) -> list[T]:
+        with self._cond:
+            return list(self._current.values())
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "name": self.name,
+                "running": self._run is not None and not self._run.stopping,
+                "num_workers": self.num_workers,
+                "processed": self.processed,
+                "failed": self.failed,
+                "in_progress": len(self._current),
+                "returned_unprocessed": self.returned,
+                "queue_size": len(self.queue._items),
+            }
+
+    def __enter__(self) -> QueueWorker[T]:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- the thread body
+    def _loop(self, run: _Run) -> None:
+        queue = self.queue
+        not_empty = queue._not_empty
+        ident = threading.get_ident()
+        while True:
+            with not_empty:
+                while not queue._items and not run.stopping and not queue._closed:
+                    not_empty.wait()
+                if run.stopping or not queue._items:
+                    return  # stopped, or closed and empty
+                item = queue._items.popleft()
+                queue.total_dequeued += 1
+                self._current[ident] = item
+            ok = False
+            try:
+                self.fn(item)
+                ok = True
+            except Exception:
+                logger.exception("[%s] fn raised on item %r; worker continues", self.name, item)
+            finally:
+                with self._cond:
+                    del self._current[ident]
+                    if ok:
+                        self.processed += 1
+                    else:
+                        self.failed += 1
+                    self._cond.notify_all()
+
+    def __repr__(self) -> str:
+        return f"QueueWorker(name={self.name!r}, processed={self.processed}, failed={self.failed})"
+
+
+# ---------------------------------------------------------------------------------------
+# ConcurrencyLimit
+# ---------------------------------------------------------------------------------------
+class _ThreadWaiter:
+    """A blocked thread: parks on a pre-acquired lock the releaser unlocks."""
+
+    __slots__ = ("_lock", "granted")
+
+    def __init__(self) -> None:
+        self.granted = False
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def wait(self, timeout: float | None) -> None:
+        self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+    def wake(self) -> bool:
+        self._lock.release()
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _AsyncWaiter:
+    """A waiting task: a future on its own loop, resolved thread-safely by the releaser."""
+
+    __slots__ = ("future", "granted", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.granted = False
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def wake(self) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # its loop is closed: the task is gone, pass the permit on
+            return False
+        return True
+
+
+def _check_timeout(param: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{param} must be > 0 seconds or None (wait forever), got {value!r}")
+
+
+class ConcurrencyLimit:
+    """At most `max_concurrency` calls in flight; at most `max_waiting` queued behind them.
+
+    A caller that finds every permit taken waits (FIFO) if fewer than `max_waiting` are
+    already waiting, else gets `QueueFullError` at once: the queue never grows past its
+    bound. A waiter without a permit after `wait_timeout` seconds gets `WaitTimeoutError`.
+    One instance is shared by threads (`acquire`/`release`, `slot()`) and asyncio tasks
+    (`aacquire`/`arelease`, `aslot()`) on any number of event loops; an async wait never
+    blocks its loop, and a cancelled waiter never leaks a permit.
+
+    With a shared `store` (``store.shared``), permits are leases at key
+    ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
+    processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`), FIFO is not
+    guaranteed across processes, and `in_flight` counts this process's permits only. A
+    background thread renews held leases every `lease_s / 3` seconds while any is held;
+    a crashed process stops renewing, so its permits free themselves within `lease_s`.
+    If the store fails, a call falls back to a process-local limit and a warning is logged.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_waiting: int = 0,
+        wait_timeout: float | None = None,
+        *,
+        name: str = "limit",
+        store: Store | None = None,
+        lease_s: float = 60.0,
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] | None = None,
+    ) -> None:
+        if (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
+        _check_timeout("wait_timeout", wait_timeout)
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be > 0 seconds, got {lease_s!r}")
+        self.name = name
+        self.wait_timeout = wait_timeout
+        self.lease_s = float(lease_s)
+        self._max = max_concurrency
+        self._max_waiting = max_waiting
+        self._clock = clock
+        self._bus = EventBus(listeners)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._waiters: deque[_ThreadWaiter | _AsyncWaiter] = deque()
+        self._peak = 0
+        self._acquired = 0
+        self._rejected = 0
+        self._timed_out = 0
+        self._cancelled = 0
+        # distributed mode
+        self._store: Store | None = store if store is not None and store.shared else None
+        self.key = f"rag_resilience:{name}:limit"
+        self._tokens: deque[str | None] = deque()  # None: admitted by the local fallback
+        self._dist_waiting = 0
+        self._renewer: threading.Thread | None = None
+        self._renew_wake = threading.Event()
+        self._store_warned = False
+
+    # -- introspection
+    @property
+    def max_concurrency(self) -> int:
+        return self._max
+
+    @property
+    def max_waiting(self) -> int:
+        return self._max_waiting
+
+    @property
+    def in_flight(self) -> int:
+        """Permits held in this process."""
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Callers of this process waiting for a permit."""
+        return len(self._waiters) + self._dist_waiting
+
+    @property
+    def distributed(self) -> bool:
+        return self._store is not None
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            snapshot: dict[str, Any] = {
+                "name": self.name,
+                "in_flight": self._in_flight,
+                "waiting": len(self._waiters) + self._dist_waiting,
+                "max_concurrency": self._max,
+                "max_waiting": self._max_waiting,
+                "peak_in_flight": self._peak,
+                "acquired": self._acquired,
+                "rejected": self._rejected,
+                "timed_out": self._timed_out,
+                "cancelled": self._cancelled,
+                "distributed": self._store is not None,
+            }
+        if self._store is not None:
+            try:
+                now = get_clock(self._clock).time()
+                snapshot["global_in_flight"] = self._store.lease_count(self.key, now)
+            except Exception as exc:
+                snapshot["global_in_flight"] = f"unavailable: {exc!r}"
+        return snapshot
+
+    def __repr__(self) -> str:
+        return (
+            f"ConcurrencyLimit(name={self.name!r}, in_flight={self._in_flight}/{self._max}, "
+            f"waiting={self.waiting}/{self._max_waiting})"
+        )
+
+    # -- public API
+    def try_acquire(self) -> bool:
+        """Take a permit only if one is free right now (never waits, never counts a rejection)."""
+        if self._store is not None:
+            return self._lease_once(uuid.uuid4().hex)
+        with self._lock:
+            if self._in_flight < self._max and not self._waiters:
+                self._in_flight += 1
+                self._acquired += 1
+                if self._in_flight > self._peak:
+                    self._peak = self._in_flight
+                return True
+            return False
+
+    def acquire(self, timeout: float | None = None) -> None:
+        """Take a permit, waiting up to `timeout` (default `wait_timeout`) in FIFO order.
+
+        Raises `QueueFullError` at once if `max_waiting` callers already wait, and
+        `WaitTimeoutError` if no permit came in time. Pair with `release()`.
+        """
+        if self._store is not None:
+            self._acquire_distributed(timeout)
+            return
+        with self._lock:
+            if self._in_flight < self._max and not self._waiters:
+                self._in_flight += 1
+                self._acquired += 1
+                if self._in_flight > self._peak:
+                    self._peak = self._in_flight
+                return
+            _check_timeout("timeout", timeout)
+            if len(self._waiters) >= self._max_waiting:
+                self._rejected += 1
+                error: QueueFullError = self._full_error()
+                waiter = None
+            else:
+                waiter = _ThreadWaiter()
+                self._waiters.append(waiter)
+        if waiter is None:
+            self._publish_rejection(error, "queue_full")
+            raise error
+        wait_for = self.wait_timeout if timeout is None else timeout
+        try:
+            waiter.wait(wait_for)
+        except BaseException:  # KeyboardInterrupt while parked: never keep a handed-off permit
+            self._abandon(waiter)
+            raise
+        self._finish_wait(waiter, wait_for)
+
+    async def aacquire(self, timeout: float | None = None) -> None:
+        """Async `acquire`: waits on a future, never blocking the event loop."""
+        if self._store is not None:
+            await self._aacquire_distributed(timeout)
+            return
+        with self._lock:
+            if self._in_flight < self._max and not self._waiters:
+                self._in_flight += 1
+                self._acquired += 1
+                if self._in_flight > self._peak:
+                    self._peak = self._in_flight
+                return
+            _check_timeout("timeout", timeout)
+            if len(self._waiters) >= self._max_waiting:
+                self._rejected += 1
+                error: QueueFullError = self._full_error()
+                waiter = None
+            else:
+                waiter = _AsyncWaiter(asyncio.get_running_loop())
+                self._waiters.append(waiter)
+        if waiter is None:
+            self._publish_rejection(error, "queue_full")
+            raise error
+        wait_for = self.wait_timeout if timeout is None else timeout
+        timer = (
+            None if wait_for is None else waiter.loop.call_later(wait_for, _resolve, waiter.future)
+        )
+        try:
+            await waiter.future
+        except BaseException:  # cancelled: pass on a permit handed to us concurrently
+            self._abandon(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self._finish_wait(waiter, wait_for)
+
+    def release(self) -> None:
+        """Give a permit back: handed straight to the oldest waiter if there is one."""
+        if self._store is not None:
+            token = self._pop_token()
+            if token is not None:
+                try:
+                    self._store.lease_release(self.key, token)
+                except Exception as exc:
+                    self._warn_store(exc, "release")
+            return
+        with self._lock:
+            if not self._waiters:
+                if self._in_flight <= 0:
+                    raise RuntimeError(
+                        f"ConcurrencyLimit '{self.name}' released more than acquired"
+                    )
+                self._in_flight -= 1
+                return
+            self._hand_off()
+
+    async def arelease(self) -> None:
+        """Async `release` (uses the store's async client in distributed mode)."""
+        if self._store is not None:
+            token = self._pop_token()
+            if token is not None:
+                try:
+                    await self._store.alease_release(self.key, token)
+                except Exception as exc:
+                    self._warn_store(exc, "release")
+            return
+        self.release()
+
+    def slot(self, timeout: float | None = None) -> _Slot:
+        """``with limit.slot(): ...`` holds one permit for the block."""
+        return _Slot(self, timeout)
+
+    def aslot(self, timeout: float | None = None) -> _AsyncSlot:
+        """``async with limit.aslot(): ...`` holds one permit for the block."""
+        return _AsyncSlot(self, timeout)
+
+    # -- local mode internals (callers hold no lock unless the name says so)
+    def _hand_off(self) -> None:
+        """With the lock held: give the permit being released to the oldest live waiter."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            if waiter.wake():
+                return
+        self._in_flight -= 1
+
+    def _finish_wait(self, waiter: _ThreadWaiter | _AsyncWaiter, wait_for: float | None) -> None:
+        with self._lock:
+            if waiter.granted:
+                self._acquired += 1
+                return
+            self._waiters.remove(waiter)
+            self._timed_out += 1
+            error = self._full_error(timeout=wait_for)
+        self._publish_rejection(error, "wait_timeout")
+        raise error
+
+    def _abandon(self, waiter: _ThreadWaiter | _AsyncWaiter) -> None:
+        with self._lock:
+            self._cancelled += 1
+            if waiter.granted:
+                self._hand_off()  # to the next live waiter, or back to the pool
+            else:
+                self._waiters.remove(waiter)
+
+    def _full_error(self, timeout: float | None = None) -> QueueFullError:
+        in_flight, waiting = self._in_flight, len(self._waiters) + self._dist_waiting
+        if timeout is None:
+            return QueueFullError(
+                f"concurrency limit '{self.name}' is full: {in_flight}/{self._max} in flight, "
+                f"{waiting}/{self._max_waiting} waiting",
+                in_flight=in_flight,
+                waiting=waiting,
+                limit=self._max,
+            )
+        return WaitTimeoutError(
+            f"concurrency limit '{self.name}': no permit within {timeout}s "
+            f"({in_flight}/{self._max} in flight, {waiting} waiting)",
+            in_flight=in_flight,
+            waiting=waiting,
+            limit=self._max,
+        )
+
+    def _publish_rejection(self, error: QueueFullError, reason: str) -> None:
+        self._bus.publish(
+            EventKind.REJECTED,
+            self.name,
+            reason=reason,
+            error=error,
+            extra={"in_flight": error.in_flight, "waiting": error.waiting, "limit": error.limit},
+        )
+
+    # -- distributed mode internals
+    def _warn_store(self, exc: BaseException, op: str) -> None:
+        if not self._store_warned:
+            self._store_warned = True
+            logger.warning(
+                "[%s] store %s failed (%r); using a process-local limit until it recovers",
+                self.name,
+                op,
+                exc,
+            )
+
+    def _admitted(self, token: str | None) -> None:
+        """With the lock held: record a permit (a lease token, or None for a local one)."""
+        self._tokens.append(token)
+        self._in_flight += 1
+        self._acquired += 1
+        if self._in_flight > self._peak:
+            self._peak = self._in_flight
+        if token is not None and self._renewer is None:
+            self._renew_wake.clear()
+            self._renewer = threading.Thread(
+                target=self._renew_loop, name=f"{self.name}-lease-renewer", daemon=True
+            )
+            self._renewer.start()
+
+    def _after_lease(self, token: str, ok: bool | None, exc: BaseException | None) -> bool:
+        if exc is not None:
+            self._warn_store(exc, "lease_acquire")
+            with self._lock:
+                if self._in_flight < self._max:
+                    self._admitted(None)
+                    return True
+                return False
+        if ok:
+            self._store_warned = False
+            with self._lock:
+                self._admitted(token)
+            return True
+        return False
+
+    def _lease_once(self, token: str) -> bool:
+        assert self._store is not None
+        now = get_clock(self._clock).time()
+        try:
+            ok = self._store.lease_acquire(self.key, token, self._max, self.lease_s, now)
+        except Exception as exc:
+            return self._after_lease(token, None, exc)
+        return self._after_lease(token, ok, None)
+
+    async def _alease_once(self, token: str) -> bool:
+        assert self._store is not None
+        now = get_clock(self._clock).time()
+        try:
+            ok = await self._store.alease_acquire(self.key, token, self._max, self.lease_s, now)
+        except Exception as exc:
+            return self._after_lease(token, None, exc)
+        return self._after_lease(token, ok, None)
+
+    def _enter_wait(self, timeout: float | None) -> None:
+        _check_timeout("timeout", timeout)
+        with self._lock:
+            if self._dist_waiting >= self._max_waiting:
+                self._rejected += 1
+                error = self._full_error()
+            else:
+                self._dist_waiting += 1
+                return
+        self._publish_rejection(error, "queue_full")
+        raise error
+
+    def _leave_wait(self, acquired: bool, wait_for: float | None) -> None:
+        with self._lock:
+            self._dist_waiting -= 1
+            if acquired:
+                return
+            self._timed_out += 1
+            error = self._full_error(timeout=wait_for)
+        self._publish_rejection(error, "wait_timeout")
+        raise error
+
+    def _acquire_distributed(self, timeout: float | None) -> None:
+        token = uuid.uuid4().hex
+        if self._lease_once(token):
+            return
+        self._enter_wait(timeout)
+        wait_for = self.wait_timeout if timeout is None else timeout
+        clock = get_clock(self._clock)
+        deadline = None if wait_for is None else clock.monotonic() + wait_for
+        delay, acquired = _POLL_FIRST_S, False
+        try:
+            while True:
+                pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
+                if pause <= 0:
+                    break
+                clock.sleep(pause)
+                if self._lease_once(token):
+                    acquired = True
+                    break
+                delay = min(delay * 2, _POLL_MAX_S)
+        finally:
+            self._leave_wait(acquired, wait_for)
+
+    async def _aacquire_distributed(self, timeout: float | None) -> None:
+        token = uuid.uuid4().hex
+        if await self._alease_once(token):
+            return
+        self._enter_wait(timeout)
+        wait_for = self.wait_timeout if timeout is None else timeout
+        clock = get_clock(self._clock)
+        deadline = None if wait_for is None else clock.monotonic() + wait_for
+        delay, acquired = _POLL_FIRST_S, False
+        try:
+            while True:
+                pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
+                if pause <= 0:
+                    break
+                await clock.asleep(pause)
+                if await self._alease_once(token):
+                    acquired = True
+                    break
+                delay = min(delay * 2, _POLL_MAX_S)
+        finally:
+            self._leave_wait(acquired, wait_for)
+
+    def _pop_token(self) -> str | None:
+        with self._lock:
+            if not self._tokens:
+                raise RuntimeError(f"ConcurrencyLimit '{self.name}' released more than acquired")
+            token = self._tokens.popleft()  # permits are fungible: drop the oldest lease
+            self._in_flight -= 1
+            if not self._tokens:
+                self._renew_wake.set()
+            return token
+
+    def _renew_loop(self) -> None:
+        """Keep this process's leases alive while held; exits when none is held."""
+        store = self._store
+        assert store is not None
+        while True:
+            self._renew_wake.wait(self.lease_s / 3)
+            with self._lock:
+                held = [t for t in self._tokens if t is not None]
+                if not held:
+                    self._renewer = None
+                    return
+                self._renew_wake.clear()
+            now = get_clock(self._clock).time()
+            for token in held:
+                try:
+                    ok = store.lease_acquire(self.key, token, self._max, self.lease_s, now)
+                except Exception as exc:
+                    self._warn_store(exc, "lease renewal")
+                    continue
+                with self._lock:
+                    still_held = token in self._tokens
+                if not still_held:  # released while we renewed: do not resurrect it
+                    try:
+                        store.lease_release(self.key, token)
+                    except Exception as exc:
+                        self._warn_store(exc, "release")
+                elif not ok:
+                    logger.warning(
+                        "[%s] lease %s expired before renewal and its permit was taken; "
+                        "lease_s (%ss) must exceed the longest call",
+                        self.name,
+                        token,
+                        self.lease_s,
+                    )
+
+
+class _Slot:
+    __slots__ = ("_limit", "_timeout")
+
+    def __init__(self, limit: ConcurrencyLimit, timeout: float | None) -> None:
+        self._limit = limit
+        self._timeout = timeout
+
+    def __enter__(self) -> ConcurrencyLimit:
+        self._limit.acquire(self._timeout)
+        return self._limit
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._limit.release()
+
+
+class _AsyncSlot:
+    __slots__ = ("_limit", "_timeout")
+
+    def __init__(self, limit: ConcurrencyLimit, timeout: float | None) -> None:
+        self._limit = limit
+        self._timeout = timeout
+
+    async def __aenter__(self) -> ConcurrencyLimit:
+        await self._limit.aacquire(self._timeout)
+        return self._limit
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._limit.arelease()
