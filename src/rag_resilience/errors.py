@@ -5,6 +5,8 @@ Hierarchy::
     Exception
     └── ResilienceError                 base of everything we raise ourselves
         ├── CircuitOpenError            breaker is OPEN (or HALF_OPEN and out of probes): no call made
+        │                               (also a ConnectionError: code that handles an unreachable
+        │                               upstream handles a rejected call the same way)
         ├── QueueFullError              concurrency limit / queue full: backpressure, no call made
         │   └── WaitTimeoutError        waited `wait_timeout` for a permit and got none
         ├── RetryBudgetExceededError    never raised alone: noted on the original error
@@ -38,10 +40,12 @@ class ResilienceError(Exception):
     """Base class of the errors this library raises itself."""
 
 
-class CircuitOpenError(ResilienceError):
+class CircuitOpenError(ResilienceError, ConnectionError):
     """The circuit is open: the call was rejected without reaching the upstream.
 
-    `retry_after` is the number of seconds until the breaker admits a probe.
+    `retry_after` is the number of seconds until the breaker admits a probe. It is a
+    ConnectionError too, so existing ``except ConnectionError`` handlers (the seed's
+    demos have them) treat "the breaker refused" like "the upstream refused".
     """
 
     def __init__(self, name: str, retry_after: float, state: str = "open") -> None:

@@ -1,0 +1,512 @@
+"""Circuit breaker: stop calling an upstream that is down, probe it, recover.
+
+States: CLOSED (calls flow, failures counted) -> OPEN (calls rejected at once with
+`CircuitOpenError`, no upstream call) -> HALF_OPEN (a bounded number of probes) ->
+CLOSED after `success_threshold` probe successes, or OPEN again on a probe failure.
+
+Two ways to trip: `mode="consecutive"` (the seed's: `failure_threshold` failures in a
+row) and `mode="rate"` (failure rate over a sliding time window once `minimum_calls`
+were seen, like resilience4j/Polly). With `min_recovery_timeout` the open period
+starts short and doubles after each failed probe up to `recovery_timeout`, so a
+2-second blip costs seconds of degraded answers while a long outage is probed rarely.
+
+All transitions are pure functions of a small record (`_Record`). The record lives in
+this object (default: fast, lock-free reads on the hot path) or in a `Store` under the
+breaker's `name`, so every process using the same name shares one circuit. The lock
+covers state transitions only, never the protected call.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any, ParamSpec, TypeVar
+
+from .classify import Classifier, ErrorVerdict, make_classifier
+from .clock import Clock, get_clock
+from .errors import CircuitOpenError
+from .events import EventBus, EventKind, Listener
+from .stores.base import Store
+
+__all__ = ["CircuitBreaker", "CircuitState"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# before_call() tickets: what the caller must report back.
+ADMITTED_CLEAN = 0  # closed, nothing to reset on success (the fast path)
+ADMITTED = 1  # closed, a success must be recorded (failures to reset / rate window)
+PROBE = 2  # half-open probe
+
+
+class CircuitState(str, Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_CLOSED, _OPEN, _HALF = "closed", "open", "half_open"
+
+
+class _Record:
+    """Breaker state; JSON round-trips for stores."""
+
+    __slots__ = ("failures", "open_count", "open_until", "opened_at", "probes", "state",
+                 "successes", "window")
+
+    def __init__(self) -> None:
+        self.state = _CLOSED
+        self.failures = 0
+        self.successes = 0
+        self.opened_at = 0.0
+        self.open_until = 0.0
+        self.open_count = 0
+        self.probes: list[float] = []
+        self.window: dict[str, list[int]] = {}  # bucket second -> [calls, failures]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"s": self.state, "f": self.failures, "ok": self.successes, "oa": self.opened_at,
+                "ou": self.open_until, "oc": self.open_count, "p": self.probes, "w": self.window}
+
+    @classmethod
+    def from_json(cls, data: Any) -> _Record:
+        rec = cls()
+        if isinstance(data, dict):
+            rec.state = str(data.get("s", _CLOSED))
+            rec.failures = int(data.get("f", 0))
+            rec.successes = int(data.get("ok", 0))
+            rec.opened_at = float(data.get("oa", 0.0))
+            rec.open_until = float(data.get("ou", 0.0))
+            rec.open_count = int(data.get("oc", 0))
+            rec.probes = [float(p) for p in data.get("p", [])]
+            rec.window = {str(k): [int(v[0]), int(v[1])] for k, v in data.get("w", {}).items()}
+        return rec
+
+
+class CircuitBreaker:
+    """Seed-compatible: ``CircuitBreaker(failure_threshold=3, recovery_timeout=5.0,
+    expected_exception=ConnectionError)``, ``cb.call(fn, *args)``, ``cb.get_state()``.
+
+    Only exceptions that are instances of `expected_exception` *and* that the
+    classifier counts as upstream failures trip the breaker: a 400/401/404 says
+    nothing about the upstream's health.
+    """
+
+    def __init__(
+        self,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 60.0,
+        expected_exception: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        *,
+        name: str | None = None,
+        success_threshold: int = 1,
+        half_open_max_calls: int = 1,
+        mode: str = "consecutive",
+        failure_rate_threshold: float = 0.5,
+        minimum_calls: int = 10,
+        window_seconds: float = 60.0,
+        min_recovery_timeout: float | None = None,
+        probe_timeout: float = 60.0,
+        classifier: Classifier | None = None,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        listeners: list[Listener] | None = None,
+    ) -> None:
+        if not isinstance(failure_threshold, int) or failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be an integer >= 1, got {failure_threshold!r}")
+        if recovery_timeout <= 0:
+            raise ValueError(f"recovery_timeout must be > 0 seconds, got {recovery_timeout}")
+        if not isinstance(success_threshold, int) or success_threshold < 1:
+            raise ValueError(f"success_threshold must be an integer >= 1, got {success_threshold!r}")
+        if not isinstance(half_open_max_calls, int) or half_open_max_calls < 1:
+            raise ValueError(
+                f"half_open_max_calls must be an integer >= 1, got {half_open_max_calls!r}"
+            )
+        if half_open_max_calls < 1 or success_threshold < 1:  # pragma: no cover - checked above
+            raise ValueError("invalid probe settings")
+        if mode not in ("consecutive", "rate"):
+            raise ValueError(f"mode must be 'consecutive' or 'rate', got {mode!r}")
+        if not 0.0 < failure_rate_threshold <= 1.0:
+            raise ValueError(
+                f"failure_rate_threshold must be in (0, 1], got {failure_rate_threshold}"
+            )
+        if not isinstance(minimum_calls, int) or minimum_calls < 1:
+            raise ValueError(f"minimum_calls must be an integer >= 1, got {minimum_calls!r}")
+        if window_seconds <= 0:
+            raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
+        if min_recovery_timeout is not None and not 0 < min_recovery_timeout <= recovery_timeout:
+            raise ValueError(
+                f"min_recovery_timeout must be in (0, recovery_timeout={recovery_timeout}], "
+                f"got {min_recovery_timeout}"
+            )
+        if probe_timeout <= 0:
+            raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        self.failure_threshold = failure_threshold
+        self.recovery_timeout = float(recovery_timeout)
+        self.expected_exception = expected_exception
+        self.name = name or f"breaker-{id(self):x}"
+        self.success_threshold = success_threshold
+        self.half_open_max_calls = half_open_max_calls
+        self.mode = mode
+        self.failure_rate_threshold = failure_rate_threshold
+        self.minimum_calls = minimum_calls
+        self.window_seconds = float(window_seconds)
+        self.min_recovery_timeout = min_recovery_timeout
+        self.probe_timeout = probe_timeout
+        self.classify: Callable[[BaseException], ErrorVerdict] = make_classifier(classifier)
+        self.clock = clock
+        self.events = EventBus(listeners)
+        self.store = store
+        self.key = f"rag_resilience:{self.name}:breaker"
+        self._lock = threading.Lock()
+        self._rec = _Record()
+        self._state_listeners: list[Callable[[CircuitState, CircuitState], None]] = []
+        self.rejected = 0  # calls refused while open (local count)
+
+    # -- time ---------------------------------------------------------------------------
+    def _now(self) -> float:
+        clock = get_clock(self.clock)
+        # Shared state must use wall time: monotonic clocks differ between processes.
+        return clock.time() if self.store is not None else clock.monotonic()
+
+    # -- record access (one place decides local vs store) -------------------------------
+    def _apply(self, fn: Callable[[_Record, float], Any]) -> tuple[Any, str, str]:
+        now = self._now()
+        if self.store is None:
+            with self._lock:
+                old = self._rec.state
+                result = fn(self._rec, now)
+                return result, old, self._rec.state
+
+        def update(data: Any) -> tuple[Any, tuple[Any, str, str]]:
+            rec = _Record.from_json(data)
+            old = rec.state
+            result = fn(rec, now)
+            return rec.to_json(), (result, old, rec.state)
+
+        out: tuple[Any, str, str] = self.store.update(self.key, update)
+        return out
+
+    async def _aapply(self, fn: Callable[[_Record, float], Any]) -> tuple[Any, str, str]:
+        if self.store is None:
+            return self._apply(fn)
+        now = self._now()
+
+        def update(data: Any) -> tuple[Any, tuple[Any, str, str]]:
+            rec = _Record.from_json(data)
+            old = rec.state
+            result = fn(rec, now)
+            return rec.to_json(), (result, old, rec.state)
+
+        out: tuple[Any, str, str] = await self.store.aupdate(self.key, update)
+        return out
+
+    def _snapshot(self) -> _Record:
+        if self.store is None:
+            return self._rec
+        return _Record.from_json(self.store.get(self.key))
+
+    # -- transitions (pure: record + now in, record mutated) ----------------------------
+    def _open_period(self, open_count: int) -> float:
+        if self.min_recovery_timeout is None:
+            return self.recovery_timeout
+        return min(self.recovery_timeout, self.min_recovery_timeout * 2 ** max(0, open_count - 1))
+
+    def _trip(self, rec: _Record, now: float) -> None:
+        rec.state = _OPEN
+        rec.open_count += 1
+        rec.opened_at = now
+        rec.open_until = now + self._open_period(rec.open_count)
+        rec.successes = 0
+        rec.probes = []
+
+    def _close(self, rec: _Record) -> None:
+        rec.state = _CLOSED
+        rec.failures = 0
+        rec.successes = 0
+        rec.open_count = 0
+        rec.probes = []
+        rec.window = {}
+
+    def _t_admit(self, rec: _Record, now: float) -> tuple[int, float]:
+        if rec.state == _OPEN:
+            if now < rec.open_until:
+                return -1, rec.open_until - now
+            rec.state = _HALF
+            rec.successes = 0
+            rec.probes = []
+        if rec.state == _HALF:
+            rec.probes = [p for p in rec.probes if p > now]
+            if len(rec.probes) >= self.half_open_max_calls:
+                return -1, 0.0
+            rec.probes.append(now + self.probe_timeout)
+            return PROBE, 0.0
+        if self.mode == "rate" or rec.failures:
+            return ADMITTED, 0.0
+        return ADMITTED_CLEAN, 0.0
+
+    def _release_probe(self, rec: _Record) -> None:
+        if rec.probes:
+            rec.probes.pop(0)
+
+    def _t_success(self, rec: _Record, now: float, ticket: int) -> None:
+        if ticket == PROBE:
+            if rec.state != _HALF:
+                return
+            self._release_probe(rec)
+            rec.successes += 1
+            if rec.successes >= self.success_threshold:
+                self._close(rec)
+            return
+        if rec.state != _CLOSED:
+            return
+        rec.failures = 0
+        if self.mode == "rate":
+            self._record_window(rec, now, failed=False)
+
+    def _t_failure(self, rec: _Record, now: float, ticket: int) -> None:
+        if ticket == PROBE:
+            if rec.state == _HALF:
+                self._trip(rec, now)
+            return
+        if rec.state != _CLOSED:
+            return
+        rec.failures += 1
+        if self.mode == "consecutive":
+            if rec.failures >= self.failure_threshold:
+                self._trip(rec, now)
+            return
+        calls, failures = self._record_window(rec, now, failed=True)
+        if calls >= self.minimum_calls and failures / calls >= self.failure_rate_threshold:
+            self._trip(rec, now)
+
+    def _t_ignored(self, rec: _Record, now: float, ticket: int) -> None:
+        if ticket == PROBE and rec.state == _HALF:
+            self._release_probe(rec)
+
+    def _record_window(self, rec: _Record, now: float, *, failed: bool) -> tuple[int, int]:
+        second = int(now)
+        oldest = second - int(self.window_seconds) + 1
+        window = rec.window
+        for key in [k for k in window if int(k) < oldest]:
+            del window[key]
+        bucket = window.setdefault(str(second), [0, 0])
+        bucket[0] += 1
+        if failed:
+            bucket[1] += 1
+        return sum(b[0] for b in window.values()), sum(b[1] for b in window.values())
+
+    # -- the protocol the policy drives -------------------------------------------------
+    def before_call(self) -> int:
+        """Admit a call or raise CircuitOpenError. Returns a ticket for the outcome report."""
+        # Hot path: CLOSED needs no write. Locally that is a plain attribute read (no
+        # lock); with a store it is one read, so a shared breaker costs one round trip.
+        rec = self._rec if self.store is None else _Record.from_json(self.store.get(self.key))
+        if rec.state == _CLOSED:
+            return ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
+        (ticket, wait), old, new = self._apply(self._t_admit)
+        return self._admitted(ticket, wait, old, new)
+
+    async def abefore_call(self) -> int:
+        if self.store is None:
+            return self.before_call()
+        rec = _Record.from_json(await self.store.aget(self.key))
+        if rec.state == _CLOSED:
+            return ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
+        (ticket, wait), old, new = await self._aapply(self._t_admit)
+        return self._admitted(ticket, wait, old, new)
+
+    def _admitted(self, ticket: int, wait: float, old: str, new: str) -> int:
+        if old != new:
+            self._transition(old, new)
+        if ticket < 0:
+            self.rejected += 1
+            self.events.publish(
+                EventKind.REJECTED, self.name, reason="circuit_open", delay=wait
+            )
+            raise CircuitOpenError(self.name, wait, new)
+        return ticket
+
+    def on_success(self, ticket: int = ADMITTED) -> None:
+        """Report a successful call admitted with `ticket`."""
+        if ticket == ADMITTED_CLEAN:
+            return
+        _, old, new = self._apply(lambda rec, now: self._t_success(rec, now, ticket))
+        if old != new:
+            self._transition(old, new)
+
+    async def aon_success(self, ticket: int = ADMITTED) -> None:
+        if ticket == ADMITTED_CLEAN:
+            return
+        _, old, new = await self._aapply(lambda rec, now: self._t_success(rec, now, ticket))
+        if old != new:
+            self._transition(old, new)
+
+    def counts_as_failure(self, exc: BaseException, verdict: ErrorVerdict | None = None) -> bool:
+        if not isinstance(exc, self.expected_exception):
+            return False
+        return (verdict or self.classify(exc)).is_failure
+
+    def on_failure(
+        self, exc: BaseException, ticket: int = ADMITTED, verdict: ErrorVerdict | None = None
+    ) -> None:
+        """Report a failed call; errors that say nothing about upstream health are ignored."""
+        if self.counts_as_failure(exc, verdict):
+            _, old, new = self._apply(lambda rec, now: self._t_failure(rec, now, ticket))
+        elif ticket == PROBE:
+            _, old, new = self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
+        else:
+            return
+        if old != new:
+            self._transition(old, new)
+
+    async def aon_failure(
+        self, exc: BaseException, ticket: int = ADMITTED, verdict: ErrorVerdict | None = None
+    ) -> None:
+        if self.store is None:
+            self.on_failure(exc, ticket, verdict)
+            return
+        if self.counts_as_failure(exc, verdict):
+            _, old, new = await self._aapply(lambda rec, now: self._t_failure(rec, now, ticket))
+        elif ticket == PROBE:
+            _, old, new = await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
+        else:
+            return
+        if old != new:
+            self._transition(old, new)
+
+    def _transition(self, old: str, new: str) -> None:
+        self.events.publish(EventKind.STATE_CHANGE, self.name, old_state=old, new_state=new)
+        old_s, new_s = CircuitState(old), CircuitState(new)
+        for listener in list(self._state_listeners):
+            try:
+                listener(old_s, new_s)
+            except Exception:  # pragma: no cover - listener bugs never break calls
+                import logging
+
+                logging.getLogger("rag_resilience").exception("state listener raised")
+
+    # -- user-facing API ----------------------------------------------------------------
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call `func` through the breaker."""
+        ticket = self.before_call()
+        try:
+            result = func(*args, **kwargs)
+        except Exception as exc:
+            self.on_failure(exc, ticket)
+            raise
+        except BaseException:
+            if ticket == PROBE:  # cancelled/interrupted probe: free the slot
+                self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
+            raise
+        self.on_success(ticket)
+        return result
+
+    async def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Async twin of `call`."""
+        ticket = await self.abefore_call()
+        try:
+            result = await func(*args, **kwargs)
+        except Exception as exc:
+            await self.aon_failure(exc, ticket)
+            raise
+        except BaseException:
+            if ticket == PROBE:
+                await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
+            raise
+        await self.aon_success(ticket)
+        return result
+
+    def __call__(self, func: Callable[P, T]) -> Callable[P, T]:
+        """Decorator use: ``@breaker`` on a sync or async function."""
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.acall(func, *args, **kwargs)  # type: ignore[arg-type]
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return self.call(func, *args, **kwargs)
+
+        return wrapper
+
+    def get_state(self) -> CircuitState:
+        """Current state; an OPEN circuit whose wait is over reads as HALF_OPEN."""
+        rec = self._snapshot()
+        if rec.state == _OPEN and self._now() >= rec.open_until:
+            return CircuitState.HALF_OPEN
+        return CircuitState(rec.state)
+
+    @property
+    def state(self) -> CircuitState:
+        return self.get_state()
+
+    @property
+    def failure_count(self) -> int:
+        return self._snapshot().failures
+
+    def retry_after(self) -> float:
+        """Seconds until a probe is admitted (0 when closed or half-open)."""
+        rec = self._snapshot()
+        if rec.state != _OPEN:
+            return 0.0
+        return max(0.0, rec.open_until - self._now())
+
+    def add_state_listener(self, listener: Callable[[CircuitState, CircuitState], None]) -> None:
+        """Call `listener(old, new)` on every transition seen by this instance."""
+        self._state_listeners.append(listener)
+
+    def reset(self) -> None:
+        """Force CLOSED and clear counters."""
+        _, old, new = self._apply(lambda rec, now: self._close(rec))
+        if old != new:
+            self._transition(old, new)
+
+    def force_open(self) -> None:
+        """Force OPEN now (e.g. a known maintenance window)."""
+        _, old, new = self._apply(self._trip)
+        if old != new:
+            self._transition(old, new)
+
+    def stats(self) -> dict[str, Any]:
+        rec = self._snapshot()
+        return {
+            "name": self.name,
+            "state": self.get_state().value,
+            "failures": rec.failures,
+            "open_count": rec.open_count,
+            "retry_after_s": self.retry_after(),
+            "probes_in_flight": len(rec.probes),
+            "rejected": self.rejected,
+            "shared": bool(self.store is not None and self.store.shared),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "failure_threshold": self.failure_threshold,
+            "failure_rate_threshold": self.failure_rate_threshold if self.mode == "rate" else None,
+            "minimum_calls": self.minimum_calls if self.mode == "rate" else None,
+            "window_seconds": self.window_seconds if self.mode == "rate" else None,
+            "recovery_timeout": self.recovery_timeout,
+            "min_recovery_timeout": self.min_recovery_timeout,
+            "success_threshold": self.success_threshold,
+            "half_open_max_calls": self.half_open_max_calls,
+            "store": type(self.store).__name__ if self.store is not None else "local",
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"CircuitBreaker(name={self.name!r}, state={self.get_state().value!r}, "
+            f"failure_threshold={self.failure_threshold}, recovery_timeout={self.recovery_timeout})"
+        )

@@ -1,0 +1,183 @@
+"""Framework-free engine behind every resilient embeddings wrapper.
+
+Two jobs the LangChain and LlamaIndex adapters share:
+
+* sub-batching: a large document load is split into `batch_size` sub-batches, each
+  its own policy call (retry, breaker, limit), so one failing sub-batch is retried
+  alone instead of the whole load; async sub-batches run concurrently, bounded by
+  the policy's ConcurrencyLimit;
+* per-text last-known-good vectors: every live vector is remembered per (model,
+  text); when a sub-batch fails for an upstream reason, it is served from cache only
+  if *every* text in it has a cached vector. Vectors are never invented: if one is
+  missing, the original error is raised with a note saying how many were missing.
+
+Vectors are stored as base64 float32 (what the OpenAI API itself returns), which is
+JSON-safe for shared stores and 6 KB for a 1536-dimension vector instead of ~50 KB of
+Python floats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import sys
+from array import array
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import add_note
+from .fallback import GracefulFallbacks
+from .policy import CacheHooks, ResiliencePolicy, Served
+
+__all__ = ["EmbeddingEngine", "EmbeddingResult", "decode_vector", "encode_vector"]
+
+Vector = list[float]
+
+
+def encode_vector(vector: Sequence[float]) -> str:
+    """Compact, JSON-safe form of a vector: base64 of little-endian float32."""
+    packed = array("f", vector)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def decode_vector(data: Any) -> Vector:
+    """Inverse of `encode_vector`; also accepts a plain list (memory stores, old entries)."""
+    if isinstance(data, list):
+        return [float(x) for x in data]
+    raw = base64.b64decode(data)
+    if len(raw) % 4:
+        raise ValueError("corrupt cached vector: length is not a multiple of 4 bytes")
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+@dataclass(slots=True)
+class EmbeddingResult:
+    """Vectors in input order, and how each sub-batch was served."""
+
+    vectors: list[Vector]
+    served: list[Served[Any]] = field(default_factory=list)
+
+    @property
+    def degraded(self) -> bool:
+        return any(s.degraded for s in self.served)
+
+    @property
+    def sources(self) -> dict[str, int]:
+        return dict(Counter(s.source for s in self.served))
+
+    def metadata(self) -> dict[str, Any]:
+        ages = [s.age_s for s in self.served if s.age_s is not None]
+        return {
+            "source": "live" if not self.degraded else "cache",
+            "sources": self.sources,
+            "attempts": sum(s.attempts for s in self.served),
+            "age_s": max(ages) if ages else None,
+            "degraded": self.degraded,
+        }
+
+
+class EmbeddingEngine:
+    """Runs embedding batches through a policy with per-text last-known-good vectors."""
+
+    def __init__(self, policy: ResiliencePolicy, *, model_id: str, batch_size: int = 64) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.policy = policy
+        self.model_id = model_id
+        self.batch_size = batch_size
+        base = policy.fallbacks
+        # Own namespace in the policy's store: vectors never evict an LLM's answers.
+        self.cache: GracefulFallbacks | None = (
+            GracefulFallbacks(
+                ttl=base.ttl,
+                max_entries=base.max_entries,
+                name=f"{policy.name}:embeddings:{model_id}",
+                store=base.store,
+                clock=base.clock,
+            )
+            if base is not None
+            else None
+        )
+
+    def _batches(self, texts: Sequence[str]) -> list[list[str]]:
+        size = self.batch_size
+        return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
+
+    def _hooks(self, batch: list[str]) -> CacheHooks | None:
+        cache = self.cache
+        if cache is None:
+            return None
+
+        def store(vectors: list[Vector]) -> None:
+            for text, vector in zip(batch, vectors):
+                cache.update_cache(text, encode_vector(vector))
+
+        def lookup() -> tuple[list[Vector], float] | None:
+            found: list[Vector] = []
+            oldest = 0.0
+            for text in batch:
+                hit = cache.get_last_known_good(text)
+                if hit is None:
+                    return None
+                found.append(decode_vector(hit[0]))
+                oldest = max(oldest, hit[1])
+            return found, oldest
+
+        return CacheHooks(store, lookup)
+
+    def _missing_note(self, exc: BaseException, batch: list[str]) -> None:
+        if self.cache is None:
+            return
+        missing = sum(1 for t in batch if self.cache.get_last_known_good(t) is None)
+        if missing:
+            add_note(
+                exc,
+                f"rag_resilience[{self.policy.name}]: {missing} of {len(batch)} texts in the failed "
+                "batch have no cached vector; vectors are never invented, so the error is raised",
+            )
+
+    def embed(
+        self, texts: Sequence[str], embed_batch: Callable[[list[str]], list[Vector]]
+    ) -> EmbeddingResult:
+        """Embed `texts` in sub-batches through the policy (sequentially)."""
+        result = EmbeddingResult([])
+        for batch in self._batches(texts):
+            try:
+                served = self.policy.execute(
+                    embed_batch, (batch,), cache=self._hooks(batch), generic=False
+                )
+            except Exception as exc:
+                self._missing_note(exc, batch)
+                raise
+            result.vectors.extend(served.value)
+            result.served.append(served)
+        return result
+
+    async def aembed(
+        self, texts: Sequence[str], aembed_batch: Callable[[list[str]], Awaitable[list[Vector]]]
+    ) -> EmbeddingResult:
+        """Embed `texts` with sub-batches running concurrently under the policy's limit."""
+        batches = self._batches(texts)
+
+        async def one(batch: list[str]) -> Served[list[Vector]]:
+            try:
+                return await self.policy.aexecute(
+                    aembed_batch, (batch,), cache=self._hooks(batch), generic=False
+                )
+            except Exception as exc:
+                self._missing_note(exc, batch)
+                raise
+
+        outcomes = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
+        result = EmbeddingResult([])
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            result.vectors.extend(outcome.value)
+            result.served.append(outcome)
+        return result

@@ -1,0 +1,829 @@
+"""`ResiliencePolicy`: one call through limit -> retry loop -> breaker -> the call, then
+the fallback chain. Every adapter (LangChain, LlamaIndex, OpenAI client, decorators)
+calls into this.
+
+    caller -> ConcurrencyLimit (bounded in-flight + bounded wait; full -> QueueFullError)
+           -> retry loop (classify, backoff + jitter, Retry-After, deadline, budget)
+              -> CircuitBreaker.before_call (OPEN -> CircuitOpenError, no upstream call)
+                 -> fn(*args, **kwargs)
+           <- on final failure of an *upstream* kind (never the caller's own 4xx):
+              fallback callables in order -> last-known-good cache (with age) ->
+              generic answer (if enabled) -> re-raise the original error, annotated.
+
+An open circuit stops the retry loop at once: nobody sleeps through backoff while
+the upstream is known to be down. Sync and async drivers share every decision
+(`_failed`, `_succeeded`, `_degrade_plan`); they differ only where they await.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .backoff import RetryBudget
+from .breaker import ADMITTED_CLEAN, CircuitBreaker
+from .classify import Classifier, ErrorVerdict, make_classifier
+from .clock import Clock, get_clock
+from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
+from .events import EventBus, EventKind, Listener, StatsCollector
+from .fallback import BUSY_ANSWER, GracefulFallbacks
+from .limits import ConcurrencyLimit
+from .retry import RetryRun, RetryStrategy, run_with_timeout
+from .stores.base import Store
+
+__all__ = ["PRESETS", "CacheHooks", "Codec", "ResiliencePolicy", "Served"]
+
+T = TypeVar("T")
+_NO_KEY: Any = object()
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's numbers: retries, initial delay, breaker threshold, recovery, queue size.
+    "conservative": {"max_retries": 5, "initial_delay": 2.0, "failure_threshold": 3,
+                     "recovery_timeout": 120.0, "max_waiting": 500, "max_concurrency": 32,
+                     "deadline": 120.0, "attempt_timeout": 60.0},
+    "balanced": {"max_retries": 3, "initial_delay": 1.0, "failure_threshold": 5,
+                 "recovery_timeout": 60.0, "max_waiting": 1000, "max_concurrency": 64,
+                 "deadline": 60.0, "attempt_timeout": 30.0},
+    "aggressive": {"max_retries": 2, "initial_delay": 0.5, "failure_threshold": 10,
+                   "recovery_timeout": 30.0, "max_waiting": 2000, "max_concurrency": 128,
+                   "deadline": 30.0, "attempt_timeout": 20.0},
+    "cost_optimized": {"max_retries": 1, "initial_delay": 2.0, "failure_threshold": 5,
+                       "recovery_timeout": 60.0, "max_waiting": 500, "max_concurrency": 16,
+                       "deadline": 60.0, "attempt_timeout": 30.0},
+}
+#: First open period of the presets' breakers; doubles after each failed probe.
+PRESET_MIN_RECOVERY = 2.0
+
+
+def _bus_of(component: Any) -> EventBus | None:
+    if component is None:
+        return None
+    bus = getattr(component, "events", None) or getattr(component, "_bus", None)
+    return bus if isinstance(bus, EventBus) else None
+
+
+@dataclass(slots=True)
+class Served(Generic[T]):
+    """A result and how it was served. `degraded` is True for anything but a live answer."""
+
+    value: T
+    source: str = "live"  # live | cache | fallback | generic_fallback | rejected
+    attempts: int = 1
+    age_s: float | None = None
+    degraded: bool = False
+    error: BaseException | None = field(default=None, repr=False)
+    fallback_index: int | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-friendly `{"source", "attempts", "age_s", "degraded"[, "error"]}`."""
+        meta: dict[str, Any] = {
+            "source": self.source,
+            "attempts": self.attempts,
+            "age_s": None if self.age_s is None else round(self.age_s, 3),
+            "degraded": self.degraded,
+        }
+        if self.error is not None:
+            meta["error"] = f"{type(self.error).__name__}: {self.error}"
+        if self.fallback_index is not None:
+            meta["fallback_index"] = self.fallback_index
+        return meta
+
+
+@dataclass(slots=True)
+class Codec:
+    """How a live value is stored in the cache (JSON for shared stores) and read back."""
+
+    encode: Callable[[Any], Any]
+    decode: Callable[[Any], Any]
+
+
+@dataclass(slots=True)
+class CacheHooks:
+    """A caller-owned last-known-good cache: `store(value)` after a live success,
+    `lookup() -> (value, age_s) | None` when degrading. Either may return an awaitable
+    on the async path."""
+
+    store: Callable[[Any], Any]
+    lookup: Callable[[], Any]
+
+
+@dataclass(slots=True)
+class _Degrade:
+    """What the fallback chain should try, decided once for sync and async."""
+
+    error: BaseException
+    verdict: ErrorVerdict
+    attempts: int
+    started: float
+
+
+class ResiliencePolicy:
+    """Composition of ConcurrencyLimit, RetryStrategy, CircuitBreaker and GracefulFallbacks.
+
+    Any part may be None (not used). `generic_fallback`: False (re-raise), True (the
+    default messages), a string, or a callable `error -> value`. `fallback_fns` are
+    tried in order with the call's own arguments after the primary gives up.
+    """
+
+    def __init__(
+        self,
+        retry: RetryStrategy | None = None,
+        breaker: CircuitBreaker | None = None,
+        fallbacks: GracefulFallbacks | None = None,
+        limit: ConcurrencyLimit | None = None,
+        *,
+        classifier: Classifier | None = None,
+        listeners: list[Listener] | None = None,
+        name: str = "policy",
+        generic_fallback: bool | str | Callable[[BaseException], Any] = False,
+        fallback_fns: Sequence[Callable[..., Any]] = (),
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if attempt_timeout is not None and attempt_timeout <= 0:
+            raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
+        if deadline is not None and deadline <= 0:
+            raise ValueError(f"deadline must be > 0 seconds or None, got {deadline}")
+        self.name = name
+        self.retry = retry if retry is not None else RetryStrategy(max_retries=0, retry_budget=None)
+        self._has_retry = retry is not None
+        self.breaker = breaker
+        self.fallbacks = fallbacks
+        self.limit = limit
+        self.generic_fallback = generic_fallback
+        self.fallback_fns = list(fallback_fns)
+        self.attempt_timeout = attempt_timeout if attempt_timeout is not None else self.retry.attempt_timeout
+        self.deadline = deadline if deadline is not None else self.retry.deadline
+        self.clock = clock
+        self._classifier_arg = classifier
+        self.classify: Callable[[BaseException], ErrorVerdict] = (
+            make_classifier(classifier) if classifier is not None else self.retry.classify
+        )
+        self.events = EventBus(listeners)
+        self.collector = StatsCollector()
+        # Our stats see every component's events, each event once.
+        for bus in (self.retry.events, breaker.events if breaker else None,
+                    _bus_of(limit), self.events):
+            if bus is not None:
+                bus.add(self.collector)
+                for listener in listeners or ():
+                    if bus is not self.events:
+                        bus.add(listener)
+        if breaker is not None:
+            self.collector.gauges["breaker_state"] = lambda: breaker.get_state().value
+        if limit is not None:
+            self.collector.gauges["in_flight"] = lambda: limit.in_flight
+            self.collector.gauges["queue_depth"] = lambda: limit.waiting
+        if fallbacks is not None:
+            self.collector.gauges["cache_entries"] = lambda: len(fallbacks)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def preset(
+        cls,
+        preset: str = "balanced",
+        *,
+        name: str | None = None,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        listeners: list[Listener] | None = None,
+        classifier: Classifier | None = None,
+        generic_fallback: bool | str | Callable[[BaseException], Any] = False,
+        **overrides: Any,
+    ) -> ResiliencePolicy:
+        """The seed's profiles: conservative | balanced | aggressive | cost_optimized.
+
+        `overrides` replace single numbers (e.g. ``max_retries=1``); `store` shares
+        breaker, cache and limit state (SQLite/Redis), keyed by `name`.
+        """
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        cfg = {**PRESETS[preset], **overrides}
+        unknown = set(overrides) - set(PRESETS[preset]) - {
+            "max_delay", "jitter", "min_recovery_timeout", "cache_ttl", "cache_max_entries",
+            "retry_budget", "half_open_max_calls", "success_threshold", "wait_timeout",
+        }
+        if unknown:
+            raise ValueError(f"unknown preset override(s): {sorted(unknown)}")
+        pname = name or preset
+        retry = RetryStrategy(
+            max_retries=cfg["max_retries"],
+            initial_delay=cfg["initial_delay"],
+            max_delay=cfg.get("max_delay", 30.0),
+            jitter=cfg.get("jitter", True),
+            deadline=cfg["deadline"],
+            attempt_timeout=cfg["attempt_timeout"],
+            retry_budget=cfg.get("retry_budget", RetryBudget(clock=clock)),
+            classifier=classifier,
+            name=pname,
+            clock=clock,
+        )
+        breaker = CircuitBreaker(
+            failure_threshold=cfg["failure_threshold"],
+            recovery_timeout=cfg["recovery_timeout"],
+            min_recovery_timeout=cfg.get(
+                "min_recovery_timeout", min(PRESET_MIN_RECOVERY, cfg["recovery_timeout"])
+            ),
+            half_open_max_calls=cfg.get("half_open_max_calls", 1),
+            success_threshold=cfg.get("success_threshold", 1),
+            classifier=classifier,
+            name=pname,
+            store=store,
+            clock=clock,
+        )
+        fallbacks = GracefulFallbacks(
+            ttl=cfg.get("cache_ttl", 86_400.0),
+            max_entries=cfg.get("cache_max_entries", 10_000),
+            name=pname,
+            store=store,
+            clock=clock,
+        )
+        limit = ConcurrencyLimit(
+            cfg["max_concurrency"],
+            max_waiting=cfg["max_waiting"],
+            wait_timeout=cfg.get("wait_timeout"),
+            name=pname,
+            store=store,
+            clock=clock,
+        )
+        return cls(retry, breaker, fallbacks, limit, classifier=classifier, listeners=listeners,
+                   name=pname, generic_fallback=generic_fallback, clock=clock)
+
+    @classmethod
+    def resolve(cls, policy: ResiliencePolicy | str | None, **preset_kwargs: Any) -> ResiliencePolicy:
+        """A policy from a policy, a preset name, or None (the "balanced" preset)."""
+        if isinstance(policy, ResiliencePolicy):
+            return policy
+        if policy is None:
+            policy = "balanced"
+        if isinstance(policy, str):
+            return cls.preset(policy, **preset_kwargs)
+        raise TypeError(f"policy must be a ResiliencePolicy, a preset name or None, got {policy!r}")
+
+    def derive(self, name: str) -> ResiliencePolicy:
+        """Same settings, its own breaker and stats (e.g. for a fallback model)."""
+        breaker = None
+        if self.breaker is not None:
+            b = self.breaker
+            breaker = CircuitBreaker(
+                b.failure_threshold, b.recovery_timeout, b.expected_exception, name=name,
+                success_threshold=b.success_threshold, half_open_max_calls=b.half_open_max_calls,
+                mode=b.mode, failure_rate_threshold=b.failure_rate_threshold,
+                minimum_calls=b.minimum_calls, window_seconds=b.window_seconds,
+                min_recovery_timeout=b.min_recovery_timeout, probe_timeout=b.probe_timeout,
+                classifier=self._classifier_arg, store=b.store, clock=b.clock,
+            )
+        return ResiliencePolicy(
+            self.retry if self._has_retry else None, breaker, self.fallbacks, None,
+            classifier=self._classifier_arg, name=name, attempt_timeout=self.attempt_timeout,
+            deadline=self.deadline, clock=self.clock,
+        )
+
+    # -- public entry points --------------------------------------------------------------
+    def call(self, fn: Callable[..., T], *args: Any, key: Any = _NO_KEY, **kwargs: Any) -> T:
+        """Run `fn(*args, **kwargs)` under the policy; returns the (possibly degraded) value."""
+        return self.execute(fn, args, kwargs, key=key).value
+
+    def run(self, fn: Callable[..., T], *args: Any, key: Any = _NO_KEY, **kwargs: Any) -> Served[T]:
+        """Like `call`, returning a `Served` that says how the value was obtained."""
+        return self.execute(fn, args, kwargs, key=key)
+
+    async def acall(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, key: Any = _NO_KEY, **kwargs: Any
+    ) -> T:
+        return (await self.aexecute(fn, args, kwargs, key=key)).value
+
+    async def arun(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, key: Any = _NO_KEY, **kwargs: Any
+    ) -> Served[T]:
+        return await self.aexecute(fn, args, kwargs, key=key)
+
+    def stream(
+        self, fn: Callable[..., Iterable[T]], *args: Any, key: Any = _NO_KEY, **kwargs: Any
+    ) -> Iterator[T]:
+        """Iterate `fn(*args, **kwargs)`; retried only until the first item is yielded."""
+        return self.execute_stream(fn, args, kwargs, key=key)
+
+    def astream(
+        self, fn: Callable[..., AsyncIterator[T]], *args: Any, key: Any = _NO_KEY, **kwargs: Any
+    ) -> AsyncIterator[T]:
+        return self.aexecute_stream(fn, args, kwargs, key=key)
+
+    # -- shared decisions -----------------------------------------------------------------
+    def _new_run(self) -> RetryRun:
+        return self.retry.new_run(
+            self.name, deadline=self.deadline, attempt_timeout=self.attempt_timeout
+        )
+
+    def _failed(self, run: RetryRun, exc: BaseException, ticket: int) -> tuple[ErrorVerdict, float | None]:
+        """After a failed attempt: verdict, and the delay before the next one (None: stop)."""
+        verdict = self.classify(exc)
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.on_failure(exc, ticket, verdict)
+            if verdict.retryable and breaker.retry_after() > 0:
+                run.stop("stopped", exc, verdict)  # circuit opened: don't sleep through backoff
+                return verdict, None
+        return verdict, run.on_error(exc, verdict)
+
+    def _store(self, key: Any, value: Any, codec: Codec | None) -> None:
+        if isinstance(key, CacheHooks):
+            key.store(value)
+        elif key is not _NO_KEY and self.fallbacks is not None:
+            self.fallbacks.update_cache(key, codec.encode(value) if codec is not None else value)
+
+    def _succeeded(self, value: T, run: RetryRun, key: Any, codec: Codec | None) -> Served[T]:
+        self._store(key, value, codec)
+        if self.events.wants(EventKind.SUCCESS):
+            self.events.publish(
+                EventKind.SUCCESS, self.name, attempt=run.attempts,
+                duration=run.clock.monotonic() - run.started,
+            )
+        return Served(value, "live", run.attempts)
+
+    def _check(self, plan: _Degrade) -> None:
+        """Caller's own errors are never masked: re-raise them untouched."""
+        if not plan.verdict.fallback_ok:
+            self._publish_failure(plan)
+            raise plan.error
+
+    def _generic(
+        self, plan: _Degrade, generic: Callable[[BaseException], Any] | bool | None
+    ) -> Served[Any] | None:
+        # generic=False disables the policy's generic answer for this call (e.g. embeddings:
+        # a string is never a valid vector).
+        gen: Any = generic if generic is not None else self.generic_fallback
+        if gen is False or gen is None:
+            return None
+        error = plan.error
+        rejected = isinstance(error, QueueFullError)
+        if callable(gen):
+            value = gen(error)
+        elif isinstance(gen, str):
+            value = gen
+        elif rejected:
+            value = BUSY_ANSWER
+        else:
+            value = self.fallbacks.generic_answer if self.fallbacks else GracefulFallbacks().generic_answer
+        return self._degraded(plan, value, "rejected" if rejected else "generic_fallback")
+
+    def _from_cache(self, plan: _Degrade, found: tuple[Any, float] | None, codec: Codec | None) -> Served[Any] | None:
+        if found is None:
+            return None
+        value, age = found
+        return self._degraded(plan, codec.decode(value) if codec else value, "cache", age=age)
+
+    def _degraded(
+        self, plan: _Degrade, value: Any, source: str, *, age: float | None = None,
+        index: int | None = None,
+    ) -> Served[Any]:
+        clock = get_clock(self.clock)
+        self.events.publish(
+            EventKind.FALLBACK, self.name, attempt=plan.attempts, error=plan.error,
+            served_from=source, age_s=age, duration=clock.monotonic() - plan.started,
+            reason=plan.verdict.reason,
+        )
+        return Served(value, source, plan.attempts, age, True, plan.error, index)
+
+    def _fallback_failed(self, plan: _Degrade, index: int, exc: BaseException) -> None:
+        add_note(plan.error, f"rag_resilience[{self.name}]: fallback #{index} failed too: "
+                             f"{type(exc).__name__}: {exc}")
+
+    def _publish_failure(self, plan: _Degrade) -> None:
+        clock = get_clock(self.clock)
+        self.events.publish(
+            EventKind.FAILURE, self.name, attempt=plan.attempts, error=plan.error,
+            reason=plan.verdict.reason, duration=clock.monotonic() - plan.started,
+        )
+
+    def _give_up(self, plan: _Degrade) -> None:
+        self._publish_failure(plan)
+        mark_handled(plan.error)
+        raise plan.error
+
+    def _plan(self, exc: BaseException, attempts: int, started: float, verdict: ErrorVerdict | None = None) -> _Degrade:
+        return _Degrade(exc, verdict or self.classify(exc), attempts, started)
+
+    # -- sync driver ----------------------------------------------------------------------
+    def execute(
+        self,
+        fn: Callable[..., T],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        key: Any = _NO_KEY,
+        codec: Codec | None = None,
+        fallbacks: Sequence[Callable[..., Any]] = (),
+        generic: Callable[[BaseException], Any] | bool | None = None,
+        cache: CacheHooks | None = None,
+    ) -> Served[T]:
+        """The adapters' entry point: explicit args, cache `codec`, extra fallbacks, generic.
+
+        `cache` replaces the key-based last-known-good cache with the caller's own
+        (e.g. one entry per text of an embeddings batch).
+        """
+        kwargs = kwargs or {}
+        if cache is not None:
+            key = cache
+        limit = self.limit
+        if limit is not None:
+            try:
+                limit.acquire()
+            except QueueFullError as exc:
+                return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                                     args, kwargs, key, codec, fallbacks, generic)
+        try:
+            return self._attempts(fn, args, kwargs, key, codec, fallbacks, generic)
+        finally:
+            if limit is not None:
+                limit.release()
+
+    def _attempts(
+        self, fn: Callable[..., T], args: Sequence[Any], kwargs: dict[str, Any], key: Any,
+        codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        generic: Callable[[BaseException], Any] | bool | None,
+    ) -> Served[T]:
+        run = self._new_run()
+        breaker = self.breaker
+        sleep = run.clock.sleep
+        while True:
+            run.start_attempt()
+            if breaker is not None:
+                try:
+                    ticket = breaker.before_call()
+                except CircuitOpenError as exc:
+                    return self._degrade(self._plan(exc, run.attempts - 1, run.started),
+                                         args, kwargs, key, codec, fallbacks, generic)
+            else:
+                ticket = ADMITTED_CLEAN
+            try:
+                value = fn(*args, **kwargs)
+            except Exception as exc:
+                verdict, delay = self._failed(run, exc, ticket)
+                if delay is None:
+                    return self._degrade(self._plan(exc, run.attempts, run.started, verdict),
+                                         args, kwargs, key, codec, fallbacks, generic)
+                sleep(delay)
+                continue
+            if ticket != ADMITTED_CLEAN and breaker is not None:
+                breaker.on_success(ticket)
+            return self._succeeded(value, run, key, codec)
+
+    def _degrade(
+        self, plan: _Degrade, args: Sequence[Any], kwargs: dict[str, Any], key: Any,
+        codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        generic: Callable[[BaseException], Any] | bool | None,
+    ) -> Served[Any]:
+        self._check(plan)
+        for index, fb in enumerate([*self.fallback_fns, *fallbacks]):
+            try:
+                value = fb(*args, **kwargs)
+            except Exception as exc:
+                self._fallback_failed(plan, index, exc)
+                continue
+            return self._degraded(plan, value, "fallback", index=index)
+        if isinstance(key, CacheHooks):
+            served = self._from_cache(plan, key.lookup(), None)
+            if served is not None:
+                return served
+        elif key is not _NO_KEY and self.fallbacks is not None:
+            served = self._from_cache(plan, self.fallbacks.get_last_known_good(key), codec)
+            if served is not None:
+                return served
+        served = self._generic(plan, generic)
+        if served is not None:
+            return served
+        self._give_up(plan)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- async driver ---------------------------------------------------------------------
+    async def aexecute(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        key: Any = _NO_KEY,
+        codec: Codec | None = None,
+        fallbacks: Sequence[Callable[..., Any]] = (),
+        generic: Callable[[BaseException], Any] | bool | None = None,
+        cache: CacheHooks | None = None,
+    ) -> Served[T]:
+        """Async twin of `execute`; attempts past the attempt timeout/deadline are cancelled."""
+        kwargs = kwargs or {}
+        if cache is not None:
+            key = cache
+        limit = self.limit
+        if limit is not None:
+            try:
+                await limit.aacquire()
+            except QueueFullError as exc:
+                return await self._adegrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                                            args, kwargs, key, codec, fallbacks, generic)
+        try:
+            return await self._aattempts(fn, args, kwargs, key, codec, fallbacks, generic)
+        finally:
+            if limit is not None:
+                await limit.arelease()
+
+    async def _aattempts(
+        self, fn: Callable[..., Awaitable[T]], args: Sequence[Any], kwargs: dict[str, Any],
+        key: Any, codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        generic: Callable[[BaseException], Any] | bool | None,
+    ) -> Served[T]:
+        run = self._new_run()
+        breaker = self.breaker
+        while True:
+            timeout = run.start_attempt()
+            if breaker is not None:
+                try:
+                    ticket = await breaker.abefore_call()
+                except CircuitOpenError as exc:
+                    return await self._adegrade(self._plan(exc, run.attempts - 1, run.started),
+                                                args, kwargs, key, codec, fallbacks, generic)
+            else:
+                ticket = ADMITTED_CLEAN
+            try:
+                value = await run_with_timeout(fn(*args, **kwargs), timeout)
+            except Exception as exc:
+                verdict, delay = self._failed(run, exc, ticket)
+                if delay is None:
+                    return await self._adegrade(self._plan(exc, run.attempts, run.started, verdict),
+                                                args, kwargs, key, codec, fallbacks, generic)
+                await run.clock.asleep(delay)
+                continue
+            if ticket != ADMITTED_CLEAN and breaker is not None:
+                await breaker.aon_success(ticket)
+            if isinstance(key, CacheHooks):
+                stored = key.store(value)
+                if inspect.isawaitable(stored):
+                    await stored
+            elif key is not _NO_KEY and self.fallbacks is not None:
+                await self.fallbacks.aupdate_cache(key, codec.encode(value) if codec else value)
+            return self._succeeded(value, run, _NO_KEY, None)
+
+    async def _adegrade(
+        self, plan: _Degrade, args: Sequence[Any], kwargs: dict[str, Any], key: Any,
+        codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        generic: Callable[[BaseException], Any] | bool | None,
+    ) -> Served[Any]:
+        self._check(plan)
+        for index, fb in enumerate([*self.fallback_fns, *fallbacks]):
+            try:
+                value = fb(*args, **kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception as exc:
+                self._fallback_failed(plan, index, exc)
+                continue
+            return self._degraded(plan, value, "fallback", index=index)
+        if isinstance(key, CacheHooks):
+            found = key.lookup()
+            if inspect.isawaitable(found):
+                found = await found
+            served = self._from_cache(plan, found, None)
+            if served is not None:
+                return served
+        elif key is not _NO_KEY and self.fallbacks is not None:
+            served = self._from_cache(plan, await self.fallbacks.aget_last_known_good(key), codec)
+            if served is not None:
+                return served
+        served = self._generic(plan, generic)
+        if served is not None:
+            return served
+        self._give_up(plan)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- streams --------------------------------------------------------------------------
+    def execute_stream(
+        self,
+        fn: Callable[..., Iterable[T]],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        key: Any = _NO_KEY,
+        codec: Codec | None = None,
+        fallbacks: Sequence[Callable[..., Iterable[T]]] = (),
+        generic: Callable[[BaseException], Iterable[T]] | bool | None = None,
+        on_served: Callable[[Served[None]], None] | None = None,
+    ) -> Iterator[T]:
+        """Stream with retries before the first item only; after it, errors propagate.
+
+        A degraded stream yields the fallback's items (cache `codec.decode` must return an
+        iterable of items). `codec.encode` receives the list of all items of a complete
+        live stream. `on_served` is told how the stream is served before its first item.
+        """
+        kwargs = kwargs or {}
+        limit = self.limit
+        if limit is not None:
+            try:
+                limit.acquire()
+            except QueueFullError as exc:
+                served = self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                                       args, kwargs, key, codec, fallbacks, generic)
+                yield from self._emit_degraded(served, on_served)
+                return
+        try:
+            run = self._new_run()
+            breaker = self.breaker
+            while True:
+                run.start_attempt()
+                ticket = ADMITTED_CLEAN
+                try:
+                    if breaker is not None:
+                        ticket = breaker.before_call()
+                    iterator = iter(fn(*args, **kwargs))
+                    first = next(iterator)
+                except StopIteration:
+                    iterator, first = iter(()), _NO_KEY
+                except CircuitOpenError as exc:
+                    served = self._degrade(self._plan(exc, run.attempts - 1, run.started),
+                                           args, kwargs, key, codec, fallbacks, generic)
+                    yield from self._emit_degraded(served, on_served)
+                    return
+                except Exception as exc:
+                    verdict, delay = self._failed(run, exc, ticket)
+                    if delay is None:
+                        served = self._degrade(self._plan(exc, run.attempts, run.started, verdict),
+                                               args, kwargs, key, codec, fallbacks, generic)
+                        yield from self._emit_degraded(served, on_served)
+                        return
+                    run.clock.sleep(delay)
+                    continue
+                break
+            if on_served is not None:
+                on_served(Served(None, "live", run.attempts))
+            items: list[T] | None = [] if key is not _NO_KEY and self.fallbacks is not None else None
+            try:
+                if first is not _NO_KEY:
+                    if items is not None:
+                        items.append(first)
+                    yield first
+                for item in iterator:
+                    if items is not None:
+                        items.append(item)
+                    yield item
+            except Exception as exc:
+                if breaker is not None:
+                    breaker.on_failure(exc, ticket, self.classify(exc))
+                raise
+            if breaker is not None and ticket != ADMITTED_CLEAN:
+                breaker.on_success(ticket)
+            self._succeeded(None, run, _NO_KEY, None)
+            if items is not None:
+                self._store(key, items, codec)
+        finally:
+            if limit is not None:
+                limit.release()
+
+    @staticmethod
+    def _emit_degraded(served: Served[Any], on_served: Callable[[Served[None]], None] | None) -> Iterator[Any]:
+        if on_served is not None:
+            on_served(Served(None, served.source, served.attempts, served.age_s, True,
+                             served.error, served.fallback_index))
+        value = served.value
+        if isinstance(value, (str, bytes)):
+            yield value
+        else:
+            yield from value
+
+    async def aexecute_stream(
+        self,
+        fn: Callable[..., AsyncIterator[T]],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        key: Any = _NO_KEY,
+        codec: Codec | None = None,
+        fallbacks: Sequence[Callable[..., Any]] = (),
+        generic: Callable[[BaseException], Any] | bool | None = None,
+        on_served: Callable[[Served[None]], None] | None = None,
+    ) -> AsyncIterator[T]:
+        """Async twin of `execute_stream` (`fn` returns an async iterator, or a coroutine of one)."""
+        kwargs = kwargs or {}
+        limit = self.limit
+        if limit is not None:
+            try:
+                await limit.aacquire()
+            except QueueFullError as exc:
+                served = await self._adegrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                                              args, kwargs, key, codec, fallbacks, generic)
+                async for item in self._aemit_degraded(served, on_served):
+                    yield item
+                return
+        try:
+            run = self._new_run()
+            breaker = self.breaker
+            while True:
+                timeout = run.start_attempt()
+                ticket = ADMITTED_CLEAN
+                try:
+                    if breaker is not None:
+                        ticket = await breaker.abefore_call()
+                    stream: Any = fn(*args, **kwargs)
+                    if inspect.isawaitable(stream):
+                        stream = await run_with_timeout(stream, timeout)
+                    iterator = stream.__aiter__()
+                    first = await run_with_timeout(iterator.__anext__(), timeout)
+                except StopAsyncIteration:
+                    first = _NO_KEY
+                except CircuitOpenError as exc:
+                    served = await self._adegrade(self._plan(exc, run.attempts - 1, run.started),
+                                                  args, kwargs, key, codec, fallbacks, generic)
+                    async for item in self._aemit_degraded(served, on_served):
+                        yield item
+                    return
+                except Exception as exc:
+                    verdict, delay = self._failed(run, exc, ticket)
+                    if delay is None:
+                        served = await self._adegrade(
+                            self._plan(exc, run.attempts, run.started, verdict),
+                            args, kwargs, key, codec, fallbacks, generic)
+                        async for item in self._aemit_degraded(served, on_served):
+                            yield item
+                        return
+                    await run.clock.asleep(delay)
+                    continue
+                break
+            if on_served is not None:
+                on_served(Served(None, "live", run.attempts))
+            items: list[T] | None = [] if key is not _NO_KEY and self.fallbacks is not None else None
+            try:
+                if first is not _NO_KEY:
+                    if items is not None:
+                        items.append(first)
+                    yield first
+                    async for item in iterator:
+                        if items is not None:
+                            items.append(item)
+                        yield item
+            except Exception as exc:
+                if breaker is not None:
+                    await breaker.aon_failure(exc, ticket, self.classify(exc))
+                raise
+            if breaker is not None and ticket != ADMITTED_CLEAN:
+                await breaker.aon_success(ticket)
+            self._succeeded(None, run, _NO_KEY, None)
+            if items is not None and self.fallbacks is not None:
+                await self.fallbacks.aupdate_cache(key, codec.encode(items) if codec else items)
+        finally:
+            if limit is not None:
+                await limit.arelease()
+
+    @staticmethod
+    async def _aemit_degraded(
+        served: Served[Any], on_served: Callable[[Served[None]], None] | None
+    ) -> AsyncIterator[Any]:
+        if on_served is not None:
+            on_served(Served(None, served.source, served.attempts, served.age_s, True,
+                             served.error, served.fallback_index))
+        value = served.value
+        if isinstance(value, (str, bytes)):
+            yield value
+        elif hasattr(value, "__aiter__"):
+            async for item in value:
+                yield item
+        else:
+            for item in value:
+                yield item
+
+    # -- introspection --------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counts, error and degraded rates, retries, transitions, fallbacks, latency, gauges."""
+        snapshot = self.collector.stats()
+        snapshot["name"] = self.name
+        return snapshot
+
+    def reset_stats(self) -> None:
+        self.collector.reset()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Subscribe to this policy's events and its components'."""
+        for bus in (self.retry.events, self.breaker.events if self.breaker else None,
+                    _bus_of(self.limit), self.events):
+            if bus is not None:
+                bus.add(listener)
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings, as plain data."""
+        return {
+            "name": self.name,
+            "retry": self.retry.describe() if self._has_retry else None,
+            "breaker": self.breaker.describe() if self.breaker else None,
+            "fallbacks": self.fallbacks.describe() if self.fallbacks else None,
+            "limit": {"name": self.limit.name, "max_concurrency": self.limit.max_concurrency,
+                      "max_waiting": self.limit.max_waiting,
+                      "wait_timeout": self.limit.wait_timeout,
+                      "distributed": self.limit.distributed} if self.limit else None,
+            "attempt_timeout": self.attempt_timeout,
+            "deadline": self.deadline,
+            "generic_fallback": self.generic_fallback if isinstance(self.generic_fallback, (bool, str))
+            else "callable",
+            "fallback_fns": len(self.fallback_fns),
+        }
+
+    def __repr__(self) -> str:
+        return f"ResiliencePolicy(name={self.name!r})"

@@ -1,0 +1,413 @@
+"""Retry with exponential backoff and jitter: `RetryStrategy`, `with_retry`.
+
+One state machine (`RetryRun`) decides, per failed attempt, whether and how long to
+wait; the sync and async drivers only call the function and sleep. `ResiliencePolicy`
+drives the same state machine with a circuit breaker in the loop.
+
+Order of the decision after a failure:
+1. the error's verdict (`classify`): not retryable -> stop, the error propagates untouched;
+2. attempts left (`max_retries`);
+3. the server's Retry-After wins over the computed delay, unless it is longer than
+   `max_retry_after` (then waiting is pointless: stop);
+4. the total `deadline`: never sleep past it, never start an attempt after it;
+5. the retry budget: retries may add at most a fraction of the offered load.
+When retries stop for 2-5 the original exception is re-raised with the attempt
+history as a note and marked handled (an outer policy will not retry it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from .backoff import JitterMode, RetryBudget, compute_delay, normalize_jitter
+from .classify import Classifier, ErrorVerdict, make_classifier
+from .clock import Clock, get_clock
+from .errors import DeadlineExceededError, add_note, mark_handled
+from .events import EventBus, EventKind, Listener
+
+__all__ = ["RetryRun", "RetryStrategy", "with_retry"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_DEFAULT_BUDGET: Any = object()
+
+StopReason = Literal[
+    "not_retryable", "max_retries", "deadline", "retry_budget", "retry_after_too_long", "stopped"
+]
+
+
+class RetryStrategy:
+    """How to retry: attempts, backoff, jitter, deadline, budget, classification.
+
+    Seed-compatible: ``RetryStrategy(max_retries=3, initial_delay=0.5,
+    exponential_base=2.0, jitter=True).execute(fn, *args, **kwargs)``.
+    Instances are reusable and thread-safe; the retry budget is shared by every call
+    made through the same strategy.
+    """
+
+    def __init__(
+        self,
+        max_retries: int = 3,
+        initial_delay: float = 1.0,
+        max_delay: float = 60.0,
+        exponential_base: float = 2.0,
+        jitter: bool | str = True,
+        *,
+        deadline: float | None = None,
+        attempt_timeout: float | None = None,
+        max_retry_after: float = 60.0,
+        retry_budget: RetryBudget | None = _DEFAULT_BUDGET,
+        classifier: Classifier | None = None,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+        name: str | None = None,
+        clock: Clock | None = None,
+        listeners: list[Listener] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if initial_delay < 0:
+            raise ValueError(f"initial_delay must be >= 0 seconds, got {initial_delay}")
+        if max_delay < initial_delay:
+            raise ValueError(
+                f"max_delay must be >= initial_delay ({initial_delay}), got {max_delay}"
+            )
+        if exponential_base < 1:
+            raise ValueError(f"exponential_base must be >= 1, got {exponential_base}")
+        if deadline is not None and deadline <= 0:
+            raise ValueError(f"deadline must be > 0 seconds or None, got {deadline}")
+        if attempt_timeout is not None and attempt_timeout <= 0:
+            raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
+        if max_retry_after < 0:
+            raise ValueError(f"max_retry_after must be >= 0 seconds, got {max_retry_after}")
+        self.max_retries = max_retries
+        self.initial_delay = float(initial_delay)
+        self.max_delay = float(max_delay)
+        self.exponential_base = float(exponential_base)
+        self.jitter: JitterMode = normalize_jitter(jitter)
+        self.deadline = deadline
+        self.attempt_timeout = attempt_timeout
+        self.max_retry_after = float(max_retry_after)
+        self.retry_budget: RetryBudget | None = (
+            RetryBudget(clock=clock) if retry_budget is _DEFAULT_BUDGET else retry_budget
+        )
+        self.classify: Callable[[BaseException], ErrorVerdict] = make_classifier(classifier)
+        self.retry_on = retry_on
+        self.name = name
+        self.clock = clock
+        self.events = EventBus(listeners)
+        self.rng = rng
+
+    # -- the schedule -------------------------------------------------------------------
+    def compute_delay(self, retry_number: int, previous_delay: float | None = None) -> float:
+        """Backoff before retry `retry_number` (1-based), without Retry-After."""
+        return compute_delay(
+            retry_number,
+            initial_delay=self.initial_delay,
+            max_delay=self.max_delay,
+            exponential_base=self.exponential_base,
+            jitter=self.jitter,
+            previous_delay=previous_delay,
+            rng=self.rng,
+        )
+
+    def new_run(
+        self,
+        name: str | None = None,
+        *,
+        deadline: float | None = None,
+        attempt_timeout: float | None = None,
+    ) -> RetryRun:
+        """A fresh per-call state machine; `deadline`/`attempt_timeout` override the strategy's."""
+        return RetryRun(
+            self,
+            name or self.name or "retry",
+            deadline=deadline if deadline is not None else self.deadline,
+            attempt_timeout=attempt_timeout if attempt_timeout is not None else self.attempt_timeout,
+        )
+
+    # -- drivers ------------------------------------------------------------------------
+    def execute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call `fn(*args, **kwargs)`, retrying per this strategy."""
+        run = self.new_run(self.name or _fn_name(fn))
+        clock = get_clock(self.clock)
+        while True:
+            run.start_attempt()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                delay = run.on_error(exc)
+                if delay is None:
+                    run.finish_failure(exc)
+                    raise
+                clock.sleep(delay)
+            else:
+                run.finish_success()
+                return result
+
+    async def aexecute(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Async twin of `execute`; attempts past `attempt_timeout` are cancelled."""
+        run = self.new_run(self.name or _fn_name(fn))
+        clock = get_clock(self.clock)
+        while True:
+            timeout = run.start_attempt()
+            try:
+                result = await run_with_timeout(fn(*args, **kwargs), timeout)
+            except Exception as exc:
+                delay = run.on_error(exc)
+                if delay is None:
+                    run.finish_failure(exc)
+                    raise
+                await clock.asleep(delay)
+            else:
+                run.finish_success()
+                return result
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "initial_delay": self.initial_delay,
+            "max_delay": self.max_delay,
+            "exponential_base": self.exponential_base,
+            "jitter": self.jitter,
+            "deadline": self.deadline,
+            "attempt_timeout": self.attempt_timeout,
+            "max_retry_after": self.max_retry_after,
+            "retry_budget": repr(self.retry_budget) if self.retry_budget else None,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RetryStrategy(max_retries={self.max_retries}, initial_delay={self.initial_delay}, "
+            f"max_delay={self.max_delay}, exponential_base={self.exponential_base}, "
+            f"jitter={self.jitter!r}, deadline={self.deadline})"
+        )
+
+
+async def run_with_timeout(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """Await with a per-attempt timeout that raises DeadlineExceededError(scope="attempt")."""
+    if timeout is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError as exc:
+        raise DeadlineExceededError(
+            f"attempt timed out after {timeout:.3f}s", timeout=timeout, scope="attempt"
+        ) from exc
+
+
+class RetryRun:
+    """The per-call retry state machine shared by every driver (sync, async, policy)."""
+
+    __slots__ = (
+        "attempt_timeout",
+        "attempts",
+        "clock",
+        "deadline",
+        "deadline_at",
+        "history",
+        "last_delay",
+        "name",
+        "started",
+        "stop_reason",
+        "strategy",
+    )
+
+    def __init__(
+        self,
+        strategy: RetryStrategy,
+        name: str,
+        *,
+        deadline: float | None = None,
+        attempt_timeout: float | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.name = name
+        self.clock = get_clock(strategy.clock)
+        self.attempts = 0
+        self.started = self.clock.monotonic()
+        self.deadline = deadline
+        self.attempt_timeout = attempt_timeout
+        self.deadline_at = self.started + deadline if deadline is not None else None
+        self.last_delay: float | None = None
+        self.history: list[str] | None = None
+        self.stop_reason: StopReason | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the total deadline (None: no deadline)."""
+        if self.deadline_at is None:
+            return None
+        return self.deadline_at - self.clock.monotonic()
+
+    def start_attempt(self) -> float | None:
+        """Count an attempt; returns its timeout (attempt_timeout capped by the deadline)."""
+        self.attempts += 1
+        strategy = self.strategy
+        if self.attempts == 1 and strategy.retry_budget is not None:
+            strategy.retry_budget.record_request()
+        events = strategy.events
+        if events.wants(EventKind.ATTEMPT):
+            events.publish(EventKind.ATTEMPT, self.name, attempt=self.attempts)
+        timeout = self.attempt_timeout
+        if self.deadline_at is not None:
+            left = max(0.0, self.deadline_at - self.clock.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
+    def on_error(self, exc: BaseException, verdict: ErrorVerdict | None = None) -> float | None:
+        """Decide after a failed attempt: seconds to wait before retrying, or None to stop."""
+        strategy = self.strategy
+        if verdict is None:
+            verdict = strategy.classify(exc)
+        retryable = verdict.retryable and (
+            strategy.retry_on is None or isinstance(exc, strategy.retry_on)
+        )
+        if not retryable:
+            self.stop_reason = "not_retryable"
+            return None
+        if self.attempts > strategy.max_retries:
+            return self._stop("max_retries", exc, verdict)
+        retry_after = verdict.retry_after
+        if retry_after is not None and retry_after > strategy.max_retry_after:
+            return self._stop("retry_after_too_long", exc, verdict, retry_after)
+        delay = self.strategy.compute_delay(self.attempts, self.last_delay)
+        if retry_after is not None:
+            delay = retry_after  # the server knows when it will have capacity
+        if self.deadline_at is not None and self.clock.monotonic() + delay >= self.deadline_at:
+            return self._stop("deadline", exc, verdict, delay)
+        if strategy.retry_budget is not None and not strategy.retry_budget.try_spend():
+            return self._stop("retry_budget", exc, verdict)
+        self.last_delay = delay
+        self._remember(exc, verdict, f"retry in {delay:.2f}s")
+        events = strategy.events
+        if events.wants(EventKind.RETRY):
+            events.publish(
+                EventKind.RETRY,
+                self.name,
+                attempt=self.attempts,
+                delay=delay,
+                reason=verdict.reason,
+                error=exc,
+            )
+        return delay
+
+    def stop(self, reason: StopReason, exc: BaseException, verdict: ErrorVerdict) -> None:
+        """Stop for a reason decided outside (e.g. the circuit opened); annotates `exc`."""
+        self._stop(reason, exc, verdict)
+
+    def _stop(
+        self,
+        reason: StopReason,
+        exc: BaseException,
+        verdict: ErrorVerdict,
+        wait: float | None = None,
+    ) -> None:
+        self.stop_reason = reason
+        detail = {
+            "max_retries": f"max_retries={self.strategy.max_retries} reached",
+            "deadline": f"the next wait ({wait or 0.0:.2f}s) would pass the "
+            f"{self.deadline}s deadline",
+            "retry_budget": "retry budget for the window is spent (protecting the upstream)",
+            "retry_after_too_long": f"server asked to wait {wait or 0.0:.1f}s, above "
+            f"max_retry_after={self.strategy.max_retry_after}s",
+            "stopped": "the circuit breaker opened",
+            "not_retryable": "not retryable",
+        }[reason]
+        self._remember(exc, verdict, "gave up")
+        elapsed = self.clock.monotonic() - self.started
+        add_note(
+            exc,
+            f"rag_resilience[{self.name}]: gave up after {self.attempts} attempt(s) in "
+            f"{elapsed:.2f}s: {detail}. History: " + "; ".join(self.history or ()),
+        )
+        mark_handled(exc)
+        return None
+
+    def _remember(self, exc: BaseException, verdict: ErrorVerdict, outcome: str) -> None:
+        if self.history is None:
+            self.history = []
+        self.history.append(
+            f"#{self.attempts} {type(exc).__name__} ({verdict.reason}) -> {outcome}"
+        )
+
+    def finish_success(self) -> None:
+        events = self.strategy.events
+        if events.wants(EventKind.SUCCESS):
+            events.publish(
+                EventKind.SUCCESS,
+                self.name,
+                attempt=self.attempts,
+                duration=self.clock.monotonic() - self.started,
+            )
+
+    def finish_failure(self, exc: BaseException) -> None:
+        self.strategy.events.publish(
+            EventKind.FAILURE,
+            self.name,
+            attempt=self.attempts,
+            error=exc,
+            reason=self.stop_reason,
+            duration=self.clock.monotonic() - self.started,
+        )
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+@overload
+def with_retry(fn: Callable[P, T], /) -> Callable[P, T]: ...
+
+
+@overload
+def with_retry(
+    fn: None = None,
+    /,
+    *,
+    strategy: RetryStrategy | None = None,
+    **strategy_kwargs: Any,
+) -> Callable[[Callable[P, T]], Callable[P, T]]: ...
+
+
+def with_retry(
+    fn: Callable[P, T] | None = None,
+    /,
+    *,
+    strategy: RetryStrategy | None = None,
+    **strategy_kwargs: Any,
+) -> Callable[P, T] | Callable[[Callable[P, T]], Callable[P, T]]:
+    """Decorator: retry a sync or async function.
+
+    ``@with_retry``, ``@with_retry(max_retries=3, initial_delay=0.5, jitter=True)`` or
+    ``@with_retry(strategy=RetryStrategy(...))``. Arguments are RetryStrategy's.
+    """
+    if strategy is not None and strategy_kwargs:
+        raise ValueError("pass either strategy= or RetryStrategy keyword arguments, not both")
+
+    def decorate(func: Callable[P, T]) -> Callable[P, T]:
+        strat = strategy or RetryStrategy(name=_fn_name(func), **strategy_kwargs)
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await strat.aexecute(func, *args, **kwargs)  # type: ignore[arg-type]
+
+            async_wrapper.retry_strategy = strat  # type: ignore[attr-defined]
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return strat.execute(func, *args, **kwargs)
+
+        wrapper.retry_strategy = strat  # type: ignore[attr-defined]
+        return wrapper
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
