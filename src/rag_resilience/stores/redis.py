@@ -1,0 +1,800 @@
+"""Redis store: one circuit, one cache and one concurrency limit for every replica.
+
+Why it looks like this:
+
+* **Atomic without pinning connections.** `update` reads the value (one round trip),
+  runs the caller's pure `fn` locally and writes back with a compare-and-set Lua script
+  that only applies if the value is still the one read; on a conflict it retries with
+  the value the script returned (so `fn` may run more than once, as the Store contract
+  allows). When `fn` leaves the value unchanged no write is sent at all, so the common
+  "breaker closed, nothing to record" path costs a single GET. Operations whose logic
+  is fixed (cache LRU, leases) are single Lua scripts: one round trip, atomic.
+* **Keys and values.** Keys live under ``{prefix}:kv:<key>``,
+  ``{prefix}:cache:{<namespace>}:...`` and ``{prefix}:lease:{<key>}`` (the braces are
+  Redis Cluster hash tags: one namespace's keys share a slot). Values are JSON, never
+  pickle: a cache shared over the network must not be a code-execution hole.
+* **Redis faults never break the caller.** Every operation gives up within `op_timeout`
+  (socket timeouts on the clients built here; a refused or reset connection fails at
+  once), then serves from a process-local `MemoryStore`. The first fault of an outage
+  logs one warning on the ``rag_resilience`` logger; Redis is then skipped for
+  `retry_interval` seconds (one probe per interval, so a dead Redis does not add
+  `op_timeout` to every call); the first successful probe logs ``redis back`` and shared
+  state resumes. Local state is not merged back: breaker counters and cache entries
+  written during the outage stay local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .base import JSON, Store, UpdateFn
+from .memory import MemoryStore
+from .sqlite import dumps
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("rag_resilience")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_MAX_CAS_ATTEMPTS = 1000
+_LEASE_GC_GRACE_S = 60.0  # a lease key whose every holder died disappears this long after
+
+# KEYS[1]=key; ARGV: 1 expect_absent ('1'/'0'), 2 expected text, 3 delete ('1'/'0'),
+# 4 new text, 5 ttl in ms (0 = none). Returns {1} when applied, {0, current} otherwise.
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur then return {0, cur} end
+elseif cur ~= ARGV[2] then
+  if cur then return {0, cur} end
+  return {0}
+end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  local ms = tonumber(ARGV[5])
+  if ms > 0 then redis.call('SET', KEYS[1], ARGV[4], 'PX', ms)
+  else redis.call('SET', KEYS[1], ARGV[4]) end
+end
+return {1}
+"""
+
+# KEYS: 1 entry hash, 2 LRU zset, 3 sequence; ARGV: 1 key, 2 now.
+_CACHE_GET = """
+local h = redis.call('HMGET', KEYS[1], 'v', 't', 'e')
+if not h[1] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+if h[3] and h[3] ~= '' and tonumber(h[3]) <= tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+return {h[1], h[2]}
+"""
+
+# KEYS: 1 entry hash, 2 LRU zset, 3 sequence; ARGV: 1 key, 2 value, 3 stored_at,
+# 4 expires_at ('' = never), 5 native ttl ms (0 = none), 6 max entries (-1 = none),
+# 7 entry key prefix (victims are ARGV[7] .. key, same hash slot).
+_CACHE_SET = """
+local fresh = redis.call('EXISTS', KEYS[2]) == 0
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 't', ARGV[3], 'e', ARGV[4])
+local px = tonumber(ARGV[5])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+if px > 0 then
+  redis.call('PEXPIRE', KEYS[1], px)
+  local cur = redis.call('PTTL', KEYS[2])
+  if fresh or (cur >= 0 and cur < px) then
+    redis.call('PEXPIRE', KEYS[2], px)
+    redis.call('PEXPIRE', KEYS[3], px)
+  end
+else
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
+end
+local max = tonumber(ARGV[6])
+if max >= 0 then
+  local n = redis.call('ZCARD', KEYS[2])
+  if n > max then
+    for _, k in ipairs(redis.call('ZRANGE', KEYS[2], 0, n - max - 1)) do
+      redis.call('DEL', ARGV[7] .. k)
+    end
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - max - 1)
+  end
+end
+return 1
+"""
+
+# KEYS: 1 entry hash, 2 LRU zset; ARGV: 1 key.
+_CACHE_DELETE = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: 1 LRU zset, 2 sequence; ARGV: 1 entry key prefix.
+_CACHE_CLEAR = """
+for _, k in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  redis.call('DEL', ARGV[1] .. k)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS: 1 LRU zset; ARGV: 1 now, 2 entry key prefix. Entries Redis expired natively are
+# not counted (their LRU member is a ghost until the next get/set prunes it).
+_CACHE_LEN = """
+local n = 0
+for _, k in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local e = redis.call('HGET', ARGV[2] .. k, 'e')
+  if e and (e == '' or tonumber(e) > tonumber(ARGV[1])) then n = n + 1 end
+end
+return n
+"""
+
+# KEYS: 1 lease zset (token -> expiry); ARGV: 1 token, 2 limit, 3 expiry, 4 now, 5 gc ms.
+_LEASE_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+local px = tonumber(ARGV[5])
+if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
+return 1
+"""
+
+
+class _Script:
+    """A Lua script called by SHA (one round trip), loaded on first NOSCRIPT."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(
+        self, client: Any, no_script: type[Exception], keys: list[str], args: list[Any]
+    ) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except no_script:
+            return client.eval(self.source, len(keys), *keys, *args)
+
+    async def acall(
+        self, client: Any, no_script: type[Exception], keys: list[str], args: list[Any]
+    ) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except no_script:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+_SCRIPTS = {
+    name: _Script(src)
+    for name, src in {
+        "cas": _CAS,
+        "cache_get": _CACHE_GET,
+        "cache_set": _CACHE_SET,
+        "cache_delete": _CACHE_DELETE,
+        "cache_clear": _CACHE_CLEAR,
+        "cache_len": _CACHE_LEN,
+        "lease_acquire": _LEASE_ACQUIRE,
+    }.items()
+}
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.asyncio
+        import redis.asyncio.retry
+        import redis.backoff
+        import redis.retry
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "RedisStore needs the `redis` package: pip install rag-resilience[redis]"
+        ) from exc
+    return redis
+
+
+def _text(raw: Any) -> str | None:
+    """Redis replies are bytes unless the client decodes responses."""
+    if raw is None or raw is False:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _num(x: float) -> str:
+    """A float as text Lua's tonumber() reads back exactly (repr round-trips)."""
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"times must be finite numbers, got {x!r}")
+    return repr(x)
+
+
+def _ms(seconds: float) -> int:
+    """Positive milliseconds for PX/PEXPIRE (Redis rejects 0)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+class RedisStore(Store):
+    """A `Store` on Redis, shared by every process and host that uses the same `prefix`.
+
+    Build it from a `url` (clients are created here with `op_timeout` socket timeouts,
+    one asyncio client per event loop) or pass your own `client` (``redis.Redis``) and
+    `async_client` (``redis.asyncio.Redis``); with your own clients, set their
+    ``socket_timeout`` yourself, since `op_timeout` cannot be applied to them. Without an
+    async client, the async methods use the sync client (blocking for at most one op).
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Any = None,
+        async_client: Any = None,
+        prefix: str = "rag_resilience",
+        op_timeout: float = 0.05,
+        retry_interval: float = 1.0,
+    ) -> None:
+        if url is None and client is None and async_client is None:
+            raise ValueError("RedisStore needs url= or client= (and/or async_client=)")
+        if not op_timeout > 0:
+            raise ValueError(f"op_timeout must be > 0 seconds, got {op_timeout!r}")
+        if not retry_interval >= 0:
+            raise ValueError(f"retry_interval must be >= 0 seconds, got {retry_interval!r}")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string")
+        redis = _import_redis()
+        self._redis = redis
+        self._no_script: type[Exception] = redis.exceptions.NoScriptError
+        # Any Redis-side failure is a fault: the caller's request must not fail on it.
+        # Our own errors (non-JSON values, exceptions raised by `fn`) still propagate.
+        self._faults: tuple[type[BaseException], ...] = (
+            redis.exceptions.RedisError,
+            OSError,
+            asyncio.TimeoutError,
+        )
+        self.url = url
+        self.prefix = prefix
+        self.op_timeout = float(op_timeout)
+        self.retry_interval = float(retry_interval)
+        self._owns_client = client is None and url is not None
+        self._client: Any = client if client is not None else None
+        if self._client is None and url is not None:
+            self._client = redis.Redis.from_url(url, **self._client_options(sync=True))
+        self._async_client: Any = async_client
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._local = MemoryStore()
+        self._lock = threading.Lock()
+        self._degraded = False
+        self._retry_at = 0.0
+        self._outage_started = 0.0
+        self._counters = {
+            "remote_ops": 0,
+            "local_ops": 0,
+            "faults": 0,
+            "outages": 0,
+            "recoveries": 0,
+        }
+        self.last_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        where = self.url if self.url is not None else "client"
+        return f"RedisStore({where!r}, prefix={self.prefix!r})"
+
+    def _client_options(self, *, sync: bool) -> dict[str, Any]:
+        # One immediate retry on a connection error re-dials a pooled connection that a
+        # Redis restart closed; timeouts are never retried, so a hung Redis costs one
+        # op_timeout.
+        retry_mod = self._redis.retry if sync else self._redis.asyncio.retry
+        retry = retry_mod.Retry(
+            self._redis.backoff.NoBackoff(), 1, (self._redis.exceptions.ConnectionError,)
+        )
+        return {
+            "socket_timeout": self.op_timeout,
+            "socket_connect_timeout": self.op_timeout,
+            "retry": retry,
+        }
+
+    # -- health ----------------------------------------------------------------------
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is considered down and operations use local state."""
+        return self._degraded
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Snapshot: remote_ops, local_ops (served locally), faults, outages, recoveries."""
+        with self._lock:
+            return dict(self._counters)
+
+    @property
+    def local(self) -> MemoryStore:
+        """The in-process store used while Redis is unreachable."""
+        return self._local
+
+    def _try_remote(self) -> bool:
+        if not self._degraded:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if self._degraded and now < self._retry_at:
+                self._counters["local_ops"] += 1
+                return False
+            # Claim this interval's single probe; other callers keep using local state.
+            self._retry_at = now + self.retry_interval
+            return True
+
+    def _on_fault(self, exc: BaseException) -> None:
+        with self._lock:
+            self._counters["faults"] += 1
+            self._counters["local_ops"] += 1
+            self.last_error = exc
+            now = time.monotonic()
+            self._retry_at = now + self.retry_interval
+            if self._degraded:
+                return
+            self._degraded = True
+            self._outage_started = now
+            self._counters["outages"] += 1
+        logger.warning(
+            "redis store %s unreachable (%s: %s); serving from local in-process state, "
+            "retrying every %.3gs",
+            self,
+            type(exc).__name__,
+            exc,
+            self.retry_interval,
+        )
+
+    def _on_success(self) -> None:
+        if not self._degraded:
+            with self._lock:
+                self._counters["remote_ops"] += 1
+            return
+        with self._lock:
+            self._counters["remote_ops"] += 1
+            if not self._degraded:
+                return
+            self._degraded = False
+            self._counters["recoveries"] += 1
+            down_for = time.monotonic() - self._outage_started
+        logger.info(
+            "redis back: store %s reachable after %.3fs; shared state resumes", self, down_for
+        )
+
+    def _run(self, remote: Callable[[Any], T], local: Callable[[], T]) -> T:
+        if self._client is None or not self._try_remote():
+            if self._client is None:
+                with self._lock:
+                    self._counters["local_ops"] += 1
+            return local()
+        try:
+            result = remote(self._client)
+        except self._faults as exc:
+            self._on_fault(exc)
+            return local()
+        self._on_success()
+        return result
+
+    def _aclient(self) -> Any:
+        if self._async_client is not None:
+            return self._async_client
+        if self.url is None:
+            return None
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            client = self._redis.asyncio.Redis.from_url(
+                self.url, **self._client_options(sync=False)
+            )
+            self._async_clients[loop] = client
+        return client
+
+    async def _arun(
+        self,
+        remote: Callable[[Any], Awaitable[T]],
+        sync_remote: Callable[[Any], T],
+        local: Callable[[], T],
+    ) -> T:
+        client = self._aclient()
+        if client is None:
+            return self._run(sync_remote, local)
+        if not self._try_remote():
+            return local()
+        try:
+            result = await remote(client)
+        except self._faults as exc:
+            self._on_fault(exc)
+            return local()
+        self._on_success()
+        return result
+
+    # -- keys ------------------------------------------------------------------------
+    def _kv_key(self, key: str) -> str:
+        return f"{self.prefix}:kv:{key}"
+
+    def _cache_keys(self, namespace: str, key: str = "") -> tuple[str, str, str, str]:
+        base = f"{self.prefix}:cache:{{{namespace}}}"
+        entry_prefix = f"{base}:e:"
+        return entry_prefix + key, f"{base}:lru", f"{base}:seq", entry_prefix
+
+    def _lease_key(self, key: str) -> str:
+        return f"{self.prefix}:lease:{{{key}}}"
+
+    # -- key/value -------------------------------------------------------------------
+    def get(self, key: str) -> JSON | None:
+        k = self._kv_key(key)
+        return self._run(lambda c: _loads(c.get(k)), lambda: self._local.get(key))
+
+    async def aget(self, key: str) -> JSON | None:
+        k = self._kv_key(key)
+
+        async def remote(c: Any) -> Any:
+            return _loads(await c.get(k))
+
+        return await self._arun(remote, lambda c: _loads(c.get(k)), lambda: self._local.get(key))
+
+    def _set_args(self, key: str, value: JSON, ttl: float | None) -> tuple[str, str, int | None]:
+        text = dumps(value)
+        return self._kv_key(key), text, None if ttl is None else _ms(ttl) if ttl > 0 else 0
+
+    def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        k, text, px = self._set_args(key, value, ttl)
+
+        def remote(c: Any) -> None:
+            if px == 0:  # already expired
+                c.delete(k)
+            else:
+                c.set(k, text, px=px)
+
+        self._run(remote, lambda: self._local.set(key, value, ttl))
+
+    async def aset(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        k, text, px = self._set_args(key, value, ttl)
+
+        async def remote(c: Any) -> None:
+            if px == 0:
+                await c.delete(k)
+            else:
+                await c.set(k, text, px=px)
+
+        def sync_remote(c: Any) -> None:
+            if px == 0:
+                c.delete(k)
+            else:
+                c.set(k, text, px=px)
+
+        await self._arun(remote, sync_remote, lambda: self._local.set(key, value, ttl))
+
+    def delete(self, key: str) -> None:
+        k = self._kv_key(key)
+        self._run(lambda c: c.delete(k), lambda: self._local.delete(key))
+
+    async def adelete(self, key: str) -> None:
+        k = self._kv_key(key)
+
+        async def remote(c: Any) -> Any:
+            return await c.delete(k)
+
+        await self._arun(remote, lambda c: c.delete(k), lambda: self._local.delete(key))
+
+    def _cas_step(
+        self, key: str, fn: UpdateFn[R], ttl: float | None, raw: Any
+    ) -> tuple[R, list[Any] | None]:
+        """Run `fn` on the raw value read; the CAS args to send, or None if nothing changes."""
+        current_text = _text(raw)
+        new, result = fn(None if current_text is None else json.loads(current_text))
+        new_text = None if new is None else dumps(new)
+        if new_text == current_text and ttl is None:
+            # Unchanged: the read is a consistent snapshot, so skip the write entirely.
+            return result, None
+        px = 0 if ttl is None else _ms(ttl) if ttl > 0 else 1
+        args = [
+            "1" if current_text is None else "0",
+            current_text or "",
+            "1" if new_text is None else "0",
+            new_text or "",
+            px,
+        ]
+        return result, args
+
+    def update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        k = self._kv_key(key)
+        cas = _SCRIPTS["cas"]
+
+        def remote(c: Any) -> R:
+            raw = c.get(k)
+            for _ in range(_MAX_CAS_ATTEMPTS):
+                result, args = self._cas_step(key, fn, ttl, raw)
+                if args is None:
+                    return result
+                reply = cas(c, self._no_script, [k], args)
+                if int(reply[0]) == 1:
+                    return result
+                raw = reply[1] if len(reply) > 1 else None
+            raise RuntimeError(f"update of {key!r} kept conflicting; gave up")
+
+        return self._run(remote, lambda: self._local.update(key, fn, ttl))
+
+    async def aupdate(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        if self._aclient() is None:
+            return self.update(key, fn, ttl)
+        k = self._kv_key(key)
+        cas = _SCRIPTS["cas"]
+
+        async def remote(c: Any) -> R:
+            raw = await c.get(k)
+            for _ in range(_MAX_CAS_ATTEMPTS):
+                result, args = self._cas_step(key, fn, ttl, raw)
+                if args is None:
+                    return result
+                reply = await cas.acall(c, self._no_script, [k], args)
+                if int(reply[0]) == 1:
+                    return result
+                raw = reply[1] if len(reply) > 1 else None
+            raise RuntimeError(f"update of {key!r} kept conflicting; gave up")
+
+        def unused(c: Any) -> R:  # pragma: no cover - the async client exists here
+            raise AssertionError
+
+        return await self._arun(remote, unused, lambda: self._local.update(key, fn, ttl))
+
+    # -- bounded cache ---------------------------------------------------------------
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Callable[[Any], Any]:
+        script = _SCRIPTS[name]
+        return lambda c: script(c, self._no_script, keys, args)
+
+    def _ascript(
+        self, name: str, keys: list[str], args: list[Any]
+    ) -> Callable[[Any], Awaitable[Any]]:
+        script = _SCRIPTS[name]
+        return lambda c: script.acall(c, self._no_script, keys, args)
+
+    def _cache_get_call(self, namespace: str, key: str, now: float) -> tuple[list[str], list[Any]]:
+        entry, lru, seq, _ = self._cache_keys(namespace, key)
+        return [entry, lru, seq], [key, _num(now)]
+
+    def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        keys, args = self._cache_get_call(namespace, key, now)
+        run = self._script("cache_get", keys, args)
+        return self._run(
+            lambda c: _cache_reply(run(c)), lambda: self._local.cache_get(namespace, key, now)
+        )
+
+    async def acache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        keys, args = self._cache_get_call(namespace, key, now)
+        arun = self._ascript("cache_get", keys, args)
+        run = self._script("cache_get", keys, args)
+
+        async def remote(c: Any) -> tuple[JSON, float] | None:
+            return _cache_reply(await arun(c))
+
+        return await self._arun(
+            remote,
+            lambda c: _cache_reply(run(c)),
+            lambda: self._local.cache_get(namespace, key, now),
+        )
+
+    def _cache_set_call(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> tuple[list[str], list[Any]]:
+        text = dumps(value)
+        entry, lru, seq, entry_prefix = self._cache_keys(namespace, key)
+        expires = "" if ttl is None else _num(stored_at + ttl)
+        # Native TTL is garbage collection only (callers' clocks may be fake); the
+        # logical expiry `stored_at + ttl` is checked against `now` on every read.
+        px = 0 if ttl is None else _ms(ttl) if ttl > 0 else 1
+        limit = -1 if max_entries is None else max(0, int(max_entries))
+        return [entry, lru, seq], [key, text, _num(stored_at), expires, px, limit, entry_prefix]
+
+    def cache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        keys, args = self._cache_set_call(namespace, key, value, stored_at, ttl, max_entries)
+        self._run(
+            self._script("cache_set", keys, args),
+            lambda: self._local.cache_set(
+                namespace, key, value, stored_at=stored_at, ttl=ttl, max_entries=max_entries
+            ),
+        )
+
+    async def acache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        keys, args = self._cache_set_call(namespace, key, value, stored_at, ttl, max_entries)
+        await self._arun(
+            self._ascript("cache_set", keys, args),
+            self._script("cache_set", keys, args),
+            lambda: self._local.cache_set(
+                namespace, key, value, stored_at=stored_at, ttl=ttl, max_entries=max_entries
+            ),
+        )
+
+    def cache_delete(self, namespace: str, key: str) -> None:
+        entry, lru, _, _ = self._cache_keys(namespace, key)
+        self._run(
+            self._script("cache_delete", [entry, lru], [key]),
+            lambda: self._local.cache_delete(namespace, key),
+        )
+
+    async def acache_delete(self, namespace: str, key: str) -> None:
+        """Async twin of `cache_delete` (not in the Store ABC)."""
+        entry, lru, _, _ = self._cache_keys(namespace, key)
+        await self._arun(
+            self._ascript("cache_delete", [entry, lru], [key]),
+            self._script("cache_delete", [entry, lru], [key]),
+            lambda: self._local.cache_delete(namespace, key),
+        )
+
+    def cache_clear(self, namespace: str) -> None:
+        _, lru, seq, entry_prefix = self._cache_keys(namespace)
+        self._run(
+            self._script("cache_clear", [lru, seq], [entry_prefix]),
+            lambda: self._local.cache_clear(namespace),
+        )
+
+    async def acache_clear(self, namespace: str) -> None:
+        """Async twin of `cache_clear` (not in the Store ABC)."""
+        _, lru, seq, entry_prefix = self._cache_keys(namespace)
+        await self._arun(
+            self._ascript("cache_clear", [lru, seq], [entry_prefix]),
+            self._script("cache_clear", [lru, seq], [entry_prefix]),
+            lambda: self._local.cache_clear(namespace),
+        )
+
+    def cache_len(self, namespace: str, now: float) -> int:
+        _, lru, _, entry_prefix = self._cache_keys(namespace)
+        run = self._script("cache_len", [lru], [_num(now), entry_prefix])
+        return self._run(lambda c: int(run(c)), lambda: self._local.cache_len(namespace, now))
+
+    async def acache_len(self, namespace: str, now: float) -> int:
+        """Async twin of `cache_len` (not in the Store ABC)."""
+        _, lru, _, entry_prefix = self._cache_keys(namespace)
+        args = [_num(now), entry_prefix]
+        arun = self._ascript("cache_len", [lru], args)
+        run = self._script("cache_len", [lru], args)
+
+        async def remote(c: Any) -> int:
+            return int(await arun(c))
+
+        return await self._arun(
+            remote, lambda c: int(run(c)), lambda: self._local.cache_len(namespace, now)
+        )
+
+    # -- leases ----------------------------------------------------------------------
+    def _lease_args(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> tuple[list[str], list[Any]]:
+        gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
+        return [self._lease_key(key)], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+
+    def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now)
+        run = self._script("lease_acquire", keys, args)
+        return self._run(
+            lambda c: int(run(c)) == 1,
+            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+        )
+
+    async def alease_acquire(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now)
+        arun = self._ascript("lease_acquire", keys, args)
+        run = self._script("lease_acquire", keys, args)
+
+        async def remote(c: Any) -> bool:
+            return int(await arun(c)) == 1
+
+        return await self._arun(
+            remote,
+            lambda c: int(run(c)) == 1,
+            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+        )
+
+    def lease_release(self, key: str, token: str) -> None:
+        k = self._lease_key(key)
+        self._run(lambda c: c.zrem(k, token), lambda: self._local.lease_release(key, token))
+
+    async def alease_release(self, key: str, token: str) -> None:
+        k = self._lease_key(key)
+
+        async def remote(c: Any) -> Any:
+            return await c.zrem(k, token)
+
+        await self._arun(
+            remote, lambda c: c.zrem(k, token), lambda: self._local.lease_release(key, token)
+        )
+
+    def lease_count(self, key: str, now: float) -> int:
+        k, low = self._lease_key(key), "(" + _num(now)
+        return self._run(
+            lambda c: int(c.zcount(k, low, "+inf")), lambda: self._local.lease_count(key, now)
+        )
+
+    async def alease_count(self, key: str, now: float) -> int:
+        """Async twin of `lease_count` (not in the Store ABC)."""
+        k, low = self._lease_key(key), "(" + _num(now)
+
+        async def remote(c: Any) -> int:
+            return int(await c.zcount(k, low, "+inf"))
+
+        return await self._arun(
+            remote,
+            lambda c: int(c.zcount(k, low, "+inf")),
+            lambda: self._local.lease_count(key, now),
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True if Redis answers now (does not change degraded state)."""
+        if self._client is None:
+            return False
+        try:
+            return bool(self._client.ping())
+        except self._faults:
+            return False
+
+    def close(self) -> None:
+        """Close the clients this store built (clients passed in belong to the caller)."""
+        if self._owns_client and self._client is not None:
+            self._client.close()
+        self._async_clients = weakref.WeakKeyDictionary()
+
+    async def aclose(self) -> None:
+        """Close this loop's async client and the sync client this store built."""
+        client = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+        self.close()
+
+
+def _loads(raw: Any) -> Any:
+    text = _text(raw)
+    return None if text is None else json.loads(text)
+
+
+def _cache_reply(reply: Any) -> tuple[JSON, float] | None:
+    if not reply:
+        return None
+    value, stored_at = reply
+    return json.loads(_text(value) or "null"), float(_text(stored_at) or "nan")

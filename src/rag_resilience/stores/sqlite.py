@@ -1,0 +1,315 @@
+"""SQLite store: embedded and persistent, shared by the processes of one host.
+
+Why SQLite: a single worker that restarts during an outage should still serve its
+last-known-good answers, and several workers on one machine should share one circuit,
+without running a server. The stdlib `sqlite3` module is enough.
+
+* WAL journal, so readers never block the writer and a crash never corrupts the file.
+* Every read-modify-write (`update`, `cache_get` which refreshes recency, `cache_set`,
+  leases) runs in ``BEGIN IMMEDIATE``: the write lock is taken before reading, so two
+  processes can never interleave a read and a write. Inside one process a lock
+  serialises threads, which is cheaper than letting SQLite's busy handler spin.
+* Values are JSON text; non-JSON values raise TypeError/ValueError before anything is
+  written. Never pickle.
+* Cache times (`stored_at`, `now`) are the caller's wall-clock seconds, so an entry read
+  after a restart reports its true age. Key/value TTLs use `time.time()` for the same
+  reason (monotonic clocks do not survive a process).
+* LRU recency is a per-namespace sequence number, so it is exact even when callers
+  pass equal or fake timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from .base import JSON, Store, UpdateFn
+
+__all__ = ["SQLiteStore"]
+
+R = TypeVar("R")
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS kv_expiry ON kv(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cache (
+    namespace   TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    stored_at   REAL NOT NULL,
+    expires_at  REAL,
+    last_access INTEGER NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+CREATE INDEX IF NOT EXISTS cache_lru ON cache(namespace, last_access);
+CREATE TABLE IF NOT EXISTS leases (
+    key        TEXT NOT NULL,
+    token      TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, token)
+);
+"""
+
+
+def dumps(value: Any) -> str:
+    """JSON text for `value`; TypeError/ValueError if it is not JSON-serialisable."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class SQLiteStore(Store):
+    """A `Store` in one SQLite file. Thread-safe; safe for several processes on one host.
+
+    `timeout` is how long a write waits for another process's transaction (seconds).
+    Not for network filesystems: SQLite's locking needs a local disk.
+    """
+
+    shared = True
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.path = os.fspath(path)
+        self.timeout = float(timeout)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        with self._lock:
+            self._connection()  # fail fast on a bad path, create the schema
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # -- connection ------------------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        # Called with self._lock held. A connection inherited through fork() must not be
+        # used by the child, so reopen when the pid changes.
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+            conn.execute("PRAGMA synchronous=NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < _SCHEMA_VERSION:
+                self._retry_busy(lambda: self._create_schema(conn))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _retry_busy(self, op: Any) -> None:
+        # Switching to WAL needs a moment of exclusive access; processes opening the same
+        # new file at once can see "database is locked" even with a busy timeout.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                op()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._connection()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: the write lock is held from the first read."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    # -- key/value -------------------------------------------------------------------
+    @staticmethod
+    def _kv_read(conn: sqlite3.Connection, key: str, now: float) -> Any:
+        row = conn.execute(
+            "SELECT value FROM kv WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
+            (key, now),
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    @staticmethod
+    def _kv_write(
+        conn: sqlite3.Connection, key: str, text: str | None, ttl: float | None, now: float
+    ) -> None:
+        if text is None:
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
+                (key, text, None if ttl is None else now + ttl),
+            )
+        # Expired rows are invisible to reads; sweep them on writes so the file stays small.
+        conn.execute("DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+
+    def get(self, key: str) -> JSON | None:
+        with self._read() as conn:
+            return self._kv_read(conn, key, time.time())
+
+    def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        text = dumps(value)
+        with self._write() as conn:
+            self._kv_write(conn, key, text, ttl, time.time())
+
+    def delete(self, key: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        with self._write() as conn:
+            now = time.time()
+            new, result = fn(self._kv_read(conn, key, now))
+            self._kv_write(conn, key, None if new is None else dumps(new), ttl, now)
+            return result
+
+    # -- bounded cache ---------------------------------------------------------------
+    def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT value, stored_at, expires_at FROM cache WHERE namespace = ? AND key = ?",
+                (namespace, key),
+            ).fetchone()
+            if row is None:
+                return None
+            text, stored_at, expires_at = row
+            if expires_at is not None and now >= expires_at:
+                conn.execute("DELETE FROM cache WHERE namespace = ? AND key = ?", (namespace, key))
+                return None
+            conn.execute(
+                "UPDATE cache SET last_access = ? WHERE namespace = ? AND key = ?",
+                (self._next_seq(conn, namespace), namespace, key),
+            )
+            return json.loads(text), float(stored_at)
+
+    @staticmethod
+    def _next_seq(conn: sqlite3.Connection, namespace: str) -> int:
+        row = conn.execute(
+            "SELECT MAX(last_access) FROM cache WHERE namespace = ?", (namespace,)
+        ).fetchone()
+        return 1 if row[0] is None else int(row[0]) + 1
+
+    def cache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        text = dumps(value)
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO cache"
+                " (namespace, key, value, stored_at, expires_at, last_access)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    namespace,
+                    key,
+                    text,
+                    stored_at,
+                    None if ttl is None else stored_at + ttl,
+                    self._next_seq(conn, namespace),
+                ),
+            )
+            if max_entries is not None:
+                (count,) = conn.execute(
+                    "SELECT COUNT(*) FROM cache WHERE namespace = ?", (namespace,)
+                ).fetchone()
+                excess = count - max(0, max_entries)
+                if excess > 0:
+                    conn.execute(
+                        "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache"
+                        " WHERE namespace = ? ORDER BY last_access LIMIT ?)",
+                        (namespace, excess),
+                    )
+
+    def cache_delete(self, namespace: str, key: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cache WHERE namespace = ? AND key = ?", (namespace, key))
+
+    def cache_clear(self, namespace: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cache WHERE namespace = ?", (namespace,))
+
+    def cache_len(self, namespace: str, now: float) -> int:
+        with self._read() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM cache WHERE namespace = ?"
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (namespace, now),
+            ).fetchone()
+            return int(count)
+
+    # -- leases ----------------------------------------------------------------------
+    def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE key = ? AND expires_at <= ?", (key, now))
+            held = conn.execute(
+                "SELECT 1 FROM leases WHERE key = ? AND token = ?", (key, token)
+            ).fetchone()
+            if held is None:
+                (count,) = conn.execute(
+                    "SELECT COUNT(*) FROM leases WHERE key = ?", (key,)
+                ).fetchone()
+                if count >= limit:
+                    return False
+            conn.execute(
+                "INSERT OR REPLACE INTO leases (key, token, expires_at) VALUES (?, ?, ?)",
+                (key, token, now + lease_s),
+            )
+            return True
+
+    def lease_release(self, key: str, token: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE key = ? AND token = ?", (key, token))
+
+    def lease_count(self, key: str, now: float) -> int:
+        with self._read() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM leases WHERE key = ? AND expires_at > ?", (key, now)
+            ).fetchone()
+            return int(count)
