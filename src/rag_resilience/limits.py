@@ -438,6 +438,8 @@ class ConcurrencyLimit:
         self._renewer: threading.Thread | None = None
         self._renew_wake = threading.Event()
         self._store_warned = False
+        self._slot = _Slot(self, None)  # stateless: one shared instance for the common case
+        self._aslot = _AsyncSlot(self, None)
 
     # -- introspection
     @property
@@ -497,11 +499,12 @@ class ConcurrencyLimit:
         if self._store is not None:
             return self._lease_once(uuid.uuid4().hex)
         with self._lock:
-            if self._in_flight < self._max and not self._waiters:
-                self._in_flight += 1
+            n = self._in_flight
+            if n < self._max and not self._waiters:
+                self._in_flight = n = n + 1
                 self._acquired += 1
-                if self._in_flight > self._peak:
-                    self._peak = self._in_flight
+                if n > self._peak:
+                    self._peak = n
                 return True
             return False
 
@@ -515,11 +518,12 @@ class ConcurrencyLimit:
             self._acquire_distributed(timeout)
             return
         with self._lock:
-            if self._in_flight < self._max and not self._waiters:
-                self._in_flight += 1
+            n = self._in_flight
+            if n < self._max and not self._waiters:
+                self._in_flight = n = n + 1
                 self._acquired += 1
-                if self._in_flight > self._peak:
-                    self._peak = self._in_flight
+                if n > self._peak:
+                    self._peak = n
                 return
             _check_timeout("timeout", timeout)
             if len(self._waiters) >= self._max_waiting:
@@ -546,11 +550,12 @@ class ConcurrencyLimit:
             await self._aacquire_distributed(timeout)
             return
         with self._lock:
-            if self._in_flight < self._max and not self._waiters:
-                self._in_flight += 1
+            n = self._in_flight
+            if n < self._max and not self._waiters:
+                self._in_flight = n = n + 1
                 self._acquired += 1
-                if self._in_flight > self._peak:
-                    self._peak = self._in_flight
+                if n > self._peak:
+                    self._peak = n
                 return
             _check_timeout("timeout", timeout)
             if len(self._waiters) >= self._max_waiting:
@@ -588,13 +593,12 @@ class ConcurrencyLimit:
                     self._warn_store(exc, "release")
             return
         with self._lock:
-            if not self._waiters:
-                if self._in_flight <= 0:
-                    raise RuntimeError(
-                        f"ConcurrencyLimit '{self.name}' released more than acquired"
-                    )
-                self._in_flight -= 1
+            n = self._in_flight
+            if not self._waiters and n > 0:
+                self._in_flight = n - 1
                 return
+            if n <= 0:
+                raise RuntimeError(f"ConcurrencyLimit '{self.name}' released more than acquired")
             self._hand_off()
 
     async def arelease(self) -> None:
@@ -611,11 +615,11 @@ class ConcurrencyLimit:
 
     def slot(self, timeout: float | None = None) -> _Slot:
         """``with limit.slot(): ...`` holds one permit for the block."""
-        return _Slot(self, timeout)
+        return self._slot if timeout is None else _Slot(self, timeout)
 
     def aslot(self, timeout: float | None = None) -> _AsyncSlot:
         """``async with limit.aslot(): ...`` holds one permit for the block."""
-        return _AsyncSlot(self, timeout)
+        return self._aslot if timeout is None else _AsyncSlot(self, timeout)
 
     # -- local mode internals (callers hold no lock unless the name says so)
     def _hand_off(self) -> None:
