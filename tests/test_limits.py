@@ -1076,10 +1076,10 @@ def test_threads_on_two_instances_never_exceed_distributed_limit() -> None:
 @pytest.mark.timeout(10)
 def test_held_lease_is_renewed_while_the_call_runs() -> None:
     store = SharedMemoryStore()
-    holder = ConcurrencyLimit(1, name="shared-llm", store=store, lease_s=0.06)
-    other = ConcurrencyLimit(1, name="shared-llm", store=store, lease_s=0.06)
+    holder = ConcurrencyLimit(1, name="shared-llm", store=store, lease_s=0.1)
+    other = ConcurrencyLimit(1, name="shared-llm", store=store, lease_s=0.1)
     with holder.slot():
-        time.sleep(0.15)  # 2.5 lease periods: without renewal the lease would be gone
+        time.sleep(0.25)  # 2.5 lease periods: without renewal the lease would be gone
         assert not other.try_acquire()
     assert other.try_acquire()
     other.release()
@@ -1098,3 +1098,21 @@ def test_store_failure_falls_back_to_a_local_limit(caplog: pytest.LogCaptureFixt
     assert limit.in_flight == 0
     warnings = [r for r in caplog.records if "process-local limit" in r.getMessage()]
     assert len(warnings) == 1  # once per outage, not per call
+
+
+@pytest.mark.timeout(10)
+async def test_cancelled_distributed_waiter_frees_its_place() -> None:
+    store = SharedMemoryStore()
+    a = ConcurrencyLimit(1, name="shared-llm", store=store)
+    b = ConcurrencyLimit(1, max_waiting=1, wait_timeout=5.0, name="shared-llm", store=store)
+    await a.aacquire()
+    task = asyncio.create_task(b.aacquire())
+    await await_until(lambda: b.waiting == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # not masked as a WaitTimeoutError
+        await task
+    assert b.waiting == 0
+    assert b.in_flight == 0
+    assert (b.stats()["cancelled"], b.stats()["timed_out"]) == (1, 0)
+    await a.arelease()
+    assert store.lease_count(KEY, time.time()) == 0

@@ -747,10 +747,13 @@ class ConcurrencyLimit:
         self._publish_rejection(error, "queue_full")
         raise error
 
-    def _leave_wait(self, acquired: bool, wait_for: float | None) -> None:
+    def _leave_wait(self, acquired: bool, wait_for: float | None, cancelled: bool = False) -> None:
         with self._lock:
             self._dist_waiting -= 1
             if acquired:
+                return
+            if cancelled:
+                self._cancelled += 1
                 return
             self._timed_out += 1
             error = self._full_error(timeout=wait_for)
@@ -776,8 +779,10 @@ class ConcurrencyLimit:
                     acquired = True
                     break
                 delay = min(delay * 2, _POLL_MAX_S)
-        finally:
-            self._leave_wait(acquired, wait_for)
+        except BaseException:  # cancelled / interrupted while polling
+            self._leave_wait(acquired, wait_for, cancelled=True)
+            raise
+        self._leave_wait(acquired, wait_for)
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
         token = uuid.uuid4().hex
@@ -798,8 +803,10 @@ class ConcurrencyLimit:
                     acquired = True
                     break
                 delay = min(delay * 2, _POLL_MAX_S)
-        finally:
-            self._leave_wait(acquired, wait_for)
+        except BaseException:  # cancelled / interrupted while polling
+            self._leave_wait(acquired, wait_for, cancelled=True)
+            raise
+        self._leave_wait(acquired, wait_for)
 
     def _pop_token(self) -> str | None:
         with self._lock:
