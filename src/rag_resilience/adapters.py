@@ -32,9 +32,7 @@ def inner_max_retries(inner: Any) -> int:
     return 0
 
 
-def warn_nested_retries(
-    inner: Any, *, our_attempts: int, fix: str, extra_layers: int = 1
-) -> int:
+def warn_nested_retries(inner: Any, *, our_attempts: int, fix: str, extra_layers: int = 1) -> int:
     """Warn once per wrapped class when it retries by itself; returns its max_retries.
 
     `extra_layers` counts retry layers inside the wrapped object that each run

@@ -126,7 +126,12 @@ class RetryBudget:
             requests = sum(b[0] for b in self._buckets.values())
             retries = sum(b[1] for b in self._buckets.values())
         allowed = self.ratio * requests + self.min_per_second * self.window
-        return {"requests": requests, "retries": retries, "allowed": allowed, "window_s": self.window}
+        return {
+            "requests": requests,
+            "retries": retries,
+            "allowed": allowed,
+            "window_s": self.window,
+        }
 
     def __repr__(self) -> str:
         return (

@@ -57,8 +57,16 @@ _CLOSED, _OPEN, _HALF = "closed", "open", "half_open"
 class _Record:
     """Breaker state; JSON round-trips for stores."""
 
-    __slots__ = ("failures", "open_count", "open_until", "opened_at", "probes", "state",
-                 "successes", "window")
+    __slots__ = (
+        "failures",
+        "open_count",
+        "open_until",
+        "opened_at",
+        "probes",
+        "state",
+        "successes",
+        "window",
+    )
 
     def __init__(self) -> None:
         self.state = _CLOSED
@@ -71,8 +79,16 @@ class _Record:
         self.window: dict[str, list[int]] = {}  # bucket second -> [calls, failures]
 
     def to_json(self) -> dict[str, Any]:
-        return {"s": self.state, "f": self.failures, "ok": self.successes, "oa": self.opened_at,
-                "ou": self.open_until, "oc": self.open_count, "p": self.probes, "w": self.window}
+        return {
+            "s": self.state,
+            "f": self.failures,
+            "ok": self.successes,
+            "oa": self.opened_at,
+            "ou": self.open_until,
+            "oc": self.open_count,
+            "p": self.probes,
+            "w": self.window,
+        }
 
     @classmethod
     def from_json(cls, data: Any) -> _Record:
@@ -119,11 +135,15 @@ class CircuitBreaker:
         listeners: list[Listener] | None = None,
     ) -> None:
         if not isinstance(failure_threshold, int) or failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be an integer >= 1, got {failure_threshold!r}")
+            raise ValueError(
+                f"failure_threshold must be an integer >= 1, got {failure_threshold!r}"
+            )
         if recovery_timeout <= 0:
             raise ValueError(f"recovery_timeout must be > 0 seconds, got {recovery_timeout}")
         if not isinstance(success_threshold, int) or success_threshold < 1:
-            raise ValueError(f"success_threshold must be an integer >= 1, got {success_threshold!r}")
+            raise ValueError(
+                f"success_threshold must be an integer >= 1, got {success_threshold!r}"
+            )
         if not isinstance(half_open_max_calls, int) or half_open_max_calls < 1:
             raise ValueError(
                 f"half_open_max_calls must be an integer >= 1, got {half_open_max_calls!r}"
@@ -216,7 +236,7 @@ class CircuitBreaker:
     def _open_period(self, open_count: int) -> float:
         if self.min_recovery_timeout is None:
             return self.recovery_timeout
-        return min(self.recovery_timeout, self.min_recovery_timeout * 2 ** max(0, open_count - 1))
+        return min(self.recovery_timeout, self.min_recovery_timeout * 2.0 ** max(0, open_count - 1))
 
     def _trip(self, rec: _Record, now: float) -> None:
         rec.state = _OPEN
@@ -327,9 +347,7 @@ class CircuitBreaker:
             self._transition(old, new)
         if ticket < 0:
             self.rejected += 1
-            self.events.publish(
-                EventKind.REJECTED, self.name, reason="circuit_open", delay=wait
-            )
+            self.events.publish(EventKind.REJECTED, self.name, reason="circuit_open", delay=wait)
             raise CircuitOpenError(self.name, wait, new)
         return ticket
 

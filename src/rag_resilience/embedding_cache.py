@@ -114,7 +114,7 @@ class EmbeddingEngine:
             return None
 
         def store(vectors: list[Vector]) -> None:
-            for text, vector in zip(batch, vectors):
+            for text, vector in zip(batch, vectors, strict=True):
                 cache.update_cache(text, encode_vector(vector))
 
         def lookup() -> tuple[list[Vector], float] | None:

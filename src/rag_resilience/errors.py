@@ -19,6 +19,7 @@ as handled so an outer policy does not retry it again (nesting must not multiply
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 __all__ = [
@@ -52,15 +53,15 @@ class CircuitOpenError(ResilienceError, ConnectionError):
         self.name = name
         self.retry_after = max(0.0, retry_after)
         self.state = state
-        super().__init__(
-            f"circuit '{name}' is {state}; next probe in {self.retry_after:.1f}s"
-        )
+        super().__init__(f"circuit '{name}' is {state}; next probe in {self.retry_after:.1f}s")
 
 
 class QueueFullError(ResilienceError):
     """Backpressure: the concurrency limit and its wait queue are full; the call was not made."""
 
-    def __init__(self, message: str, *, in_flight: int = 0, waiting: int = 0, limit: int = 0) -> None:
+    def __init__(
+        self, message: str, *, in_flight: int = 0, waiting: int = 0, limit: int = 0
+    ) -> None:
         self.in_flight = in_flight
         self.waiting = waiting
         self.limit = limit
@@ -103,10 +104,8 @@ def add_note(exc: BaseException, note: str) -> None:
 
 def mark_handled(exc: BaseException) -> None:
     """Record that a policy already spent its attempts on `exc` (outer policies won't retry)."""
-    try:
+    with contextlib.suppress(Exception):  # exceptions that refuse attributes
         setattr(exc, _HANDLED_ATTR, True)
-    except Exception:  # pragma: no cover - exceptions with __slots__
-        pass
 
 
 def is_handled(exc: BaseException) -> bool:

@@ -75,8 +75,18 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view (the error as its class name and message)."""
         out: dict[str, Any] = {"kind": self.kind.value, "name": self.name}
-        for key in ("attempt", "delay", "reason", "duration", "old_state", "new_state",
-                    "served_from", "age_s", "timestamp", "extra"):
+        for key in (
+            "attempt",
+            "delay",
+            "reason",
+            "duration",
+            "old_state",
+            "new_state",
+            "served_from",
+            "age_s",
+            "timestamp",
+            "extra",
+        ):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -168,7 +178,11 @@ class LoggingListener:
         if kind is EventKind.RETRY:
             self.log.warning(
                 "[%s] attempt %d failed (%s: %s); retrying in %.2fs",
-                event.name, event.attempt, event.reason, _err(event.error), event.delay or 0.0,
+                event.name,
+                event.attempt,
+                event.reason,
+                _err(event.error),
+                event.delay or 0.0,
             )
         elif kind is EventKind.STATE_CHANGE:
             self.log.warning("[%s] circuit %s -> %s", event.name, event.old_state, event.new_state)
@@ -176,7 +190,10 @@ class LoggingListener:
             age = f", age {event.age_s:.1f}s" if event.age_s is not None else ""
             self.log.warning(
                 "[%s] served degraded answer from %s%s after %s",
-                event.name, event.served_from, age, _err(event.error),
+                event.name,
+                event.served_from,
+                age,
+                _err(event.error),
             )
         elif kind is EventKind.REJECTED:
             self.log.warning("[%s] rejected without calling upstream: %s", event.name, event.reason)

@@ -149,5 +149,9 @@ class GracefulFallbacks:
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "ttl": self.ttl, "max_entries": self.max_entries,
-                "store": type(self.store).__name__}
+        return {
+            "name": self.name,
+            "ttl": self.ttl,
+            "max_entries": self.max_entries,
+            "store": type(self.store).__name__,
+        }

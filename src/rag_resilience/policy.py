@@ -40,18 +40,46 @@ _NO_KEY: Any = object()
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's numbers: retries, initial delay, breaker threshold, recovery, queue size.
-    "conservative": {"max_retries": 5, "initial_delay": 2.0, "failure_threshold": 3,
-                     "recovery_timeout": 120.0, "max_waiting": 500, "max_concurrency": 32,
-                     "deadline": 120.0, "attempt_timeout": 60.0},
-    "balanced": {"max_retries": 3, "initial_delay": 1.0, "failure_threshold": 5,
-                 "recovery_timeout": 60.0, "max_waiting": 1000, "max_concurrency": 64,
-                 "deadline": 60.0, "attempt_timeout": 30.0},
-    "aggressive": {"max_retries": 2, "initial_delay": 0.5, "failure_threshold": 10,
-                   "recovery_timeout": 30.0, "max_waiting": 2000, "max_concurrency": 128,
-                   "deadline": 30.0, "attempt_timeout": 20.0},
-    "cost_optimized": {"max_retries": 1, "initial_delay": 2.0, "failure_threshold": 5,
-                       "recovery_timeout": 60.0, "max_waiting": 500, "max_concurrency": 16,
-                       "deadline": 60.0, "attempt_timeout": 30.0},
+    "conservative": {
+        "max_retries": 5,
+        "initial_delay": 2.0,
+        "failure_threshold": 3,
+        "recovery_timeout": 120.0,
+        "max_waiting": 500,
+        "max_concurrency": 32,
+        "deadline": 120.0,
+        "attempt_timeout": 60.0,
+    },
+    "balanced": {
+        "max_retries": 3,
+        "initial_delay": 1.0,
+        "failure_threshold": 5,
+        "recovery_timeout": 60.0,
+        "max_waiting": 1000,
+        "max_concurrency": 64,
+        "deadline": 60.0,
+        "attempt_timeout": 30.0,
+    },
+    "aggressive": {
+        "max_retries": 2,
+        "initial_delay": 0.5,
+        "failure_threshold": 10,
+        "recovery_timeout": 30.0,
+        "max_waiting": 2000,
+        "max_concurrency": 128,
+        "deadline": 30.0,
+        "attempt_timeout": 20.0,
+    },
+    "cost_optimized": {
+        "max_retries": 1,
+        "initial_delay": 2.0,
+        "failure_threshold": 5,
+        "recovery_timeout": 60.0,
+        "max_waiting": 500,
+        "max_concurrency": 16,
+        "deadline": 60.0,
+        "attempt_timeout": 30.0,
+    },
 }
 #: First open period of the presets' breakers; doubles after each failed probe.
 PRESET_MIN_RECOVERY = 2.0
@@ -155,7 +183,9 @@ class ResiliencePolicy:
         self.limit = limit
         self.generic_fallback = generic_fallback
         self.fallback_fns = list(fallback_fns)
-        self.attempt_timeout = attempt_timeout if attempt_timeout is not None else self.retry.attempt_timeout
+        self.attempt_timeout = (
+            attempt_timeout if attempt_timeout is not None else self.retry.attempt_timeout
+        )
         self.deadline = deadline if deadline is not None else self.retry.deadline
         self.clock = clock
         self._classifier_arg = classifier
@@ -165,8 +195,12 @@ class ResiliencePolicy:
         self.events = EventBus(listeners)
         self.collector = StatsCollector()
         # Our stats see every component's events, each event once.
-        for bus in (self.retry.events, breaker.events if breaker else None,
-                    _bus_of(limit), self.events):
+        for bus in (
+            self.retry.events,
+            breaker.events if breaker else None,
+            _bus_of(limit),
+            self.events,
+        ):
             if bus is not None:
                 bus.add(self.collector)
                 for listener in listeners or ():
@@ -202,10 +236,21 @@ class ResiliencePolicy:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         cfg = {**PRESETS[preset], **overrides}
-        unknown = set(overrides) - set(PRESETS[preset]) - {
-            "max_delay", "jitter", "min_recovery_timeout", "cache_ttl", "cache_max_entries",
-            "retry_budget", "half_open_max_calls", "success_threshold", "wait_timeout",
-        }
+        unknown = (
+            set(overrides)
+            - set(PRESETS[preset])
+            - {
+                "max_delay",
+                "jitter",
+                "min_recovery_timeout",
+                "cache_ttl",
+                "cache_max_entries",
+                "retry_budget",
+                "half_open_max_calls",
+                "success_threshold",
+                "wait_timeout",
+            }
+        )
         if unknown:
             raise ValueError(f"unknown preset override(s): {sorted(unknown)}")
         pname = name or preset
@@ -249,11 +294,22 @@ class ResiliencePolicy:
             store=store,
             clock=clock,
         )
-        return cls(retry, breaker, fallbacks, limit, classifier=classifier, listeners=listeners,
-                   name=pname, generic_fallback=generic_fallback, clock=clock)
+        return cls(
+            retry,
+            breaker,
+            fallbacks,
+            limit,
+            classifier=classifier,
+            listeners=listeners,
+            name=pname,
+            generic_fallback=generic_fallback,
+            clock=clock,
+        )
 
     @classmethod
-    def resolve(cls, policy: ResiliencePolicy | str | None, **preset_kwargs: Any) -> ResiliencePolicy:
+    def resolve(
+        cls, policy: ResiliencePolicy | str | None, **preset_kwargs: Any
+    ) -> ResiliencePolicy:
         """A policy from a policy, a preset name, or None (the "balanced" preset)."""
         if isinstance(policy, ResiliencePolicy):
             return policy
@@ -269,17 +325,32 @@ class ResiliencePolicy:
         if self.breaker is not None:
             b = self.breaker
             breaker = CircuitBreaker(
-                b.failure_threshold, b.recovery_timeout, b.expected_exception, name=name,
-                success_threshold=b.success_threshold, half_open_max_calls=b.half_open_max_calls,
-                mode=b.mode, failure_rate_threshold=b.failure_rate_threshold,
-                minimum_calls=b.minimum_calls, window_seconds=b.window_seconds,
-                min_recovery_timeout=b.min_recovery_timeout, probe_timeout=b.probe_timeout,
-                classifier=self._classifier_arg, store=b.store, clock=b.clock,
+                b.failure_threshold,
+                b.recovery_timeout,
+                b.expected_exception,
+                name=name,
+                success_threshold=b.success_threshold,
+                half_open_max_calls=b.half_open_max_calls,
+                mode=b.mode,
+                failure_rate_threshold=b.failure_rate_threshold,
+                minimum_calls=b.minimum_calls,
+                window_seconds=b.window_seconds,
+                min_recovery_timeout=b.min_recovery_timeout,
+                probe_timeout=b.probe_timeout,
+                classifier=self._classifier_arg,
+                store=b.store,
+                clock=b.clock,
             )
         return ResiliencePolicy(
-            self.retry if self._has_retry else None, breaker, self.fallbacks, None,
-            classifier=self._classifier_arg, name=name, attempt_timeout=self.attempt_timeout,
-            deadline=self.deadline, clock=self.clock,
+            self.retry if self._has_retry else None,
+            breaker,
+            self.fallbacks,
+            None,
+            classifier=self._classifier_arg,
+            name=name,
+            attempt_timeout=self.attempt_timeout,
+            deadline=self.deadline,
+            clock=self.clock,
         )
 
     # -- public entry points --------------------------------------------------------------
@@ -318,7 +389,9 @@ class ResiliencePolicy:
             self.name, deadline=self.deadline, attempt_timeout=self.attempt_timeout
         )
 
-    def _failed(self, run: RetryRun, exc: BaseException, ticket: int) -> tuple[ErrorVerdict, float | None]:
+    def _failed(
+        self, run: RetryRun, exc: BaseException, ticket: int
+    ) -> tuple[ErrorVerdict, float | None]:
         """After a failed attempt: verdict, and the delay before the next one (None: stop)."""
         verdict = self.classify(exc)
         breaker = self.breaker
@@ -339,7 +412,9 @@ class ResiliencePolicy:
         self._store(key, value, codec)
         if self.events.wants(EventKind.SUCCESS):
             self.events.publish(
-                EventKind.SUCCESS, self.name, attempt=run.attempts,
+                EventKind.SUCCESS,
+                self.name,
+                attempt=run.attempts,
                 duration=run.clock.monotonic() - run.started,
             )
         return Served(value, "live", run.attempts)
@@ -367,36 +442,59 @@ class ResiliencePolicy:
         elif rejected:
             value = BUSY_ANSWER
         else:
-            value = self.fallbacks.generic_answer if self.fallbacks else GracefulFallbacks().generic_answer
+            value = (
+                self.fallbacks.generic_answer
+                if self.fallbacks
+                else GracefulFallbacks().generic_answer
+            )
         return self._degraded(plan, value, "rejected" if rejected else "generic_fallback")
 
-    def _from_cache(self, plan: _Degrade, found: tuple[Any, float] | None, codec: Codec | None) -> Served[Any] | None:
+    def _from_cache(
+        self, plan: _Degrade, found: tuple[Any, float] | None, codec: Codec | None
+    ) -> Served[Any] | None:
         if found is None:
             return None
         value, age = found
         return self._degraded(plan, codec.decode(value) if codec else value, "cache", age=age)
 
     def _degraded(
-        self, plan: _Degrade, value: Any, source: str, *, age: float | None = None,
+        self,
+        plan: _Degrade,
+        value: Any,
+        source: str,
+        *,
+        age: float | None = None,
         index: int | None = None,
     ) -> Served[Any]:
         clock = get_clock(self.clock)
         self.events.publish(
-            EventKind.FALLBACK, self.name, attempt=plan.attempts, error=plan.error,
-            served_from=source, age_s=age, duration=clock.monotonic() - plan.started,
+            EventKind.FALLBACK,
+            self.name,
+            attempt=plan.attempts,
+            error=plan.error,
+            served_from=source,
+            age_s=age,
+            duration=clock.monotonic() - plan.started,
             reason=plan.verdict.reason,
         )
         return Served(value, source, plan.attempts, age, True, plan.error, index)
 
     def _fallback_failed(self, plan: _Degrade, index: int, exc: BaseException) -> None:
-        add_note(plan.error, f"rag_resilience[{self.name}]: fallback #{index} failed too: "
-                             f"{type(exc).__name__}: {exc}")
+        add_note(
+            plan.error,
+            f"rag_resilience[{self.name}]: fallback #{index} failed too: "
+            f"{type(exc).__name__}: {exc}",
+        )
 
     def _publish_failure(self, plan: _Degrade) -> None:
         clock = get_clock(self.clock)
         self.events.publish(
-            EventKind.FAILURE, self.name, attempt=plan.attempts, error=plan.error,
-            reason=plan.verdict.reason, duration=clock.monotonic() - plan.started,
+            EventKind.FAILURE,
+            self.name,
+            attempt=plan.attempts,
+            error=plan.error,
+            reason=plan.verdict.reason,
+            duration=clock.monotonic() - plan.started,
         )
 
     def _give_up(self, plan: _Degrade) -> None:
@@ -404,7 +502,9 @@ class ResiliencePolicy:
         mark_handled(plan.error)
         raise plan.error
 
-    def _plan(self, exc: BaseException, attempts: int, started: float, verdict: ErrorVerdict | None = None) -> _Degrade:
+    def _plan(
+        self, exc: BaseException, attempts: int, started: float, verdict: ErrorVerdict | None = None
+    ) -> _Degrade:
         return _Degrade(exc, verdict or self.classify(exc), attempts, started)
 
     # -- sync driver ----------------------------------------------------------------------
@@ -433,8 +533,15 @@ class ResiliencePolicy:
             try:
                 limit.acquire()
             except QueueFullError as exc:
-                return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                                     args, kwargs, key, codec, fallbacks, generic)
+                return self._degrade(
+                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                    args,
+                    kwargs,
+                    key,
+                    codec,
+                    fallbacks,
+                    generic,
+                )
         try:
             return self._attempts(fn, args, kwargs, key, codec, fallbacks, generic)
         finally:
@@ -442,8 +549,13 @@ class ResiliencePolicy:
                 limit.release()
 
     def _attempts(
-        self, fn: Callable[..., T], args: Sequence[Any], kwargs: dict[str, Any], key: Any,
-        codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        self,
+        fn: Callable[..., T],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        key: Any,
+        codec: Codec | None,
+        fallbacks: Sequence[Callable[..., Any]],
         generic: Callable[[BaseException], Any] | bool | None,
     ) -> Served[T]:
         run = self._new_run()
@@ -455,8 +567,15 @@ class ResiliencePolicy:
                 try:
                     ticket = breaker.before_call()
                 except CircuitOpenError as exc:
-                    return self._degrade(self._plan(exc, run.attempts - 1, run.started),
-                                         args, kwargs, key, codec, fallbacks, generic)
+                    return self._degrade(
+                        self._plan(exc, run.attempts - 1, run.started),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
             else:
                 ticket = ADMITTED_CLEAN
             try:
@@ -464,8 +583,15 @@ class ResiliencePolicy:
             except Exception as exc:
                 verdict, delay = self._failed(run, exc, ticket)
                 if delay is None:
-                    return self._degrade(self._plan(exc, run.attempts, run.started, verdict),
-                                         args, kwargs, key, codec, fallbacks, generic)
+                    return self._degrade(
+                        self._plan(exc, run.attempts, run.started, verdict),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
                 sleep(delay)
                 continue
             if ticket != ADMITTED_CLEAN and breaker is not None:
@@ -473,8 +599,13 @@ class ResiliencePolicy:
             return self._succeeded(value, run, key, codec)
 
     def _degrade(
-        self, plan: _Degrade, args: Sequence[Any], kwargs: dict[str, Any], key: Any,
-        codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        self,
+        plan: _Degrade,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        key: Any,
+        codec: Codec | None,
+        fallbacks: Sequence[Callable[..., Any]],
         generic: Callable[[BaseException], Any] | bool | None,
     ) -> Served[Any]:
         self._check(plan)
@@ -521,8 +652,15 @@ class ResiliencePolicy:
             try:
                 await limit.aacquire()
             except QueueFullError as exc:
-                return await self._adegrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                                            args, kwargs, key, codec, fallbacks, generic)
+                return await self._adegrade(
+                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                    args,
+                    kwargs,
+                    key,
+                    codec,
+                    fallbacks,
+                    generic,
+                )
         try:
             return await self._aattempts(fn, args, kwargs, key, codec, fallbacks, generic)
         finally:
@@ -530,8 +668,13 @@ class ResiliencePolicy:
                 await limit.arelease()
 
     async def _aattempts(
-        self, fn: Callable[..., Awaitable[T]], args: Sequence[Any], kwargs: dict[str, Any],
-        key: Any, codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        self,
+        fn: Callable[..., Awaitable[T]],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        key: Any,
+        codec: Codec | None,
+        fallbacks: Sequence[Callable[..., Any]],
         generic: Callable[[BaseException], Any] | bool | None,
     ) -> Served[T]:
         run = self._new_run()
@@ -542,8 +685,15 @@ class ResiliencePolicy:
                 try:
                     ticket = await breaker.abefore_call()
                 except CircuitOpenError as exc:
-                    return await self._adegrade(self._plan(exc, run.attempts - 1, run.started),
-                                                args, kwargs, key, codec, fallbacks, generic)
+                    return await self._adegrade(
+                        self._plan(exc, run.attempts - 1, run.started),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
             else:
                 ticket = ADMITTED_CLEAN
             try:
@@ -551,8 +701,15 @@ class ResiliencePolicy:
             except Exception as exc:
                 verdict, delay = self._failed(run, exc, ticket)
                 if delay is None:
-                    return await self._adegrade(self._plan(exc, run.attempts, run.started, verdict),
-                                                args, kwargs, key, codec, fallbacks, generic)
+                    return await self._adegrade(
+                        self._plan(exc, run.attempts, run.started, verdict),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
                 await run.clock.asleep(delay)
                 continue
             if ticket != ADMITTED_CLEAN and breaker is not None:
@@ -566,8 +723,13 @@ class ResiliencePolicy:
             return self._succeeded(value, run, _NO_KEY, None)
 
     async def _adegrade(
-        self, plan: _Degrade, args: Sequence[Any], kwargs: dict[str, Any], key: Any,
-        codec: Codec | None, fallbacks: Sequence[Callable[..., Any]],
+        self,
+        plan: _Degrade,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        key: Any,
+        codec: Codec | None,
+        fallbacks: Sequence[Callable[..., Any]],
         generic: Callable[[BaseException], Any] | bool | None,
     ) -> Served[Any]:
         self._check(plan)
@@ -622,8 +784,15 @@ class ResiliencePolicy:
             try:
                 limit.acquire()
             except QueueFullError as exc:
-                served = self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                                       args, kwargs, key, codec, fallbacks, generic)
+                served = self._degrade(
+                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                    args,
+                    kwargs,
+                    key,
+                    codec,
+                    fallbacks,
+                    generic,
+                )
                 yield from self._emit_degraded(served, on_served)
                 return
         try:
@@ -640,15 +809,29 @@ class ResiliencePolicy:
                 except StopIteration:
                     iterator, first = iter(()), _NO_KEY
                 except CircuitOpenError as exc:
-                    served = self._degrade(self._plan(exc, run.attempts - 1, run.started),
-                                           args, kwargs, key, codec, fallbacks, generic)
+                    served = self._degrade(
+                        self._plan(exc, run.attempts - 1, run.started),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
                     yield from self._emit_degraded(served, on_served)
                     return
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket)
                     if delay is None:
-                        served = self._degrade(self._plan(exc, run.attempts, run.started, verdict),
-                                               args, kwargs, key, codec, fallbacks, generic)
+                        served = self._degrade(
+                            self._plan(exc, run.attempts, run.started, verdict),
+                            args,
+                            kwargs,
+                            key,
+                            codec,
+                            fallbacks,
+                            generic,
+                        )
                         yield from self._emit_degraded(served, on_served)
                         return
                     run.clock.sleep(delay)
@@ -656,7 +839,9 @@ class ResiliencePolicy:
                 break
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
-            items: list[T] | None = [] if key is not _NO_KEY and self.fallbacks is not None else None
+            items: list[T] | None = (
+                [] if key is not _NO_KEY and self.fallbacks is not None else None
+            )
             try:
                 if first is not _NO_KEY:
                     if items is not None:
@@ -680,10 +865,21 @@ class ResiliencePolicy:
                 limit.release()
 
     @staticmethod
-    def _emit_degraded(served: Served[Any], on_served: Callable[[Served[None]], None] | None) -> Iterator[Any]:
+    def _emit_degraded(
+        served: Served[Any], on_served: Callable[[Served[None]], None] | None
+    ) -> Iterator[Any]:
         if on_served is not None:
-            on_served(Served(None, served.source, served.attempts, served.age_s, True,
-                             served.error, served.fallback_index))
+            on_served(
+                Served(
+                    None,
+                    served.source,
+                    served.attempts,
+                    served.age_s,
+                    True,
+                    served.error,
+                    served.fallback_index,
+                )
+            )
         value = served.value
         if isinstance(value, (str, bytes)):
             yield value
@@ -709,8 +905,15 @@ class ResiliencePolicy:
             try:
                 await limit.aacquire()
             except QueueFullError as exc:
-                served = await self._adegrade(self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                                              args, kwargs, key, codec, fallbacks, generic)
+                served = await self._adegrade(
+                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                    args,
+                    kwargs,
+                    key,
+                    codec,
+                    fallbacks,
+                    generic,
+                )
                 async for item in self._aemit_degraded(served, on_served):
                     yield item
                 return
@@ -731,8 +934,15 @@ class ResiliencePolicy:
                 except StopAsyncIteration:
                     first = _NO_KEY
                 except CircuitOpenError as exc:
-                    served = await self._adegrade(self._plan(exc, run.attempts - 1, run.started),
-                                                  args, kwargs, key, codec, fallbacks, generic)
+                    served = await self._adegrade(
+                        self._plan(exc, run.attempts - 1, run.started),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
                     async for item in self._aemit_degraded(served, on_served):
                         yield item
                     return
@@ -741,7 +951,13 @@ class ResiliencePolicy:
                     if delay is None:
                         served = await self._adegrade(
                             self._plan(exc, run.attempts, run.started, verdict),
-                            args, kwargs, key, codec, fallbacks, generic)
+                            args,
+                            kwargs,
+                            key,
+                            codec,
+                            fallbacks,
+                            generic,
+                        )
                         async for item in self._aemit_degraded(served, on_served):
                             yield item
                         return
@@ -750,7 +966,9 @@ class ResiliencePolicy:
                 break
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
-            items: list[T] | None = [] if key is not _NO_KEY and self.fallbacks is not None else None
+            items: list[T] | None = (
+                [] if key is not _NO_KEY and self.fallbacks is not None else None
+            )
             try:
                 if first is not _NO_KEY:
                     if items is not None:
@@ -778,8 +996,17 @@ class ResiliencePolicy:
         served: Served[Any], on_served: Callable[[Served[None]], None] | None
     ) -> AsyncIterator[Any]:
         if on_served is not None:
-            on_served(Served(None, served.source, served.attempts, served.age_s, True,
-                             served.error, served.fallback_index))
+            on_served(
+                Served(
+                    None,
+                    served.source,
+                    served.attempts,
+                    served.age_s,
+                    True,
+                    served.error,
+                    served.fallback_index,
+                )
+            )
         value = served.value
         if isinstance(value, (str, bytes)):
             yield value
@@ -802,8 +1029,12 @@ class ResiliencePolicy:
 
     def add_listener(self, listener: Listener) -> None:
         """Subscribe to this policy's events and its components'."""
-        for bus in (self.retry.events, self.breaker.events if self.breaker else None,
-                    _bus_of(self.limit), self.events):
+        for bus in (
+            self.retry.events,
+            self.breaker.events if self.breaker else None,
+            _bus_of(self.limit),
+            self.events,
+        ):
             if bus is not None:
                 bus.add(listener)
 
@@ -814,13 +1045,19 @@ class ResiliencePolicy:
             "retry": self.retry.describe() if self._has_retry else None,
             "breaker": self.breaker.describe() if self.breaker else None,
             "fallbacks": self.fallbacks.describe() if self.fallbacks else None,
-            "limit": {"name": self.limit.name, "max_concurrency": self.limit.max_concurrency,
-                      "max_waiting": self.limit.max_waiting,
-                      "wait_timeout": self.limit.wait_timeout,
-                      "distributed": self.limit.distributed} if self.limit else None,
+            "limit": {
+                "name": self.limit.name,
+                "max_concurrency": self.limit.max_concurrency,
+                "max_waiting": self.limit.max_waiting,
+                "wait_timeout": self.limit.wait_timeout,
+                "distributed": self.limit.distributed,
+            }
+            if self.limit
+            else None,
             "attempt_timeout": self.attempt_timeout,
             "deadline": self.deadline,
-            "generic_fallback": self.generic_fallback if isinstance(self.generic_fallback, (bool, str))
+            "generic_fallback": self.generic_fallback
+            if isinstance(self.generic_fallback, (bool, str))
             else "callable",
             "fallback_fns": len(self.fallback_fns),
         }

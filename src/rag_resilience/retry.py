@@ -129,7 +129,9 @@ class RetryStrategy:
             self,
             name or self.name or "retry",
             deadline=deadline if deadline is not None else self.deadline,
-            attempt_timeout=attempt_timeout if attempt_timeout is not None else self.attempt_timeout,
+            attempt_timeout=attempt_timeout
+            if attempt_timeout is not None
+            else self.attempt_timeout,
         )
 
     # -- drivers ------------------------------------------------------------------------
@@ -272,17 +274,21 @@ class RetryRun:
             self.stop_reason = "not_retryable"
             return None
         if self.attempts > strategy.max_retries:
-            return self._stop("max_retries", exc, verdict)
+            self._stop("max_retries", exc, verdict)
+            return None
         retry_after = verdict.retry_after
         if retry_after is not None and retry_after > strategy.max_retry_after:
-            return self._stop("retry_after_too_long", exc, verdict, retry_after)
+            self._stop("retry_after_too_long", exc, verdict, retry_after)
+            return None
         delay = self.strategy.compute_delay(self.attempts, self.last_delay)
         if retry_after is not None:
             delay = retry_after  # the server knows when it will have capacity
         if self.deadline_at is not None and self.clock.monotonic() + delay >= self.deadline_at:
-            return self._stop("deadline", exc, verdict, delay)
+            self._stop("deadline", exc, verdict, delay)
+            return None
         if strategy.retry_budget is not None and not strategy.retry_budget.try_spend():
-            return self._stop("retry_budget", exc, verdict)
+            self._stop("retry_budget", exc, verdict)
+            return None
         self.last_delay = delay
         self._remember(exc, verdict, f"retry in {delay:.2f}s")
         events = strategy.events

@@ -1,0 +1,396 @@
+"""`ResilientOpenAIClient`: the OpenAI SDK behind a `ResiliencePolicy`.
+
+    client = ResilientOpenAIClient(api_key=..., policy="balanced")
+    client.chat.completions.create(model="gpt-4o-mini", messages=[...])      # ChatCompletion
+    client.chat.completions.create(..., stream=True)                          # chunks
+    client.embeddings.create(model="text-embedding-3-small", input=[...])   # CreateEmbeddingResponse
+
+Results are the SDK's own objects. Each carries a `resilience` attribute
+(``{"source", "attempts", "age_s", "degraded"}``) so a degraded answer is never silent.
+The inner client is built (or copied) with ``max_retries=0``: the SDK retries twice by
+default, and wrapping it unchanged would multiply attempts (3 x 4 = 12 requests).
+Everything else on the SDK client (files, models, responses, ...) is reachable through
+attribute access, unprotected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from .adapters import warn_nested_retries
+from .fallback import stable_key
+from .policy import Codec, ResiliencePolicy, Served
+
+try:
+    import openai
+    from openai.types import CreateEmbeddingResponse
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "rag_resilience.openai_client needs the openai SDK: pip install 'rag-resilience[openai]'"
+    ) from exc
+
+__all__ = ["AsyncResilientOpenAIClient", "ResilientOpenAIClient"]
+
+# Request fields that do not change the answer: left out of cache keys.
+_NOT_IN_KEY = frozenset(
+    {
+        "stream",
+        "stream_options",
+        "timeout",
+        "extra_headers",
+        "extra_query",
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+_FIX = "Build it with max_retries=0 (ResilientOpenAIClient does this when it builds the client)."
+
+
+def _key(kind: str, kwargs: dict[str, Any]) -> str:
+    return stable_key({"kind": kind, **{k: v for k, v in kwargs.items() if k not in _NOT_IN_KEY}})
+
+
+def _annotate(obj: Any, served: Served[Any]) -> Any:
+    with contextlib.suppress(Exception):  # objects that refuse attributes stay as they are
+        obj.resilience = served.metadata()
+    return obj
+
+
+def _generic_completion(model: str, text: str) -> ChatCompletion:
+    return ChatCompletion.model_validate(
+        {
+            "id": "chatcmpl-rag-resilience-fallback",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+        }
+    )
+
+
+def _generic_chunks(model: str, text: str) -> list[ChatCompletionChunk]:
+    base = {
+        "id": "chatcmpl-rag-resilience-fallback",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+    return [
+        ChatCompletionChunk.model_validate(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": text},
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        ),
+        ChatCompletionChunk.model_validate(
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        ),
+    ]
+
+
+def _generic_text(policy: ResiliencePolicy, error: BaseException) -> str | None:
+    """The policy's generic message for `error`, or None when generic answers are off."""
+    from .errors import QueueFullError
+    from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
+
+    gen = policy.generic_fallback
+    if gen is False or gen is None:
+        return None
+    if isinstance(gen, str):
+        return gen
+    if callable(gen):
+        return str(gen(error))
+    if isinstance(error, QueueFullError):
+        return BUSY_ANSWER
+    return policy.fallbacks.generic_answer if policy.fallbacks else DEFAULT_GENERIC_ANSWER
+
+
+_COMPLETION = Codec(lambda r: r.model_dump(mode="json"), ChatCompletion.model_validate)
+_CHUNKS = Codec(
+    lambda chunks: [c.model_dump(mode="json") for c in chunks],
+    lambda data: [ChatCompletionChunk.model_validate(c) for c in data],
+)
+_EMBEDDINGS = Codec(lambda r: r.model_dump(mode="json"), CreateEmbeddingResponse.model_validate)
+
+
+def _prepare(client: Any, policy: ResiliencePolicy, our_attempts: int) -> Any:
+    if getattr(client, "max_retries", 0):
+        warn_nested_retries(
+            client,
+            our_attempts=our_attempts,
+            fix=_FIX + " Copied with max_retries=0 for this wrapper.",
+        )
+        client = client.with_options(max_retries=0)
+    return client
+
+
+def _client_kwargs(policy: ResiliencePolicy, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    kwargs["max_retries"] = 0
+    if "timeout" not in kwargs and policy.attempt_timeout is not None:
+        kwargs["timeout"] = policy.attempt_timeout  # the SDK's own default read timeout is 600 s
+    return kwargs
+
+
+class _Completions:
+    def __init__(self, owner: ResilientOpenAIClient) -> None:
+        self._owner = owner
+
+    def create(self, **kwargs: Any) -> Any:
+        owner = self._owner
+        policy, inner = owner.policy, owner.client
+        model = str(kwargs.get("model", ""))
+        if kwargs.get("stream"):
+            return _SyncStream(policy, inner, kwargs, model)
+        served = policy.execute(
+            inner.chat.completions.create,
+            (),
+            kwargs,
+            key=_key("chat", kwargs),
+            codec=_COMPLETION,
+            generic=_chat_generic(policy, model),
+        )
+        return _annotate(served.value, served)
+
+
+def _chat_generic(policy: ResiliencePolicy, model: str) -> Any:
+    def generic(error: BaseException) -> Any:
+        text = _generic_text(policy, error)
+        if text is None:
+            raise error
+        return _generic_completion(model, text)
+
+    return generic if policy.generic_fallback else False
+
+
+def _chunks_generic(policy: ResiliencePolicy, model: str) -> Any:
+    def generic(error: BaseException) -> Any:
+        text = _generic_text(policy, error)
+        if text is None:
+            raise error
+        return _generic_chunks(model, text)
+
+    return generic if policy.generic_fallback else False
+
+
+class _SyncStream:
+    """Iterable of ChatCompletionChunk; retried until the first chunk arrives."""
+
+    def __init__(self, policy: ResiliencePolicy, inner: Any, kwargs: dict[str, Any], model: str):
+        self.resilience: dict[str, Any] | None = None
+        self._open: Any = None
+
+        def open_stream(**kw: Any) -> Iterator[Any]:
+            stream = inner.chat.completions.create(**kw)
+            self._open = stream
+            try:
+                yield from stream
+            finally:
+                stream.close()
+
+        def served(info: Served[None]) -> None:
+            self.resilience = info.metadata()
+
+        self._iter = policy.execute_stream(
+            open_stream,
+            (),
+            kwargs,
+            key=_key("chat_stream", kwargs),
+            codec=_CHUNKS,
+            generic=_chunks_generic(policy, model),
+            on_served=served,
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter
+
+    def __next__(self) -> Any:
+        return next(self._iter)
+
+    def close(self) -> None:
+        self._iter.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> _SyncStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Embeddings:
+    def __init__(self, owner: ResilientOpenAIClient) -> None:
+        self._owner = owner
+
+    def create(self, **kwargs: Any) -> Any:
+        owner = self._owner
+        served = owner.policy.execute(
+            owner.client.embeddings.create,
+            (),
+            kwargs,
+            key=_key("embeddings", kwargs),
+            codec=_EMBEDDINGS,
+            generic=False,
+        )
+        return _annotate(served.value, served)
+
+
+class _Chat:
+    def __init__(self, completions: Any) -> None:
+        self.completions = completions
+
+
+class ResilientOpenAIClient:
+    """The sync OpenAI client with retry, breaker, fallback cache and concurrency limit."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        policy: ResiliencePolicy | str | None = "balanced",
+        client: Any = None,
+        **openai_kwargs: Any,
+    ) -> None:
+        self.policy = ResiliencePolicy.resolve(policy, name="openai")
+        attempts = self.policy.retry.max_retries + 1
+        if client is None:
+            client = openai.OpenAI(
+                api_key=api_key, base_url=base_url, **_client_kwargs(self.policy, openai_kwargs)
+            )
+        self.client = _prepare(client, self.policy, attempts)
+        self.chat = _Chat(_Completions(self))
+        self.embeddings = _Embeddings(self)
+
+    def stats(self) -> dict[str, Any]:
+        return self.policy.stats()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["client"], name)
+
+
+class _AsyncCompletions:
+    def __init__(self, owner: AsyncResilientOpenAIClient) -> None:
+        self._owner = owner
+
+    async def create(self, **kwargs: Any) -> Any:
+        owner = self._owner
+        policy, inner = owner.policy, owner.client
+        model = str(kwargs.get("model", ""))
+        if kwargs.get("stream"):
+            return _AsyncStream(policy, inner, kwargs, model)
+        served = await policy.aexecute(
+            inner.chat.completions.create,
+            (),
+            kwargs,
+            key=_key("chat", kwargs),
+            codec=_COMPLETION,
+            generic=_chat_generic(policy, model),
+        )
+        return _annotate(served.value, served)
+
+
+class _AsyncStream:
+    """Async iterable of ChatCompletionChunk; retried until the first chunk arrives."""
+
+    def __init__(self, policy: ResiliencePolicy, inner: Any, kwargs: dict[str, Any], model: str):
+        self.resilience: dict[str, Any] | None = None
+
+        async def open_stream(**kw: Any) -> AsyncIterator[Any]:
+            stream = await inner.chat.completions.create(**kw)
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                await stream.close()
+
+        def served(info: Served[None]) -> None:
+            self.resilience = info.metadata()
+
+        self._iter = policy.aexecute_stream(
+            open_stream,
+            (),
+            kwargs,
+            key=_key("chat_stream", kwargs),
+            codec=_CHUNKS,
+            generic=_chunks_generic(policy, model),
+            on_served=served,
+        )
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iter
+
+    async def __anext__(self) -> Any:
+        return await self._iter.__anext__()
+
+    async def close(self) -> None:
+        await self._iter.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> _AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class _AsyncEmbeddings:
+    def __init__(self, owner: AsyncResilientOpenAIClient) -> None:
+        self._owner = owner
+
+    async def create(self, **kwargs: Any) -> Any:
+        owner = self._owner
+        served = await owner.policy.aexecute(
+            owner.client.embeddings.create,
+            (),
+            kwargs,
+            key=_key("embeddings", kwargs),
+            codec=_EMBEDDINGS,
+            generic=False,
+        )
+        return _annotate(served.value, served)
+
+
+class AsyncResilientOpenAIClient:
+    """Async twin of ResilientOpenAIClient over `openai.AsyncOpenAI`."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        policy: ResiliencePolicy | str | None = "balanced",
+        client: Any = None,
+        **openai_kwargs: Any,
+    ) -> None:
+        self.policy = ResiliencePolicy.resolve(policy, name="openai")
+        attempts = self.policy.retry.max_retries + 1
+        if client is None:
+            client = openai.AsyncOpenAI(
+                api_key=api_key, base_url=base_url, **_client_kwargs(self.policy, openai_kwargs)
+            )
+        self.client = _prepare(client, self.policy, attempts)
+        self.chat = _Chat(_AsyncCompletions(self))
+        self.embeddings = _AsyncEmbeddings(self)
+
+    def stats(self) -> dict[str, Any]:
+        return self.policy.stats()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["client"], name)
