@@ -390,7 +390,13 @@ class ConcurrencyLimit:
     guaranteed across processes, and `in_flight` counts this process's permits only. A
     background thread renews held leases every `lease_s / 3` seconds while any is held;
     a crashed process stops renewing, so its permits free themselves within `lease_s`.
+    `lease_s` must therefore exceed the longest stall of a live process (GC pause, paused
+    VM), or a stalled holder's permit can be taken by another process. With a `FakeClock`
+    a polling waiter advances fake time itself, so it can outlive a live holder's lease:
+    tests simulate other processes with leases written to the store directly.
     If the store fails, a call falls back to a process-local limit and a warning is logged.
+
+    Permits are not owned: any thread or task may release one (like a semaphore).
     """
 
     def __init__(
