@@ -1,0 +1,194 @@
+"""Helpers shared by the LlamaIndex wrappers: policies, warnings, timeouts, JSON, and the
+record of degraded answers that lets an engine know its LLM answered from cache."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from ..adapters import NestedRetriesWarning, inner_max_retries
+from ..errors import QueueFullError
+from ..fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
+from ..policy import ResiliencePolicy, Served
+from .instrumentation import BRIDGE
+
+logger = logging.getLogger("rag_resilience")
+
+GenericSpec = bool | str | Callable[[BaseException], Any]
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(marker: tuple[str, str], message: str, category: type[Warning] = UserWarning) -> bool:
+    """Warn (and log) once per marker per process; True if this call warned."""
+    with _warned_lock:
+        if marker in _warned:
+            return False
+        _warned.add(marker)
+    warnings.warn(message, category, stacklevel=4)
+    logger.warning(message)
+    return True
+
+
+def reset_warnings() -> None:
+    """Forget which warnings were given (tests)."""
+    with _warned_lock:
+        _warned.clear()
+
+
+def _class_path(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def has_tenacity_layer(inner: Any) -> bool:
+    """LlamaIndex's OpenAI LLM/embeddings wrap every SDK call (which retries by itself) in a
+    tenacity loop of `max_retries` attempts: two retry layers."""
+    module = type(inner).__module__
+    return module.startswith(
+        ("llama_index.llms.openai", "llama_index.embeddings.openai")
+    ) or hasattr(inner, "_create_retry_decorator")
+
+
+def inner_attempts_per_call(inner: Any) -> int:
+    """Worst-case upstream requests the wrapped model makes for one of our attempts.
+
+    llama-index-llms-openai 0.8 / llama-index-embeddings-openai 0.7: tenacity
+    ``stop_after_attempt(max_retries)`` (n attempts, at least 1) around an SDK client built
+    with ``max_retries=n`` (n + 1 requests): n * (n + 1) requests, 12 for the LLM's default
+    n=3 and 110 for the embeddings' default n=10 (tenacity also stops after 60 s).
+    """
+    n = inner_max_retries(inner)
+    if n <= 0:
+        return 1
+    if has_tenacity_layer(inner):
+        return n * (n + 1)
+    return n + 1
+
+
+def warn_nested(inner: Any, policy: ResiliencePolicy, what: str) -> None:
+    """Warn once per wrapped class when it retries by itself (attempts multiply)."""
+    n = inner_max_retries(inner)
+    if n <= 0:
+        return
+    ours = policy.retry.max_retries + 1 if policy.retry is not None else 1
+    per_call = inner_attempts_per_call(inner)
+    layers = (
+        f"{n} tenacity attempts x {n + 1} SDK requests"
+        if has_tenacity_layer(inner)
+        else f"{n + 1} SDK requests"
+    )
+    cls = type(inner).__name__
+    message = (
+        f"{cls} has max_retries={n}: each of rag-resilience's {ours} attempts can make "
+        f"{per_call} upstream requests ({layers}), so one {what} can make up to "
+        f"{ours * per_call} requests. Build it with {cls}(..., max_retries=0) and let "
+        "rag-resilience retry (it honours Retry-After and trips the circuit breaker)."
+    )
+    warn_once((_class_path(inner), "nested_retries"), message, NestedRetriesWarning)
+
+
+def resolve_policy(
+    policy: ResiliencePolicy | str | None, *, name: str, generic_fallback: GenericSpec = False
+) -> ResiliencePolicy:
+    """A policy from a policy/preset name/None, with our instrumentation bridge attached."""
+    resolved = ResiliencePolicy.resolve(policy, name=name, generic_fallback=generic_fallback)
+    resolved.add_listener(BRIDGE)
+    return resolved
+
+
+def timed_copy(inner: Any, attempt_timeout: float | None, what: str) -> Any:
+    """For sync calls: a copy of `inner` whose own `timeout` is at most the policy's
+    per-attempt timeout (a sync call cannot be cancelled from outside). Warns once when
+    the model has no timeout setting. Returns `inner` itself when nothing needs changing."""
+    if attempt_timeout is None:
+        return inner
+    fields = getattr(type(inner), "model_fields", {})
+    if "timeout" not in fields:
+        warn_once(
+            (_class_path(inner), "no_timeout"),
+            f"{type(inner).__name__} has no `timeout` setting: rag-resilience cannot enforce its "
+            f"per-attempt timeout ({attempt_timeout:g}s) on sync {what} calls (async calls are "
+            "cancelled). Configure a timeout on the model or its HTTP client.",
+        )
+        return inner
+    current = getattr(inner, "timeout", None)
+    if isinstance(current, (int, float)) and 0 < current <= attempt_timeout:
+        return inner
+    try:
+        copy = inner.model_copy(update={"timeout": float(attempt_timeout)})
+    except Exception as exc:  # pragma: no cover - exotic models
+        logger.warning(
+            "rag_resilience: could not copy %s to set its timeout: %r", type(inner).__name__, exc
+        )
+        return inner
+    # An SDK client built before the copy still carries the old timeout.
+    for attr in ("_client", "_aclient"):
+        client = getattr(copy, attr, None)
+        if client is not None and hasattr(client, "with_options"):
+            with contextlib.suppress(Exception):
+                setattr(copy, attr, client.with_options(timeout=float(attempt_timeout)))
+    return copy
+
+
+def generic_text(spec: GenericSpec, error: BaseException, policy: ResiliencePolicy) -> Any:
+    """The generic answer for `spec`: a callable's result, a string, or the default message."""
+    if callable(spec):
+        return spec(error)
+    if isinstance(spec, str):
+        return spec
+    if isinstance(error, QueueFullError):
+        return BUSY_ANSWER
+    return (
+        policy.fallbacks.generic_answer if policy.fallbacks is not None else DEFAULT_GENERIC_ANSWER
+    )
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """A JSON-safe copy of `value` (pydantic models dumped, unknown objects as repr)."""
+    if _depth > 20:
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, _depth + 1) for v in value]
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        try:
+            return jsonable(dump(mode="json"), _depth + 1)
+        except Exception:
+            with contextlib.suppress(Exception):
+                return jsonable(dump(), _depth + 1)
+    return repr(value)
+
+
+# -- degraded answers seen while an engine runs -------------------------------------------
+_seen: ContextVar[list[dict[str, Any]] | None] = ContextVar(
+    "rag_resilience_li_degraded", default=None
+)
+
+
+def record_degraded(component: str, served: Served[Any]) -> None:
+    """Tell an enclosing Resilient*Engine that `component` answered degraded."""
+    seen = _seen.get()
+    if seen is not None and served.degraded:
+        seen.append({**served.metadata(), "component": component})
+
+
+@contextlib.contextmanager
+def track_degraded() -> Iterator[list[dict[str, Any]]]:
+    """Collect `record_degraded` calls made inside the block (threads excluded)."""
+    seen: list[dict[str, Any]] = []
+    token = _seen.set(seen)
+    try:
+        yield seen
+    finally:
+        _seen.reset(token)

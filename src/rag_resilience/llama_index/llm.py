@@ -1,0 +1,591 @@
+"""`ResilientLLM`: any LlamaIndex LLM behind a policy, with fallback LLMs, a last-known-good
+answer cache and a generic answer.
+
+The wrapper calls the wrapped model's public methods, so the LLM events and callbacks
+LlamaIndex emits are the wrapped model's own, once per upstream attempt: where nothing
+fails, a wrapped model emits exactly the events of the bare one. Degraded answers say
+so: ``response.additional_kwargs["resilience"] = {"source", "age_s", "attempts",
+"degraded"}`` (also in ``response.raw["resilience"]`` when `raw` is empty or a dict), and
+a `ResilienceFallbackEvent` is dispatched.
+
+Tool calling and structured prediction are forwarded to the wrapped model when it is a
+`FunctionCallingLLM` (`_prepare_chat_with_tools`, `get_tool_calls_from_response`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import LLM, ToolSelection
+
+from ..adapters import model_identity
+from ..policy import Codec, ResiliencePolicy, Served
+from ._common import (
+    GenericSpec,
+    generic_text,
+    jsonable,
+    record_degraded,
+    resolve_policy,
+    timed_copy,
+    warn_nested,
+)
+from .callbacks import CallbackForwarder
+from .instrumentation import BRIDGE
+
+__all__ = ["ResilientLLM"]
+
+_COPIED_FIELDS = (
+    "system_prompt",
+    "messages_to_prompt",
+    "completion_to_prompt",
+    "output_parser",
+    "pydantic_program_mode",
+    "query_wrapper_prompt",
+)
+# Inner settings that change the output, part of the cache key besides the model name.
+_OUTPUT_FIELDS = (
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "seed",
+    "additional_kwargs",
+    "reasoning_effort",
+    "modalities",
+)
+
+
+# -- codecs: responses <-> JSON (cache values must be JSON for shared stores) ---------------
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: jsonable(v) for k, v in kwargs.items() if k != "resilience"}
+
+
+def _encode_chat(response: ChatResponse) -> dict[str, Any]:
+    return {
+        "message": jsonable(response.message),
+        "additional_kwargs": _clean_kwargs(response.additional_kwargs),
+    }
+
+
+def _decode_chat(data: Any) -> ChatResponse:
+    message = ChatMessage.model_validate(data["message"])
+    return ChatResponse(
+        message=message, additional_kwargs=dict(data.get("additional_kwargs") or {})
+    )
+
+
+def _encode_chat_stream(items: list[ChatResponse]) -> dict[str, Any]:
+    last = items[-1]
+    text = "".join(item.delta or "" for item in items)
+    if len(text) > len(last.message.content or ""):
+        last = last.model_copy(update={"message": last.message.model_copy()})
+        last.message.content = text
+    return _encode_chat(last)
+
+
+def _decode_chat_stream(data: Any) -> list[ChatResponse]:
+    response = _decode_chat(data)
+    response.delta = response.message.content or ""
+    return [response]
+
+
+def _encode_completion(response: CompletionResponse) -> dict[str, Any]:
+    return {"text": response.text, "additional_kwargs": _clean_kwargs(response.additional_kwargs)}
+
+
+def _decode_completion(data: Any) -> CompletionResponse:
+    return CompletionResponse(
+        text=data["text"], additional_kwargs=dict(data.get("additional_kwargs") or {})
+    )
+
+
+def _encode_completion_stream(items: list[CompletionResponse]) -> dict[str, Any]:
+    last = items[-1]
+    text = "".join(item.delta or "" for item in items)
+    return {
+        "text": text if len(text) > len(last.text) else last.text,
+        "additional_kwargs": _clean_kwargs(last.additional_kwargs),
+    }
+
+
+def _decode_completion_stream(data: Any) -> list[CompletionResponse]:
+    response = _decode_completion(data)
+    response.delta = response.text
+    return [response]
+
+
+CHAT_CODEC = Codec(_encode_chat, _decode_chat)
+CHAT_STREAM_CODEC = Codec(_encode_chat_stream, _decode_chat_stream)
+COMPLETION_CODEC = Codec(_encode_completion, _decode_completion)
+COMPLETION_STREAM_CODEC = Codec(_encode_completion_stream, _decode_completion_stream)
+
+
+def _annotate(response: Any, served: Served[Any]) -> None:
+    """Mark a degraded response: additional_kwargs and raw carry the resilience metadata."""
+    meta = served.metadata()
+    extra = getattr(response, "additional_kwargs", None)
+    if isinstance(extra, dict):
+        extra["resilience"] = meta
+    raw = getattr(response, "raw", None)
+    if raw is None:
+        response.raw = {"resilience": meta}
+    elif isinstance(raw, dict):
+        raw["resilience"] = meta
+
+
+def _prime(iterator: Iterator[Any]) -> Iterator[Any]:
+    """Start a fallback stream now, so a failing fallback fails inside the fallback chain."""
+    first = next(iterator)
+
+    def chained() -> Iterator[Any]:
+        yield first
+        yield from iterator
+
+    return chained()
+
+
+async def _aprime(iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    first = await iterator.__anext__()
+
+    async def chained() -> AsyncIterator[Any]:
+        yield first
+        async for item in iterator:
+            yield item
+
+    return chained()
+
+
+class _Fallback:
+    """A fallback LLM with its own breaker (`policy.derive`) and sync-timeout copy."""
+
+    __slots__ = ("llm", "policy", "sync_llm")
+
+    def __init__(self, llm: LLM, policy: ResiliencePolicy) -> None:
+        self.llm = llm
+        self.policy = policy
+        self.sync_llm = timed_copy(llm, policy.attempt_timeout, "LLM")
+
+
+class ResilientLLM(FunctionCallingLLM):
+    """Retry, circuit breaking, fallback LLMs, cached and generic answers for any LlamaIndex LLM.
+
+    >>> Settings.llm = ResilientLLM(OpenAI(model="gpt-4o-mini", max_retries=0))
+
+    `policy`: a `ResiliencePolicy`, a preset name ("balanced" by default) or None.
+    `fallback_llms` are tried in order when the primary gives up or its circuit is open,
+    each with its own breaker. `generic_fallback`: True (the default message), a string,
+    a callable ``error -> str``, or False (re-raise when nothing else can be served).
+    The caller's own errors (400, 401, 403, 404, 422) are never masked.
+    """
+
+    _inner: LLM = PrivateAttr()
+    _sync_inner: LLM = PrivateAttr()
+    _policy: ResiliencePolicy = PrivateAttr()
+    _fallbacks: list[_Fallback] = PrivateAttr(default_factory=list)
+    _generic: GenericSpec = PrivateAttr(default=True)
+    _params: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _identity: str = PrivateAttr(default="")
+
+    def __init__(
+        self,
+        llm: LLM | None = None,
+        policy: ResiliencePolicy | str | None = None,
+        *,
+        fallback_llms: Sequence[LLM] = (),
+        generic_fallback: GenericSpec = True,
+        name: str | None = None,
+        callback_manager: CallbackManager | None = None,
+        warn_nested_retries: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(llm, LLM):
+            raise ValueError(f"llm must be a llama_index LLM, got {type(llm).__name__}")
+        for fb in fallback_llms:
+            if not isinstance(fb, LLM):
+                raise ValueError(
+                    f"fallback_llms must contain llama_index LLMs, got {type(fb).__name__}"
+                )
+        if not (isinstance(generic_fallback, (bool, str)) or callable(generic_fallback)):
+            raise ValueError(
+                "generic_fallback must be a bool, a string or a callable error -> str, "
+                f"got {type(generic_fallback).__name__}"
+            )
+        for field in _COPIED_FIELDS:
+            if field not in kwargs and field in type(llm).model_fields:
+                kwargs[field] = getattr(llm, field)
+        super().__init__(callback_manager=callback_manager or llm.callback_manager, **kwargs)
+        model = getattr(llm, "model", None) or llm.metadata.model_name
+        resolved = resolve_policy(policy, name=name or f"llama_index.llm:{model}")
+        resolved.add_listener(CallbackForwarder(self))
+        self._inner = llm
+        self._policy = resolved
+        self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
+        self._generic = generic_fallback
+        self._identity = model_identity(llm)
+        self._params = {
+            f: jsonable(getattr(llm, f)) for f in _OUTPUT_FIELDS if f in type(llm).model_fields
+        }
+        fallbacks = []
+        for index, fb in enumerate(fallback_llms):
+            fb_model = getattr(fb, "model", None) or fb.metadata.model_name
+            derived = resolved.derive(f"{resolved.name}:fallback{index}:{fb_model}")
+            derived.add_listener(CallbackForwarder(self))
+            derived.add_listener(BRIDGE)
+            fallbacks.append(_Fallback(fb, derived))
+            if warn_nested_retries:
+                warn_nested(fb, derived, "LLM call")
+        self._fallbacks = fallbacks
+        if warn_nested_retries:
+            warn_nested(llm, resolved, "LLM call")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ResilientLLM"
+
+    # -- introspection -------------------------------------------------------------------
+    @property
+    def llm(self) -> LLM:
+        """The wrapped model."""
+        return self._inner
+
+    @property
+    def policy(self) -> ResiliencePolicy:
+        return self._policy
+
+    @property
+    def fallback_llms(self) -> list[LLM]:
+        return [fb.llm for fb in self._fallbacks]
+
+    def fallback_policy(self, index: int) -> ResiliencePolicy:
+        """The derived policy (own breaker) of fallback LLM number `index`."""
+        return self._fallbacks[index].policy
+
+    def stats(self) -> dict[str, Any]:
+        return self._policy.stats()
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        meta = self._inner.metadata
+        if meta.is_function_calling_model and not isinstance(self._inner, FunctionCallingLLM):
+            meta = meta.model_copy(update={"is_function_calling_model": False})
+        return meta
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _sync_callbacks(self) -> None:
+        """Settings may replace our callback manager: the wrapped model follows it."""
+        manager = self.callback_manager
+        for target in (self._inner, self._sync_inner):
+            if target.callback_manager is not manager:
+                target.callback_manager = manager
+
+    def _key(self, kind: str, payload: Any, kwargs: dict[str, Any]) -> list[Any]:
+        return [
+            "llama_index.llm",
+            self._identity,
+            kind,
+            jsonable(payload),
+            jsonable(kwargs),
+            self._params,
+        ]
+
+    def _finish(self, served: Served[Any]) -> Any:
+        if served.degraded:
+            _annotate(served.value, served)
+            record_degraded(self._policy.name, served)
+        return served.value
+
+    def _text(self, error: BaseException) -> str:
+        return str(generic_text(self._generic, error, self._policy))
+
+    def _generic_chat(self) -> Callable[[BaseException], ChatResponse] | bool:
+        if self._generic is False:
+            return False
+
+        def make(error: BaseException) -> ChatResponse:
+            text = self._text(error)
+            return ChatResponse(
+                message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text
+            )
+
+        return make
+
+    def _generic_completion(self) -> Callable[[BaseException], CompletionResponse] | bool:
+        if self._generic is False:
+            return False
+
+        def make(error: BaseException) -> CompletionResponse:
+            text = self._text(error)
+            return CompletionResponse(text=text, delta=text)
+
+        return make
+
+    def _generic_stream(self, make: Callable[[BaseException], Any] | bool) -> Any:
+        if make is False or make is True:
+            return make
+        return lambda error: [make(error)]
+
+    def _annotated(
+        self, stream: Iterator[Any], state: dict[str, Served[None]]
+    ) -> Generator[Any, None, None]:
+        recorded = False
+        for item in stream:
+            served = state.get("served")
+            if served is not None and served.degraded:
+                _annotate(item, served)
+                if not recorded:
+                    record_degraded(self._policy.name, served)
+                    recorded = True
+            yield item
+
+    async def _aannotated(
+        self, stream: AsyncIterator[Any], state: dict[str, Served[None]]
+    ) -> AsyncGenerator[Any, None]:
+        recorded = False
+        async for item in stream:
+            served = state.get("served")
+            if served is not None and served.degraded:
+                _annotate(item, served)
+                if not recorded:
+                    record_degraded(self._policy.name, served)
+                    recorded = True
+            yield item
+
+    # -- fallbacks -----------------------------------------------------------------------
+    def _sync_fallbacks(self, method: str) -> list[Callable[..., Any]]:
+        def make(fb: _Fallback) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                fn = getattr(fb.sync_llm, method)
+                return fb.policy.execute(fn, args, kwargs, generic=False).value
+
+            return call
+
+        return [make(fb) for fb in self._fallbacks]
+
+    def _async_fallbacks(self, method: str) -> list[Callable[..., Any]]:
+        def make(fb: _Fallback) -> Callable[..., Any]:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                fn = getattr(fb.llm, method)
+                return (await fb.policy.aexecute(fn, args, kwargs, generic=False)).value
+
+            return call
+
+        return [make(fb) for fb in self._fallbacks]
+
+    def _stream_fallbacks(self, method: str) -> list[Callable[..., Any]]:
+        def make(fb: _Fallback) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                fn = getattr(fb.sync_llm, method)
+                return _prime(fb.policy.execute_stream(fn, args, kwargs, generic=False))
+
+            return call
+
+        return [make(fb) for fb in self._fallbacks]
+
+    def _astream_fallbacks(self, method: str) -> list[Callable[..., Any]]:
+        def make(fb: _Fallback) -> Callable[..., Any]:
+            async def call(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+                fn = getattr(fb.llm, method)
+                return await _aprime(fb.policy.aexecute_stream(fn, args, kwargs, generic=False))
+
+            return call
+
+        return [make(fb) for fb in self._fallbacks]
+
+    # -- sync --------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        self._sync_callbacks()
+        served = self._policy.execute(
+            self._sync_inner.chat,
+            (messages,),
+            kwargs,
+            key=self._key("chat", messages, kwargs),
+            codec=CHAT_CODEC,
+            fallbacks=self._sync_fallbacks("chat"),
+            generic=self._generic_chat(),
+        )
+        result: ChatResponse = self._finish(served)
+        return result
+
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        self._sync_callbacks()
+        call_kwargs = {"formatted": formatted, **kwargs}
+        served = self._policy.execute(
+            self._sync_inner.complete,
+            (prompt,),
+            call_kwargs,
+            key=self._key("complete", prompt, call_kwargs),
+            codec=COMPLETION_CODEC,
+            fallbacks=self._sync_fallbacks("complete"),
+            generic=self._generic_completion(),
+        )
+        result: CompletionResponse = self._finish(served)
+        return result
+
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        self._sync_callbacks()
+        state: dict[str, Served[None]] = {}
+        stream = self._policy.execute_stream(
+            self._sync_inner.stream_chat,
+            (messages,),
+            kwargs,
+            key=self._key("chat", messages, kwargs),
+            codec=CHAT_STREAM_CODEC,
+            fallbacks=self._stream_fallbacks("stream_chat"),
+            generic=self._generic_stream(self._generic_chat()),
+            on_served=lambda served: state.__setitem__("served", served),
+        )
+        return self._annotated(stream, state)
+
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        self._sync_callbacks()
+        call_kwargs = {"formatted": formatted, **kwargs}
+        state: dict[str, Served[None]] = {}
+        stream = self._policy.execute_stream(
+            self._sync_inner.stream_complete,
+            (prompt,),
+            call_kwargs,
+            key=self._key("complete", prompt, call_kwargs),
+            codec=COMPLETION_STREAM_CODEC,
+            fallbacks=self._stream_fallbacks("stream_complete"),
+            generic=self._generic_stream(self._generic_completion()),
+            on_served=lambda served: state.__setitem__("served", served),
+        )
+        return self._annotated(stream, state)
+
+    # -- async -------------------------------------------------------------------------------
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        self._sync_callbacks()
+        served = await self._policy.aexecute(
+            self._inner.achat,
+            (messages,),
+            kwargs,
+            key=self._key("chat", messages, kwargs),
+            codec=CHAT_CODEC,
+            fallbacks=self._async_fallbacks("achat"),
+            generic=self._generic_chat(),
+        )
+        result: ChatResponse = self._finish(served)
+        return result
+
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        self._sync_callbacks()
+        call_kwargs = {"formatted": formatted, **kwargs}
+        served = await self._policy.aexecute(
+            self._inner.acomplete,
+            (prompt,),
+            call_kwargs,
+            key=self._key("complete", prompt, call_kwargs),
+            codec=COMPLETION_CODEC,
+            fallbacks=self._async_fallbacks("acomplete"),
+            generic=self._generic_completion(),
+        )
+        result: CompletionResponse = self._finish(served)
+        return result
+
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        self._sync_callbacks()
+        state: dict[str, Served[None]] = {}
+        fn: Any = self._inner.astream_chat  # a coroutine of an async generator
+        stream: AsyncIterator[ChatResponse] = self._policy.aexecute_stream(
+            fn,
+            (messages,),
+            kwargs,
+            key=self._key("chat", messages, kwargs),
+            codec=CHAT_STREAM_CODEC,
+            fallbacks=self._astream_fallbacks("astream_chat"),
+            generic=self._generic_stream(self._generic_chat()),
+            on_served=lambda served: state.__setitem__("served", served),
+        )
+        return self._aannotated(stream, state)
+
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        self._sync_callbacks()
+        call_kwargs = {"formatted": formatted, **kwargs}
+        state: dict[str, Served[None]] = {}
+        fn: Any = self._inner.astream_complete
+        stream: AsyncIterator[CompletionResponse] = self._policy.aexecute_stream(
+            fn,
+            (prompt,),
+            call_kwargs,
+            key=self._key("complete", prompt, call_kwargs),
+            codec=COMPLETION_STREAM_CODEC,
+            fallbacks=self._astream_fallbacks("astream_complete"),
+            generic=self._generic_stream(self._generic_completion()),
+            on_served=lambda served: state.__setitem__("served", served),
+        )
+        return self._aannotated(stream, state)
+
+    # -- tool calling, forwarded to a function-calling inner model -----------------------
+    def _function_calling_inner(self) -> FunctionCallingLLM:
+        inner = self._inner
+        if not isinstance(inner, FunctionCallingLLM):
+            raise NotImplementedError(
+                f"{type(inner).__name__} is not a FunctionCallingLLM: tool calling is not supported"
+            )
+        return inner
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = self._function_calling_inner()._prepare_chat_with_tools_compat(
+            tools,
+            user_msg=user_msg,
+            chat_history=chat_history,
+            verbose=verbose,
+            allow_parallel_tool_calls=allow_parallel_tool_calls,
+            tool_required=tool_required,
+            **kwargs,
+        )
+        return result
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[Any],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        inner = self._inner
+        if not isinstance(inner, FunctionCallingLLM):
+            return response
+        result: ChatResponse = inner._validate_chat_with_tools_response(
+            response, tools, allow_parallel_tool_calls=allow_parallel_tool_calls, **kwargs
+        )
+        return result
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        result: list[ToolSelection] = self._function_calling_inner().get_tool_calls_from_response(
+            response, error_on_no_tool_call=error_on_no_tool_call, **kwargs
+        )
+        return result
