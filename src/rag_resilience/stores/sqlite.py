@@ -35,7 +35,7 @@ __all__ = ["SQLiteStore"]
 
 R = TypeVar("R")
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
     key        TEXT PRIMARY KEY,
@@ -53,6 +53,15 @@ CREATE TABLE IF NOT EXISTS cache (
     PRIMARY KEY (namespace, key)
 );
 CREATE INDEX IF NOT EXISTS cache_lru ON cache(namespace, last_access);
+CREATE INDEX IF NOT EXISTS cache_expiry ON cache(namespace, expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cache_ns (
+    namespace TEXT PRIMARY KEY,
+    entries   INTEGER NOT NULL,
+    seq       INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO cache_ns (namespace, entries, seq)
+    SELECT namespace, COUNT(*), MAX(last_access) FROM cache GROUP BY namespace;
 CREATE TABLE IF NOT EXISTS leases (
     key        TEXT NOT NULL,
     token      TEXT NOT NULL,
@@ -205,6 +214,31 @@ class SQLiteStore(Store):
             return result
 
     # -- bounded cache ---------------------------------------------------------------
+    # `cache_ns` keeps each namespace's entry count and LRU sequence, so a write never
+    # scans the namespace (COUNT(*) over 10k entries costs milliseconds).
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, namespace: str, added: int) -> tuple[int, int]:
+        """Advance the namespace's LRU sequence, adjust its count; (seq, entries)."""
+        conn.execute(
+            "INSERT OR IGNORE INTO cache_ns (namespace, entries, seq) VALUES (?, 0, 0)",
+            (namespace,),
+        )
+        conn.execute(
+            "UPDATE cache_ns SET seq = seq + 1, entries = entries + ? WHERE namespace = ?",
+            (added, namespace),
+        )
+        seq, entries = conn.execute(
+            "SELECT seq, entries FROM cache_ns WHERE namespace = ?", (namespace,)
+        ).fetchone()
+        return int(seq), int(entries)
+
+    @staticmethod
+    def _removed(conn: sqlite3.Connection, namespace: str, count: int) -> None:
+        if count:
+            conn.execute(
+                "UPDATE cache_ns SET entries = entries - ? WHERE namespace = ?", (count, namespace)
+            )
+
     def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
         with self._write() as conn:
             row = conn.execute(
@@ -216,19 +250,14 @@ class SQLiteStore(Store):
             text, stored_at, expires_at = row
             if expires_at is not None and now >= expires_at:
                 conn.execute("DELETE FROM cache WHERE namespace = ? AND key = ?", (namespace, key))
+                self._removed(conn, namespace, 1)
                 return None
+            seq, _ = self._bump(conn, namespace, 0)
             conn.execute(
                 "UPDATE cache SET last_access = ? WHERE namespace = ? AND key = ?",
-                (self._next_seq(conn, namespace), namespace, key),
+                (seq, namespace, key),
             )
             return json.loads(text), float(stored_at)
-
-    @staticmethod
-    def _next_seq(conn: sqlite3.Connection, namespace: str) -> int:
-        row = conn.execute(
-            "SELECT MAX(last_access) FROM cache WHERE namespace = ?", (namespace,)
-        ).fetchone()
-        return 1 if row[0] is None else int(row[0]) + 1
 
     def cache_set(
         self,
@@ -242,47 +271,50 @@ class SQLiteStore(Store):
     ) -> None:
         text = dumps(value)
         with self._write() as conn:
+            existed = conn.execute(
+                "SELECT 1 FROM cache WHERE namespace = ? AND key = ?", (namespace, key)
+            ).fetchone()
+            seq, entries = self._bump(conn, namespace, 0 if existed else 1)
             conn.execute(
-                "INSERT OR REPLACE INTO cache"
-                " (namespace, key, value, stored_at, expires_at, last_access)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    namespace,
-                    key,
-                    text,
-                    stored_at,
-                    None if ttl is None else stored_at + ttl,
-                    self._next_seq(conn, namespace),
-                ),
+                "INSERT INTO cache (namespace, key, value, stored_at, expires_at, last_access)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, key) DO UPDATE SET"
+                " value = excluded.value, stored_at = excluded.stored_at,"
+                " expires_at = excluded.expires_at, last_access = excluded.last_access",
+                (namespace, key, text, stored_at, None if ttl is None else stored_at + ttl, seq),
             )
-            if max_entries is not None:
-                (count,) = conn.execute(
-                    "SELECT COUNT(*) FROM cache WHERE namespace = ?", (namespace,)
-                ).fetchone()
-                excess = count - max(0, max_entries)
-                if excess > 0:
-                    conn.execute(
-                        "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache"
-                        " WHERE namespace = ? ORDER BY last_access LIMIT ?)",
-                        (namespace, excess),
-                    )
+            if max_entries is not None and entries > max(0, max_entries):
+                cur = conn.execute(
+                    "DELETE FROM cache WHERE rowid IN (SELECT rowid FROM cache"
+                    " WHERE namespace = ? ORDER BY last_access LIMIT ?)",
+                    (namespace, entries - max(0, max_entries)),
+                )
+                self._removed(conn, namespace, cur.rowcount)
 
     def cache_delete(self, namespace: str, key: str) -> None:
         with self._write() as conn:
-            conn.execute("DELETE FROM cache WHERE namespace = ? AND key = ?", (namespace, key))
+            cur = conn.execute(
+                "DELETE FROM cache WHERE namespace = ? AND key = ?", (namespace, key)
+            )
+            self._removed(conn, namespace, cur.rowcount)
 
     def cache_clear(self, namespace: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM cache WHERE namespace = ?", (namespace,))
+            conn.execute("DELETE FROM cache_ns WHERE namespace = ?", (namespace,))
 
     def cache_len(self, namespace: str, now: float) -> int:
         with self._read() as conn:
-            (count,) = conn.execute(
+            row = conn.execute(
+                "SELECT entries FROM cache_ns WHERE namespace = ?", (namespace,)
+            ).fetchone()
+            if row is None:
+                return 0
+            (expired,) = conn.execute(
                 "SELECT COUNT(*) FROM cache WHERE namespace = ?"
-                " AND (expires_at IS NULL OR expires_at > ?)",
+                " AND expires_at IS NOT NULL AND expires_at <= ?",
                 (namespace, now),
             ).fetchone()
-            return int(count)
+            return int(row[0]) - int(expired)
 
     # -- leases ----------------------------------------------------------------------
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
