@@ -37,7 +37,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # before_call() tickets: what the caller must report back.
-ADMITTED_CLEAN = 0  # closed, nothing to reset on success (the fast path)
+ADMITTED_CLEAN = 0  # closed and clean when admitted: a success only reads (the fast path)
 ADMITTED = 1  # closed, a success must be recorded (failures to reset / rate window)
 PROBE = 2  # half-open probe
 
@@ -352,19 +352,37 @@ class CircuitBreaker:
         return ticket
 
     def on_success(self, ticket: int = ADMITTED) -> None:
-        """Report a successful call admitted with `ticket`."""
+        """Report a successful call admitted with `ticket`.
+
+        A call admitted while the count was clean must still report: failures of other
+        calls may have been counted while it was in flight, and its success breaks their
+        run (they are no longer consecutive). The check is a plain read; no write unless
+        there is something to reset.
+        """
         if ticket == ADMITTED_CLEAN:
-            return
+            if not self._needs_reset(self._snapshot()):
+                return
+            ticket = ADMITTED
         _, old, new = self._apply(lambda rec, now: self._t_success(rec, now, ticket))
         if old != new:
             self._transition(old, new)
 
     async def aon_success(self, ticket: int = ADMITTED) -> None:
         if ticket == ADMITTED_CLEAN:
-            return
+            rec = (
+                self._rec
+                if self.store is None
+                else _Record.from_json(await self.store.aget(self.key))
+            )
+            if not self._needs_reset(rec):
+                return
+            ticket = ADMITTED
         _, old, new = await self._aapply(lambda rec, now: self._t_success(rec, now, ticket))
         if old != new:
             self._transition(old, new)
+
+    def _needs_reset(self, rec: _Record) -> bool:
+        return rec.state == _CLOSED and (rec.failures > 0 or self.mode == "rate")
 
     def counts_as_failure(self, exc: BaseException, verdict: ErrorVerdict | None = None) -> bool:
         if not isinstance(exc, self.expected_exception):
