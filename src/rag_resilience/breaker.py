@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import random
 import threading
 from collections.abc import Awaitable, Callable
 from enum import Enum
@@ -39,7 +40,14 @@ T = TypeVar("T")
 # before_call() tickets: what the caller must report back.
 ADMITTED_CLEAN = 0  # closed and clean when admitted: a success only reads (the fast path)
 ADMITTED = 1  # closed, a success must be recorded (failures to reset / rate window)
-PROBE = 2  # half-open probe
+PROBE = 2  # half-open probe: every ticket >= PROBE is one, carrying the probe's own id
+_PROBE_ID_BITS = 52  # ids stay exact in JSON numbers (shared stores)
+
+
+def _new_probe_id() -> int:
+    """A probe ticket unique across processes sharing a store (drawn outside the pure
+    transition, which optimistic stores may run more than once)."""
+    return PROBE + 1 + random.getrandbits(_PROBE_ID_BITS)
 
 
 class CircuitState(str, Enum):
@@ -75,7 +83,7 @@ class _Record:
         self.opened_at = 0.0
         self.open_until = 0.0
         self.open_count = 0
-        self.probes: list[float] = []
+        self.probes: list[list[float]] = []  # [probe id, expiry] of each probe in flight
         self.window: dict[str, list[int]] = {}  # bucket second -> [calls, failures]
 
     def to_json(self) -> dict[str, Any]:
@@ -100,7 +108,12 @@ class _Record:
             rec.opened_at = float(data.get("oa", 0.0))
             rec.open_until = float(data.get("ou", 0.0))
             rec.open_count = int(data.get("oc", 0))
-            rec.probes = [float(p) for p in data.get("p", [])]
+            rec.probes = [
+                [float(PROBE), float(p)]
+                if isinstance(p, (int, float))
+                else [float(p[0]), float(p[1])]
+                for p in data.get("p", [])
+            ]
             rec.window = {str(k): [int(v[0]), int(v[1])] for k, v in data.get("w", {}).items()}
         return rec
 
@@ -254,7 +267,7 @@ class CircuitBreaker:
         rec.probes = []
         rec.window = {}
 
-    def _t_admit(self, rec: _Record, now: float) -> tuple[int, float]:
+    def _t_admit(self, rec: _Record, now: float, probe_id: int) -> tuple[int, float]:
         if rec.state == _OPEN:
             if now < rec.open_until:
                 return -1, rec.open_until - now
@@ -262,24 +275,32 @@ class CircuitBreaker:
             rec.successes = 0
             rec.probes = []
         if rec.state == _HALF:
-            rec.probes = [p for p in rec.probes if p > now]
+            rec.probes = [p for p in rec.probes if p[1] > now]
             if len(rec.probes) >= self.half_open_max_calls:
                 return -1, 0.0
-            rec.probes.append(now + self.probe_timeout)
-            return PROBE, 0.0
+            rec.probes.append([float(probe_id), now + self.probe_timeout])
+            return probe_id, 0.0
         if self.mode == "rate" or rec.failures:
             return ADMITTED, 0.0
         return ADMITTED_CLEAN, 0.0
 
-    def _release_probe(self, rec: _Record) -> None:
-        if rec.probes:
-            rec.probes.pop(0)
+    def _release_probe(self, rec: _Record, ticket: int) -> bool:
+        """Free the slot of probe `ticket`; False if it is not in flight in this round.
+
+        A probe that timed out (its slot was reused) or belongs to an earlier half-open
+        round reports stale news: it must neither free a live probe's slot (that would
+        let more than `half_open_max_calls` probes run) nor count toward closing.
+        """
+        for i, (probe_id, _) in enumerate(rec.probes):
+            if probe_id == ticket or ticket == PROBE:  # bare PROBE: legacy, any slot
+                del rec.probes[i]
+                return True
+        return False
 
     def _t_success(self, rec: _Record, now: float, ticket: int) -> None:
-        if ticket == PROBE:
-            if rec.state != _HALF:
+        if ticket >= PROBE:
+            if rec.state != _HALF or not self._release_probe(rec, ticket):
                 return
-            self._release_probe(rec)
             rec.successes += 1
             if rec.successes >= self.success_threshold:
                 self._close(rec)
@@ -291,8 +312,8 @@ class CircuitBreaker:
             self._record_window(rec, now, failed=False)
 
     def _t_failure(self, rec: _Record, now: float, ticket: int) -> None:
-        if ticket == PROBE:
-            if rec.state == _HALF:
+        if ticket >= PROBE:
+            if rec.state == _HALF and self._release_probe(rec, ticket):
                 self._trip(rec, now)
             return
         if rec.state != _CLOSED:
@@ -307,8 +328,8 @@ class CircuitBreaker:
             self._trip(rec, now)
 
     def _t_ignored(self, rec: _Record, now: float, ticket: int) -> None:
-        if ticket == PROBE and rec.state == _HALF:
-            self._release_probe(rec)
+        if ticket >= PROBE and rec.state == _HALF:
+            self._release_probe(rec, ticket)
 
     def _record_window(self, rec: _Record, now: float, *, failed: bool) -> tuple[int, int]:
         second = int(now)
@@ -330,7 +351,8 @@ class CircuitBreaker:
         rec = self._rec if self.store is None else _Record.from_json(self.store.get(self.key))
         if rec.state == _CLOSED:
             return ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
-        (ticket, wait), old, new = self._apply(self._t_admit)
+        probe_id = _new_probe_id()
+        (ticket, wait), old, new = self._apply(lambda r, now: self._t_admit(r, now, probe_id))
         return self._admitted(ticket, wait, old, new)
 
     async def abefore_call(self) -> int:
@@ -339,7 +361,10 @@ class CircuitBreaker:
         rec = _Record.from_json(await self.store.aget(self.key))
         if rec.state == _CLOSED:
             return ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
-        (ticket, wait), old, new = await self._aapply(self._t_admit)
+        probe_id = _new_probe_id()
+        (ticket, wait), old, new = await self._aapply(
+            lambda r, now: self._t_admit(r, now, probe_id)
+        )
         return self._admitted(ticket, wait, old, new)
 
     def _admitted(self, ticket: int, wait: float, old: str, new: str) -> int:
@@ -395,7 +420,7 @@ class CircuitBreaker:
         """Report a failed call; errors that say nothing about upstream health are ignored."""
         if self.counts_as_failure(exc, verdict):
             _, old, new = self._apply(lambda rec, now: self._t_failure(rec, now, ticket))
-        elif ticket == PROBE:
+        elif ticket >= PROBE:
             _, old, new = self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
         else:
             return
@@ -410,7 +435,7 @@ class CircuitBreaker:
             return
         if self.counts_as_failure(exc, verdict):
             _, old, new = await self._aapply(lambda rec, now: self._t_failure(rec, now, ticket))
-        elif ticket == PROBE:
+        elif ticket >= PROBE:
             _, old, new = await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
         else:
             return
@@ -438,7 +463,7 @@ class CircuitBreaker:
             self.on_failure(exc, ticket)
             raise
         except BaseException:
-            if ticket == PROBE:  # cancelled/interrupted probe: free the slot
+            if ticket >= PROBE:  # cancelled/interrupted probe: free the slot
                 self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
             raise
         self.on_success(ticket)
@@ -453,7 +478,7 @@ class CircuitBreaker:
             await self.aon_failure(exc, ticket)
             raise
         except BaseException:
-            if ticket == PROBE:
+            if ticket >= PROBE:
                 await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
             raise
         await self.aon_success(ticket)
