@@ -15,6 +15,7 @@ pytest.importorskip("llama_index.llms.openai")
 
 import llama_index.core.instrumentation as instrument
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole, ToolCallBlock
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.tools import FunctionTool
@@ -60,7 +61,7 @@ def chat_requests(server: ChaosServer) -> int:
 
 
 class Capture(BaseEventHandler):
-    events: list[BaseEvent] = []
+    events: list[BaseEvent] = Field(default_factory=list)
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
         self.events.append(event)
