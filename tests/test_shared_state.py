@@ -141,7 +141,7 @@ def limit(url, prefix, threads, calls):
 def hold(url, prefix, permits, lease_s):
     from rag_resilience.stores.redis import RedisStore
 
-    lim = ConcurrencyLimit(8, name="llm", store=RedisStore(url, prefix=prefix),
+    lim = ConcurrencyLimit(8, name="llm", store=RedisStore(url, prefix=prefix, op_timeout=2.0),
                            lease_s=float(lease_s))
     for _ in range(permits):
         lim.acquire()
@@ -333,7 +333,7 @@ def test_distributed_limit_holds_across_processes(
     peak = max(r["max_seen"] for r in results)
     assert 2 <= peak <= 8  # limited, and genuinely concurrent
     assert int(raw.get(f"{prefix}:test:in_flight")) == 0
-    store = RedisStore(REDIS_URL, prefix=prefix)
+    store = RedisStore(REDIS_URL, prefix=prefix, op_timeout=5.0)
     assert store.lease_count("rag_resilience:llm:limit", time.time()) == 0
     store.close()
 
@@ -344,7 +344,7 @@ def test_killed_process_permits_free_by_lease_expiry(
 ) -> None:
     _, prefix = redis_env
     lease_s = 0.5
-    store = RedisStore(REDIS_URL, prefix=prefix)
+    store = RedisStore(REDIS_URL, prefix=prefix, op_timeout=5.0)
     key = "rag_resilience:llm:limit"
     proc = spawn(worker_script, "hold", REDIS_URL, prefix, 3, lease_s)
     try:
