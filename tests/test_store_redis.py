@@ -249,6 +249,26 @@ async def test_async_twins_use_the_sync_client_when_no_async_client(prefix: str)
     client.close()
 
 
+async def test_async_client_only(prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Async ops share state through the given client; sync ops cannot reach Redis
+    without a sync client, so they run locally and say so once."""
+    import redis.asyncio
+
+    caplog.set_level(logging.INFO, logger="rag_resilience")
+    aclient = redis.asyncio.Redis.from_url(REDIS_URL)
+    store = RedisStore(async_client=aclient, prefix=prefix)
+    await store.aset("k", {"shared": True})
+    assert json.loads(await aclient.get(f"{prefix}:kv:k")) == {"shared": True}
+    store.set("local", 1)
+    store.set("local", 2)
+    assert store.get("local") == 2
+    assert await store.aget("local") is None  # never reached Redis
+    assert not store.degraded
+    assert len(_warnings(caplog)) == 1 and "no sync client" in _warnings(caplog)[0]
+    await store.aclose()
+    await aclient.aclose()
+
+
 # -- faults --------------------------------------------------------------------------
 
 

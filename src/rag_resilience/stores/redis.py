@@ -296,6 +296,7 @@ class RedisStore(Store):
             "recoveries": 0,
         }
         self.last_error: BaseException | None = None
+        self._warned_no_sync = False
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -382,10 +383,10 @@ class RedisStore(Store):
         )
 
     def _run(self, remote: Callable[[Any], T], local: Callable[[], T]) -> T:
-        if self._client is None or not self._try_remote():
-            if self._client is None:
-                with self._lock:
-                    self._counters["local_ops"] += 1
+        if self._client is None:
+            self._no_sync_client()
+            return local()
+        if not self._try_remote():
             return local()
         try:
             result = remote(self._client)
@@ -395,7 +396,22 @@ class RedisStore(Store):
         self._on_success()
         return result
 
+    def _no_sync_client(self) -> None:
+        # Built with only an async client: sync calls cannot reach Redis. Misconfiguration,
+        # but the caller's request must still not fail: serve locally, say so once.
+        with self._lock:
+            self._counters["local_ops"] += 1
+            warned, self._warned_no_sync = self._warned_no_sync, True
+        if not warned:
+            logger.warning(
+                "redis store %s has no sync client (built with async_client= only): sync "
+                "calls use local in-process state; pass client= or url= to share them",
+                self,
+            )
+
     def _aclient(self) -> Any:
+        """The async client for the running event loop (redis.asyncio clients are bound
+        to the loop that opened their connections)."""
         if self._async_client is not None:
             return self._async_client
         if self.url is None:
@@ -403,10 +419,13 @@ class RedisStore(Store):
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
-            client = self._redis.asyncio.Redis.from_url(
-                self.url, **self._client_options(sync=False)
-            )
-            self._async_clients[loop] = client
+            with self._lock:
+                client = self._async_clients.get(loop)
+                if client is None:
+                    client = self._redis.asyncio.Redis.from_url(
+                        self.url, **self._client_options(sync=False)
+                    )
+                    self._async_clients[loop] = client
         return client
 
     async def _arun(
