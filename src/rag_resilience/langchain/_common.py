@@ -1,0 +1,409 @@
+"""Shared plumbing of the LangChain wrappers: cache keys, codecs, timeouts, warnings, events.
+
+Kept out of the public modules so each wrapper stays a thin shell over `ResiliencePolicy`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.callbacks.manager import ahandle_event, handle_event
+from langchain_core.documents import Document
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    message_to_dict,
+    messages_from_dict,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+from ..adapters import NestedRetriesWarning, inner_max_retries
+from ..errors import QueueFullError
+from ..fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
+from ..policy import _NO_KEY as NO_KEY
+from ..policy import Codec, ResiliencePolicy, Served
+
+logger = logging.getLogger("rag_resilience")
+
+#: Name of the LangChain custom event our wrappers dispatch after every call.
+EVENT_NAME = "rag_resilience"
+
+_TIMEOUT_FIELDS = ("request_timeout", "timeout")
+_BUILT_CLIENTS = frozenset({"client", "async_client", "root_client", "root_async_client"})
+
+
+# -- cache keys ---------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """A JSON-friendly, deterministic view of chain inputs/outputs (messages, documents)."""
+    if isinstance(value, BaseMessage):
+        data = message_to_dict(value)
+        data["data"].pop("id", None)
+        return data
+    if isinstance(value, Document):
+        return {"page_content": value.page_content, "metadata": value.metadata}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    to_messages = getattr(value, "to_messages", None)  # PromptValue
+    if callable(to_messages):
+        return [_jsonable(m) for m in to_messages()]
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return _jsonable(dump())
+    return repr(value)
+
+
+def _message_part(message: BaseMessage) -> str:
+    content = message.content
+    text = content if isinstance(content, str) else json.dumps(content, sort_keys=True, default=repr)
+    extra = ""
+    tool_calls = getattr(message, "tool_calls", None)
+    if tool_calls or message.additional_kwargs:
+        extra = json.dumps(
+            [tool_calls, message.additional_kwargs], sort_keys=True, default=repr
+        )
+    tool_call_id = getattr(message, "tool_call_id", "")
+    return f"{message.type}\x1f{text}\x1f{extra}\x1f{tool_call_id}"
+
+
+def chat_key(
+    identity: str, messages: Sequence[BaseMessage], stop: list[str] | None, params: dict[str, Any]
+) -> str:
+    """Stable key of one chat call: model identity, messages (ids ignored), stop, call params.
+
+    Hashed by hand (not `stable_key` over dicts) because it runs on every call: a string
+    join and one SHA-256 is a few microseconds.
+    """
+    parts = [identity, *(_message_part(m) for m in messages)]
+    if stop:
+        parts.append("stop\x1f" + "\x1f".join(stop))
+    if params:
+        parts.append(json.dumps(params, sort_keys=True, default=repr))
+    digest = hashlib.sha256("\x1e".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+    return "sha256:" + digest
+
+
+def input_key(name: str, value: Any) -> str:
+    """Stable key of a chain input."""
+    if isinstance(value, str):
+        payload = f"{name}\x1e{value}"
+    else:
+        payload = name + "\x1e" + json.dumps(_jsonable(value), sort_keys=True, default=repr)
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- codecs -------------------------------------------------------------------------------
+def _encode_message(message: BaseMessage) -> dict[str, Any]:
+    data = message_to_dict(message)
+    meta = data["data"].get("response_metadata")
+    if meta and "resilience" in meta:
+        data["data"]["response_metadata"] = {k: v for k, v in meta.items() if k != "resilience"}
+    return data
+
+
+def encode_chat_result(result: ChatResult) -> dict[str, Any]:
+    return {
+        "generations": [
+            {"message": _encode_message(g.message), "info": g.generation_info}
+            for g in result.generations
+        ],
+        "llm_output": result.llm_output,
+    }
+
+
+def decode_chat_result(data: dict[str, Any]) -> ChatResult:
+    gens = data["generations"]
+    messages = messages_from_dict([g["message"] for g in gens])
+    return ChatResult(
+        generations=[
+            ChatGeneration(message=m, generation_info=g.get("info"))
+            for m, g in zip(messages, gens)
+        ],
+        llm_output=data.get("llm_output"),
+    )
+
+
+def encode_chunks(chunks: list[ChatGenerationChunk]) -> dict[str, Any]:
+    """A complete live stream, stored in the same form as an invoke's ChatResult."""
+    merged: ChatGenerationChunk | None = None
+    for chunk in chunks:
+        merged = chunk if merged is None else merged + chunk
+    if merged is None:
+        return {"generations": [], "llm_output": None}
+    message = merged.message
+    return {
+        "generations": [{"message": _encode_message(message), "info": merged.generation_info}],
+        "llm_output": None,
+    }
+
+
+def decode_chunks(data: dict[str, Any]) -> list[ChatGenerationChunk]:
+    out: list[ChatGenerationChunk] = []
+    for gen in decode_chat_result(data).generations:
+        msg = gen.message
+        chunk = AIMessageChunk(
+            content=msg.content,
+            additional_kwargs=msg.additional_kwargs,
+            response_metadata=msg.response_metadata,
+            tool_call_chunks=[
+                {"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc.get("id"),
+                 "index": i, "type": "tool_call_chunk"}
+                for i, tc in enumerate(getattr(msg, "tool_calls", []) or [])
+            ],
+            usage_metadata=getattr(msg, "usage_metadata", None),
+        )
+        out.append(ChatGenerationChunk(message=chunk, generation_info=gen.generation_info))
+    return out
+
+
+CHAT_RESULT_CODEC = Codec(encode_chat_result, decode_chat_result)
+CHUNKS_CODEC = Codec(encode_chunks, decode_chunks)
+
+
+def encode_output(value: Any) -> Any:
+    """Chain outputs: messages and documents tagged so they decode to the same types."""
+    if isinstance(value, BaseMessage):
+        return {"__lc_message__": _encode_message(value)}
+    if isinstance(value, Document):
+        return {"__lc_document__": {"page_content": value.page_content, "metadata": value.metadata}}
+    if isinstance(value, list):
+        return [encode_output(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): encode_output(v) for k, v in value.items()}
+    return value
+
+
+def decode_output(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__lc_message__" in value and len(value) == 1:
+            return messages_from_dict([value["__lc_message__"]])[0]
+        if "__lc_document__" in value and len(value) == 1:
+            return Document(**value["__lc_document__"])
+        return {k: decode_output(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_output(v) for v in value]
+    return value
+
+
+OUTPUT_CODEC = Codec(encode_output, decode_output)
+
+
+# -- generic answers ----------------------------------------------------------------------
+def generic_text(setting: bool | str, error: BaseException, policy: ResiliencePolicy) -> str:
+    """The text of the generic answer for `error` under a `generic_fallback` setting."""
+    if isinstance(setting, str):
+        return setting
+    if isinstance(error, QueueFullError):
+        return BUSY_ANSWER
+    return policy.fallbacks.generic_answer if policy.fallbacks is not None else DEFAULT_GENERIC_ANSWER
+
+
+# -- degraded-in-this-call tracking ---------------------------------------------------------
+@dataclass
+class DegradedScope:
+    """Collects degraded answers served by inner wrappers during one outer (chain) call,
+    so `with_resilience` neither caches a degraded chain output as last-known-good nor
+    reports it as live."""
+
+    served: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, meta: dict[str, Any]) -> None:
+        with self.lock:
+            self.served.append(meta)
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.served)
+
+
+_scope: contextvars.ContextVar[DegradedScope | None] = contextvars.ContextVar(
+    "rag_resilience_degraded_scope", default=None
+)
+
+
+def enter_scope() -> tuple[DegradedScope, contextvars.Token[DegradedScope | None]]:
+    scope = DegradedScope()
+    return scope, _scope.set(scope)
+
+
+def exit_scope(token: contextvars.Token[DegradedScope | None]) -> None:
+    try:
+        _scope.reset(token)
+    except ValueError:  # reset from another context (generator finalised elsewhere)
+        pass
+
+
+def note_degraded(meta: dict[str, Any]) -> None:
+    scope = _scope.get()
+    if scope is not None:
+        scope.add(meta)
+
+
+# -- events to callback handlers ----------------------------------------------------------
+def event_data(kind: str, policy: ResiliencePolicy, served: Served[Any] | None,
+               error: BaseException | None = None, **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"component": kind, "policy": policy.name}
+    if served is not None:
+        data.update(served.metadata())
+        if served.error is not None:
+            data["error_class"] = type(served.error).__name__
+    if error is not None:
+        data.update({"source": "error", "degraded": False, "error_class": type(error).__name__,
+                     "error": f"{type(error).__name__}: {error}"})
+    breaker = policy.breaker
+    if breaker is not None:
+        data["breaker_state"] = breaker.get_state().value
+    data.update(extra)
+    return data
+
+
+def dispatch(run_manager: Any, data: dict[str, Any]) -> None:
+    """Tell the run's callback handlers how the call was served (a LangChain custom event)."""
+    if run_manager is None or not run_manager.handlers:
+        return
+    try:
+        handle_event(run_manager.handlers, "on_custom_event", "ignore_custom_event", EVENT_NAME,
+                     data, run_id=run_manager.run_id, tags=run_manager.tags,
+                     metadata=run_manager.metadata)
+    except Exception:
+        logger.debug("rag_resilience: custom event dispatch failed", exc_info=True)
+
+
+async def adispatch(run_manager: Any, data: dict[str, Any]) -> None:
+    if run_manager is None or not run_manager.handlers:
+        return
+    try:
+        await ahandle_event(run_manager.handlers, "on_custom_event", "ignore_custom_event",
+                            EVENT_NAME, data, run_id=run_manager.run_id, tags=run_manager.tags,
+                            metadata=run_manager.metadata)
+    except Exception:
+        logger.debug("rag_resilience: custom event dispatch failed", exc_info=True)
+
+
+def dispatch_adhoc(data: dict[str, Any]) -> None:
+    """Custom event to the handlers of the current run, if any (embeddings have no run)."""
+    try:
+        from langchain_core.callbacks.manager import dispatch_custom_event
+
+        dispatch_custom_event(EVENT_NAME, data)
+    except Exception:  # no parent run: nobody to tell
+        pass
+
+
+# -- nested retries and timeouts ----------------------------------------------------------
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def effective_max_retries(inner: Any) -> int:
+    """The inner model's own retries, including the SDK default langchain-openai leaves
+    at None (`max_retries=None` means the openai client's 2)."""
+    retries = inner_max_retries(inner)
+    if retries > 0:
+        return retries
+    for attr in ("root_client", "root_async_client", "client", "async_client"):
+        client = getattr(inner, attr, None)
+        if client is None:
+            continue
+        for obj in (client, getattr(client, "_client", None)):
+            value = getattr(obj, "max_retries", None) if obj is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return 0
+
+
+def warn_nested(inner: Any, policy: ResiliencePolicy, kind: str) -> int:
+    """Warn once per wrapped class when it retries on its own; returns its retry count."""
+    retries = effective_max_retries(inner)
+    if retries <= 0:
+        return retries
+    ours = policy.retry.max_retries + 1 if policy.retry is not None else 1
+    cls = type(inner)
+    marker = (f"{cls.__module__}.{cls.__qualname__}", kind)
+    with _warned_lock:
+        if marker in _warned:
+            return retries
+        _warned.add(marker)
+    message = (
+        f"{cls.__name__} retries by itself (max_retries={retries}): wrapped by rag-resilience "
+        f"({ours} attempts), one call can make up to {ours * (retries + 1)} upstream requests. "
+        f"Build it with max_retries=0, e.g. {cls.__name__}(..., max_retries=0), and let the "
+        "policy retry."
+    )
+    warnings.warn(message, NestedRetriesWarning, stacklevel=4)
+    logger.warning(message)
+    return retries
+
+
+class NoTimeoutWarning(UserWarning):
+    """The wrapped model has no timeout setting: a stalled sync call cannot be cut."""
+
+
+def with_timeout(inner: Any, timeout: float | None) -> Any:
+    """A copy of `inner` whose own timeout is the policy's per-attempt timeout, if it has a
+    timeout setting left unset; `inner` itself is never mutated.
+
+    langchain-openai builds its HTTP clients at construction, so a `model_copy` would keep
+    the old (infinite) timeout: the copy is re-validated from the user's explicit settings
+    so the clients are rebuilt. Falls back to `model_copy` for models that cannot be.
+    """
+    if timeout is None:
+        return inner
+    fields = getattr(type(inner), "model_fields", None)
+    if not fields:
+        _warn_no_timeout(inner)
+        return inner
+    name = next((f for f in _TIMEOUT_FIELDS if f in fields), None)
+    if name is None:
+        _warn_no_timeout(inner)
+        return inner
+    if getattr(inner, name, None) is not None:
+        return inner
+    # Clients the model built itself are in model_fields_set too (assigned by its
+    # validator); leaving them out makes the copy build new ones with the timeout.
+    explicit = {k: getattr(inner, k) for k in inner.model_fields_set if k not in _BUILT_CLIENTS}
+    explicit[name] = timeout
+    try:
+        return type(inner).model_validate(explicit)
+    except Exception:
+        logger.debug("rag_resilience: re-validating %s failed; using model_copy", type(inner),
+                     exc_info=True)
+        return inner.model_copy(update={name: timeout})
+
+
+def _warn_no_timeout(inner: Any) -> None:
+    cls = type(inner)
+    marker = (f"{cls.__module__}.{cls.__qualname__}", "timeout")
+    with _warned_lock:
+        if marker in _warned:
+            return
+        _warned.add(marker)
+    message = (
+        f"{cls.__name__} has no timeout setting: rag-resilience cannot cut a stalled sync call "
+        "(async calls are cancelled at the policy's attempt_timeout)."
+    )
+    warnings.warn(message, NoTimeoutWarning, stacklevel=4)
+    logger.warning(message)
+
+
+def reset_warnings() -> None:
+    """Forget which classes were warned about (tests)."""
+    with _warned_lock:
+        _warned.clear()
+
+
+def generic_message(text: str) -> AIMessage:
+    return AIMessage(content=text)

@@ -1,0 +1,253 @@
+"""`ResilienceCallbackHandler`: metrics for every LLM run it sees, and a breaker guard for
+components you did not wrap.
+
+Where the numbers come from:
+
+* every chat model / LLM run it is attached to: calls, errors by class, latency
+  (``on_*_start`` -> ``on_llm_end``/``on_llm_error``, matched by run id);
+* our wrappers (ResilientLLM, ResilientEmbeddings, with_resilience) dispatch a LangChain
+  custom event named ``"rag_resilience"`` after each call, with how it was served
+  (source, attempts, age, breaker state): retries, fallbacks served by source,
+  rejections and breaker transitions come from those, scoped to the runs the handler
+  is attached to. (Custom events also show up in ``astream_events``.)
+* `watch(wrapper_or_policy)` additionally subscribes to a policy's own engine events
+  for exact per-attempt numbers (they appear under ``stats()["engine"]``).
+
+With a `breaker`, the handler guards unwrapped models: while the circuit is open it
+raises CircuitOpenError from ``on_chat_model_start``/``on_llm_start`` (``raise_error``
+is True so LangChain propagates it: no upstream call is made); failures and successes
+are recorded from ``on_llm_error``/``on_llm_end``. Runs of our own wrappers are not
+gated (they have their own breaker). With `fallbacks`, successful answers are recorded
+keyed on the prompt: `last_known_good(prompt)` returns ``(text, age_s)`` for serving.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import LLMResult
+
+from ..breaker import ADMITTED_CLEAN, CircuitBreaker
+from ..clock import get_clock
+from ..errors import CircuitOpenError, QueueFullError
+from ..events import StatsCollector, _percentile
+from ..fallback import GracefulFallbacks
+from ..policy import ResiliencePolicy
+from ._common import EVENT_NAME, chat_key
+
+__all__ = ["ResilienceCallbackHandler"]
+
+_WRAPPER_IDS = frozenset({"ResilientLLM", "ResilientRunnable"})
+
+
+def _prompt_key(messages_or_prompts: Sequence[Any]) -> str:
+    msgs: list[BaseMessage] = [m for m in messages_or_prompts if isinstance(m, BaseMessage)]
+    if msgs:
+        return chat_key("handler", msgs, None, {})
+    return chat_key("handler-text", [], None, {"prompts": [str(p) for p in messages_or_prompts]})
+
+
+class ResilienceCallbackHandler(BaseCallbackHandler):
+    """Stats for LLM runs, resilience events from our wrappers, optional breaker guard."""
+
+    run_inline = True  # keep breaker bookkeeping ordered with the run, also in async chains
+
+    def __init__(
+        self,
+        breaker: CircuitBreaker | None = None,
+        fallbacks: GracefulFallbacks | None = None,
+        *,
+        latency_window: int = 4096,
+    ) -> None:
+        if latency_window < 1:
+            raise ValueError(f"latency_window must be >= 1, got {latency_window}")
+        self.breaker = breaker
+        self.fallbacks = fallbacks
+        # Only a guard must propagate its CircuitOpenError; metrics never break a call.
+        self.raise_error = breaker is not None
+        self._lock = threading.Lock()
+        self._runs: dict[UUID, tuple[float, int | None, str | None]] = {}
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self._engine = StatsCollector(latency_window)
+        self._states: dict[str, str] = {}
+        if breaker is not None:
+            breaker.events.add(self._engine)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter (the breaker and the fallback cache are left alone)."""
+        with self._lock:
+            self.calls = 0
+            self.successes = 0
+            self.errors = 0
+            self.errors_by_class: Counter[str] = Counter()
+            self.retries = 0
+            self.rejections = 0
+            self.rejections_by_reason: Counter[str] = Counter()
+            self.fallbacks_by_source: Counter[str] = Counter()
+            self.degraded = 0
+            self.transitions: Counter[str] = Counter()
+            self.resilience_events = 0
+            self._latencies.clear()
+        self._engine.reset()
+
+    # -- subscriptions ---------------------------------------------------------------------
+    def watch(self, target: Any) -> None:
+        """Subscribe to the engine events of a wrapper's policy (or of a policy)."""
+        policy = target if isinstance(target, ResiliencePolicy) else (
+            getattr(target, "resilience_policy", None) or getattr(target, "policy", None))
+        if not isinstance(policy, ResiliencePolicy):
+            raise ValueError("watch() takes a ResiliencePolicy or a rag_resilience wrapper, "
+                             f"got {type(target).__name__}")
+        policy.add_listener(self._engine)
+
+    # -- run bookkeeping -----------------------------------------------------------------
+    def _now(self) -> float:
+        return get_clock(self.breaker.clock if self.breaker is not None else None).monotonic()
+
+    def _start(self, serialized: dict[str, Any] | None, run_id: UUID, prompt: Sequence[Any]) -> None:
+        wrapped = bool(serialized) and bool(_WRAPPER_IDS.intersection(
+            (serialized or {}).get("id") or ()))
+        ticket: int | None = None
+        if self.breaker is not None and not wrapped:
+            try:
+                ticket = self.breaker.before_call()
+            except CircuitOpenError:
+                with self._lock:
+                    self.calls += 1
+                    self.rejections += 1
+                    self.rejections_by_reason["circuit_open"] += 1
+                raise
+        key = _prompt_key(prompt) if self.fallbacks is not None else None
+        with self._lock:
+            self.calls += 1
+            self._runs[run_id] = (self._now(), ticket, key)
+
+    def _finish(self, run_id: UUID) -> tuple[int | None, str | None]:
+        now = self._now()
+        with self._lock:
+            started = self._runs.pop(run_id, None)
+            if started is None:
+                return None, None
+            self._latencies.append(max(0.0, now - started[0]))
+            return started[1], started[2]
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]],
+                            *, run_id: UUID, **kwargs: Any) -> None:
+        self._start(serialized, run_id, messages[0] if messages else [])
+
+    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
+                     **kwargs: Any) -> None:
+        self._start(serialized, run_id, prompts)
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        ticket, key = self._finish(run_id)
+        with self._lock:
+            self.successes += 1
+        if self.breaker is not None and ticket is not None and ticket != ADMITTED_CLEAN:
+            self.breaker.on_success(ticket)
+        if self.fallbacks is not None and key is not None:
+            text = _text_of(response)
+            if text is not None:
+                self.fallbacks.update_cache(key, text)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        ticket, _ = self._finish(run_id)
+        with self._lock:
+            self.errors += 1
+            self.errors_by_class[type(error).__name__] += 1
+        if self.breaker is not None and ticket is not None:
+            self.breaker.on_failure(error, ticket)
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if name != EVENT_NAME or not isinstance(data, dict):
+            return
+        with self._lock:
+            self.resilience_events += 1
+            attempts = data.get("attempts")
+            if isinstance(attempts, int) and attempts > 1:
+                self.retries += attempts - 1
+            source = data.get("source")
+            if data.get("degraded"):
+                self.degraded += 1
+                self.fallbacks_by_source[str(source)] += 1
+            if source == "rejected":
+                self.rejections += 1
+                self.rejections_by_reason["queue_full"] += 1
+            error_class = data.get("error_class")
+            if error_class in (CircuitOpenError.__name__,) and data.get("degraded"):
+                self.rejections += 1
+                self.rejections_by_reason["circuit_open"] += 1
+            if source == "error" and error_class:
+                self.errors_by_class[str(error_class)] += 1
+                if error_class in (CircuitOpenError.__name__, QueueFullError.__name__):
+                    self.rejections += 1
+                    self.rejections_by_reason[
+                        "circuit_open" if error_class == CircuitOpenError.__name__
+                        else "queue_full"] += 1
+            elif data.get("degraded") and error_class:
+                self.errors_by_class[str(error_class)] += 1
+            state = data.get("breaker_state")
+            policy = str(data.get("policy"))
+            if isinstance(state, str):
+                old = self._states.get(policy, "closed")
+                if old != state:
+                    self.transitions[f"{old}->{state}"] += 1
+                self._states[policy] = state
+
+    # -- serving --------------------------------------------------------------------------
+    def last_known_good(self, prompt: Sequence[Any] | str) -> tuple[str, float] | None:
+        """The last recorded answer for this prompt (messages or strings) and its age."""
+        if self.fallbacks is None:
+            return None
+        items: Sequence[Any] = [prompt] if isinstance(prompt, str) else prompt
+        return self.fallbacks.get_last_known_good(_prompt_key(items))
+
+    # -- stats ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Calls, errors by class, retries, breaker transitions, fallbacks by source,
+        rejections and latency percentiles (seconds), plus the engine's own numbers."""
+        with self._lock:
+            lat = sorted(self._latencies)
+            snapshot: dict[str, Any] = {
+                "calls": self.calls,
+                "successes": self.successes,
+                "errors": self.errors,
+                "errors_by_class": dict(self.errors_by_class),
+                "retries": self.retries,
+                "rejections": self.rejections,
+                "rejections_by_reason": dict(self.rejections_by_reason),
+                "degraded": self.degraded,
+                "fallbacks_by_source": dict(self.fallbacks_by_source),
+                "breaker_transitions": dict(self.transitions),
+                "breaker_states": dict(self._states),
+                "resilience_events": self.resilience_events,
+                "latency_s": {
+                    "p50": _percentile(lat, 0.50),
+                    "p95": _percentile(lat, 0.95),
+                    "p99": _percentile(lat, 0.99),
+                    "max": lat[-1] if lat else None,
+                    "count": len(lat),
+                },
+            }
+        engine = self._engine.stats()
+        snapshot["engine"] = engine
+        for k, v in engine["breaker_transitions"].items():
+            snapshot["breaker_transitions"][k] = max(snapshot["breaker_transitions"].get(k, 0), v)
+        if self.breaker is not None:
+            snapshot["breaker"] = self.breaker.stats()
+            snapshot["rejections"] = max(snapshot["rejections"], engine["rejections"])
+        return snapshot
+
+
+def _text_of(response: LLMResult) -> str | None:
+    for gens in response.generations:
+        for gen in gens:
+            return gen.text
+    return None

@@ -1,0 +1,115 @@
+"""`ResilientEmbeddings`: any LangChain `Embeddings` behind the policy, with per-text
+last-known-good vectors and sub-batching (both from `EmbeddingEngine`).
+
+When a sub-batch fails after retries it is served from cache only if every text in
+it has a cached vector; otherwise the original error is raised. Vectors are never
+invented: a generic answer makes no sense for an embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.embeddings import Embeddings
+
+from ..adapters import model_identity
+from ..embedding_cache import EmbeddingEngine, EmbeddingResult
+from ..policy import ResiliencePolicy
+from . import _common as c
+
+__all__ = ["ResilientEmbeddings"]
+
+
+class ResilientEmbeddings(Embeddings):
+    """Embeddings with retry, circuit breaker, per-text fallback cache and a concurrency limit.
+
+    >>> embeddings = ResilientEmbeddings(OpenAIEmbeddings(max_retries=0), policy="balanced")
+
+    `batch_size`: texts per upstream call; a failing sub-batch is retried alone.
+    """
+
+    def __init__(
+        self,
+        embeddings: Embeddings | None = None,
+        policy: ResiliencePolicy | str | None = None,
+        *,
+        batch_size: int = 64,
+    ) -> None:
+        if embeddings is None:
+            raise TypeError("ResilientEmbeddings needs the embeddings to wrap: "
+                            "ResilientEmbeddings(OpenAIEmbeddings(max_retries=0))")
+        if not isinstance(embeddings, Embeddings):
+            raise TypeError(
+                f"embeddings must be a LangChain Embeddings, got {type(embeddings).__name__}")
+        if isinstance(embeddings, ResilientEmbeddings):
+            raise ValueError("embeddings is already a ResilientEmbeddings; wrap the model once")
+        if policy is not None and not isinstance(policy, (str, ResiliencePolicy)):
+            raise ValueError("policy must be a ResiliencePolicy, a preset name or None, got "
+                             f"{type(policy).__name__}")
+        identity = model_identity(embeddings)
+        self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
+        self.embeddings = embeddings
+        c.warn_nested(embeddings, self.policy, "embeddings")
+        self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
+        self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
+        self.last_result: EmbeddingResult | None = None
+        """How the latest call was served (per sub-batch sources, ages); for inspection."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.engine.batch_size
+
+    def _query_batch(self, texts: list[str]) -> list[list[float]]:
+        return [self._inner.embed_query(texts[0])]
+
+    async def _aquery_batch(self, texts: list[str]) -> list[list[float]]:
+        return [await self._inner.aembed_query(texts[0])]
+
+    def _done(self, result: EmbeddingResult) -> EmbeddingResult:
+        self.last_result = result
+        if result.degraded:
+            meta = result.metadata()
+            c.note_degraded(meta)
+            c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, **meta))
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, exc))
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        try:
+            result = self.engine.embed(texts, self._inner.embed_documents)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        return self._done(result).vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        try:
+            result = self.engine.embed([text], self._query_batch)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        return self._done(result).vectors[0]
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        try:
+            result = await self.engine.aembed(texts, self._inner.aembed_documents)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        return self._done(result).vectors
+
+    async def aembed_query(self, text: str) -> list[float]:
+        try:
+            result = await self.engine.aembed([text], self._aquery_batch)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        return self._done(result).vectors[0]
+
+    def stats(self) -> dict[str, Any]:
+        return self.policy.stats()
+
+    def __repr__(self) -> str:
+        return f"ResilientEmbeddings({self.embeddings!r}, policy={self.policy.name!r})"

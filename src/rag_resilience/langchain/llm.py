@@ -1,0 +1,555 @@
+"""`ResilientLLM`: any LangChain chat model behind retry, breaker, fallbacks and a limit.
+
+It is a `BaseChatModel`, so it drops into a chain where the wrapped model was. It calls
+the inner model's `_generate`/`_agenerate`/`_stream`/`_astream` directly inside its own
+run (no second nested run per call), handing down its run manager, so tokens and
+events of the inner model still reach the caller's callback handlers.
+
+Degradation order (DESIGN.md §4): fallback models (each with its own breaker) ->
+last-known-good answer for the same (model, messages, output-changing parameters),
+with its age -> the generic message -> the original error. Every answer carries
+``response_metadata["resilience"] = {"source", "age_s", "attempts", "degraded"}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableSequence
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from ..adapters import model_identity
+from ..policy import _NO_KEY, ResiliencePolicy, Served
+from . import _common as c
+
+__all__ = ["ResilientChatModel", "ResilientLLM"]
+
+
+def _accepts_run_manager(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+    return "run_manager" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+
+
+class _Target:
+    """One model to call (the primary or a fallback), prepared once: timeout copy and
+    which of the inner hooks it implements."""
+
+    __slots__ = ("agen_rm", "astream", "gen_rm", "identity", "model", "policy", "stream")
+
+    def __init__(self, model: BaseChatModel, policy: ResiliencePolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self.identity = model_identity(model)
+        cls = type(model)
+        self.gen_rm = _accepts_run_manager(model._generate)
+        self.agen_rm = _accepts_run_manager(model._agenerate)
+        self.stream = cls._stream is not BaseChatModel._stream
+        self.astream = cls._astream is not BaseChatModel._astream or self.stream
+
+    # -- raw calls (one attempt each) ------------------------------------------------------
+    def generate(
+        self, messages: list[BaseMessage], stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None, **kwargs: Any,
+    ) -> ChatResult:
+        model = self.model
+        if model.rate_limiter is not None:
+            model.rate_limiter.acquire(blocking=True)
+        if self._streams(False, run_manager, kwargs):
+            # What BaseChatModel._generate_with_cache does for a streaming model
+            # (ChatOpenAI(streaming=True)'s _generate expects it): stream, emit tokens.
+            chunks = []
+            for chunk in model._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+                chunks.append(chunk)
+            return generate_from_stream(iter(chunks))
+        if self.gen_rm:
+            return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        return model._generate(messages, stop=stop, **kwargs)
+
+    def _streams(self, async_api: bool, run_manager: Any, kwargs: dict[str, Any]) -> bool:
+        if not (self.astream if async_api else self.stream):
+            return False
+        model = self.model
+        if not (kwargs.get("stream") or getattr(model, "streaming", False)
+                or (run_manager is not None and run_manager.handlers)):
+            return False  # cheap pre-check: the usual non-streaming invoke
+        return bool(model._should_stream(async_api=async_api, run_manager=run_manager,
+                                         **kwargs))
+
+    async def agenerate(
+        self, messages: list[BaseMessage], stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None, **kwargs: Any,
+    ) -> ChatResult:
+        model = self.model
+        if model.rate_limiter is not None:
+            await model.rate_limiter.aacquire(blocking=True)
+        if self._streams(True, run_manager, kwargs):
+            chunks = []
+            async for chunk in model._astream(messages, stop=stop, run_manager=run_manager,
+                                              **kwargs):
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+                chunks.append(chunk)
+            return generate_from_stream(iter(chunks))
+        if self.agen_rm:
+            return await model._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        return await model._agenerate(messages, stop=stop, **kwargs)
+
+    def stream_chunks(
+        self, messages: list[BaseMessage], stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None, **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        if not self.stream:  # the model cannot stream: one chunk from its answer
+            return iter(_chunks_of(self.generate(messages, stop, run_manager, **kwargs)))
+        model = self.model
+        if model.rate_limiter is not None:
+            model.rate_limiter.acquire(blocking=True)
+        return iter(model._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
+
+    async def astream_chunks(
+        self, messages: list[BaseMessage], stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None, **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        if not self.astream:
+            result = await self.agenerate(messages, stop, run_manager, **kwargs)
+            for chunk in _chunks_of(result):
+                yield chunk
+            return
+        model = self.model
+        if model.rate_limiter is not None:
+            await model.rate_limiter.aacquire(blocking=True)
+        async for chunk in model._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
+            yield chunk
+
+    # -- a fallback model under its own policy (own breaker) --------------------------------
+    def as_fallback(self) -> Callable[..., ChatResult]:
+        def call(messages: list[BaseMessage], stop: list[str] | None,
+                 run_manager: Any, **kwargs: Any) -> ChatResult:
+            return self.policy.execute(self.generate, (messages, stop, run_manager), kwargs,
+                                       generic=False).value
+        return call
+
+    def as_afallback(self) -> Callable[..., Any]:
+        async def call(messages: list[BaseMessage], stop: list[str] | None,
+                       run_manager: Any, **kwargs: Any) -> ChatResult:
+            served = await self.policy.aexecute(self.agenerate, (messages, stop, run_manager),
+                                                kwargs, generic=False)
+            return served.value
+        return call
+
+    def as_stream_fallback(self) -> Callable[..., Any]:
+        def call(messages: list[BaseMessage], stop: list[str] | None,
+                 run_manager: Any, **kwargs: Any) -> list[ChatGenerationChunk]:
+            # A fallback's stream is collected before it is served: the primary already
+            # failed, and a second model failing mid-stream must not reach the caller.
+            return list(self.policy.execute_stream(
+                self.stream_chunks, (messages, stop, run_manager), kwargs, generic=False))
+        return call
+
+    def as_astream_fallback(self) -> Callable[..., Any]:
+        async def call(messages: list[BaseMessage], stop: list[str] | None,
+                       run_manager: Any, **kwargs: Any) -> list[ChatGenerationChunk]:
+            return [chunk async for chunk in self.policy.aexecute_stream(
+                self.astream_chunks, (messages, stop, run_manager), kwargs, generic=False)]
+        return call
+
+
+class _Runtime:
+    __slots__ = ("fb_astream", "fb_async", "fb_stream", "fb_sync", "gen_chunks", "gen_result",
+                 "keyed", "policy", "primary")
+
+    def __init__(self, policy: ResiliencePolicy, primary: _Target, keyed: bool) -> None:
+        self.policy = policy
+        self.primary = primary
+        self.keyed = keyed
+        self.gen_result: Any = False
+        self.gen_chunks: Any = False
+        self.fb_sync: list[Any] = []
+        self.fb_async: list[Any] = []
+        self.fb_stream: list[Any] = []
+        self.fb_astream: list[Any] = []
+
+
+def _chunks_of(result: ChatResult) -> list[ChatGenerationChunk]:
+    out = []
+    for gen in result.generations:
+        msg = gen.message
+        chunk = AIMessageChunk(
+            content=msg.content,
+            additional_kwargs=msg.additional_kwargs,
+            response_metadata=msg.response_metadata,
+            id=msg.id,
+            tool_call_chunks=[
+                {"name": tc["name"], "args": _json(tc["args"]), "id": tc.get("id"),
+                 "index": i, "type": "tool_call_chunk"}
+                for i, tc in enumerate(getattr(msg, "tool_calls", None) or [])
+            ],
+            usage_metadata=getattr(msg, "usage_metadata", None),
+        )
+        out.append(ChatGenerationChunk(message=chunk, generation_info=gen.generation_info))
+    return out
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+class ResilientLLM(BaseChatModel):
+    """A chat model that retries, breaks the circuit, falls back and degrades gracefully.
+
+    >>> llm = ResilientLLM(ChatOpenAI(model="gpt-4o-mini", max_retries=0),
+    ...                    fallback_models=[other_model], policy="conservative")
+
+    `policy`: a `ResiliencePolicy` or a preset name ("balanced" by default). Share one
+    policy object between wrappers to share its breaker, cache, limit and stats.
+    `generic_fallback`: True (the default message), a string, or False (re-raise when
+    nothing else can be served). None: the policy's own setting for a policy object,
+    True for a preset.
+    """
+
+    llm: BaseChatModel
+    policy: Any = None
+    fallback_models: list[BaseChatModel] = Field(default_factory=list)
+    generic_fallback: bool | str | None = None
+    cache_answers: bool = True
+    """Remember live answers as last-known-good (served, with their age, on failure)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _policy: ResiliencePolicy = PrivateAttr()
+    _generic: bool | str | None = PrivateAttr(default=None)
+    _fallbacks: list[_Target] = PrivateAttr(default_factory=list)
+    # Everything the hot path needs, in one object: pydantic private attributes are
+    # looked up through __getattr__, so each one read per call costs ~1 µs.
+    _rt: _Runtime = PrivateAttr()
+
+    def __init__(self, llm: BaseChatModel | None = None, /, **data: Any) -> None:
+        if llm is not None:
+            if "llm" in data:
+                raise TypeError("ResilientLLM got `llm` both positionally and by keyword")
+            data["llm"] = llm
+        super().__init__(**data)
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        inner = self.llm
+        if isinstance(inner, ResilientLLM):
+            raise ValueError("llm is already a ResilientLLM; wrap the underlying model once")
+        identity = model_identity(inner)
+        given = isinstance(self.policy, ResiliencePolicy)
+        generic = self.generic_fallback
+        if generic is None:
+            generic = None if given else True
+        if self.policy is not None and not isinstance(self.policy, (str, ResiliencePolicy)):
+            raise ValueError(
+                "policy must be a ResiliencePolicy, a preset name or None, got "
+                f"{type(self.policy).__name__}"
+            )
+        policy = ResiliencePolicy.resolve(
+            self.policy, name=f"langchain:{identity}",
+            generic_fallback=generic if generic is not None else False,
+        )
+        self._policy = policy
+        self._generic = generic
+        c.warn_nested(inner, policy, "chat")
+        primary = _Target(c.with_timeout(inner, policy.attempt_timeout), policy)
+        self._fallbacks = []
+        for index, model in enumerate(self.fallback_models):
+            c.warn_nested(model, policy, "chat")
+            name = f"{policy.name}:fallback{index}:{model_identity(model)}"
+            self._fallbacks.append(
+                _Target(c.with_timeout(model, policy.attempt_timeout), policy.derive(name))
+            )
+        rt = _Runtime(policy, primary, self.cache_answers and policy.fallbacks is not None)
+        rt.gen_result = self._generic_result()
+        rt.gen_chunks = self._generic_chunks()
+        rt.fb_sync = [t.as_fallback() for t in self._fallbacks]
+        rt.fb_async = [t.as_afallback() for t in self._fallbacks]
+        rt.fb_stream = [t.as_stream_fallback() for t in self._fallbacks]
+        rt.fb_astream = [t.as_astream_fallback() for t in self._fallbacks]
+        self._rt = rt
+        if "output_version" not in self.model_fields_set:
+            self.output_version = inner.output_version
+
+    # -- what the model is ------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return self.llm._llm_type
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self.llm._identifying_params
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        return self.llm._get_ls_params(stop=stop, **kwargs)
+
+    @property
+    def resilience_policy(self) -> ResiliencePolicy:
+        """The resolved policy (breaker, cache, limit, stats)."""
+        return self._policy
+
+    def stats(self) -> dict[str, Any]:
+        """The policy's stats, plus each fallback model's breaker state."""
+        snapshot = self._policy.stats()
+        if self._fallbacks:
+            snapshot["fallback_models"] = [
+                {"name": t.policy.name, **t.policy.stats()} for t in self._fallbacks
+            ]
+        return snapshot
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @staticmethod
+    def _key(rt: _Runtime, messages: list[BaseMessage], stop: list[str] | None,
+             kwargs: dict[str, Any]) -> Any:
+        if not rt.keyed:
+            return _NO_KEY
+        return c.chat_key(rt.primary.identity, messages, stop, kwargs)
+
+    def _generic_result(self) -> Callable[[BaseException], ChatResult] | bool:
+        setting = self._generic
+        if setting is None:
+            return self._policy_generic(lambda text: ChatResult(
+                generations=[ChatGeneration(message=AIMessage(content=text))]))
+        if setting is False:
+            return False
+        policy = self._policy
+
+        def make(error: BaseException) -> ChatResult:
+            text = c.generic_text(setting, error, policy)
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+        return make
+
+    def _generic_chunks(self) -> Callable[[BaseException], list[ChatGenerationChunk]] | bool:
+        setting = self._generic
+        if setting is None:
+            return self._policy_generic(lambda text: [
+                ChatGenerationChunk(message=AIMessageChunk(content=text))])
+        if setting is False:
+            return False
+        policy = self._policy
+
+        def make(error: BaseException) -> list[ChatGenerationChunk]:
+            text = c.generic_text(setting, error, policy)
+            return [ChatGenerationChunk(message=AIMessageChunk(content=text))]
+        return make
+
+    def _policy_generic(self, wrap: Callable[[str], Any]) -> Callable[[BaseException], Any] | bool:
+        """The policy's own `generic_fallback`, wrapped into LangChain objects."""
+        gen = self._policy.generic_fallback
+        if gen is False or gen is None:
+            return False
+        policy = self._policy
+
+        def make(error: BaseException) -> Any:
+            value = gen(error) if callable(gen) else c.generic_text(gen, error, policy)
+            return value if not isinstance(value, str) else wrap(value)
+        return make
+
+    def _annotate(self, result: ChatResult, served: Served[Any]) -> ChatResult:
+        meta = served.metadata()
+        for gen in result.generations:
+            msg = gen.message
+            msg.response_metadata = {**msg.response_metadata, "resilience": meta}
+        if served.degraded:
+            c.note_degraded(meta)
+        return result
+
+    # -- the four hooks -----------------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
+        policy = rt.policy
+        try:
+            served = policy.execute(
+                rt.primary.generate, (messages, stop, run_manager), kwargs,
+                key=self._key(rt, messages, stop, kwargs), codec=c.CHAT_RESULT_CODEC,
+                fallbacks=rt.fb_sync, generic=rt.gen_result,
+            )
+        except Exception as exc:
+            c.dispatch(run_manager, c.event_data("chat_model", policy, None, exc))
+            raise
+        if run_manager is not None and run_manager.handlers:
+            c.dispatch(run_manager, c.event_data("chat_model", policy, served))
+        return self._annotate(served.value, served)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
+        policy = rt.policy
+        try:
+            served = await policy.aexecute(
+                rt.primary.agenerate, (messages, stop, run_manager), kwargs,
+                key=self._key(rt, messages, stop, kwargs), codec=c.CHAT_RESULT_CODEC,
+                fallbacks=rt.fb_async, generic=rt.gen_result,
+            )
+        except Exception as exc:
+            await c.adispatch(run_manager, c.event_data("chat_model", policy, None, exc))
+            raise
+        if run_manager is not None and run_manager.handlers:
+            await c.adispatch(run_manager, c.event_data("chat_model", policy, served))
+        return self._annotate(served.value, served)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
+        policy = rt.policy
+        box: list[Served[None]] = []
+        stream = policy.execute_stream(
+            rt.primary.stream_chunks, (messages, stop, run_manager), kwargs,
+            key=self._key(rt, messages, stop, kwargs), codec=c.CHUNKS_CODEC,
+            fallbacks=rt.fb_stream, generic=rt.gen_chunks, on_served=box.append,
+        )
+        first = True
+        try:
+            for chunk in stream:
+                if first:
+                    first = False
+                    chunk = self._mark_chunk(chunk, box, run_manager)
+                yield chunk
+        except Exception as exc:
+            c.dispatch(run_manager, c.event_data("chat_model", policy, None, exc, streamed=not first))
+            raise
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
+        policy = rt.policy
+        box: list[Served[None]] = []
+        stream = policy.aexecute_stream(
+            rt.primary.astream_chunks, (messages, stop, run_manager), kwargs,
+            key=self._key(rt, messages, stop, kwargs), codec=c.CHUNKS_CODEC,
+            fallbacks=rt.fb_astream, generic=rt.gen_chunks, on_served=box.append,
+        )
+        first = True
+        try:
+            async for chunk in stream:
+                if first:
+                    first = False
+                    chunk = self._mark_chunk(chunk, box, None)
+                    if box:
+                        await c.adispatch(run_manager,
+                                          c.event_data("chat_model", policy, box[0]))
+                yield chunk
+        except Exception as exc:
+            await c.adispatch(run_manager,
+                              c.event_data("chat_model", policy, None, exc, streamed=not first))
+            raise
+
+    def _mark_chunk(self, chunk: ChatGenerationChunk, box: list[Served[None]],
+                    run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
+        """Metadata goes on the first chunk only: chunk merging would concatenate it."""
+        if not box:
+            return chunk
+        served = box[0]
+        meta = served.metadata()
+        msg = chunk.message
+        chunk = ChatGenerationChunk(
+            message=msg.model_copy(
+                update={"response_metadata": {**msg.response_metadata, "resilience": meta}}),
+            generation_info=chunk.generation_info,
+        )
+        if served.degraded:
+            c.note_degraded(meta)
+        if run_manager is not None:
+            c.dispatch(run_manager, c.event_data("chat_model", self._policy, served))
+        return chunk
+
+    # -- tools and structured output ------------------------------------------------------------
+    def _rebind(self, bound: Runnable[Any, Any]) -> Runnable[Any, Any] | None:
+        """`inner.bind(...)` -> the same binding on this wrapper; None if not that shape."""
+        if isinstance(bound, RunnableBinding) and bound.bound is self.llm:
+            binding = self.bind(**bound.kwargs)
+            return binding.with_config(bound.config) if bound.config else binding
+        return None
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | Any],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """The inner model formats the tools; the call goes through this wrapper."""
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        bound = self.llm.bind_tools(tools, **kwargs)
+        rebound = self._rebind(bound)
+        if rebound is not None:
+            return rebound
+        from .runnable import with_resilience
+
+        return with_resilience(bound, policy=self._policy, generic_fallback=False)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """The inner model's structured-output pipeline, its model step replaced by this one."""
+        pipeline = self.llm.with_structured_output(schema, include_raw=include_raw, **kwargs)
+        rebuilt = self._rebuild(pipeline)
+        if rebuilt is not None:
+            return rebuilt
+        from .runnable import with_resilience
+
+        return with_resilience(pipeline, policy=self._policy, generic_fallback=False)
+
+    def _rebuild(self, runnable: Runnable[Any, Any]) -> Runnable[Any, Any] | None:
+        rebound = self._rebind(runnable)
+        if rebound is not None:
+            return rebound
+        if isinstance(runnable, RunnableSequence):
+            first = self._rebuild(runnable.first)
+            if first is not None:
+                return RunnableSequence(first, *runnable.middle, runnable.last,
+                                        name=runnable.name)
+        steps = getattr(runnable, "steps__", None)  # RunnableParallel (include_raw=True)
+        if isinstance(steps, dict):
+            new = {k: self._rebuild(v) for k, v in steps.items()}
+            if any(v is not None for v in new.values()):
+                from langchain_core.runnables import RunnableParallel
+
+                return RunnableParallel(
+                    {k: (new[k] if new[k] is not None else v) for k, v in steps.items()})
+        return None
+
+
+ResilientChatModel = ResilientLLM
+"""Alias: the same class."""
