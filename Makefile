@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples scripts
+	$(BIN)/ruff check $(wildcard src tests benchmarks examples scripts)
 	$(BIN)/ruff format --check src
 
 typecheck: install
