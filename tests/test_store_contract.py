@@ -206,13 +206,21 @@ async def test_update_returns_result_and_none_deletes(ops: Ops) -> None:
 @modes
 async def test_update_fn_error_propagates_and_changes_nothing(ops: Ops) -> None:
     await ops.set("k", {"n": 1})
+    calls: list[Any] = []
 
-    def boom(current: Any) -> tuple[Any, None]:
-        raise KeyError("from fn")
+    # ConnectionError is an OSError: a Redis store must not mistake it for its own fault
+    for error in (KeyError("from fn"), ConnectionError("the caller's, not Redis's")):
 
-    with pytest.raises(KeyError):
-        await ops.update("k", boom)
+        def boom(current: Any, error: Exception = error) -> tuple[Any, None]:
+            calls.append(current)
+            raise error
+
+        with pytest.raises(type(error)) as caught:
+            await ops.update("k", boom)
+        assert caught.value is error
+    assert calls == [{"n": 1}, {"n": 1}]  # fn ran once each, never retried locally
     assert await ops.get("k") == {"n": 1}
+    assert not getattr(ops.store, "degraded", False)
 
 
 def _increment(current: Any) -> tuple[int, int]:

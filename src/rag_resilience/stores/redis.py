@@ -159,6 +159,14 @@ return 1
 """
 
 
+class _CallerError(Exception):
+    """Carries an exception raised by the caller's `fn` past the Redis fault handler."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
 class _Script:
     """A Lua script called by SHA (one round trip), loaded on first NOSCRIPT."""
 
@@ -390,11 +398,16 @@ class RedisStore(Store):
             return local()
         try:
             result = remote(self._client)
+        except _CallerError as wrapped:
+            error: Exception = wrapped.error
         except self._faults as exc:
             self._on_fault(exc)
             return local()
-        self._on_success()
-        return result
+        else:
+            self._on_success()
+            return result
+        self._on_success()  # Redis answered; the caller's fn raised
+        raise error
 
     def _no_sync_client(self) -> None:
         # Built with only an async client: sync calls cannot reach Redis. Misconfiguration,
@@ -441,11 +454,16 @@ class RedisStore(Store):
             return local()
         try:
             result = await remote(client)
+        except _CallerError as wrapped:
+            error: Exception = wrapped.error
         except self._faults as exc:
             self._on_fault(exc)
             return local()
-        self._on_success()
-        return result
+        else:
+            self._on_success()
+            return result
+        self._on_success()  # Redis answered; the caller's fn raised
+        raise error
 
     # -- keys ------------------------------------------------------------------------
     def _kv_key(self, key: str) -> str:
@@ -521,7 +539,10 @@ class RedisStore(Store):
     ) -> tuple[R, list[Any] | None]:
         """Run `fn` on the raw value read; the CAS args to send, or None if nothing changes."""
         current_text = _text(raw)
-        new, result = fn(None if current_text is None else json.loads(current_text))
+        try:
+            new, result = fn(None if current_text is None else json.loads(current_text))
+        except Exception as exc:  # the caller's error, even an OSError, is no Redis fault
+            raise _CallerError(exc) from None
         new_text = None if new is None else dumps(new)
         if new_text == current_text and ttl is None:
             # Unchanged: the read is a consistent snapshot, so skip the write entirely.
