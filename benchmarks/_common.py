@@ -3,8 +3,10 @@
 Timing follows `timeit`: the statement is compiled inline into a loop (no extra call
 layer per iteration), the garbage collector is off while a loop runs, and each case is
 run `repeat` times; we report the median of the repeats, not the best one, because on a
-noisy shared machine the median is the figure a caller actually sees. Async statements
-are compiled into an ``async def`` loop and awaited on one event loop.
+noisy shared machine the median is the figure a caller actually sees. Cases run
+round-robin (`measure`), so a neighbour hogging the cores does not land on one case
+only; CPU-bound benchmarks can time with process CPU time (`CLOCKS["cpu"]`). Async statements are
+compiled into an ``async def`` loop and awaited on one event loop.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CLOCKS",
     "RESULTS_DIR",
+    "Clock",
     "Runner",
     "Timing",
     "async_runner",
@@ -41,6 +45,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: `run(number) -> total seconds` for `number` executions of one benchmark case.
 Runner = Callable[[int], float]
+#: A timer returning seconds. Runners default to wall time (`perf_counter`), which is
+#: right whenever the case waits on I/O. For pure-CPU cases, "cpu" (this process's CPU
+#: time) is steadier on a shared machine: time spent descheduled while a neighbour runs
+#: is not a cost of the code under test, and it is most of the noise in wall time.
+Clock = Callable[[], float]
+
+CLOCKS: dict[str, Clock] = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 class Timing:
@@ -66,25 +77,32 @@ class Timing:
         return (max(self.per_call) - min(self.per_call)) * 1e6
 
 
-def sync_runner(stmt: str, namespace: dict[str, Any], setup: str = "pass") -> Runner:
+def sync_runner(
+    stmt: str, namespace: dict[str, Any], setup: str = "pass", clock: Clock = time.perf_counter
+) -> Runner:
     """A function `run(n) -> seconds` for `n` inline executions of `stmt` (timeit-style)."""
-    timer = timeit.Timer(stmt, setup=setup, globals=namespace)
+    timer = timeit.Timer(stmt, setup=setup, timer=clock, globals=namespace)
     return timer.timeit
 
 
 _ASYNC_TEMPLATE = """
-async def __bench_loop(__n, __perf_counter=__perf_counter, __repeat=__repeat):
-    __t0 = __perf_counter()
+async def __bench_loop(__n, __clock=__clock, __repeat=__repeat):
+    __t0 = __clock()
     for __i in __repeat(None, __n):
 {body}
-    return __perf_counter() - __t0
+    return __clock() - __t0
 """
 
 
-def async_runner(stmt: str, namespace: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Runner:
+def async_runner(
+    stmt: str,
+    namespace: dict[str, Any],
+    loop: asyncio.AbstractEventLoop,
+    clock: Clock = time.perf_counter,
+) -> Runner:
     """Like `sync_runner` for a statement that awaits; it runs on `loop`, gc off."""
     ns = dict(namespace)
-    ns["__perf_counter"] = time.perf_counter
+    ns["__clock"] = clock
     ns["__repeat"] = itertools.repeat
     src = _ASYNC_TEMPLATE.format(body=textwrap.indent(textwrap.dedent(stmt).strip(), " " * 8))
     exec(compile(src, "<bench-async>", "exec"), ns)

@@ -11,7 +11,8 @@ CircuitBreaker, and stamina (``stamina.retry(on=Exception, attempts=4)``, testin
 i.e. what production runs). Then the async twins of each.
 
 Each case is a timeit-style inline loop, calibrated to about `--target-s` seconds per run,
-repeated `--repeat` times round-robin across cases; the table shows the median per-call
+repeated `--repeat` times round-robin across cases, timed in process CPU time by default
+(`--clock wall` for perf_counter); the table shows the median per-call
 time, the time added over the bare call, the ratio to the bare call and to tenacity (same
 sync/async group). Machines are noisy: compare ratios across machines, and absolute µs
 only within one run. Results go to benchmarks/results/overhead.json.
@@ -34,6 +35,7 @@ import pybreaker
 import stamina
 import tenacity
 from _common import (
+    CLOCKS,
     RESULTS_DIR,
     Runner,
     Timing,
@@ -246,18 +248,21 @@ def render(rows: list[dict[str, Any]], targets: dict[str, Any], info: dict[str, 
     return "\n".join(lines)
 
 
-def run(*, repeat: int, target_s: float, quick: bool) -> dict[str, Any]:
+def run(*, repeat: int, target_s: float, quick: bool, clock: str = "cpu") -> dict[str, Any]:
     # The default logging listener stays subscribed (it is what users get), but a
     # benchmark must not be slowed by a handler someone configured to print.
     logging.getLogger("rag_resilience").setLevel(logging.WARNING)
     ns = build_namespace()
+    timer = CLOCKS[clock]
     loop = asyncio.new_event_loop()
     try:
         sanity_check(ns, loop)
         runners: dict[tuple[str, str], Runner] = {}
         for group, name, stmt in CASES:
             runners[(group, name)] = (
-                sync_runner(stmt, ns) if group == "sync" else async_runner(stmt, ns, loop)
+                sync_runner(stmt, ns, clock=timer)
+                if group == "sync"
+                else async_runner(stmt, ns, loop, clock=timer)
             )
         keyed = {f"{g}:{n}": r for (g, n), r in runners.items()}
         numbers = {k: 200 for k in keyed} if quick else None
@@ -277,6 +282,7 @@ def run(*, repeat: int, target_s: float, quick: bool) -> dict[str, Any]:
             "target_s_per_repeat": target_s,
             "quick": quick,
             "statistic": "median of repeats",
+            "clock": "process CPU time" if clock == "cpu" else "wall (perf_counter)",
             "wall_s": round(elapsed, 2),
         },
         "versions": {
@@ -316,11 +322,17 @@ def main(argv: list[str] | None = None) -> int:
         default=RESULTS_DIR / "overhead.json",
         help="where to write the JSON results",
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: this process's CPU time (default, robust to busy neighbours); wall: perf_counter",
+    )
     args = parser.parse_args(argv)
     repeat = args.repeat or (3 if args.quick else 7)
     if repeat < 1:
         parser.error("--repeat must be >= 1")
-    result = run(repeat=repeat, target_s=args.target_s, quick=args.quick)
+    result = run(repeat=repeat, target_s=args.target_s, quick=args.quick, clock=args.clock)
     print(render(result["rows"], result["targets"], result["machine"]))
     path = write_json("overhead", result, args.json)
     print(f"\nwrote {path}")

@@ -53,6 +53,16 @@ class EventKind(str, Enum):
 
 ROUTINE_KINDS = frozenset({EventKind.ATTEMPT, EventKind.SUCCESS})
 
+# Plain module globals for the hot path: on Python < 3.12 every `EventKind.X` lookup
+# goes through the enum metaclass (about 0.25 µs each), several per call.
+_ATTEMPT = EventKind.ATTEMPT
+_RETRY = EventKind.RETRY
+_SUCCESS = EventKind.SUCCESS
+_FAILURE = EventKind.FAILURE
+_FALLBACK = EventKind.FALLBACK
+_REJECTED = EventKind.REJECTED
+_STATE_CHANGE = EventKind.STATE_CHANGE
+
 
 @dataclass(slots=True)
 class Event:
@@ -112,10 +122,6 @@ def remove_listener(listener: Listener) -> None:
         _global_listeners.remove(listener)
 
 
-def _wants_routine(listener: Listener) -> bool:
-    return bool(getattr(listener, "routine", True))
-
-
 class EventBus:
     """Fan-out of events to a component's listeners and the global ones."""
 
@@ -141,14 +147,17 @@ class EventBus:
         if kind not in ROUTINE_KINDS:
             return bool(self._listeners or _global_listeners)
         for listener in self._listeners:
-            if _wants_routine(listener):
+            if getattr(listener, "routine", True):
                 return True
-        return any(_wants_routine(listener) for listener in _global_listeners)
+        for listener in _global_listeners:  # noqa: SIM110 - a loop, not any(): no generator per call
+            if getattr(listener, "routine", True):
+                return True
+        return False
 
     def emit(self, event: Event) -> None:
         routine = event.kind in ROUTINE_KINDS
         for listener in (*self._listeners, *_global_listeners):
-            if routine and not _wants_routine(listener):
+            if routine and not getattr(listener, "routine", True):
                 continue
             try:
                 listener(event)
@@ -156,9 +165,33 @@ class EventBus:
                 logger.exception("rag_resilience listener %r raised; ignored", listener)
 
     def publish(self, kind: EventKind, name: str, **fields: Any) -> None:
-        """Build and emit an event only if someone listens for this kind."""
-        if self.wants(kind):
-            self.emit(Event(kind, name, **fields))
+        """Build and emit an event only if someone listens for this kind.
+
+        One pass over the listeners. A plain `StatsCollector` is told about a routine
+        event (attempt, success) without an `Event` being built for it: that pair is
+        published on every call, and the collector only needs the counts and duration.
+        """
+        listeners = self._listeners
+        if not listeners and not _global_listeners:
+            return
+        routine = kind in ROUTINE_KINDS
+        event: Event | None = None
+        for listener in (*listeners, *_global_listeners):  # a snapshot: listeners may unsubscribe
+            if routine:
+                if not getattr(listener, "routine", True):
+                    continue
+                if type(listener) is StatsCollector:
+                    try:
+                        listener._routine(kind, fields.get("duration"))
+                    except Exception:
+                        logger.exception("rag_resilience listener %r raised; ignored", listener)
+                    continue
+            if event is None:
+                event = Event(kind, name, **fields)
+            try:
+                listener(event)
+            except Exception:  # a broken listener must never break the user's call
+                logger.exception("rag_resilience listener %r raised; ignored", listener)
 
 
 class LoggingListener:
@@ -258,39 +291,46 @@ class StatsCollector:
 
     def __call__(self, event: Event) -> None:
         kind = event.kind
+        if kind is _ATTEMPT or kind is _SUCCESS:
+            self._routine(kind, event.duration)
+            return
         with self._lock:
-            if kind is EventKind.ATTEMPT:
-                self.attempts += 1
-            elif kind is EventKind.SUCCESS:
-                self.calls += 1
-                self.successes += 1
-                if event.duration is not None:
-                    self._latencies.append(event.duration)
-            elif kind is EventKind.RETRY:
+            if kind is _RETRY:
                 self.retries += 1
                 self.retry_reasons[event.reason or "unknown"] += 1
                 if event.error is not None:
                     self.errors_by_class[type(event.error).__name__] += 1
-            elif kind is EventKind.FALLBACK:
+            elif kind is _FALLBACK:
                 self.calls += 1
                 self.degraded += 1
                 self.fallbacks_by_source[event.served_from or "unknown"] += 1
                 if event.duration is not None:
                     self._latencies.append(event.duration)
-            elif kind is EventKind.FAILURE:
+            elif kind is _FAILURE:
                 self.calls += 1
                 self.failures += 1
                 if event.error is not None:
                     self.errors_by_class[type(event.error).__name__] += 1
                 if event.duration is not None:
                     self._latencies.append(event.duration)
-            elif kind is EventKind.REJECTED:
+            elif kind is _REJECTED:
                 self.rejections += 1
                 self.rejections_by_reason[event.reason or "unknown"] += 1
-            elif kind is EventKind.STATE_CHANGE:
+            elif kind is _STATE_CHANGE:
                 self.transitions[f"{event.old_state}->{event.new_state}"] += 1
                 if event.new_state is not None:
                     self.last_state[event.name] = event.new_state
+
+    def _routine(self, kind: EventKind, duration: float | None) -> None:
+        """Count an attempt or a live success (no `Event` needed: see `EventBus.publish`)."""
+        with self._lock:
+            if kind is _ATTEMPT:
+                self.attempts += 1
+            elif kind is _SUCCESS:
+                self.calls += 1
+                self.successes += 1
+                if duration is not None:
+                    self._latencies.append(duration)
 
     def stats(self) -> dict[str, Any]:
         """A point-in-time snapshot (plain dict, JSON-serialisable)."""
