@@ -16,8 +16,12 @@ from rag_resilience.adapters import NestedRetriesWarning
 from rag_resilience.breaker import CircuitState
 from rag_resilience.chaos import ChaosServer
 from rag_resilience.fallback import DEFAULT_GENERIC_ANSWER
-from rag_resilience.langchain import ResilienceCallbackHandler, ResilientEmbeddings, ResilientLLM
-from rag_resilience.langchain import _common
+from rag_resilience.langchain import (
+    ResilienceCallbackHandler,
+    ResilientEmbeddings,
+    ResilientLLM,
+    _common,
+)
 from rag_resilience.policy import ResiliencePolicy
 from rag_resilience.testing import FakeClock, fake_clock
 
@@ -44,14 +48,19 @@ def clock() -> Iterator[FakeClock]:
 
 
 def chat(server: ChaosServer, **kw: object) -> ChatOpenAI:
-    return ChatOpenAI(model="gpt-4o-mini", max_retries=0, base_url=server.base_url,
-                      api_key="sk-test", **kw)
+    return ChatOpenAI(
+        model="gpt-4o-mini", max_retries=0, base_url=server.base_url, api_key="sk-test", **kw
+    )
 
 
 def embeddings(server: ChaosServer) -> OpenAIEmbeddings:
-    return OpenAIEmbeddings(model="text-embedding-3-small", max_retries=0,
-                            base_url=server.base_url, api_key="sk-test",
-                            check_embedding_ctx_length=False)
+    return OpenAIEmbeddings(
+        model="text-embedding-3-small",
+        max_retries=0,
+        base_url=server.base_url,
+        api_key="sk-test",
+        check_embedding_ctx_length=False,
+    )
 
 
 def policy(name: str, **overrides: object) -> ResiliencePolicy:
@@ -68,7 +77,11 @@ def test_500_500_200_recovers_with_three_requests(chaos: ChaosServer, clock: Fak
     answer = llm.invoke("What is RAG?")
     assert answer.content
     assert answer.response_metadata["resilience"] == {
-        "source": "live", "attempts": 3, "age_s": None, "degraded": False}
+        "source": "live",
+        "attempts": 3,
+        "age_s": None,
+        "degraded": False,
+    }
     assert requests(chaos) == 3
     assert len(clock.sleeps) == 2  # two backoffs, on the fake clock
 
@@ -221,8 +234,9 @@ def test_tokens_reach_callback_handlers(chaos: ChaosServer, clock: FakeClock) ->
 
 
 def test_embeddings_per_text_cache_and_sub_batches(chaos: ChaosServer, clock: FakeClock) -> None:
-    emb = ResilientEmbeddings(embeddings(chaos), policy=policy("t-emb", max_retries=1),
-                              batch_size=2)
+    emb = ResilientEmbeddings(
+        embeddings(chaos), policy=policy("t-emb", max_retries=1), batch_size=2
+    )
     docs = ["alpha", "beta", "gamma", "delta"]
     chaos.set_faults(fail_next=1, fail_next_status=500)
     vectors = emb.embed_documents(docs)
@@ -232,7 +246,8 @@ def test_embeddings_per_text_cache_and_sub_batches(chaos: ChaosServer, clock: Fa
     chaos.set_faults(outage=True)
     again = emb.embed_documents(docs[:2])
     assert [list(map(lambda x: round(x, 5), v)) for v in again] == [
-        list(map(lambda x: round(x, 5), v)) for v in vectors[:2]]
+        list(map(lambda x: round(x, 5), v)) for v in vectors[:2]
+    ]
     assert emb.last_result is not None and emb.last_result.degraded
     with pytest.raises(openai.InternalServerError) as info:
         emb.embed_query("never embedded")

@@ -19,8 +19,7 @@ from pydantic import model_validator
 
 from rag_resilience.langchain import ResilientEmbeddings, ResilientLLM
 
-OPENAI_PARAMS = {"model": "gpt-4o-mini", "api_key": "sk-test",
-                 "base_url": "http://127.0.0.1:9/v1"}
+OPENAI_PARAMS = {"model": "gpt-4o-mini", "api_key": "sk-test", "base_url": "http://127.0.0.1:9/v1"}
 
 warnings.filterwarnings("ignore", module="rag_resilience")
 

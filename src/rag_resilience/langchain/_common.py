@@ -5,6 +5,7 @@ Kept out of the public modules so each wrapper stays a thin shell over `Resilien
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -29,7 +30,6 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from ..adapters import NestedRetriesWarning, inner_max_retries
 from ..errors import QueueFullError
 from ..fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
-from ..policy import _NO_KEY as NO_KEY
 from ..policy import Codec, ResiliencePolicy, Served
 
 logger = logging.getLogger("rag_resilience")
@@ -66,16 +66,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def _message_part(message: BaseMessage) -> str:
+    # Attribute reads by message type: a missing attribute on a pydantic model goes
+    # through __getattr__ and an exception, which costs more than the hash.
     content = message.content
-    text = content if isinstance(content, str) else json.dumps(content, sort_keys=True, default=repr)
+    kind = message.type
+    text = (
+        content if isinstance(content, str) else json.dumps(content, sort_keys=True, default=repr)
+    )
+    tool_calls = message.tool_calls if kind == "ai" else None  # type: ignore[attr-defined]
     extra = ""
-    tool_calls = getattr(message, "tool_calls", None)
     if tool_calls or message.additional_kwargs:
-        extra = json.dumps(
-            [tool_calls, message.additional_kwargs], sort_keys=True, default=repr
-        )
-    tool_call_id = getattr(message, "tool_call_id", "")
-    return f"{message.type}\x1f{text}\x1f{extra}\x1f{tool_call_id}"
+        extra = json.dumps([tool_calls, message.additional_kwargs], sort_keys=True, default=repr)
+    tool_call_id = message.tool_call_id if kind == "tool" else ""  # type: ignore[attr-defined]
+    return f"{kind}\x1f{text}\x1f{extra}\x1f{tool_call_id}"
 
 
 def chat_key(
@@ -129,7 +132,7 @@ def decode_chat_result(data: dict[str, Any]) -> ChatResult:
     return ChatResult(
         generations=[
             ChatGeneration(message=m, generation_info=g.get("info"))
-            for m, g in zip(messages, gens)
+            for m, g in zip(messages, gens, strict=True)
         ],
         llm_output=data.get("llm_output"),
     )
@@ -158,8 +161,13 @@ def decode_chunks(data: dict[str, Any]) -> list[ChatGenerationChunk]:
             additional_kwargs=msg.additional_kwargs,
             response_metadata=msg.response_metadata,
             tool_call_chunks=[
-                {"name": tc["name"], "args": json.dumps(tc["args"]), "id": tc.get("id"),
-                 "index": i, "type": "tool_call_chunk"}
+                {
+                    "name": tc["name"],
+                    "args": json.dumps(tc["args"]),
+                    "id": tc.get("id"),
+                    "index": i,
+                    "type": "tool_call_chunk",
+                }
                 for i, tc in enumerate(getattr(msg, "tool_calls", []) or [])
             ],
             usage_metadata=getattr(msg, "usage_metadata", None),
@@ -207,7 +215,9 @@ def generic_text(setting: bool | str, error: BaseException, policy: ResiliencePo
         return setting
     if isinstance(error, QueueFullError):
         return BUSY_ANSWER
-    return policy.fallbacks.generic_answer if policy.fallbacks is not None else DEFAULT_GENERIC_ANSWER
+    return (
+        policy.fallbacks.generic_answer if policy.fallbacks is not None else DEFAULT_GENERIC_ANSWER
+    )
 
 
 # -- degraded-in-this-call tracking ---------------------------------------------------------
@@ -240,10 +250,9 @@ def enter_scope() -> tuple[DegradedScope, contextvars.Token[DegradedScope | None
 
 
 def exit_scope(token: contextvars.Token[DegradedScope | None]) -> None:
-    try:
+    # ValueError: reset from another context (a generator finalised elsewhere).
+    with contextlib.suppress(ValueError):
         _scope.reset(token)
-    except ValueError:  # reset from another context (generator finalised elsewhere)
-        pass
 
 
 def note_degraded(meta: dict[str, Any]) -> None:
@@ -253,16 +262,27 @@ def note_degraded(meta: dict[str, Any]) -> None:
 
 
 # -- events to callback handlers ----------------------------------------------------------
-def event_data(kind: str, policy: ResiliencePolicy, served: Served[Any] | None,
-               error: BaseException | None = None, **extra: Any) -> dict[str, Any]:
+def event_data(
+    kind: str,
+    policy: ResiliencePolicy,
+    served: Served[Any] | None,
+    error: BaseException | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     data: dict[str, Any] = {"component": kind, "policy": policy.name}
     if served is not None:
         data.update(served.metadata())
         if served.error is not None:
             data["error_class"] = type(served.error).__name__
     if error is not None:
-        data.update({"source": "error", "degraded": False, "error_class": type(error).__name__,
-                     "error": f"{type(error).__name__}: {error}"})
+        data.update(
+            {
+                "source": "error",
+                "degraded": False,
+                "error_class": type(error).__name__,
+                "error": f"{type(error).__name__}: {error}",
+            }
+        )
     breaker = policy.breaker
     if breaker is not None:
         data["breaker_state"] = breaker.get_state().value
@@ -275,9 +295,16 @@ def dispatch(run_manager: Any, data: dict[str, Any]) -> None:
     if run_manager is None or not run_manager.handlers:
         return
     try:
-        handle_event(run_manager.handlers, "on_custom_event", "ignore_custom_event", EVENT_NAME,
-                     data, run_id=run_manager.run_id, tags=run_manager.tags,
-                     metadata=run_manager.metadata)
+        handle_event(
+            run_manager.handlers,
+            "on_custom_event",
+            "ignore_custom_event",
+            EVENT_NAME,
+            data,
+            run_id=run_manager.run_id,
+            tags=run_manager.tags,
+            metadata=run_manager.metadata,
+        )
     except Exception:
         logger.debug("rag_resilience: custom event dispatch failed", exc_info=True)
 
@@ -286,9 +313,16 @@ async def adispatch(run_manager: Any, data: dict[str, Any]) -> None:
     if run_manager is None or not run_manager.handlers:
         return
     try:
-        await ahandle_event(run_manager.handlers, "on_custom_event", "ignore_custom_event",
-                            EVENT_NAME, data, run_id=run_manager.run_id, tags=run_manager.tags,
-                            metadata=run_manager.metadata)
+        await ahandle_event(
+            run_manager.handlers,
+            "on_custom_event",
+            "ignore_custom_event",
+            EVENT_NAME,
+            data,
+            run_id=run_manager.run_id,
+            tags=run_manager.tags,
+            metadata=run_manager.metadata,
+        )
     except Exception:
         logger.debug("rag_resilience: custom event dispatch failed", exc_info=True)
 
@@ -379,8 +413,9 @@ def with_timeout(inner: Any, timeout: float | None) -> Any:
     try:
         return type(inner).model_validate(explicit)
     except Exception:
-        logger.debug("rag_resilience: re-validating %s failed; using model_copy", type(inner),
-                     exc_info=True)
+        logger.debug(
+            "rag_resilience: re-validating %s failed; using model_copy", type(inner), exc_info=True
+        )
         return inner.model_copy(update={name: timeout})
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.outputs import LLMResult
 
 from ..breaker import ADMITTED_CLEAN, CircuitBreaker
@@ -100,20 +100,28 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
     # -- subscriptions ---------------------------------------------------------------------
     def watch(self, target: Any) -> None:
         """Subscribe to the engine events of a wrapper's policy (or of a policy)."""
-        policy = target if isinstance(target, ResiliencePolicy) else (
-            getattr(target, "resilience_policy", None) or getattr(target, "policy", None))
+        policy = (
+            target
+            if isinstance(target, ResiliencePolicy)
+            else (getattr(target, "resilience_policy", None) or getattr(target, "policy", None))
+        )
         if not isinstance(policy, ResiliencePolicy):
-            raise ValueError("watch() takes a ResiliencePolicy or a rag_resilience wrapper, "
-                             f"got {type(target).__name__}")
+            raise ValueError(
+                "watch() takes a ResiliencePolicy or a rag_resilience wrapper, "
+                f"got {type(target).__name__}"
+            )
         policy.add_listener(self._engine)
 
     # -- run bookkeeping -----------------------------------------------------------------
     def _now(self) -> float:
         return get_clock(self.breaker.clock if self.breaker is not None else None).monotonic()
 
-    def _start(self, serialized: dict[str, Any] | None, run_id: UUID, prompt: Sequence[Any]) -> None:
-        wrapped = bool(serialized) and bool(_WRAPPER_IDS.intersection(
-            (serialized or {}).get("id") or ()))
+    def _start(
+        self, serialized: dict[str, Any] | None, run_id: UUID, prompt: Sequence[Any]
+    ) -> None:
+        wrapped = bool(serialized) and bool(
+            _WRAPPER_IDS.intersection((serialized or {}).get("id") or ())
+        )
         ticket: int | None = None
         if self.breaker is not None and not wrapped:
             try:
@@ -138,12 +146,19 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
             self._latencies.append(max(0.0, now - started[0]))
             return started[1], started[2]
 
-    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]],
-                            *, run_id: UUID, **kwargs: Any) -> None:
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        **kwargs: Any,
+    ) -> None:
         self._start(serialized, run_id, messages[0] if messages else [])
 
-    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
-                     **kwargs: Any) -> None:
+    def on_llm_start(
+        self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any
+    ) -> None:
         self._start(serialized, run_id, prompts)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
@@ -189,8 +204,8 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
                 if error_class in (CircuitOpenError.__name__, QueueFullError.__name__):
                     self.rejections += 1
                     self.rejections_by_reason[
-                        "circuit_open" if error_class == CircuitOpenError.__name__
-                        else "queue_full"] += 1
+                        "circuit_open" if error_class == CircuitOpenError.__name__ else "queue_full"
+                    ] += 1
             elif data.get("degraded") and error_class:
                 self.errors_by_class[str(error_class)] += 1
             state = data.get("breaker_state")
@@ -206,8 +221,10 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         """The last recorded answer for this prompt (messages or strings) and its age."""
         if self.fallbacks is None:
             return None
-        items: Sequence[Any] = [prompt] if isinstance(prompt, str) else prompt
-        return self.fallbacks.get_last_known_good(_prompt_key(items))
+        if isinstance(prompt, str):  # a chat model turns a string into one human message
+            found = self.fallbacks.get_last_known_good(_prompt_key([HumanMessage(prompt)]))
+            return found or self.fallbacks.get_last_known_good(_prompt_key([prompt]))
+        return self.fallbacks.get_last_known_good(_prompt_key(prompt))
 
     # -- stats ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

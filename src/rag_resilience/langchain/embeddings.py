@@ -36,16 +36,21 @@ class ResilientEmbeddings(Embeddings):
         batch_size: int = 64,
     ) -> None:
         if embeddings is None:
-            raise TypeError("ResilientEmbeddings needs the embeddings to wrap: "
-                            "ResilientEmbeddings(OpenAIEmbeddings(max_retries=0))")
+            raise TypeError(
+                "ResilientEmbeddings needs the embeddings to wrap: "
+                "ResilientEmbeddings(OpenAIEmbeddings(max_retries=0))"
+            )
         if not isinstance(embeddings, Embeddings):
             raise TypeError(
-                f"embeddings must be a LangChain Embeddings, got {type(embeddings).__name__}")
+                f"embeddings must be a LangChain Embeddings, got {type(embeddings).__name__}"
+            )
         if isinstance(embeddings, ResilientEmbeddings):
             raise ValueError("embeddings is already a ResilientEmbeddings; wrap the model once")
         if policy is not None and not isinstance(policy, (str, ResiliencePolicy)):
-            raise ValueError("policy must be a ResiliencePolicy, a preset name or None, got "
-                             f"{type(policy).__name__}")
+            raise ValueError(
+                "policy must be a ResiliencePolicy, a preset name or None, got "
+                f"{type(policy).__name__}"
+            )
         identity = model_identity(embeddings)
         self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
         self.embeddings = embeddings

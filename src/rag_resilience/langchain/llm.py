@@ -60,8 +60,11 @@ class _Target:
 
     # -- raw calls (one attempt each) ------------------------------------------------------
     def generate(
-        self, messages: list[BaseMessage], stop: list[str] | None,
-        run_manager: CallbackManagerForLLMRun | None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        **kwargs: Any,
     ) -> ChatResult:
         model = self.model
         if model.rate_limiter is not None:
@@ -83,23 +86,29 @@ class _Target:
         if not (self.astream if async_api else self.stream):
             return False
         model = self.model
-        if not (kwargs.get("stream") or getattr(model, "streaming", False)
-                or (run_manager is not None and run_manager.handlers)):
+        if not (
+            kwargs.get("stream")
+            or getattr(model, "streaming", False)
+            or (run_manager is not None and run_manager.handlers)
+        ):
             return False  # cheap pre-check: the usual non-streaming invoke
-        return bool(model._should_stream(async_api=async_api, run_manager=run_manager,
-                                         **kwargs))
+        return bool(model._should_stream(async_api=async_api, run_manager=run_manager, **kwargs))
 
     async def agenerate(
-        self, messages: list[BaseMessage], stop: list[str] | None,
-        run_manager: AsyncCallbackManagerForLLMRun | None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        **kwargs: Any,
     ) -> ChatResult:
         model = self.model
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
         if self._streams(True, run_manager, kwargs):
             chunks = []
-            async for chunk in model._astream(messages, stop=stop, run_manager=run_manager,
-                                              **kwargs):
+            async for chunk in model._astream(
+                messages, stop=stop, run_manager=run_manager, **kwargs
+            ):
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
                 chunks.append(chunk)
@@ -109,8 +118,11 @@ class _Target:
         return await model._agenerate(messages, stop=stop, **kwargs)
 
     def stream_chunks(
-        self, messages: list[BaseMessage], stop: list[str] | None,
-        run_manager: CallbackManagerForLLMRun | None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         if not self.stream:  # the model cannot stream: one chunk from its answer
             return iter(_chunks_of(self.generate(messages, stop, run_manager, **kwargs)))
@@ -120,8 +132,11 @@ class _Target:
         return iter(model._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
 
     async def astream_chunks(
-        self, messages: list[BaseMessage], stop: list[str] | None,
-        run_manager: AsyncCallbackManagerForLLMRun | None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         if not self.astream:
             result = await self.agenerate(messages, stop, run_manager, **kwargs)
@@ -136,40 +151,66 @@ class _Target:
 
     # -- a fallback model under its own policy (own breaker) --------------------------------
     def as_fallback(self) -> Callable[..., ChatResult]:
-        def call(messages: list[BaseMessage], stop: list[str] | None,
-                 run_manager: Any, **kwargs: Any) -> ChatResult:
-            return self.policy.execute(self.generate, (messages, stop, run_manager), kwargs,
-                                       generic=False).value
+        def call(
+            messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
+        ) -> ChatResult:
+            return self.policy.execute(
+                self.generate, (messages, stop, run_manager), kwargs, generic=False
+            ).value
+
         return call
 
     def as_afallback(self) -> Callable[..., Any]:
-        async def call(messages: list[BaseMessage], stop: list[str] | None,
-                       run_manager: Any, **kwargs: Any) -> ChatResult:
-            served = await self.policy.aexecute(self.agenerate, (messages, stop, run_manager),
-                                                kwargs, generic=False)
+        async def call(
+            messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
+        ) -> ChatResult:
+            served = await self.policy.aexecute(
+                self.agenerate, (messages, stop, run_manager), kwargs, generic=False
+            )
             return served.value
+
         return call
 
     def as_stream_fallback(self) -> Callable[..., Any]:
-        def call(messages: list[BaseMessage], stop: list[str] | None,
-                 run_manager: Any, **kwargs: Any) -> list[ChatGenerationChunk]:
+        def call(
+            messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
+        ) -> list[ChatGenerationChunk]:
             # A fallback's stream is collected before it is served: the primary already
             # failed, and a second model failing mid-stream must not reach the caller.
-            return list(self.policy.execute_stream(
-                self.stream_chunks, (messages, stop, run_manager), kwargs, generic=False))
+            return list(
+                self.policy.execute_stream(
+                    self.stream_chunks, (messages, stop, run_manager), kwargs, generic=False
+                )
+            )
+
         return call
 
     def as_astream_fallback(self) -> Callable[..., Any]:
-        async def call(messages: list[BaseMessage], stop: list[str] | None,
-                       run_manager: Any, **kwargs: Any) -> list[ChatGenerationChunk]:
-            return [chunk async for chunk in self.policy.aexecute_stream(
-                self.astream_chunks, (messages, stop, run_manager), kwargs, generic=False)]
+        async def call(
+            messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
+        ) -> list[ChatGenerationChunk]:
+            return [
+                chunk
+                async for chunk in self.policy.aexecute_stream(
+                    self.astream_chunks, (messages, stop, run_manager), kwargs, generic=False
+                )
+            ]
+
         return call
 
 
 class _Runtime:
-    __slots__ = ("fb_astream", "fb_async", "fb_stream", "fb_sync", "gen_chunks", "gen_result",
-                 "keyed", "policy", "primary")
+    __slots__ = (
+        "fb_astream",
+        "fb_async",
+        "fb_stream",
+        "fb_sync",
+        "gen_chunks",
+        "gen_result",
+        "keyed",
+        "policy",
+        "primary",
+    )
 
     def __init__(self, policy: ResiliencePolicy, primary: _Target, keyed: bool) -> None:
         self.policy = policy
@@ -193,8 +234,13 @@ def _chunks_of(result: ChatResult) -> list[ChatGenerationChunk]:
             response_metadata=msg.response_metadata,
             id=msg.id,
             tool_call_chunks=[
-                {"name": tc["name"], "args": _json(tc["args"]), "id": tc.get("id"),
-                 "index": i, "type": "tool_call_chunk"}
+                {
+                    "name": tc["name"],
+                    "args": _json(tc["args"]),
+                    "id": tc.get("id"),
+                    "index": i,
+                    "type": "tool_call_chunk",
+                }
                 for i, tc in enumerate(getattr(msg, "tool_calls", None) or [])
             ],
             usage_metadata=getattr(msg, "usage_metadata", None),
@@ -217,15 +263,14 @@ class ResilientLLM(BaseChatModel):
 
     `policy`: a `ResiliencePolicy` or a preset name ("balanced" by default). Share one
     policy object between wrappers to share its breaker, cache, limit and stats.
-    `generic_fallback`: True (the default message), a string, or False (re-raise when
-    nothing else can be served). None: the policy's own setting for a policy object,
-    True for a preset.
+    `generic_fallback`: True (the default message; the default), a string, or False
+    (re-raise when nothing else can be served). None: the policy object's own setting.
     """
 
     llm: BaseChatModel
     policy: Any = None
     fallback_models: list[BaseChatModel] = Field(default_factory=list)
-    generic_fallback: bool | str | None = None
+    generic_fallback: bool | str | None = True
     cache_answers: bool = True
     """Remember live answers as last-known-good (served, with their age, on failure)."""
 
@@ -253,15 +298,16 @@ class ResilientLLM(BaseChatModel):
         identity = model_identity(inner)
         given = isinstance(self.policy, ResiliencePolicy)
         generic = self.generic_fallback
-        if generic is None:
-            generic = None if given else True
+        if generic is None and not given:
+            generic = True
         if self.policy is not None and not isinstance(self.policy, (str, ResiliencePolicy)):
             raise ValueError(
                 "policy must be a ResiliencePolicy, a preset name or None, got "
                 f"{type(self.policy).__name__}"
             )
         policy = ResiliencePolicy.resolve(
-            self.policy, name=f"langchain:{identity}",
+            self.policy,
+            name=f"langchain:{identity}",
             generic_fallback=generic if generic is not None else False,
         )
         self._policy = policy
@@ -293,7 +339,7 @@ class ResilientLLM(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return self.llm._identifying_params
+        return dict(self.llm._identifying_params)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         return self.llm._get_ls_params(stop=stop, **kwargs)
@@ -314,8 +360,9 @@ class ResilientLLM(BaseChatModel):
 
     # -- plumbing ---------------------------------------------------------------------------
     @staticmethod
-    def _key(rt: _Runtime, messages: list[BaseMessage], stop: list[str] | None,
-             kwargs: dict[str, Any]) -> Any:
+    def _key(
+        rt: _Runtime, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Any:
         if not rt.keyed:
             return _NO_KEY
         return c.chat_key(rt.primary.identity, messages, stop, kwargs)
@@ -323,8 +370,11 @@ class ResilientLLM(BaseChatModel):
     def _generic_result(self) -> Callable[[BaseException], ChatResult] | bool:
         setting = self._generic
         if setting is None:
-            return self._policy_generic(lambda text: ChatResult(
-                generations=[ChatGeneration(message=AIMessage(content=text))]))
+            return self._policy_generic(
+                lambda text: ChatResult(
+                    generations=[ChatGeneration(message=AIMessage(content=text))]
+                )
+            )
         if setting is False:
             return False
         policy = self._policy
@@ -332,13 +382,15 @@ class ResilientLLM(BaseChatModel):
         def make(error: BaseException) -> ChatResult:
             text = c.generic_text(setting, error, policy)
             return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
         return make
 
     def _generic_chunks(self) -> Callable[[BaseException], list[ChatGenerationChunk]] | bool:
         setting = self._generic
         if setting is None:
-            return self._policy_generic(lambda text: [
-                ChatGenerationChunk(message=AIMessageChunk(content=text))])
+            return self._policy_generic(
+                lambda text: [ChatGenerationChunk(message=AIMessageChunk(content=text))]
+            )
         if setting is False:
             return False
         policy = self._policy
@@ -346,6 +398,7 @@ class ResilientLLM(BaseChatModel):
         def make(error: BaseException) -> list[ChatGenerationChunk]:
             text = c.generic_text(setting, error, policy)
             return [ChatGenerationChunk(message=AIMessageChunk(content=text))]
+
         return make
 
     def _policy_generic(self, wrap: Callable[[str], Any]) -> Callable[[BaseException], Any] | bool:
@@ -358,6 +411,7 @@ class ResilientLLM(BaseChatModel):
         def make(error: BaseException) -> Any:
             value = gen(error) if callable(gen) else c.generic_text(gen, error, policy)
             return value if not isinstance(value, str) else wrap(value)
+
         return make
 
     def _annotate(self, result: ChatResult, served: Served[Any]) -> ChatResult:
@@ -381,9 +435,13 @@ class ResilientLLM(BaseChatModel):
         policy = rt.policy
         try:
             served = policy.execute(
-                rt.primary.generate, (messages, stop, run_manager), kwargs,
-                key=self._key(rt, messages, stop, kwargs), codec=c.CHAT_RESULT_CODEC,
-                fallbacks=rt.fb_sync, generic=rt.gen_result,
+                rt.primary.generate,
+                (messages, stop, run_manager),
+                kwargs,
+                key=self._key(rt, messages, stop, kwargs),
+                codec=c.CHAT_RESULT_CODEC,
+                fallbacks=rt.fb_sync,
+                generic=rt.gen_result,
             )
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chat_model", policy, None, exc))
@@ -403,9 +461,13 @@ class ResilientLLM(BaseChatModel):
         policy = rt.policy
         try:
             served = await policy.aexecute(
-                rt.primary.agenerate, (messages, stop, run_manager), kwargs,
-                key=self._key(rt, messages, stop, kwargs), codec=c.CHAT_RESULT_CODEC,
-                fallbacks=rt.fb_async, generic=rt.gen_result,
+                rt.primary.agenerate,
+                (messages, stop, run_manager),
+                kwargs,
+                key=self._key(rt, messages, stop, kwargs),
+                codec=c.CHAT_RESULT_CODEC,
+                fallbacks=rt.fb_async,
+                generic=rt.gen_result,
             )
         except Exception as exc:
             await c.adispatch(run_manager, c.event_data("chat_model", policy, None, exc))
@@ -425,9 +487,14 @@ class ResilientLLM(BaseChatModel):
         policy = rt.policy
         box: list[Served[None]] = []
         stream = policy.execute_stream(
-            rt.primary.stream_chunks, (messages, stop, run_manager), kwargs,
-            key=self._key(rt, messages, stop, kwargs), codec=c.CHUNKS_CODEC,
-            fallbacks=rt.fb_stream, generic=rt.gen_chunks, on_served=box.append,
+            rt.primary.stream_chunks,
+            (messages, stop, run_manager),
+            kwargs,
+            key=self._key(rt, messages, stop, kwargs),
+            codec=c.CHUNKS_CODEC,
+            fallbacks=rt.fb_stream,
+            generic=rt.gen_chunks,
+            on_served=box.append,
         )
         first = True
         try:
@@ -437,7 +504,9 @@ class ResilientLLM(BaseChatModel):
                     chunk = self._mark_chunk(chunk, box, run_manager)
                 yield chunk
         except Exception as exc:
-            c.dispatch(run_manager, c.event_data("chat_model", policy, None, exc, streamed=not first))
+            c.dispatch(
+                run_manager, c.event_data("chat_model", policy, None, exc, streamed=not first)
+            )
             raise
 
     async def _astream(
@@ -451,9 +520,14 @@ class ResilientLLM(BaseChatModel):
         policy = rt.policy
         box: list[Served[None]] = []
         stream = policy.aexecute_stream(
-            rt.primary.astream_chunks, (messages, stop, run_manager), kwargs,
-            key=self._key(rt, messages, stop, kwargs), codec=c.CHUNKS_CODEC,
-            fallbacks=rt.fb_astream, generic=rt.gen_chunks, on_served=box.append,
+            rt.primary.astream_chunks,
+            (messages, stop, run_manager),
+            kwargs,
+            key=self._key(rt, messages, stop, kwargs),
+            codec=c.CHUNKS_CODEC,
+            fallbacks=rt.fb_astream,
+            generic=rt.gen_chunks,
+            on_served=box.append,
         )
         first = True
         try:
@@ -462,16 +536,20 @@ class ResilientLLM(BaseChatModel):
                     first = False
                     chunk = self._mark_chunk(chunk, box, None)
                     if box:
-                        await c.adispatch(run_manager,
-                                          c.event_data("chat_model", policy, box[0]))
+                        await c.adispatch(run_manager, c.event_data("chat_model", policy, box[0]))
                 yield chunk
         except Exception as exc:
-            await c.adispatch(run_manager,
-                              c.event_data("chat_model", policy, None, exc, streamed=not first))
+            await c.adispatch(
+                run_manager, c.event_data("chat_model", policy, None, exc, streamed=not first)
+            )
             raise
 
-    def _mark_chunk(self, chunk: ChatGenerationChunk, box: list[Served[None]],
-                    run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
+    def _mark_chunk(
+        self,
+        chunk: ChatGenerationChunk,
+        box: list[Served[None]],
+        run_manager: CallbackManagerForLLMRun | None,
+    ) -> ChatGenerationChunk:
         """Metadata goes on the first chunk only: chunk merging would concatenate it."""
         if not box:
             return chunk
@@ -480,7 +558,8 @@ class ResilientLLM(BaseChatModel):
         msg = chunk.message
         chunk = ChatGenerationChunk(
             message=msg.model_copy(
-                update={"response_metadata": {**msg.response_metadata, "resilience": meta}}),
+                update={"response_metadata": {**msg.response_metadata, "resilience": meta}}
+            ),
             generation_info=chunk.generation_info,
         )
         if served.degraded:
@@ -538,16 +617,17 @@ class ResilientLLM(BaseChatModel):
         if isinstance(runnable, RunnableSequence):
             first = self._rebuild(runnable.first)
             if first is not None:
-                return RunnableSequence(first, *runnable.middle, runnable.last,
-                                        name=runnable.name)
+                return RunnableSequence(first, *runnable.middle, runnable.last, name=runnable.name)
         steps = getattr(runnable, "steps__", None)  # RunnableParallel (include_raw=True)
         if isinstance(steps, dict):
             new = {k: self._rebuild(v) for k, v in steps.items()}
             if any(v is not None for v in new.values()):
                 from langchain_core.runnables import RunnableParallel
 
-                return RunnableParallel(
-                    {k: (new[k] if new[k] is not None else v) for k, v in steps.items()})
+                merged: dict[str, Any] = {
+                    k: (new[k] if new[k] is not None else v) for k, v in steps.items()
+                }
+                return RunnableParallel(merged)
         return None
 
 

@@ -12,15 +12,14 @@ a chain that "succeeded") is reported as degraded and never stored as last-known
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
-from langchain_core.runnables.config import patch_config
 from pydantic import ConfigDict, PrivateAttr
 
 from ..fallback import stable_key
-from ..policy import CacheHooks, ResiliencePolicy, Served
+from ..policy import _NO_KEY, CacheHooks, Codec, ResiliencePolicy, Served
 from . import _common as c
 
 __all__ = ["ResilientRunnable", "with_resilience"]
@@ -31,7 +30,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
     bound: Runnable[Any, Any]
     policy: Any = None
-    generic_fallback: bool | str | None = None
+    generic_fallback: bool | str | None = True
     cache_answers: bool = True
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -39,6 +38,9 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     _policy: ResiliencePolicy = PrivateAttr()
     _generic: bool | str | None = PrivateAttr(default=True)
     _prefix: str = PrivateAttr(default="")
+    # Output types are often unannotated (Any): remember whether live outputs were
+    # messages so the generic answer has the same shape.
+    _msg_out: list[bool] = PrivateAttr(default_factory=lambda: [False])
 
     def __init__(self, bound: Runnable[Any, Any] | None = None, /, **data: Any) -> None:
         if bound is not None:
@@ -48,25 +50,29 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         if self.policy is not None and not isinstance(self.policy, (str, ResiliencePolicy)):
-            raise ValueError("policy must be a ResiliencePolicy, a preset name or None, got "
-                             f"{type(self.policy).__name__}")
+            raise ValueError(
+                "policy must be a ResiliencePolicy, a preset name or None, got "
+                f"{type(self.policy).__name__}"
+            )
         given = isinstance(self.policy, ResiliencePolicy)
         generic = self.generic_fallback
-        if generic is None:
-            generic = None if given else True
+        if generic is None and not given:
+            generic = True
         name = self.name or self.bound.get_name()
         self._policy = ResiliencePolicy.resolve(
-            self.policy, name=f"langchain-chain:{name}",
-            generic_fallback=generic if generic is not None else False)
+            self.policy,
+            name=f"langchain-chain:{name}",
+            generic_fallback=generic if generic is not None else False,
+        )
         self._generic = generic
         self._prefix = f"{self._policy.name}:{name}"
 
     @property
-    def InputType(self) -> Any:  # noqa: N802 - LangChain's name
+    def InputType(self) -> Any:
         return self.bound.InputType
 
     @property
-    def OutputType(self) -> Any:  # noqa: N802
+    def OutputType(self) -> Any:
         return self.bound.OutputType
 
     @property
@@ -89,9 +95,11 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             return False
         else:
             setting_any = setting
-        wants_message = _is_message_type(self.bound.OutputType)
+        typed = _is_message_type(self.bound.OutputType)
+        seen = self._msg_out
 
         def make(error: BaseException) -> Any:
+            wants_message = typed or seen[0]
             if callable(setting_any):
                 value = setting_any(error)
             else:
@@ -99,6 +107,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             if wants_message and isinstance(value, str):
                 return AIMessage(content=value)
             return value
+
         return make
 
     def _key(self, value: Any) -> str:
@@ -137,11 +146,17 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         if not served.degraded and scope.degraded:
             inner = scope.served[-1]
             ages = [m["age_s"] for m in scope.served if m.get("age_s") is not None]
-            meta.update(source=inner.get("source", "cache"), degraded=True,
-                        age_s=max(ages) if ages else None, via="inner")
+            meta.update(
+                source=inner.get("source", "cache"),
+                degraded=True,
+                age_s=max(ages) if ages else None,
+                via="inner",
+            )
         return meta
 
     def _finish(self, output: Any, meta: dict[str, Any], run_manager: Any) -> Any:
+        if not meta["degraded"]:
+            self._msg_out[0] = isinstance(output, BaseMessage)
         if meta["degraded"]:
             output = _annotate(output, meta)
         if run_manager is not None:
@@ -153,15 +168,18 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     # -- invoke ----------------------------------------------------------------------------
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(
-            lambda x, run_manager, cfg: self._invoke(x, run_manager, cfg, **kwargs),
-            input, config)
+            lambda x, run_manager, config: self._invoke(x, run_manager, config, **kwargs),
+            input,
+            config,
+        )
 
     def _invoke(self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Any:
-        child = patch_config(config, callbacks=run_manager.get_child())
+        child = config  # LangChain already bound the child callbacks
         scope, token = c.enter_scope()
         try:
             served = self._policy.execute(
-                lambda x: self.bound.invoke(x, child, **kwargs), (input,),
+                lambda x: self.bound.invoke(x, child, **kwargs),
+                (input,),
                 cache=self._hooks(self._key(input), scope) if self._cache_on() else None,
                 generic=self._generic_value(),
             )
@@ -172,19 +190,22 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             c.exit_scope(token)
         return self._finish(served.value, self._meta(served, scope), run_manager)
 
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None,
-                      **kwargs: Any) -> Any:
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(
-            lambda x, run_manager, cfg: self._ainvoke(x, run_manager, cfg, **kwargs),
-            input, config)
+            lambda x, run_manager, config: self._ainvoke(x, run_manager, config, **kwargs),
+            input,
+            config,
+        )
 
-    async def _ainvoke(self, input: Any, run_manager: Any, config: RunnableConfig,
-                       **kwargs: Any) -> Any:
-        child = patch_config(config, callbacks=run_manager.get_child())
+    async def _ainvoke(
+        self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
+    ) -> Any:
+        child = config  # LangChain already bound the child callbacks
         scope, token = c.enter_scope()
         try:
             served = await self._policy.aexecute(
-                lambda x: self.bound.ainvoke(x, child, **kwargs), (input,),
+                lambda x: self.bound.ainvoke(x, child, **kwargs),
+                (input,),
                 cache=self._ahooks(self._key(input), scope) if self._cache_on() else None,
                 generic=self._generic_value(),
             )
@@ -203,30 +224,35 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         return self.cache_answers and self._policy.fallbacks is not None
 
     # -- streams: retried until the first chunk, cached as the combined output -------------
-    def stream(self, input: Any, config: RunnableConfig | None = None,
-               **kwargs: Any) -> Iterator[Any]:
+    def stream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
         yield from self._transform_stream_with_config(
             iter([input]),
-            lambda inputs, run_manager, cfg: self._stream(next(inputs), run_manager, cfg,
-                                                          **kwargs),
-            config)
+            lambda inputs, run_manager, config: self._stream(
+                next(inputs), run_manager, config, **kwargs
+            ),
+            config,
+        )
 
-    def _stream(self, input: Any, run_manager: Any, config: RunnableConfig,
-                **kwargs: Any) -> Iterator[Any]:
-        child = patch_config(config, callbacks=run_manager.get_child())
+    def _stream(
+        self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
+    ) -> Iterator[Any]:
+        child = config  # LangChain already bound the child callbacks
         scope, token = c.enter_scope()
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
         generic = self._generic_value()
         try:
-            for item in self._policy.execute_stream(
-                lambda x: self.bound.stream(x, child, **kwargs), (input,),
-                key=key if self._cache_on() else c.NO_KEY, codec=_STREAM_CODEC,
+            yield from self._policy.execute_stream(
+                lambda x: self.bound.stream(x, child, **kwargs),
+                (input,),
+                key=key if self._cache_on() else _NO_KEY,
+                codec=_STREAM_CODEC,
                 generic=(lambda e: [generic(e)]) if callable(generic) else False,
                 on_served=box.append,
-            ):
-                yield item
+            )
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chain", self._policy, None, exc))
             raise
@@ -239,24 +265,28 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             data.update(self._meta(box[0], scope))
             c.dispatch(run_manager, data)
 
-    async def astream(self, input: Any, config: RunnableConfig | None = None,
-                      **kwargs: Any) -> AsyncIterator[Any]:
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
         async def one() -> AsyncIterator[Any]:
             yield input
 
         async for item in self._atransform_stream_with_config(
             one(),
-            lambda inputs, run_manager, cfg: self._astream(inputs, run_manager, cfg, **kwargs),
+            lambda inputs, run_manager, config: self._astream(
+                inputs, run_manager, config, **kwargs
+            ),
             config,
         ):
             yield item
 
-    async def _astream(self, inputs: AsyncIterator[Any], run_manager: Any,
-                       config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Any]:
+    async def _astream(
+        self, inputs: AsyncIterator[Any], run_manager: Any, config: RunnableConfig, **kwargs: Any
+    ) -> AsyncIterator[Any]:
         input = None
         async for value in inputs:
             input = value
-        child = patch_config(config, callbacks=run_manager.get_child())
+        child = config  # LangChain already bound the child callbacks
         scope, token = c.enter_scope()
         box: list[Served[None]] = []
         key = self._key(input)
@@ -264,8 +294,10 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         generic = self._generic_value()
         try:
             async for item in self._policy.aexecute_stream(
-                lambda x: self.bound.astream(x, child, **kwargs), (input,),
-                key=key if self._cache_on() else c.NO_KEY, codec=_STREAM_CODEC,
+                lambda x: self.bound.astream(x, child, **kwargs),
+                (input,),
+                key=key if self._cache_on() else _NO_KEY,
+                codec=_STREAM_CODEC,
                 generic=(lambda e: [generic(e)]) if callable(generic) else False,
                 on_served=box.append,
             ):
@@ -292,7 +324,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
         now = get_clock(fallbacks.clock).time()
         found = fallbacks.store.cache_get(fallbacks.namespace, stable_key(key), now)
-        return cast("tuple[Any, float] | None", found)
+        return found
 
     def _restore(self, key: str, prev: tuple[Any, float] | None) -> None:
         fallbacks = self._policy.fallbacks
@@ -301,9 +333,14 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         if prev is None:
             fallbacks.invalidate(key)
             return
-        fallbacks.store.cache_set(fallbacks.namespace, stable_key(key), prev[0],
-                                  stored_at=prev[1], ttl=fallbacks.ttl,
-                                  max_entries=fallbacks.max_entries)
+        fallbacks.store.cache_set(
+            fallbacks.namespace,
+            stable_key(key),
+            prev[0],
+            stored_at=prev[1],
+            ttl=fallbacks.ttl,
+            max_entries=fallbacks.max_entries,
+        )
 
 
 def _combine(items: list[Any]) -> Any:
@@ -318,8 +355,9 @@ def _combine(items: list[Any]) -> Any:
     return out
 
 
-_STREAM_CODEC = c.Codec(lambda items: c.encode_output(_combine(items)),
-                        lambda data: [c.decode_output(data)])
+_STREAM_CODEC = Codec(
+    lambda items: c.encode_output(_combine(items)), lambda data: [c.decode_output(data)]
+)
 
 
 def _is_message_type(tp: Any) -> bool:
@@ -332,7 +370,8 @@ def _is_message_type(tp: Any) -> bool:
 def _annotate(output: Any, meta: dict[str, Any]) -> Any:
     if isinstance(output, BaseMessage):
         return output.model_copy(
-            update={"response_metadata": {**output.response_metadata, "resilience": meta}})
+            update={"response_metadata": {**output.response_metadata, "resilience": meta}}
+        )
     if isinstance(output, dict):
         return {**output, "resilience": meta}
     return output
@@ -342,11 +381,15 @@ def with_resilience(
     runnable: Runnable[Any, Any],
     policy: ResiliencePolicy | str | None = None,
     *,
-    generic_fallback: bool | str | None = None,
+    generic_fallback: bool | str | None = True,
     cache_answers: bool = True,
     name: str | None = None,
 ) -> ResilientRunnable:
     """Wrap any Runnable (e.g. a whole ``retriever | prompt | llm | parser`` chain)."""
-    return ResilientRunnable(runnable, policy=policy, generic_fallback=generic_fallback,
-                             cache_answers=cache_answers, name=name)
-
+    return ResilientRunnable(
+        runnable,
+        policy=policy,
+        generic_fallback=generic_fallback,
+        cache_answers=cache_answers,
+        name=name,
+    )
