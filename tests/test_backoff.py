@@ -108,7 +108,7 @@ def test_huge_retry_numbers_do_not_overflow() -> None:
     assert delay(5000, "none", 0.5, initial=1e300, base=1e10, cap=7.0) == 7.0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     n=st.integers(min_value=1, max_value=10_000),
     initial=st.floats(min_value=0.0, max_value=100.0),
