@@ -371,7 +371,8 @@ class CircuitBreaker:
         if old != new:
             self._transition(old, new)
         if ticket < 0:
-            self.rejected += 1
+            with self._lock:  # `+=` on an attribute is not atomic across threads
+                self.rejected += 1
             self.events.publish(EventKind.REJECTED, self.name, reason="circuit_open", delay=wait)
             raise CircuitOpenError(self.name, wait, new)
         return ticket
