@@ -86,7 +86,8 @@ class GracefulFallbacks:
             ttl=self.ttl,
             max_entries=self.max_entries,
         )
-        self.writes += 1
+        with self._lock:  # hits/misses are counted under it too
+            self.writes += 1
 
     async def aupdate_cache(self, query: Any, response: Any) -> None:
         await self.store.acache_set(
@@ -97,7 +98,8 @@ class GracefulFallbacks:
             ttl=self.ttl,
             max_entries=self.max_entries,
         )
-        self.writes += 1
+        with self._lock:  # hits/misses are counted under it too
+            self.writes += 1
 
     def get_last_known_good(self, query: Any) -> tuple[Any, float] | None:
         """`(response, age_seconds)` for `query`, or None if unknown or expired."""
