@@ -1,0 +1,223 @@
+"""`rag-resilience demo`: one small RAG app, wrapped and unwrapped, through the seed's four
+scenarios (normal, transient failures, complete outage, traffic spike) against the
+embedded chaos server. No API key, no network beyond 127.0.0.1.
+
+    rag-resilience demo [--framework langchain|llama-index|both] [--scenario NAME|all]
+                        [--json PATH] [--seed N] [--real] [-v]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .common import DEMO_SETTINGS, USER_TIMEOUT_S, RagApp
+from .scenarios import (
+    SCENARIOS,
+    SPIKE_TIMEOUT_S,
+    ScenarioResult,
+    ScenarioRun,
+    steps_count,
+    warm_up,
+)
+
+__all__ = ["main"]
+
+FRAMEWORKS = ("langchain", "llama-index")
+_LOGGERS = ("rag_resilience", "openai", "llama_index", "langchain", "langchain_core", "httpx")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rag-resilience demo",
+        description="The same RAG app with and without rag-resilience, side by side, against "
+        "the embedded fault-injecting chaos server.",
+    )
+    parser.add_argument(
+        "--framework", choices=(*FRAMEWORKS, "both"), default="both", help="default: both"
+    )
+    parser.add_argument(
+        "--scenario", choices=(*SCENARIOS, "all"), default="all", help="default: all"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
+    parser.add_argument(
+        "--seed", type=int, default=8, help="chaos server and jitter seed (default 8)"
+    )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="run the normal scenario against the real OpenAI API (needs OPENAI_API_KEY)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show every log line of the library and SDKs"
+    )
+    return parser
+
+
+def _app_factory(framework: str, api_key: str) -> Callable[[str | None, bool], RagApp]:
+    if framework == "langchain":
+        from .app_langchain import LangChainApp
+
+        return lambda url, wrapped: LangChainApp(url, wrapped=wrapped, api_key=api_key)
+    from .app_llama_index import LlamaIndexApp
+
+    return lambda url, wrapped: LlamaIndexApp(url, wrapped=wrapped, api_key=api_key)
+
+
+@contextlib.contextmanager
+def _quiet_logs(verbose: bool) -> Iterator[Any]:
+    """Route the library's and the SDKs' log records to a counter (and, with -v, to stderr)."""
+    from .render import LogTally
+
+    tally = LogTally()
+    saved = []
+    echo = logging.StreamHandler(sys.stderr) if verbose else None
+    if echo is not None:
+        echo.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in _LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.level, log.propagate))
+        log.addHandler(tally)
+        if echo is not None:
+            log.addHandler(echo)
+        log.propagate = False
+        if name in ("openai", "llama_index", "rag_resilience"):
+            log.setLevel(logging.INFO if not verbose else logging.DEBUG)
+    try:
+        yield tally
+    finally:
+        for log, level, propagate in saved:
+            log.removeHandler(tally)
+            if echo is not None:
+                log.removeHandler(echo)
+            log.setLevel(level)
+            log.propagate = propagate
+
+
+async def _run_all(
+    frameworks: list[str],
+    scenarios: list[str],
+    factories: dict[str, Callable[[str | None, bool], RagApp]],
+    seed: int,
+    progress: Any,
+    real: bool,
+) -> list[ScenarioResult]:
+    def prepare(framework: str, name: str) -> ScenarioRun:
+        return ScenarioRun(
+            name,
+            framework,
+            factories[framework],
+            seed=seed,
+            real=real,
+            real_base_url=os.environ.get("OPENAI_BASE_URL") if real else None,
+        )
+
+    async def one(run: ScenarioRun) -> ScenarioResult:
+        result = await run.run(lambda n: progress.advance(n))
+        progress.advance(0, f"{run.framework}/{run.name} done ({result.wall_s:.1f} s)")
+        return result
+
+    # First calls import lazily and fill caches (a second or two): done once, untimed.
+    for framework in frameworks:
+        progress.advance(0, f"{framework}: warming up")
+        await warm_up(factories[framework], real=real)
+    # Scenarios that mostly wait (backoff sleeps) run at the same time, built first one by
+    # one; the spike, which needs the CPU, runs alone, one framework after the other.
+    calm = [prepare(f, s) for f in frameworks for s in scenarios if s != "spike"]
+    try:
+        for run in calm:
+            progress.advance(0, f"{run.framework}/{run.name}: building the apps")
+            await asyncio.to_thread(run.build)
+            await run.prime()
+    except BaseException:
+        for run in calm:
+            run.close()
+        raise
+    results = list(await asyncio.gather(*(one(run) for run in calm)))
+    if "spike" in scenarios:
+        for framework in frameworks:
+            spike = prepare(framework, "spike")
+            progress.advance(0, f"{framework}/spike: building the apps")
+            await asyncio.to_thread(spike.build)
+            await spike.prime()
+            progress.advance(0, f"{framework}/spike")
+            results.append(await one(spike))
+    order = {(f, s): i for i, (f, s) in enumerate((f, s) for f in frameworks for s in scenarios)}
+    return sorted(results, key=lambda r: order[(r.framework, r.name)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `rag-resilience demo`; returns the exit code."""
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    api_key = "sk-demo"
+    if args.real:
+        api_key = os.environ.get("OPENAI_API_KEY", "")
+        if not api_key:
+            print(
+                "rag-resilience demo --real needs OPENAI_API_KEY set (it calls the real OpenAI "
+                "API, a few cents at most).\nWithout --real the demo runs against the embedded "
+                "chaos server and needs no key.",
+                file=sys.stderr,
+            )
+            return 2
+        scenarios = ["normal"]
+
+    from .render import ProgressBar, render_header, render_scenario, render_summary
+
+    random.seed(args.seed)
+    info = {
+        "frameworks": frameworks,
+        "scenarios": scenarios,
+        "seed": args.seed,
+        "real": args.real,
+        "settings": DEMO_SETTINGS,
+        "user_timeout_s": USER_TIMEOUT_S,
+        "spike_timeout_s": SPIKE_TIMEOUT_S,
+    }
+    print(render_header(info), flush=True)
+    started = time.perf_counter()
+    with _quiet_logs(args.verbose) as tally, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Unclosed sockets of clients the demo drops: noise, not something the library did.
+        warnings.simplefilter("ignore", ResourceWarning)
+        factories = {f: _app_factory(f, api_key) for f in frameworks}  # imports happen here
+        total = sum(steps_count(s) for s in scenarios) * len(frameworks)
+        progress = ProgressBar(total)
+        progress.advance(0, "starting")
+        try:
+            results = asyncio.run(
+                _run_all(frameworks, scenarios, factories, args.seed, progress, args.real)
+            )
+        finally:
+            progress.close()
+        logs = tally.summary()
+    wall = time.perf_counter() - started
+    counted = not args.real
+    for result in results:
+        print(render_scenario(result, counted))
+    print(render_summary(results, logs, len(caught), counted))
+    print(f"\n  Finished in {wall:.1f} s.")
+    if args.json:
+        data = {
+            **info,
+            "wall_s": round(wall, 2),
+            "results": [r.as_dict() for r in results],
+            "logs": logs,
+            "python_warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
+        }
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+        print(f"  Results written to {args.json}")
+    return 0
