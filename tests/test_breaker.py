@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from rag_resilience.breaker import PROBE, CircuitBreaker, CircuitState
+from rag_resilience.breaker import ADMITTED_CLEAN, PROBE, CircuitBreaker, CircuitState
 from rag_resilience.errors import CircuitOpenError
 from rag_resilience.events import Event, EventKind
 from rag_resilience.stores.memory import MemoryStore
@@ -475,10 +475,13 @@ def test_invalid_configuration_names_the_parameter(kwargs: dict[str, Any], param
 
 
 # -- concurrency of reports, deterministically ----------------------------------------------
-def test_success_between_failures_resets_even_if_admitted_when_clean(make: Any) -> None:
+def test_success_between_failures_resets_even_if_admitted_when_clean() -> None:
     """A call admitted while the count was 0 that succeeds after failures were reported
-    still proves the upstream healthy: the failures are no longer consecutive."""
-    cb = make(failure_threshold=3)
+    still proves the upstream healthy: the failures are no longer consecutive.
+
+    Local breakers only: a store-backed one skips that read to keep one round trip per
+    call (it may trip early, never late; the state machine checks both bounds)."""
+    cb = CircuitBreaker(failure_threshold=3, clock=FakeClock())
     slow = cb.before_call()  # admitted while clean, still in flight
     fail_n(cb, 2)
     cb.on_success(slow)
@@ -534,7 +537,9 @@ class Pending:
 class BreakerMachine(RuleBasedStateMachine):
     """Random success/failure/time/concurrent-call sequences against a small model.
 
-    Checked: never opens before `failure_threshold` consecutive failure reports; never more
+    Checked: never opens before `failure_threshold` consecutive failure reports (for a
+    store-backed breaker, counting only successes it records: one admitted while the count
+    was clean is skipped to save a round trip), and is open once there were that many; never more
     than `half_open_max_calls` live probes of one half-open round; closes after
     `success_threshold` timely probe successes (and never before that many); rejects while
     open exactly until the open period ends, with the right `retry_after`; never rejects while
@@ -581,7 +586,8 @@ class BreakerMachine(RuleBasedStateMachine):
         self.transitions: list[tuple[str, str]] = []
         self.cb.add_state_listener(lambda o, n: self.transitions.append((o.value, n.value)))
         self.state = "closed"
-        self.consec = 0
+        self.consec = 0  # failures since the last success the breaker records
+        self.strict = 0  # failures since the last success of any kind
         self.k = 0
         self.open_until = 0.0
         self.episode = 0
@@ -613,7 +619,7 @@ class BreakerMachine(RuleBasedStateMachine):
                 raise AssertionError(f"unexpected transition {old}->{new}")
             if new == "open":
                 self.open_until = now + self.period()
-            self.consec = 0
+            self.consec = self.strict = 0
             self.episode += 1
             self.state = new
         self.transitions.clear()
@@ -657,7 +663,13 @@ class BreakerMachine(RuleBasedStateMachine):
         same_round = p.kind == "probe" and p.episode == self.episode and before == "half_open"
         timely = now < p.admitted_at + self.pt
         if p.kind == "closed" and before == "closed":
-            self.consec = 0 if ok else self.consec + 1
+            recorded = not self.use_store or p.ticket != ADMITTED_CLEAN
+            if ok:
+                self.strict = 0
+                self.consec = 0 if recorded else self.consec
+            else:
+                self.strict += 1
+                self.consec += 1
         if same_round and ok:
             self.succ_all += 1
             self.succ_timely += int(timely)
@@ -666,6 +678,8 @@ class BreakerMachine(RuleBasedStateMachine):
         else:
             self.cb.on_failure(ConnectionError("down"), p.ticket)
         self.sync()
+        if p.kind == "closed" and before == "closed" and not ok and self.strict >= self.f:
+            assert self.state == "open", f"still closed after {self.strict} failures in a row"
         if same_round and timely and not ok:
             assert self.state == "open", "a failed probe must re-open"
         if same_round and ok and self.succ_timely >= self.s:
