@@ -518,7 +518,7 @@ def test_stats_counts(clock: FakeClock) -> None:
     assert policy.stats()["calls"] == 0
 
 
-# -- policy bugs found, left for the policy's owner -----------------------------------------
+# -- probes and streams that end abnormally ---------------------------------------------
 def _half_open(clock: FakeClock) -> ResiliencePolicy:
     policy = make(clock, retries=0, threshold=1, recovery=5.0, cache=False)
     with pytest.raises(APIError):
@@ -527,11 +527,6 @@ def _half_open(clock: FakeClock) -> ResiliencePolicy:
     return policy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy: a probe cancelled mid-call (CancelledError) keeps its half-open slot "
-    "until probe_timeout; CircuitBreaker.acall frees it, ResiliencePolicy._aattempts does not",
-)
 async def test_cancelled_probe_through_policy_frees_its_slot(clock: FakeClock) -> None:
     policy = _half_open(clock)
 
@@ -550,11 +545,6 @@ async def test_cancelled_probe_through_policy_frees_its_slot(clock: FakeClock) -
     assert await policy.acall(ok) == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy: a probe interrupted by a BaseException (KeyboardInterrupt) keeps its "
-    "half-open slot until probe_timeout; _attempts only handles Exception",
-)
 def test_interrupted_probe_through_policy_frees_its_slot(clock: FakeClock) -> None:
     policy = _half_open(clock)
 
@@ -566,11 +556,6 @@ def test_interrupted_probe_through_policy_frees_its_slot(clock: FakeClock) -> No
     assert policy.call(lambda: "ok") == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy: a stream the consumer closes early (break / GeneratorExit) during a "
-    "half-open probe never reports, so the probe slot stays taken until probe_timeout",
-)
 def test_stream_closed_early_during_probe_frees_its_slot(clock: FakeClock) -> None:
     policy = _half_open(clock)
     stream = policy.stream(lambda: iter(["a", "b", "c"]))
@@ -579,11 +564,6 @@ def test_stream_closed_early_during_probe_frees_its_slot(clock: FakeClock) -> No
     assert policy.call(lambda: "ok") == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy: a stream failing after its first item raises to the caller but "
-    "publishes no FAILURE event: stats() does not count the call at all",
-)
 def test_mid_stream_failure_is_counted_in_stats(clock: FakeClock) -> None:
     policy = make(clock)
 
@@ -593,5 +573,37 @@ def test_mid_stream_failure_is_counted_in_stats(clock: FakeClock) -> None:
 
     with pytest.raises(ConnectionError):
         list(policy.stream(gen))
+    s = policy.stats()
+    assert s["calls"] == 1 and s["failures"] == 1
+
+
+async def test_astream_closed_early_during_probe_frees_its_slot(clock: FakeClock) -> None:
+    policy = _half_open(clock)
+
+    async def agen() -> AsyncIterator[str]:
+        for item in ("a", "b", "c"):
+            yield item
+
+    stream = policy.astream(agen)
+    assert await stream.__anext__() == "a"
+    await stream.aclose()  # type: ignore[attr-defined]
+
+    async def ok() -> str:
+        return "ok"
+
+    assert await policy.acall(ok) == "ok"
+    assert policy.breaker is not None and policy.breaker.get_state() is CircuitState.CLOSED
+
+
+async def test_mid_astream_failure_is_counted_in_stats(clock: FakeClock) -> None:
+    policy = make(clock)
+
+    async def agen() -> AsyncIterator[str]:
+        yield "a"
+        raise ConnectionError("dropped")
+
+    with pytest.raises(ConnectionError):
+        async for _ in policy.astream(agen):
+            pass
     s = policy.stats()
     assert s["calls"] == 1 and s["failures"] == 1
