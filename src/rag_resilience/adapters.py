@@ -25,23 +25,39 @@ class NestedRetriesWarning(UserWarning):
 def inner_max_retries(inner: Any) -> int:
     """The wrapped object's own retry count (ChatOpenAI, OpenAIEmbeddings, openai clients,
     LlamaIndex OpenAI...), looking one level into `.client`/`._client`; 0 if none."""
-    for obj in (inner, getattr(inner, "client", None), getattr(inner, "_client", None)):
+    candidates = (
+        inner,
+        getattr(inner, "root_client", None),  # ChatOpenAI(max_retries=None): the SDK's 2
+        getattr(inner, "root_async_client", None),
+        getattr(inner, "client", None),
+        getattr(inner, "_client", None),
+    )
+    for obj in candidates:
         value = getattr(obj, "max_retries", None) if obj is not None else None
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return 0
 
 
-def warn_nested_retries(inner: Any, *, our_attempts: int, fix: str, extra_layers: int = 1) -> int:
+def warn_nested_retries(
+    inner: Any,
+    *,
+    our_attempts: int,
+    fix: str,
+    extra_layers: int = 1,
+    inner_attempts: int | None = None,
+) -> int:
     """Warn once per wrapped class when it retries by itself; returns its max_retries.
 
-    `extra_layers` counts retry layers inside the wrapped object that each run
-    `max_retries + 1` attempts (LlamaIndex's OpenAI: the SDK's and tenacity's: 2).
+    The worst case is `our_attempts` times the requests one inner call can make:
+    `inner_attempts` when the caller knows it (LlamaIndex's OpenAI: tenacity's n
+    attempts of the SDK's n + 1 requests), else `(max_retries + 1) ** extra_layers`.
     """
     retries = inner_max_retries(inner)
     if retries <= 0:
         return retries
-    worst = our_attempts * (retries + 1) ** extra_layers
+    per_call = inner_attempts if inner_attempts is not None else (retries + 1) ** extra_layers
+    worst = our_attempts * per_call
     cls = type(inner)
     marker = (f"{cls.__module__}.{cls.__qualname__}", fix)
     with _warned_lock:

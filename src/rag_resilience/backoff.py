@@ -105,9 +105,13 @@ class RetryBudget:
         return bucket
 
     def record_request(self) -> None:
-        """Count one original (first-attempt) request."""
+        """Count one original (first-attempt) request. On every call: kept lean."""
+        idx = int(get_clock(self._clock).monotonic() // self.bucket_s)
         with self._lock:
-            self._bucket()[0] += 1
+            bucket = self._buckets.get(idx)
+            if bucket is None:
+                bucket = self._bucket()
+            bucket[0] += 1
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the window's budget is spent."""

@@ -383,10 +383,12 @@ class CircuitBreaker:
         A call admitted while the count was clean must still report: failures of other
         calls may have been counted while it was in flight, and its success breaks their
         run (they are no longer consecutive). The check is a plain read; no write unless
-        there is something to reset.
+        there is something to reset. With a store that read would be a second round trip
+        per call, so a shared breaker skips it: a success racing other processes' failures
+        may then leave their run unbroken (the circuit can trip a little early, never late).
         """
         if ticket == ADMITTED_CLEAN:
-            if not self._needs_reset(self._snapshot()):
+            if self.store is not None or not self._needs_reset(self._rec):
                 return
             ticket = ADMITTED
         _, old, new = self._apply(lambda rec, now: self._t_success(rec, now, ticket))
@@ -395,13 +397,8 @@ class CircuitBreaker:
 
     async def aon_success(self, ticket: int = ADMITTED) -> None:
         if ticket == ADMITTED_CLEAN:
-            rec = (
-                self._rec
-                if self.store is None
-                else _Record.from_json(await self.store.aget(self.key))
-            )
-            if not self._needs_reset(rec):
-                return
+            if self.store is not None or not self._needs_reset(self._rec):
+                return  # see on_success: one round trip per call for shared breakers
             ticket = ADMITTED
         _, old, new = await self._aapply(lambda rec, now: self._t_success(rec, now, ticket))
         if old != new:
@@ -455,6 +452,16 @@ class CircuitBreaker:
                 logging.getLogger("rag_resilience").exception("state listener raised")
 
     # -- user-facing API ----------------------------------------------------------------
+    def on_abandon(self, ticket: int) -> None:
+        """A call admitted with `ticket` ended with no verdict (cancelled, interrupted, a
+        stream closed early): free its probe slot now rather than at `probe_timeout`."""
+        if ticket >= PROBE:
+            self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
+
+    async def aon_abandon(self, ticket: int) -> None:
+        if ticket >= PROBE:
+            await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
+
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call `func` through the breaker."""
         ticket = self.before_call()
@@ -464,8 +471,7 @@ class CircuitBreaker:
             self.on_failure(exc, ticket)
             raise
         except BaseException:
-            if ticket >= PROBE:  # cancelled/interrupted probe: free the slot
-                self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
+            self.on_abandon(ticket)  # cancelled/interrupted probe: free the slot
             raise
         self.on_success(ticket)
         return result
@@ -479,8 +485,7 @@ class CircuitBreaker:
             await self.aon_failure(exc, ticket)
             raise
         except BaseException:
-            if ticket >= PROBE:
-                await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
+            await self.aon_abandon(ticket)
             raise
         await self.aon_success(ticket)
         return result

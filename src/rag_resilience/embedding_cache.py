@@ -46,13 +46,19 @@ def encode_vector(vector: Sequence[float]) -> str:
 
 
 def decode_vector(data: Any) -> Vector:
-    """Inverse of `encode_vector`; also accepts a plain list (memory stores, old entries)."""
+    """Inverse of `encode_vector`; also accepts an `array` or a plain list (memory stores)."""
+    if isinstance(data, array):
+        return data.tolist()
     if isinstance(data, list):
         return [float(x) for x in data]
     raw = base64.b64decode(data)
     if len(raw) % 4:
         raise ValueError("corrupt cached vector: length is not a multiple of 4 bytes")
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def _to_array(vector: Sequence[float]) -> array[float]:
+    return array("f", vector)
 
 
 @dataclass(slots=True)
@@ -113,9 +119,15 @@ class EmbeddingEngine:
         if cache is None:
             return None
 
+        # A process-local store keeps a float32 array (6 KB for 1536 dimensions, no text
+        # encoding on the hot path); shared stores need JSON, so base64 of the same bytes.
+        encode: Callable[[Sequence[float]], Any] = (
+            encode_vector if cache.store.shared else _to_array
+        )
+
         def store(vectors: list[Vector]) -> None:
             for text, vector in zip(batch, vectors, strict=True):
-                cache.update_cache(text, encode_vector(vector))
+                cache.update_cache(text, encode(vector))
 
         def lookup() -> tuple[list[Vector], float] | None:
             found: list[Vector] = []

@@ -110,33 +110,52 @@ Listener = Callable[[Event], None]
 _global_listeners: list[Listener] = []
 
 
+# How many global listeners want routine events: read on every call, updated rarely.
+_global_routine = [0]
+
+
+def _count_routine(listeners: list[Listener]) -> int:
+    return sum(1 for listener in listeners if getattr(listener, "routine", True))
+
+
 def add_listener(listener: Listener) -> None:
     """Subscribe `listener` to the events of every component in this process."""
     if listener not in _global_listeners:
         _global_listeners.append(listener)
+        _global_routine[0] = _count_routine(_global_listeners)
 
 
 def remove_listener(listener: Listener) -> None:
     """Unsubscribe a global listener (a no-op if it was not subscribed)."""
     if listener in _global_listeners:
         _global_listeners.remove(listener)
+        _global_routine[0] = _count_routine(_global_listeners)
 
 
 class EventBus:
     """Fan-out of events to a component's listeners and the global ones."""
 
-    __slots__ = ("_listeners",)
+    __slots__ = ("_listeners", "_routine")
 
     def __init__(self, listeners: Iterable[Listener] | None = None) -> None:
         self._listeners: list[Listener] = list(listeners or ())
+        self._routine = _count_routine(self._listeners)
 
     def add(self, listener: Listener) -> None:
         if listener not in self._listeners:
             self._listeners.append(listener)
+            self._routine = _count_routine(self._listeners)
 
     def remove(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+            self._routine = _count_routine(self._listeners)
+
+    def wants_routine(self) -> bool:
+        """Does anyone want attempt/success events? (Read per call: two integer checks.)
+
+        A listener's `routine` attribute is read when it subscribes."""
+        return self._routine > 0 or _global_routine[0] > 0
 
     @property
     def listeners(self) -> list[Listener]:
@@ -146,13 +165,7 @@ class EventBus:
         """Cheap check before building an event on the hot path."""
         if kind not in ROUTINE_KINDS:
             return bool(self._listeners or _global_listeners)
-        for listener in self._listeners:
-            if getattr(listener, "routine", True):
-                return True
-        for listener in _global_listeners:  # noqa: SIM110 - a loop, not any(): no generator per call
-            if getattr(listener, "routine", True):
-                return True
-        return False
+        return self._routine > 0 or _global_routine[0] > 0
 
     def emit(self, event: Event) -> None:
         routine = event.kind in ROUTINE_KINDS

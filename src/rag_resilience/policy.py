@@ -27,7 +27,7 @@ from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
-from .events import EventBus, EventKind, Listener, StatsCollector
+from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
 from .retry import RetryRun, RetryStrategy, run_with_timeout
@@ -90,6 +90,31 @@ def _bus_of(component: Any) -> EventBus | None:
         return None
     bus = getattr(component, "events", None) or getattr(component, "_bus", None)
     return bus if isinstance(bus, EventBus) else None
+
+
+class _PolicyStats(StatsCollector):
+    """The policy's own collector: fed directly on the live path (no Event built per call)
+    and counting attempts from each call's terminal event instead of one event per attempt."""
+
+    routine = False
+
+    def record_live(self, attempts: int, duration: float) -> None:
+        with self._lock:
+            self.calls += 1
+            self.successes += 1
+            self.attempts += attempts
+            self._latencies.append(duration)
+
+    def __call__(self, event: Event) -> None:
+        if event.kind is _FALLBACK or event.kind is _FAILURE:
+            with self._lock:
+                self.attempts += event.attempt
+        super().__call__(event)
+
+
+_FALLBACK = EventKind.FALLBACK
+_FAILURE = EventKind.FAILURE
+_SUCCESS = EventKind.SUCCESS
 
 
 @dataclass(slots=True)
@@ -193,7 +218,7 @@ class ResiliencePolicy:
             make_classifier(classifier) if classifier is not None else self.retry.classify
         )
         self.events = EventBus(listeners)
-        self.collector = StatsCollector()
+        self.collector: StatsCollector = _PolicyStats()
         # Our stats see every component's events, each event once.
         for bus in (
             self.retry.events,
@@ -379,14 +404,18 @@ class ResiliencePolicy:
         return self.execute_stream(fn, args, kwargs, key=key)
 
     def astream(
-        self, fn: Callable[..., AsyncIterator[T]], *args: Any, key: Any = _NO_KEY, **kwargs: Any
+        self,
+        fn: Callable[..., AsyncIterator[T] | Awaitable[AsyncIterator[T]]],
+        *args: Any,
+        key: Any = _NO_KEY,
+        **kwargs: Any,
     ) -> AsyncIterator[T]:
         return self.aexecute_stream(fn, args, kwargs, key=key)
 
     # -- shared decisions -----------------------------------------------------------------
     def _new_run(self) -> RetryRun:
-        return self.retry.new_run(
-            self.name, deadline=self.deadline, attempt_timeout=self.attempt_timeout
+        return RetryRun(
+            self.retry, self.name, deadline=self.deadline, attempt_timeout=self.attempt_timeout
         )
 
     def _failed(
@@ -409,15 +438,17 @@ class ResiliencePolicy:
             self.fallbacks.update_cache(key, codec.encode(value) if codec is not None else value)
 
     def _succeeded(self, value: T, run: RetryRun, key: Any, codec: Codec | None) -> Served[T]:
-        self._store(key, value, codec)
-        if self.events.wants(EventKind.SUCCESS):
-            self.events.publish(
-                EventKind.SUCCESS,
-                self.name,
-                attempt=run.attempts,
-                duration=run.clock.monotonic() - run.started,
-            )
-        return Served(value, "live", run.attempts)
+        if key is not _NO_KEY:
+            self._store(key, value, codec)
+        attempts = run.attempts
+        duration = run.clock.monotonic() - run.started
+        collector = self.collector
+        if type(collector) is _PolicyStats:
+            collector.record_live(attempts, duration)
+        events = self.events
+        if events.wants_routine():
+            events.publish(_SUCCESS, self.name, attempt=attempts, duration=duration)
+        return Served(value, "live", attempts)
 
     def _check(self, plan: _Degrade) -> None:
         """Caller's own errors are never masked: re-raise them untouched."""
@@ -594,7 +625,11 @@ class ResiliencePolicy:
                     )
                 sleep(delay)
                 continue
-            if ticket != ADMITTED_CLEAN and breaker is not None:
+            except BaseException:
+                if breaker is not None:
+                    breaker.on_abandon(ticket)
+                raise
+            if breaker is not None:
                 breaker.on_success(ticket)
             return self._succeeded(value, run, key, codec)
 
@@ -712,7 +747,11 @@ class ResiliencePolicy:
                     )
                 await run.clock.asleep(delay)
                 continue
-            if ticket != ADMITTED_CLEAN and breaker is not None:
+            except BaseException:
+                if breaker is not None:
+                    await breaker.aon_abandon(ticket)
+                raise
+            if breaker is not None:
                 await breaker.aon_success(ticket)
             if isinstance(key, CacheHooks):
                 stored = key.store(value)
@@ -770,6 +809,7 @@ class ResiliencePolicy:
         codec: Codec | None = None,
         fallbacks: Sequence[Callable[..., Iterable[T]]] = (),
         generic: Callable[[BaseException], Iterable[T]] | bool | None = None,
+        cache: CacheHooks | None = None,
         on_served: Callable[[Served[None]], None] | None = None,
     ) -> Iterator[T]:
         """Stream with retries before the first item only; after it, errors propagate.
@@ -777,8 +817,11 @@ class ResiliencePolicy:
         A degraded stream yields the fallback's items (cache `codec.decode` must return an
         iterable of items). `codec.encode` receives the list of all items of a complete
         live stream. `on_served` is told how the stream is served before its first item.
+        `cache` replaces the key-based cache (its `store` gets the list of items).
         """
         kwargs = kwargs or {}
+        if cache is not None:
+            key = cache
         limit = self.limit
         if limit is not None:
             try:
@@ -836,11 +879,18 @@ class ResiliencePolicy:
                         return
                     run.clock.sleep(delay)
                     continue
+                except BaseException:
+                    if breaker is not None:
+                        breaker.on_abandon(ticket)
+                    raise
                 break
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
             items: list[T] | None = (
-                [] if key is not _NO_KEY and self.fallbacks is not None else None
+                []
+                if isinstance(key, CacheHooks)
+                or (key is not _NO_KEY and self.fallbacks is not None)
+                else None
             )
             try:
                 if first is not _NO_KEY:
@@ -852,10 +902,16 @@ class ResiliencePolicy:
                         items.append(item)
                     yield item
             except Exception as exc:
+                verdict = self.classify(exc)
                 if breaker is not None:
-                    breaker.on_failure(exc, ticket, self.classify(exc))
+                    breaker.on_failure(exc, ticket, verdict)
+                self._publish_failure(self._plan(exc, run.attempts, run.started, verdict))
                 raise
-            if breaker is not None and ticket != ADMITTED_CLEAN:
+            except BaseException:  # closed early (GeneratorExit) or interrupted
+                if breaker is not None:
+                    breaker.on_abandon(ticket)
+                raise
+            if breaker is not None:
                 breaker.on_success(ticket)
             self._succeeded(None, run, _NO_KEY, None)
             if items is not None:
@@ -888,7 +944,7 @@ class ResiliencePolicy:
 
     async def aexecute_stream(
         self,
-        fn: Callable[..., AsyncIterator[T]],
+        fn: Callable[..., AsyncIterator[T] | Awaitable[AsyncIterator[T]]],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         *,
@@ -896,10 +952,13 @@ class ResiliencePolicy:
         codec: Codec | None = None,
         fallbacks: Sequence[Callable[..., Any]] = (),
         generic: Callable[[BaseException], Any] | bool | None = None,
+        cache: CacheHooks | None = None,
         on_served: Callable[[Served[None]], None] | None = None,
     ) -> AsyncIterator[T]:
         """Async twin of `execute_stream` (`fn` returns an async iterator, or a coroutine of one)."""
         kwargs = kwargs or {}
+        if cache is not None:
+            key = cache
         limit = self.limit
         if limit is not None:
             try:
@@ -963,11 +1022,18 @@ class ResiliencePolicy:
                         return
                     await run.clock.asleep(delay)
                     continue
+                except BaseException:
+                    if breaker is not None:
+                        await breaker.aon_abandon(ticket)
+                    raise
                 break
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
             items: list[T] | None = (
-                [] if key is not _NO_KEY and self.fallbacks is not None else None
+                []
+                if isinstance(key, CacheHooks)
+                or (key is not _NO_KEY and self.fallbacks is not None)
+                else None
             )
             try:
                 if first is not _NO_KEY:
@@ -979,14 +1045,25 @@ class ResiliencePolicy:
                             items.append(item)
                         yield item
             except Exception as exc:
+                verdict = self.classify(exc)
                 if breaker is not None:
-                    await breaker.aon_failure(exc, ticket, self.classify(exc))
+                    await breaker.aon_failure(exc, ticket, verdict)
+                self._publish_failure(self._plan(exc, run.attempts, run.started, verdict))
                 raise
-            if breaker is not None and ticket != ADMITTED_CLEAN:
+            except BaseException:  # closed early (GeneratorExit), cancelled or interrupted
+                if breaker is not None:
+                    await breaker.aon_abandon(ticket)
+                raise
+            if breaker is not None:
                 await breaker.aon_success(ticket)
             self._succeeded(None, run, _NO_KEY, None)
-            if items is not None and self.fallbacks is not None:
-                await self.fallbacks.aupdate_cache(key, codec.encode(items) if codec else items)
+            if items is not None:
+                if isinstance(key, CacheHooks):
+                    stored = key.store(items)
+                    if inspect.isawaitable(stored):
+                        await stored
+                elif self.fallbacks is not None:
+                    await self.fallbacks.aupdate_cache(key, codec.encode(items) if codec else items)
         finally:
             if limit is not None:
                 await limit.arelease()
