@@ -386,6 +386,7 @@ def analyse(
         "max_ms": _ms(max(lat) if lat else None),
         "duration_s": round(max((c.end for c in calls), default=0.0), 3),
         "server_statuses": server_stats.get("statuses", {}),
+        "circuit_opens": len(opened_at),
     }
     deadline = 60.0 * scale
     m["over_deadline"] = sum(1 for x in lat if x > deadline + 0.05)
@@ -529,7 +530,7 @@ def evaluate_targets(results: dict[str, dict[str, Any]], scale: float) -> list[d
                 ok,
                 f"{r['errors']}/{r['calls']} errors ({100 * r['error_rate']:.3f}%), "
                 f"amplification {r['amplification']:.3f}",
-                "" if ok else _why_errors(r),
+                "" if ok else _why_transient(r),
             )
         r = results.get("outage", {}).get(who)
         if r and "extra" in r:
@@ -543,7 +544,7 @@ def evaluate_targets(results: dict[str, dict[str, Any]], scale: float) -> list[d
                 ok,
                 f"{_fmt(frac, pct_=True)} zero-upstream, p99 {p99} ms "
                 f"(circuit open {ex.get('circuit_open_after_ms')} ms into the outage)",
-                "" if ok else "the circuit never opened" if frac is None else "",
+                "" if ok else "the circuit never opened" if frac is None else _why_outage(ex),
             )
             ratio = ex.get("load_ratio")
             ok = ratio is not None and ratio <= 1.2
@@ -573,7 +574,12 @@ def evaluate_targets(results: dict[str, dict[str, Any]], scale: float) -> list[d
                 ok,
                 f"{r['errors']} errors, {r['degraded']} degraded, "
                 f"{ex['retry_after_violations']}/{ex['retry_after_followups']} early retries",
-                "" if ok else _why_errors(r),
+                _why_errors(r)
+                if not ok
+                else f"but {r['degraded']} answers were served stale from the cache: the "
+                f"circuit opened {r['circuit_opens']} time(s) on bursts of 429s"
+                if r["degraded"]
+                else "",
             )
         r = results.get("quota", {}).get(who)
         if r and "extra" in r:
@@ -610,6 +616,38 @@ def evaluate_targets(results: dict[str, dict[str, Any]], scale: float) -> list[d
                 f"{r['errors']} errors",
             )
     return out
+
+
+def _why_transient(r: dict[str, Any]) -> str:
+    statuses = r.get("server_statuses", {})
+    failed = sum(v for k, v in statuses.items() if k != "200")
+    total = sum(statuses.values()) or 1
+    p = failed / total
+    floor = 1.0 / (1.0 - p) if p < 1 else float("inf")
+    why = _why_errors(r) if r["errors"] else ""
+    if r["amplification"] > 1.06:
+        why += (
+            f"{'; ' if why else ''}the server failed {100 * p:.2f}% of requests in this run; "
+            f"recovering every call needs at least 1/(1-p) = {floor:.4f} requests per call"
+        )
+    return why
+
+
+def _why_outage(ex: dict[str, Any]) -> str:
+    after, frac = ex.get("calls_after_open") or 0, ex.get("zero_upstream_frac") or 0.0
+    probes = round(after * (1.0 - frac))
+    return (
+        f"{probes} of {after} calls after the circuit opened were half-open probes (one per "
+        "recovery period per breaker; the LLM and the embeddings wrappers each have their own "
+        "breaker); the probe count does not grow with traffic, so the share depends on the "
+        "offered rate"
+        + (
+            f"; p99 {ex.get('zero_upstream_p99_ms')} ms is the framework's own per-call cost "
+            "under thread contention"
+            if (ex.get("zero_upstream_p99_ms") or 0) > 5.0
+            else ""
+        )
+    )
 
 
 def _why_errors(r: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
             str(SCRIPT),
             "--quick",
             "--scenario",
-            "transient,outage,bad_request",
+            "outage,bad_request",
             "--contender",
             "openai-sdk,ours-openai",
             "--out",
@@ -65,9 +65,9 @@ def test_results_for_every_pair(report: tuple[dict, Path, str]) -> None:
     data, _, _ = report
     assert data["benchmark"] == "chaos"
     assert data["settings"]["quick"] is True
-    assert data["settings"]["scenarios"] == ["transient", "outage", "bad_request"]
+    assert data["settings"]["scenarios"] == ["outage", "bad_request"]
     assert data["settings"]["contenders"] == ["openai-sdk", "ours-openai"]
-    for scenario in ("transient", "outage", "bad_request"):
+    for scenario in ("outage", "bad_request"):
         for who in ("openai-sdk", "ours-openai"):
             r = data["results"][scenario][who]
             assert set(r) >= FIELDS, (scenario, who, sorted(r))
@@ -106,12 +106,12 @@ def test_outage_phases_and_circuit(report: tuple[dict, Path, str]) -> None:
 def test_targets_and_files(report: tuple[dict, Path, str]) -> None:
     data, out, stdout = report
     names = {t["target"].split(":")[0] for t in data["targets"]}
-    assert {"transient", "outage", "recovery", "bad request"} <= names
+    assert {"outage", "recovery", "bad request"} <= names
     assert all(t["contender"] == "ours-openai" for t in data["targets"])
     assert all(isinstance(t["ok"], bool) for t in data["targets"])
     md = (out / "chaos.md").read_text(encoding="utf-8")
     assert "## Targets" in md and "| ours-openai" in md and "### outage" in md
-    for scenario in ("transient", "outage", "bad_request"):
+    for scenario in ("outage", "bad_request"):
         png = out / f"chaos_{scenario}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in stdout
