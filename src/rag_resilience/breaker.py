@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -333,7 +334,9 @@ class CircuitBreaker:
 
     def _record_window(self, rec: _Record, now: float, *, failed: bool) -> tuple[int, int]:
         second = int(now)
-        oldest = second - int(self.window_seconds) + 1
+        # whole-second buckets: a window under 1 s (or a fraction) still spans >= 1 bucket,
+        # else every call evicted the current bucket and the rate never reached minimum_calls
+        oldest = second - max(1, math.ceil(self.window_seconds)) + 1
         window = rec.window
         for key in [k for k in window if int(k) < oldest]:
             del window[key]
