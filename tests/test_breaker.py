@@ -215,6 +215,18 @@ def test_rate_mode_window_clears_after_recovery(make: Any) -> None:
     assert cb.get_state() is CLOSED
 
 
+def test_rate_mode_sub_second_window_still_trips(make: Any) -> None:
+    clock: FakeClock = make.clock
+    cb = make(mode="rate", failure_rate_threshold=0.5, minimum_calls=3, window_seconds=0.5)
+    fail_n(cb, 3)  # three failures in the same instant
+    assert cb.get_state() is OPEN
+    cb2 = make(mode="rate", failure_rate_threshold=0.5, minimum_calls=3, window_seconds=1.5)
+    fail_n(cb2, 2)
+    clock.advance(1.0)
+    fail_n(cb2, 1)  # 1 s later: still inside a 1.5 s window
+    assert cb2.get_state() is OPEN
+
+
 # -- growing open periods -------------------------------------------------------------------
 def test_min_recovery_timeout_doubles_up_to_recovery_timeout_and_resets(make: Any) -> None:
     clock: FakeClock = make.clock
