@@ -28,7 +28,6 @@ from .scenarios import (
     ScenarioResult,
     ScenarioRun,
     steps_count,
-    warm_up,
 )
 
 __all__ = ["main"]
@@ -47,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         "--framework", choices=(*FRAMEWORKS, "both"), default="both", help="default: both"
     )
     parser.add_argument(
-        "--scenario", choices=(*SCENARIOS, "all"), default="all", help="default: all"
+        "--scenario",
+        default="all",
+        help=f"one of {', '.join(SCENARIOS)}, a comma-separated list, or all (default)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
     parser.add_argument(
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         "--real",
         action="store_true",
         help="run the normal scenario against the real OpenAI API (needs OPENAI_API_KEY)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"users give up sooner (1.5 s instead of {USER_TIMEOUT_S:g} s; spike 5 s instead of "
+        f"{SPIKE_TIMEOUT_S:g} s): a faster run for tests",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show every log line of the library and SDKs"
@@ -111,6 +118,7 @@ async def _run_all(
     seed: int,
     progress: Any,
     real: bool,
+    timeouts: tuple[float, float],
 ) -> list[ScenarioResult]:
     def prepare(framework: str, name: str) -> ScenarioRun:
         return ScenarioRun(
@@ -120,6 +128,8 @@ async def _run_all(
             seed=seed,
             real=real,
             real_base_url=os.environ.get("OPENAI_BASE_URL") if real else None,
+            user_timeout=timeouts[0],
+            spike_timeout=timeouts[1],
         )
 
     async def one(run: ScenarioRun) -> ScenarioResult:
@@ -127,12 +137,9 @@ async def _run_all(
         progress.advance(0, f"{run.framework}/{run.name} done ({result.wall_s:.1f} s)")
         return result
 
-    # First calls import lazily and fill caches (a second or two): done once, untimed.
-    for framework in frameworks:
-        progress.advance(0, f"{framework}: warming up")
-        await warm_up(factories[framework], real=real)
-    # Scenarios that mostly wait (backoff sleeps) run at the same time, built first one by
-    # one; the spike, which needs the CPU, runs alone, one framework after the other.
+    # Scenarios that mostly wait (backoff sleeps) run at the same time, built and primed
+    # first one by one (first calls import lazily and set up HTTP clients: untimed); the
+    # spike, which needs the CPU, runs alone, one framework after the other.
     calm = [prepare(f, s) for f in frameworks for s in scenarios if s != "spike"]
     try:
         for run in calm:
@@ -160,7 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `rag-resilience demo`; returns the exit code."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
-    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.scenario == "all":
+        scenarios = list(SCENARIOS)
+    else:
+        scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
+        unknown = [s for s in scenarios if s not in SCENARIOS]
+        if unknown or not scenarios:
+            print(
+                f"rag-resilience demo: --scenario must be {', '.join(SCENARIOS)}, a "
+                f"comma-separated list of them, or all; got {args.scenario!r}",
+                file=sys.stderr,
+            )
+            return 2
+        scenarios = [s for s in SCENARIOS if s in scenarios]
+    user_timeout, spike_timeout = (1.5, 5.0) if args.quick else (USER_TIMEOUT_S, SPIKE_TIMEOUT_S)
     api_key = "sk-demo"
     if args.real:
         api_key = os.environ.get("OPENAI_API_KEY", "")
@@ -183,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "real": args.real,
         "settings": DEMO_SETTINGS,
-        "user_timeout_s": USER_TIMEOUT_S,
-        "spike_timeout_s": SPIKE_TIMEOUT_S,
+        "user_timeout_s": user_timeout,
+        "spike_timeout_s": spike_timeout,
     }
     print(render_header(info), flush=True)
     started = time.perf_counter()
@@ -198,7 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         progress.advance(0, "starting")
         try:
             results = asyncio.run(
-                _run_all(frameworks, scenarios, factories, args.seed, progress, args.real)
+                _run_all(
+                    frameworks,
+                    scenarios,
+                    factories,
+                    args.seed,
+                    progress,
+                    args.real,
+                    (user_timeout, spike_timeout),
+                )
             )
         finally:
             progress.close()

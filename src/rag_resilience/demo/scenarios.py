@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..chaos import ChaosServer
-from .common import RagApp, Reply, timed
+from .common import USER_TIMEOUT_S, RagApp, Reply, timed
 
 __all__ = [
     "KNOWN_QUESTION",
@@ -28,7 +28,6 @@ __all__ = [
     "SideResult",
     "run_scenario",
     "steps_count",
-    "warm_up",
 ]
 
 SCENARIOS: dict[str, str] = {
@@ -173,11 +172,15 @@ def _tally(side: SideResult, replies: list[Reply], upstream: int) -> None:
 
 
 async def _ask(
-    app: RagApp, server: ChaosServer | None, question: str, note: str = ""
+    app: RagApp,
+    server: ChaosServer | None,
+    question: str,
+    note: str = "",
+    timeout: float = USER_TIMEOUT_S,
 ) -> tuple[Row, Reply]:
     before_up = server.stats()["requests"] if server is not None else 0
     before_att = _attempts(app)
-    reply = await timed(lambda: app.aask(question))
+    reply = await timed(lambda: app.aask(question), timeout)
     upstream = server.stats()["requests"] - before_up if server is not None else -1
     attempts = _attempts(app) - before_att if app.wrapped else upstream
     row = Row(
@@ -202,6 +205,7 @@ async def _sequence(
     server: ChaosServer | None,
     steps: list[tuple[str, str, dict[str, Any] | None]],
     progress: Progress,
+    timeout: float = USER_TIMEOUT_S,
 ) -> SideResult:
     """Ask questions in order; a step's faults (if any) are set just before it."""
     side = SideResult(wrapped=app.wrapped)
@@ -210,7 +214,7 @@ async def _sequence(
     for note, question, faults in steps:
         if faults is not None and server is not None:
             server.set_faults(**faults)
-        row, reply = await _ask(app, server, question, note)
+        row, reply = await _ask(app, server, question, note, timeout)
         side.rows.append(row)
         replies.append(reply)
         upstream += max(0, row.upstream_calls)
@@ -219,7 +223,9 @@ async def _sequence(
     return side
 
 
-async def _spike(app: RagApp, server: ChaosServer, progress: Progress) -> SideResult:
+async def _spike(
+    app: RagApp, server: ChaosServer, progress: Progress, timeout: float = SPIKE_TIMEOUT_S
+) -> SideResult:
     server.set_faults(latency=SPIKE_LATENCY, max_concurrency=SPIKE_CAPACITY)
     limit = app.policies()["app"].limit if app.wrapped else None
     peaks = {"in_flight": 0, "waiting": 0}
@@ -234,7 +240,7 @@ async def _spike(app: RagApp, server: ChaosServer, progress: Progress) -> SideRe
 
     async def one(i: int) -> Reply:
         reply = await timed(
-            lambda: app.aask(f"Burst question {i}: how does backpressure work?"), SPIKE_TIMEOUT_S
+            lambda: app.aask(f"Burst question {i}: how does backpressure work?"), timeout
         )
         progress(1)
         return reply
@@ -336,6 +342,8 @@ class ScenarioRun:
         seed: int,
         real: bool = False,
         real_base_url: str | None = None,
+        user_timeout: float = USER_TIMEOUT_S,
+        spike_timeout: float = SPIKE_TIMEOUT_S,
     ) -> None:
         if name not in SCENARIOS:
             raise ValueError(f"scenario must be one of {sorted(SCENARIOS)}, got {name!r}")
@@ -347,6 +355,8 @@ class ScenarioRun:
         self.seed = seed
         self.real = real
         self.real_base_url = real_base_url
+        self.user_timeout = user_timeout
+        self.spike_timeout = spike_timeout
         self.servers: list[ChaosServer | None] = [None, None]
         self.apps: list[RagApp] = []
 
@@ -383,11 +393,14 @@ class ScenarioRun:
                 sides = []
                 for app, server in pairs:
                     assert server is not None
-                    sides.append(await _spike(app, server, progress))
+                    sides.append(await _spike(app, server, progress, self.spike_timeout))
             else:
                 sides = list(
                     await asyncio.gather(
-                        *(_sequence(a, s, _steps(self.name), progress) for a, s in pairs)
+                        *(
+                            _sequence(a, s, _steps(self.name), progress, self.user_timeout)
+                            for a, s in pairs
+                        )
                     )
                 )
         finally:
@@ -416,17 +429,6 @@ async def run_scenario(
     """Build and run one scenario (see `ScenarioRun`)."""
     run = ScenarioRun(name, framework, make_app, seed=seed, real=real, real_base_url=real_base_url)
     return await run.run(progress)
-
-
-async def warm_up(make_app: Callable[[str | None, bool], RagApp], *, real: bool = False) -> None:
-    """Build both apps once and ask one question each, so that the timed scenarios do not
-    measure lazy imports and first-call setup. Nothing here is reported."""
-    if real:
-        return
-    with ChaosServer(seed=0, embedding_dim=256) as server:
-        for wrapped in (True, False):
-            app = await asyncio.to_thread(make_app, server.base_url, wrapped)
-            await timed(functools.partial(app.aask, "Warm-up question"), 30.0)
 
 
 def steps_count(name: str) -> int:
