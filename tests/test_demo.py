@@ -43,7 +43,8 @@ def spike(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _scenario(data: dict[str, Any], name: str) -> dict[str, Any]:
     found = [r for r in data["results"] if r["name"] == name]
     assert len(found) == 1, [r["name"] for r in data["results"]]
-    return found[0]
+    result: dict[str, Any] = found[0]
+    return result
 
 
 def test_json_describes_the_run(calm: dict[str, Any]) -> None:

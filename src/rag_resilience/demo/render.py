@@ -227,7 +227,9 @@ def render_scenario(result: ScenarioResult, counted: bool = True) -> str:
 def _notes(result: ScenarioResult) -> list[str]:
     w, p = result.wrapped, result.plain
     if result.name == "normal":
-        return ["  Both apps answer live; the wrapper adds no upstream calls."]
+        if w.upstream_calls == p.upstream_calls and w.requests and not w.rows[0].upstream_calls < 0:
+            return ["  Both apps answer live; the wrapper adds no upstream calls."]
+        return ["  Both apps answer live."]
     if result.name == "transient":
         return [
             "  Retries with short jittered backoff turn most failures into live answers; what",
@@ -305,7 +307,7 @@ def render_summary(
                 f"  {r.framework:<11} {r.name:<10} {label:<8} {side.requests:>8} "
                 f"{side.errors:>5} ({side.error_rate * 100:4.0f}%) {side.degraded:>9} "
                 f"{side.upstream_calls if counted else '-':>9} "
-                f"{side.upstream_per_request if counted else 0:>12.2f}"
+                f"{f'{side.upstream_per_request:.2f}' if counted else '-':>12}"
             )
             t = totals.setdefault((r.framework, side.wrapped), [0, 0, 0, 0])
             t[0] += side.requests
