@@ -51,7 +51,7 @@ def test_json_describes_the_run(calm: dict[str, Any]) -> None:
     assert calm["frameworks"] == ["llama-index"]
     assert calm["scenarios"] == ["transient", "outage"]
     assert calm["settings"]["recovery_timeout"] <= 5  # scaled down for real time
-    assert calm["user_timeout_s"] == 1.5
+    assert calm["user_timeout_s"] == 2.5
     for result in calm["results"]:
         for side in ("wrapped", "unwrapped"):
             assert result[side]["requests"] == len(result[side]["rows"]) == 5

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"users give up sooner (1.5 s instead of {USER_TIMEOUT_S:g} s; spike 5 s instead of "
+        help=f"users give up sooner (2.5 s instead of {USER_TIMEOUT_S:g} s; spike 5 s instead of "
         f"{SPIKE_TIMEOUT_S:g} s): a faster run for tests",
     )
     parser.add_argument(
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         scenarios = [s for s in SCENARIOS if s in scenarios]
-    user_timeout, spike_timeout = (1.5, 5.0) if args.quick else (USER_TIMEOUT_S, SPIKE_TIMEOUT_S)
+    user_timeout, spike_timeout = (2.5, 5.0) if args.quick else (USER_TIMEOUT_S, SPIKE_TIMEOUT_S)
     api_key = "sk-demo"
     if args.real:
         api_key = os.environ.get("OPENAI_API_KEY", "")
