@@ -262,6 +262,43 @@ def test_chat_outage_serves_the_last_answer_with_its_age(clock: FakeClock) -> No
     assert meta["age_s"] == pytest.approx(100.0 + 3 * OUTAGE_RETRY_AFTER)
 
 
+def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
+    clock: FakeClock,
+) -> None:
+    """Issue 5's lifecycle over the recorded 503: the outage cassette is replayed as often
+    as asked (allow_playback_repeats), so the breaker's threshold, not the cassette, ends it."""
+    llm = chat()
+    breaker = llm.resilience_policy.breaker
+    assert breaker is not None and breaker.failure_threshold == 5
+    with cassettes.use_cassette("langchain_chat/success"):
+        llm.invoke(QUESTION)
+    outage = cassettes.use_cassette("langchain_chat/outage", allow_playback_repeats=True)
+    with outage as cassette:
+        first = llm.invoke(QUESTION)  # 4 attempts: 4 failures, still closed
+        assert cassette.play_count == 4 and breaker.get_state() is CircuitState.CLOSED
+        second = llm.invoke(QUESTION)  # the 5th failure opens it: no more retries
+        assert cassette.play_count == 5 and breaker.get_state() is CircuitState.OPEN
+        third = llm.invoke(QUESTION)  # open: served without any upstream request
+        assert cassette.play_count == 5
+        new = llm.invoke("A question never answered before")
+        assert cassette.play_count == 5
+    sources = [m.response_metadata["resilience"] for m in (first, second, third)]
+    assert [(m["source"], m["attempts"]) for m in sources] == [
+        ("cache", 4),
+        ("cache", 1),
+        ("cache", 0),
+    ]
+    assert new.content == DEFAULT_GENERIC_ANSWER
+    assert new.response_metadata["resilience"]["source"] == "generic_fallback"
+    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 3  # none after it opened
+    # After the open period one probe goes through; the recorded success closes the circuit.
+    clock.advance(breaker.retry_after())
+    with cassettes.use_cassette("langchain_chat/success") as cassette:
+        healed = llm.invoke(QUESTION)
+    assert cassette.play_count == 1 and breaker.get_state() is CircuitState.CLOSED
+    assert healed.response_metadata["resilience"] == live(1)
+
+
 def test_chat_stream_outage_gives_the_generic_answer(clock: FakeClock) -> None:
     # The outage cassette is matched on method + path, so a stream request plays it too.
     with cassettes.use_cassette("langchain_chat/outage") as cassette:
