@@ -131,7 +131,21 @@ def test_caller_errors_do_not_count(make: Any, status: int) -> None:
     assert cb.get_state() is CLOSED and cb.failure_count == 0
 
 
-@pytest.mark.parametrize("status", [429, 500, 503, 529])
+def test_rate_limiting_does_not_trip(make: Any) -> None:
+    # A 429 rate_limit_exceeded is an upstream that is up and throttling: retried after
+    # its Retry-After, never counted against its health.
+    cb = make(failure_threshold=2)
+
+    def throttled() -> None:
+        raise APIError(429)
+
+    for _ in range(5):
+        with pytest.raises(APIError):
+            cb.call(throttled)
+    assert cb.get_state() is CLOSED and cb.failure_count == 0
+
+
+@pytest.mark.parametrize("status", [500, 503, 529])
 def test_upstream_errors_count(make: Any, status: int) -> None:
     cb = make(failure_threshold=2)
 

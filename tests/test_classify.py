@@ -204,7 +204,9 @@ def test_retryable_statuses(
 ) -> None:
     exc = openai_error(cls, status, body, OPENAI_HEADERS)
     verdict = classify_error(exc)
-    assert verdict.retryable and verdict.is_failure and verdict.fallback_ok
+    assert verdict.retryable and verdict.fallback_ok
+    # Throttling is retried but is no sign of an unhealthy upstream: it never trips a breaker.
+    assert verdict.is_failure is (reason != "rate_limited")
     assert verdict.reason == reason
     assert verdict.status == status
 
@@ -283,7 +285,7 @@ def test_anthropic_low_credit_400_is_billing() -> None:
 def test_seed_api_error_with_status_code(status: int, retryable: bool) -> None:
     verdict = classify_error(SeedAPIError(status, "boom"))
     assert verdict.retryable is retryable
-    assert verdict.is_failure is retryable
+    assert verdict.is_failure is (retryable and status != 429)
     assert verdict.status == status
 
 
@@ -535,7 +537,7 @@ def test_status_carrying_http_client_errors() -> None:
     exc = aiohttp.ClientResponseError(
         None, (), status=429, message="Too Many", headers=CIMultiDict({"Retry-After": "2"})
     )
-    assert classify_error(exc) == ErrorVerdict(True, True, True, "rate_limited", 429, 2.0)
+    assert classify_error(exc) == ErrorVerdict(True, False, True, "rate_limited", 429, 2.0)
 
     httpx_exc = httpx.HTTPStatusError("404", request=REQUEST, response=response(404))
     assert classify_error(httpx_exc) == ErrorVerdict(False, False, False, "client_error_404", 404)
@@ -790,7 +792,7 @@ def test_langchain_core_model_errors_flag_as_hint() -> None:
     )
 
     assert classify_error(ModelRateLimitError("x")) == ErrorVerdict(
-        True, True, True, "rate_limited", 429
+        True, False, True, "rate_limited", 429
     )
     assert classify_error(ModelAPIError("x")).retryable
     assert classify_error(ModelConnectionError("x")).reason == "connection"

@@ -278,7 +278,10 @@ class CircuitBreaker:
         if rec.state == _HALF:
             rec.probes = [p for p in rec.probes if p[1] > now]
             if len(rec.probes) >= self.half_open_max_calls:
-                return -1, 0.0
+                # Every probe slot is busy: hint at a short wait (a probe's verdict usually
+                # comes within seconds), never 0, which invites a tight retry loop.
+                earliest = min(p[1] for p in rec.probes) - now
+                return -1, max(0.1, min(1.0, earliest))
             rec.probes.append([float(probe_id), now + self.probe_timeout])
             return probe_id, 0.0
         if self.mode == "rate" or rec.failures:

@@ -442,6 +442,13 @@ def _retryable(
     return ErrorVerdict(True, True, True, reason, status, retry_after)
 
 
+def _rate_limited(status: int | None, retry_after: float | None) -> ErrorVerdict:
+    # Throttling is an upstream that is up and answering: retry after its Retry-After, but
+    # do not count it against its health, or a burst that briefly exceeds the limit would
+    # open the circuit and serve stale answers while live ones were a second away.
+    return ErrorVerdict(True, False, True, "rate_limited", status, retry_after)
+
+
 def _caller_error(reason: str, status: int | None = None) -> ErrorVerdict:
     return ErrorVerdict(False, False, False, reason, status)
 
@@ -482,7 +489,7 @@ def _status_verdict(exc: BaseException, status: int, now: float | None) -> Error
     if billing is not None:
         verdict = _billing(billing, status, retry_after)
     elif status == 429:
-        verdict = _retryable("rate_limited", status, retry_after)
+        verdict = _rate_limited(status, retry_after)
     elif status == 529 or (status >= 500 and any(c in _OVERLOADED_CODES for c in codes)):
         verdict = _retryable("overloaded", status, retry_after)
     elif status >= 500 or status in (408, 409):
@@ -516,7 +523,7 @@ def _code_verdict(exc: BaseException) -> ErrorVerdict | None:
         return _billing(billing, None, None)
     for code in codes:
         if code in _RATE_LIMIT_CODES:
-            return _retryable("rate_limited", None, retry_after_hint(_exc_text(exc)))
+            return _rate_limited(None, retry_after_hint(_exc_text(exc)))
         if code in _OVERLOADED_CODES:
             return _retryable("overloaded")
         if code in _SERVER_CODES:
@@ -567,6 +574,8 @@ def _model_error_verdict(exc: BaseException) -> ErrorVerdict | None:
             reason, status = known
             break
     if flag:
+        if reason == "rate_limited":
+            return _rate_limited(status, None)
         return ErrorVerdict(True, True, True, reason, status)
     return _caller_error(reason, status)
 

@@ -152,6 +152,37 @@ class Codec:
     decode: Callable[[Any], Any]
 
 
+class _Permit:
+    """A call's concurrency permit. It is given back while the call sleeps between
+    attempts: backoff is not in flight, and must not occupy a slot of the limit."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: ConcurrencyLimit | None) -> None:
+        self.limit = limit
+        self.held = False
+
+    def take(self) -> None:
+        if self.limit is not None:
+            self.limit.acquire()
+            self.held = True
+
+    async def atake(self) -> None:
+        if self.limit is not None:
+            await self.limit.aacquire()
+            self.held = True
+
+    def give(self) -> None:
+        if self.held and self.limit is not None:
+            self.held = False
+            self.limit.release()
+
+    async def agive(self) -> None:
+        if self.held and self.limit is not None:
+            self.held = False
+            await self.limit.arelease()
+
+
 @dataclass(slots=True)
 class CacheHooks:
     """A caller-owned last-known-good cache: `store(value)` after a live success,
@@ -413,6 +444,38 @@ class ResiliencePolicy:
         return self.aexecute_stream(fn, args, kwargs, key=key)
 
     # -- shared decisions -----------------------------------------------------------------
+    def _pause(
+        self, permit: _Permit, run: RetryRun, delay: float, cause: BaseException
+    ) -> QueueFullError | None:
+        """Sleep `delay` without holding the permit; the rejection if it can't be had back."""
+        permit.give()
+        run.clock.sleep(delay)
+        try:
+            permit.take()
+        except QueueFullError as rejected:
+            return self._requeue_rejected(rejected, cause)
+        return None
+
+    async def _apause(
+        self, permit: _Permit, run: RetryRun, delay: float, cause: BaseException
+    ) -> QueueFullError | None:
+        await permit.agive()
+        await run.clock.asleep(delay)
+        try:
+            await permit.atake()
+        except QueueFullError as rejected:
+            return self._requeue_rejected(rejected, cause)
+        return None
+
+    def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
+        rejected.__context__ = cause
+        add_note(
+            rejected,
+            f"rag_resilience[{self.name}]: rejected when queueing to retry after "
+            f"{type(cause).__name__}: {cause}",
+        )
+        return rejected
+
     def _new_run(self) -> RetryRun:
         return RetryRun(
             self.retry, self.name, deadline=self.deadline, attempt_timeout=self.attempt_timeout
@@ -559,25 +622,23 @@ class ResiliencePolicy:
         kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        limit = self.limit
-        if limit is not None:
-            try:
-                limit.acquire()
-            except QueueFullError as exc:
-                return self._degrade(
-                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                    args,
-                    kwargs,
-                    key,
-                    codec,
-                    fallbacks,
-                    generic,
-                )
+        permit = _Permit(self.limit)
         try:
-            return self._attempts(fn, args, kwargs, key, codec, fallbacks, generic)
+            permit.take()
+        except QueueFullError as exc:
+            return self._degrade(
+                self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                args,
+                kwargs,
+                key,
+                codec,
+                fallbacks,
+                generic,
+            )
+        try:
+            return self._attempts(fn, args, kwargs, key, codec, fallbacks, generic, permit)
         finally:
-            if limit is not None:
-                limit.release()
+            permit.give()
 
     def _attempts(
         self,
@@ -588,10 +649,10 @@ class ResiliencePolicy:
         codec: Codec | None,
         fallbacks: Sequence[Callable[..., Any]],
         generic: Callable[[BaseException], Any] | bool | None,
+        permit: _Permit,
     ) -> Served[T]:
         run = self._new_run()
         breaker = self.breaker
-        sleep = run.clock.sleep
         while True:
             run.start_attempt()
             if breaker is not None:
@@ -623,7 +684,17 @@ class ResiliencePolicy:
                         fallbacks,
                         generic,
                     )
-                sleep(delay)
+                rejected = self._pause(permit, run, delay, exc)
+                if rejected is not None:
+                    return self._degrade(
+                        self._plan(rejected, run.attempts, run.started),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
                 continue
             except BaseException:
                 if breaker is not None:
@@ -682,25 +753,23 @@ class ResiliencePolicy:
         kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        limit = self.limit
-        if limit is not None:
-            try:
-                await limit.aacquire()
-            except QueueFullError as exc:
-                return await self._adegrade(
-                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                    args,
-                    kwargs,
-                    key,
-                    codec,
-                    fallbacks,
-                    generic,
-                )
+        permit = _Permit(self.limit)
         try:
-            return await self._aattempts(fn, args, kwargs, key, codec, fallbacks, generic)
+            await permit.atake()
+        except QueueFullError as exc:
+            return await self._adegrade(
+                self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                args,
+                kwargs,
+                key,
+                codec,
+                fallbacks,
+                generic,
+            )
+        try:
+            return await self._aattempts(fn, args, kwargs, key, codec, fallbacks, generic, permit)
         finally:
-            if limit is not None:
-                await limit.arelease()
+            await permit.agive()
 
     async def _aattempts(
         self,
@@ -711,6 +780,7 @@ class ResiliencePolicy:
         codec: Codec | None,
         fallbacks: Sequence[Callable[..., Any]],
         generic: Callable[[BaseException], Any] | bool | None,
+        permit: _Permit,
     ) -> Served[T]:
         run = self._new_run()
         breaker = self.breaker
@@ -745,7 +815,17 @@ class ResiliencePolicy:
                         fallbacks,
                         generic,
                     )
-                await run.clock.asleep(delay)
+                rejected = await self._apause(permit, run, delay, exc)
+                if rejected is not None:
+                    return await self._adegrade(
+                        self._plan(rejected, run.attempts, run.started),
+                        args,
+                        kwargs,
+                        key,
+                        codec,
+                        fallbacks,
+                        generic,
+                    )
                 continue
             except BaseException:
                 if breaker is not None:
@@ -822,22 +902,21 @@ class ResiliencePolicy:
         kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        limit = self.limit
-        if limit is not None:
-            try:
-                limit.acquire()
-            except QueueFullError as exc:
-                served = self._degrade(
-                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                    args,
-                    kwargs,
-                    key,
-                    codec,
-                    fallbacks,
-                    generic,
-                )
-                yield from self._emit_degraded(served, on_served)
-                return
+        permit = _Permit(self.limit)
+        try:
+            permit.take()
+        except QueueFullError as exc:
+            served = self._degrade(
+                self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                args,
+                kwargs,
+                key,
+                codec,
+                fallbacks,
+                generic,
+            )
+            yield from self._emit_degraded(served, on_served)
+            return
         try:
             run = self._new_run()
             breaker = self.breaker
@@ -877,7 +956,19 @@ class ResiliencePolicy:
                         )
                         yield from self._emit_degraded(served, on_served)
                         return
-                    run.clock.sleep(delay)
+                    rejected = self._pause(permit, run, delay, exc)
+                    if rejected is not None:
+                        served = self._degrade(
+                            self._plan(rejected, run.attempts, run.started),
+                            args,
+                            kwargs,
+                            key,
+                            codec,
+                            fallbacks,
+                            generic,
+                        )
+                        yield from self._emit_degraded(served, on_served)
+                        return
                     continue
                 except BaseException:
                     if breaker is not None:
@@ -917,8 +1008,7 @@ class ResiliencePolicy:
             if items is not None:
                 self._store(key, items, codec)
         finally:
-            if limit is not None:
-                limit.release()
+            permit.give()
 
     @staticmethod
     def _emit_degraded(
@@ -959,23 +1049,22 @@ class ResiliencePolicy:
         kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        limit = self.limit
-        if limit is not None:
-            try:
-                await limit.aacquire()
-            except QueueFullError as exc:
-                served = await self._adegrade(
-                    self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                    args,
-                    kwargs,
-                    key,
-                    codec,
-                    fallbacks,
-                    generic,
-                )
-                async for item in self._aemit_degraded(served, on_served):
-                    yield item
-                return
+        permit = _Permit(self.limit)
+        try:
+            await permit.atake()
+        except QueueFullError as exc:
+            served = await self._adegrade(
+                self._plan(exc, 0, get_clock(self.clock).monotonic()),
+                args,
+                kwargs,
+                key,
+                codec,
+                fallbacks,
+                generic,
+            )
+            async for item in self._aemit_degraded(served, on_served):
+                yield item
+            return
         try:
             run = self._new_run()
             breaker = self.breaker
@@ -1020,7 +1109,20 @@ class ResiliencePolicy:
                         async for item in self._aemit_degraded(served, on_served):
                             yield item
                         return
-                    await run.clock.asleep(delay)
+                    rejected = await self._apause(permit, run, delay, exc)
+                    if rejected is not None:
+                        served = await self._adegrade(
+                            self._plan(rejected, run.attempts, run.started),
+                            args,
+                            kwargs,
+                            key,
+                            codec,
+                            fallbacks,
+                            generic,
+                        )
+                        async for item in self._aemit_degraded(served, on_served):
+                            yield item
+                        return
                     continue
                 except BaseException:
                     if breaker is not None:
@@ -1065,8 +1167,7 @@ class ResiliencePolicy:
                 elif self.fallbacks is not None:
                     await self.fallbacks.aupdate_cache(key, codec.encode(items) if codec else items)
         finally:
-            if limit is not None:
-                await limit.arelease()
+            await permit.agive()
 
     @staticmethod
     async def _aemit_degraded(

@@ -33,7 +33,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.outputs import LLMResult
 
-from ..breaker import ADMITTED_CLEAN, CircuitBreaker
+from ..breaker import CircuitBreaker
 from ..clock import get_clock
 from ..errors import CircuitOpenError, QueueFullError
 from ..events import StatsCollector, _percentile
@@ -165,8 +165,8 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         ticket, key = self._finish(run_id)
         with self._lock:
             self.successes += 1
-        if self.breaker is not None and ticket is not None and ticket != ADMITTED_CLEAN:
-            self.breaker.on_success(ticket)
+        if self.breaker is not None and ticket is not None:
+            self.breaker.on_success(ticket)  # a clean ticket still breaks a failure run
         if self.fallbacks is not None and key is not None:
             text = _text_of(response)
             if text is not None:

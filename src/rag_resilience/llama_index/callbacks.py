@@ -83,8 +83,8 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         if self.breaker is not None and event_type in _GUARDED:
             if isinstance(error, BaseException):
                 self.breaker.on_failure(error, ticket)
-            elif ticket != ADMITTED_CLEAN:
-                self.breaker.on_success(ticket)
+            else:
+                self.breaker.on_success(ticket)  # a clean ticket still breaks a failure run
 
     def start_trace(self, trace_id: str | None = None) -> None:
         return None
