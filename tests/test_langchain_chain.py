@@ -254,3 +254,22 @@ def test_bind_tools_and_structured_output_stay_resilient() -> None:
     structured = llm.with_structured_output(Answer)
     first = structured.first  # type: ignore[attr-defined]
     assert first.bound is llm
+
+
+def test_chain_ending_in_a_chat_model_degrades_to_a_message(clock: FakeClock) -> None:
+    # A chat model's OutputType is an Annotated union of message classes: the generic
+    # answer of a chain ending in one must be an AIMessage carrying the metadata, not a str,
+    # even before any live answer was seen.
+    class Down(FakeListChatModel):
+        def _call(self, *args: Any, **kwargs: Any) -> str:
+            raise ConnectionError("upstream down")
+
+    prompt = ChatPromptTemplate.from_messages([("user", "{q}")])
+    chain = with_resilience(
+        prompt | Down(responses=["unused"]),
+        policy=ResiliencePolicy.preset("balanced", name="typed-chain", max_retries=0),
+    )
+    out = chain.invoke({"q": "never asked"})
+    assert isinstance(out, AIMessage)
+    assert out.response_metadata["resilience"]["source"] == "generic_fallback"
+    assert out.content == DEFAULT_GENERIC_ANSWER

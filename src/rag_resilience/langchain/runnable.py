@@ -11,6 +11,8 @@ a chain that "succeeded") is reported as degraded and never stored as last-known
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -361,6 +363,14 @@ _STREAM_CODEC = Codec(
 
 
 def _is_message_type(tp: Any) -> bool:
+    """True for a message class, or a union of them (a chat model's OutputType is an
+    ``Annotated[Union[Annotated[AIMessage, Tag], ...], Discriminator]``)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _is_message_type(typing.get_args(tp)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(args) and all(_is_message_type(a) for a in args)
     try:
         return isinstance(tp, type) and issubclass(tp, BaseMessage)
     except TypeError:
