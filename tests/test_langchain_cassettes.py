@@ -341,14 +341,6 @@ async def test_handler_sees_retries_and_degraded_answers(
     assert handler_view(handler) == seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="langchain-core 1.x BaseChatModel.stream/astream call _stream/_astream without "
-    "run_manager, so ResilientLLM._stream/_astream get run_manager=None and never dispatch "
-    "the resilience custom event: a degraded streamed answer (and its retries) is invisible "
-    "to ResilienceCallbackHandler (only the first chunk's response_metadata and the policy's "
-    "own stats show it)",
-)
 @pytest.mark.parametrize("mode", ["stream", "astream"])
 async def test_handler_sees_a_degraded_streamed_answer(clock: FakeClock, mode: str) -> None:
     handler = ResilienceCallbackHandler()

@@ -268,7 +268,7 @@ def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
 
 
 def test_sdk_sends_a_stream_request_in_create_and_raises_there() -> None:
-    """The reference behaviour for the xfail below: the bare SDK's create(stream=True)
+    """The reference behaviour for the test below: the bare SDK's create(stream=True)
     sends the request and raises HTTP errors before returning a Stream."""
     raw = openai.OpenAI(api_key="sk-test", base_url=BASE, max_retries=0)
     with (
@@ -279,17 +279,10 @@ def test_sdk_sends_a_stream_request_in_create_and_raises_there() -> None:
     assert cassette.play_count == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ResilientOpenAIClient.chat.completions.create(stream=True) returns a lazy "
-    "_SyncStream without sending anything; the request, the retries and any HTTP error "
-    "happen on first iteration, so `try: create(stream=True) except openai.APIError` (valid "
-    "for the bare SDK) misses the error, and the object has no SDK Stream `.response`",
-)
 def test_stream_create_raises_where_the_sdk_does(clock: FakeClock) -> None:
     oai = client()
     with cassettes.use_cassette("openai_chat/400_context_length_exceeded") as cassette:
-        # Today create() returns at once, nothing sent; the error comes out of iteration.
+        # Like the SDK: create() sends the request and raises the HTTP error itself.
         with pytest.raises(openai.BadRequestError):
             oai.chat.completions.create(**CHAT, stream=True)
         assert cassette.play_count == 1

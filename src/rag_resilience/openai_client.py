@@ -35,6 +35,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["AsyncResilientOpenAIClient", "ResilientOpenAIClient"]
 
+_END: Any = object()
+
 # Request fields that do not change the answer: left out of cache keys.
 _NOT_IN_KEY = frozenset(
     {
@@ -220,11 +222,23 @@ class _SyncStream:
             generic=_chunks_generic(policy, model),
             on_served=served,
         )
+        # Like the SDK: create() sends the request (retrying until the first chunk) and
+        # raises HTTP errors here, not on first iteration.
+        self._first: Any = next(self._iter, _END)
+
+    @property
+    def response(self) -> Any:
+        """The SDK stream's HTTP response (None when served from a fallback)."""
+        return getattr(self._open, "response", None)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._iter
+        return self
 
     def __next__(self) -> Any:
+        first = self._first
+        if first is not _END:
+            self._first = _END
+            return first
         return next(self._iter)
 
     def close(self) -> None:
@@ -296,7 +310,7 @@ class _AsyncCompletions:
         policy, inner = owner.policy, owner.client
         model = str(kwargs.get("model", ""))
         if kwargs.get("stream"):
-            return _AsyncStream(policy, inner, kwargs, model)
+            return await _AsyncStream(policy, inner, kwargs, model)._prime()
         served = await policy.aexecute(
             inner.chat.completions.create,
             (),
@@ -334,11 +348,24 @@ class _AsyncStream:
             generic=_chunks_generic(policy, model),
             on_served=served,
         )
+        self._first: Any = _END
+
+    async def _prime(self) -> _AsyncStream:
+        """Send the request now (as the SDK's create() does) and keep the first chunk."""
+        try:
+            self._first = await self._iter.__anext__()
+        except StopAsyncIteration:
+            self._first = _END
+        return self
 
     def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iter
+        return self
 
     async def __anext__(self) -> Any:
+        first = self._first
+        if first is not _END:
+            self._first = _END
+            return first
         return await self._iter.__anext__()
 
     async def close(self) -> None:

@@ -94,6 +94,7 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
             self.degraded = 0
             self.transitions: Counter[str] = Counter()
             self.resilience_events = 0
+            self._reported_runs: set[UUID] = set()
             self._latencies.clear()
         self._engine.reset()
 
@@ -165,6 +166,18 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         ticket, key = self._finish(run_id)
         with self._lock:
             self.successes += 1
+            reported = run_id in self._reported_runs
+            self._reported_runs.discard(run_id)
+        if not reported:
+            # BaseChatModel.stream() calls _stream without its run manager, so our wrapper
+            # could not send its custom event: read the metadata it put on the answer.
+            meta = _resilience_of(response)
+            if meta is not None:
+                data = dict(meta)
+                error = data.get("error")
+                if isinstance(error, str) and ":" in error:
+                    data["error_class"] = error.split(":", 1)[0]
+                self.on_custom_event(EVENT_NAME, data, run_id=run_id)
         if self.breaker is not None and ticket is not None:
             self.breaker.on_success(ticket)  # a clean ticket still breaks a failure run
         if self.fallbacks is not None and key is not None:
@@ -184,6 +197,7 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         if name != EVENT_NAME or not isinstance(data, dict):
             return
         with self._lock:
+            self._reported_runs.add(run_id)
             self.resilience_events += 1
             attempts = data.get("attempts")
             if isinstance(attempts, int) and attempts > 1:
@@ -261,6 +275,17 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
             snapshot["breaker"] = self.breaker.stats()
             snapshot["rejections"] = max(snapshot["rejections"], engine["rejections"])
         return snapshot
+
+
+def _resilience_of(response: LLMResult) -> dict[str, Any] | None:
+    for generations in response.generations:
+        for generation in generations:
+            message = getattr(generation, "message", None)
+            meta = getattr(message, "response_metadata", None)
+            if isinstance(meta, dict) and isinstance(meta.get("resilience"), dict):
+                found: dict[str, Any] = meta["resilience"]
+                return found
+    return None
 
 
 def _text_of(response: LLMResult) -> str | None:
