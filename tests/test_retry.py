@@ -551,3 +551,20 @@ def test_zero_retries_means_one_attempt(clock: FakeClock) -> None:
         strategy(clock, max_retries=0).execute(fn)
     assert fn.calls == 1 and clock.sleeps == []  # type: ignore[attr-defined]
     assert is_handled(info.value)
+
+
+def test_server_paced_429_does_not_spend_the_retry_budget() -> None:
+    # A budget that allows no retries at all: our own backoff retries are refused, but a
+    # 429 that says when to come back is paced by the server and still retried.
+    with fake_clock() as clock:
+        budget = RetryBudget(ratio=0.0, min_per_second=0.0, clock=clock)
+        strategy = RetryStrategy(max_retries=2, initial_delay=0.1, retry_budget=budget)
+        throttled = Flaky(APIError(429, headers={"retry-after": "2"}), result="ok")
+        assert strategy.execute(throttled) == "ok"
+        assert throttled.calls == 2 and clock.sleeps == [2.0]
+
+        down = Flaky(APIError(503), result="ok")
+        with pytest.raises(APIError) as info:
+            strategy.execute(down)
+        assert down.calls == 1
+        assert any("retry budget" in note for note in info.value.__notes__)

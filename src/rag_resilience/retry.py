@@ -312,7 +312,16 @@ class RetryRun:
         if self.deadline_at is not None and self.clock.monotonic() + delay >= self.deadline_at:
             self._stop("deadline", exc, verdict, delay)
             return None
-        if strategy.retry_budget is not None and not strategy.retry_budget.try_spend():
+        # The budget bounds retries we decide on. A throttled call told when to come back
+        # (429 + Retry-After) is paced by the server itself, so it does not spend budget:
+        # otherwise bursts above a rate limit would exhaust it and fail calls that would
+        # have fitted a moment later.
+        server_paced = retry_after is not None and verdict.reason == "rate_limited"
+        if (
+            not server_paced
+            and strategy.retry_budget is not None
+            and not strategy.retry_budget.try_spend()
+        ):
             self._stop("retry_budget", exc, verdict)
             return None
         self.last_delay = delay
