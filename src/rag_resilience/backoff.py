@@ -104,9 +104,14 @@ class RetryBudget:
             bucket = self._buckets[idx] = [0, 0]
         return bucket
 
-    def record_request(self) -> None:
-        """Count one original (first-attempt) request. On every call: kept lean."""
-        idx = int(get_clock(self._clock).monotonic() // self.bucket_s)
+    def record_request(self, now: float | None = None) -> None:
+        """Count one original (first-attempt) request. On every call: kept lean.
+
+        `now` (monotonic, on this budget's clock) saves a clock read when the caller has it.
+        """
+        if now is None:
+            now = get_clock(self._clock).monotonic()
+        idx = int(now // self.bucket_s)
         with self._lock:
             bucket = self._buckets.get(idx)
             if bucket is None:

@@ -278,14 +278,21 @@ class RetryRun:
         self.attempts += 1
         strategy = self.strategy
         if self.attempts == 1 and strategy.retry_budget is not None:
-            strategy.retry_budget.record_request()
+            budget = strategy.retry_budget
+            # Same clock as this run (the usual case): reuse the start time just read.
+            budget.record_request(self.started if budget._clock is strategy.clock else None)
         events = strategy.events
         if events.wants_routine():
             events.publish(_ATTEMPT, self.name, attempt=self.attempts)
         timeout = self.attempt_timeout
         if self.deadline_at is not None:
-            left = max(0.0, self.deadline_at - self.clock.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
+            # The first attempt starts now: no need to read the clock again.
+            now = self.started if self.attempts == 1 else self.clock.monotonic()
+            left = self.deadline_at - now
+            if left < 0.0:
+                left = 0.0
+            if timeout is None or left < timeout:
+                timeout = left
         return timeout
 
     def on_error(self, exc: BaseException, verdict: ErrorVerdict | None = None) -> float | None:
