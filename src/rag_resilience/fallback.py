@@ -9,6 +9,7 @@ survive restarts, Redis to share across replicas (JSON values there, never pickl
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from typing import Any
@@ -44,6 +45,28 @@ def stable_key(value: Any) -> str:
     return "sha256:" + hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class _Counter:
+    """A counter without a lock on the increment: `next()` on `itertools.count` is a single
+    C call, atomic under the GIL. Reading consumes a step, which `_reads` accounts for."""
+
+    __slots__ = ("_it", "_lock", "_reads")
+
+    def __init__(self) -> None:
+        self._it = itertools.count()
+        self._reads = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        next(self._it)
+
+    @property
+    def value(self) -> int:
+        with self._lock:
+            value = next(self._it) - self._reads
+            self._reads += 1
+            return value
+
+
 class GracefulFallbacks:
     """The seed's fallback cache: `update_cache`, `get_last_known_good` -> (value, age_s)."""
 
@@ -71,7 +94,12 @@ class GracefulFallbacks:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self.writes = 0
+        self._writes = _Counter()
+
+    @property
+    def writes(self) -> int:
+        """Answers stored so far (exact under threads; counted without a lock per write)."""
+        return self._writes.value
 
     def _now(self) -> float:
         return get_clock(self.clock).time()
@@ -86,8 +114,7 @@ class GracefulFallbacks:
             ttl=self.ttl,
             max_entries=self.max_entries,
         )
-        with self._lock:  # hits/misses are counted under it too
-            self.writes += 1
+        self._writes.add()
 
     async def aupdate_cache(self, query: Any, response: Any) -> None:
         await self.store.acache_set(
@@ -98,8 +125,7 @@ class GracefulFallbacks:
             ttl=self.ttl,
             max_entries=self.max_entries,
         )
-        with self._lock:  # hits/misses are counted under it too
-            self.writes += 1
+        self._writes.add()
 
     def get_last_known_good(self, query: Any) -> tuple[Any, float] | None:
         """`(response, age_seconds)` for `query`, or None if unknown or expired."""

@@ -502,7 +502,11 @@ class ResiliencePolicy:
 
     def _succeeded(self, value: T, run: RetryRun, key: Any, codec: Codec | None) -> Served[T]:
         if key is not _NO_KEY:
-            self._store(key, value, codec)
+            fallbacks = self.fallbacks
+            if fallbacks is not None and type(key) is str and codec is None:
+                fallbacks.update_cache(key, value)  # the common case, without the dispatch
+            else:
+                self._store(key, value, codec)
         attempts = run.attempts
         duration = run.clock.monotonic() - run.started
         collector = self.collector
