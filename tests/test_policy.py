@@ -18,7 +18,8 @@ from rag_resilience.fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, Gracefu
 from rag_resilience.limits import ConcurrencyLimit
 from rag_resilience.policy import ResiliencePolicy, Served
 from rag_resilience.retry import RetryStrategy
-from rag_resilience.testing import FakeClock
+from rag_resilience.stores import MemoryStore
+from rag_resilience.testing import FakeClock, fake_clock
 
 
 class APIError(Exception):
@@ -607,3 +608,65 @@ async def test_mid_astream_failure_is_counted_in_stats(clock: FakeClock) -> None
             pass
     s = policy.stats()
     assert s["calls"] == 1 and s["failures"] == 1
+
+
+class _BrokenStore(MemoryStore):
+    """A store whose cache is down: every read and write raises."""
+
+    def cache_get(self, namespace: str, key: str, now: float) -> Any:
+        raise OSError("cache store unreachable")
+
+    def cache_set(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError("cache store unreachable")
+
+
+def test_a_broken_cache_never_replaces_the_users_result_or_error() -> None:
+    with fake_clock():
+        fallbacks = GracefulFallbacks(name="broken", store=_BrokenStore())
+        policy = ResiliencePolicy(RetryStrategy(max_retries=0), None, fallbacks, None)
+        # The live answer is returned although remembering it failed.
+        assert policy.call(lambda: "live", key="q") == "live"
+        # On failure the original error comes out, with the cache failure noted on it.
+        boom = APIError(503)
+
+        def down() -> None:
+            raise boom
+
+        with pytest.raises(APIError) as info:
+            policy.call(down, key="q")
+        assert info.value is boom
+        assert any("cache fallback failed too" in n for n in info.value.__notes__)
+
+
+async def test_a_broken_cache_never_replaces_the_result_async() -> None:
+    with fake_clock():
+        fallbacks = GracefulFallbacks(name="broken-async", store=_BrokenStore())
+        policy = ResiliencePolicy(
+            RetryStrategy(max_retries=0), None, fallbacks, None, generic_fallback="sorry"
+        )
+
+        async def live() -> str:
+            return "live"
+
+        async def down() -> None:
+            raise APIError(503)
+
+        assert await policy.acall(live, key="q") == "live"
+        served = await policy.arun(down, key="q")
+        assert served.source == "generic_fallback" and served.value == "sorry"
+
+
+def test_a_generic_callable_that_fails_leaves_the_original_error() -> None:
+    def bad_generic(error: BaseException) -> str:
+        raise RuntimeError("template missing")
+
+    policy = ResiliencePolicy(RetryStrategy(max_retries=0), generic_fallback=bad_generic)
+    boom = APIError(503)
+
+    def down() -> None:
+        raise boom
+
+    with pytest.raises(APIError) as info:
+        policy.call(down)
+    assert info.value is boom
+    assert any("generic fallback failed too" in n for n in info.value.__notes__)

@@ -18,6 +18,7 @@ the upstream is known to be down. Sync and async drivers share every decision
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -32,6 +33,8 @@ from .fallback import BUSY_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
 from .retry import RetryRun, RetryStrategy, run_with_timeout
 from .stores.base import Store
+
+_logger = logging.getLogger("rag_resilience")
 
 __all__ = ["PRESETS", "CacheHooks", "Codec", "ResiliencePolicy", "Served"]
 
@@ -495,16 +498,43 @@ class ResiliencePolicy:
         return verdict, run.on_error(exc, verdict)
 
     def _store(self, key: Any, value: Any, codec: Codec | None) -> None:
-        if isinstance(key, CacheHooks):
-            key.store(value)
-        elif key is not _NO_KEY and self.fallbacks is not None:
-            self.fallbacks.update_cache(key, codec.encode(value) if codec is not None else value)
+        """Remember a live answer. A failing cache (store down, value not encodable) must
+        never turn the user's successful call into an error: it is logged and skipped."""
+        try:
+            if isinstance(key, CacheHooks):
+                key.store(value)
+            elif key is not _NO_KEY and self.fallbacks is not None:
+                self.fallbacks.update_cache(key, codec.encode(value) if codec else value)
+        except Exception:
+            self._cache_failed("write")
+
+    async def _astore(self, key: Any, value: Any, codec: Codec | None) -> None:
+        try:
+            if isinstance(key, CacheHooks):
+                stored = key.store(value)
+                if inspect.isawaitable(stored):
+                    await stored
+            elif key is not _NO_KEY and self.fallbacks is not None:
+                await self.fallbacks.aupdate_cache(key, codec.encode(value) if codec else value)
+        except Exception:
+            self._cache_failed("write")
+
+    def _cache_failed(self, what: str) -> None:
+        _logger.warning(
+            "[%s] fallback cache %s failed; the call goes on without it",
+            self.name,
+            what,
+            exc_info=True,
+        )
 
     def _succeeded(self, value: T, run: RetryRun, key: Any, codec: Codec | None) -> Served[T]:
         if key is not _NO_KEY:
             fallbacks = self.fallbacks
             if fallbacks is not None and type(key) is str and codec is None:
-                fallbacks.update_cache(key, value)  # the common case, without the dispatch
+                try:  # the common case, without the dispatch
+                    fallbacks.update_cache(key, value)
+                except Exception:
+                    self._cache_failed("write")
             else:
                 self._store(key, value, codec)
         attempts = run.attempts
@@ -534,7 +564,13 @@ class ResiliencePolicy:
         error = plan.error
         rejected = isinstance(error, QueueFullError)
         if callable(gen):
-            value = gen(error)
+            try:
+                value = gen(error)
+            except Exception as exc:
+                if exc is error:  # the generic callable chose to re-raise: nothing to serve
+                    return None
+                self._fallback_failed(plan, "generic", exc)
+                return None
         elif isinstance(gen, str):
             value = gen
         elif rejected:
@@ -553,7 +589,40 @@ class ResiliencePolicy:
         if found is None:
             return None
         value, age = found
-        return self._degraded(plan, codec.decode(value) if codec else value, "cache", age=age)
+        try:
+            decoded = codec.decode(value) if codec else value
+        except Exception as exc:  # a corrupt entry: note it, go on down the chain
+            self._fallback_failed(plan, "cache", exc)
+            return None
+        return self._degraded(plan, decoded, "cache", age=age)
+
+    def _lookup(self, plan: _Degrade, key: Any, codec: Codec | None) -> Served[Any] | None:
+        try:
+            if isinstance(key, CacheHooks):
+                found, codec = key.lookup(), None
+            elif key is not _NO_KEY and self.fallbacks is not None:
+                found = self.fallbacks.get_last_known_good(key)
+            else:
+                return None
+        except Exception as exc:
+            self._fallback_failed(plan, "cache", exc)
+            return None
+        return self._from_cache(plan, found, codec)
+
+    async def _alookup(self, plan: _Degrade, key: Any, codec: Codec | None) -> Served[Any] | None:
+        try:
+            if isinstance(key, CacheHooks):
+                found, codec = key.lookup(), None
+                if inspect.isawaitable(found):
+                    found = await found
+            elif key is not _NO_KEY and self.fallbacks is not None:
+                found = await self.fallbacks.aget_last_known_good(key)
+            else:
+                return None
+        except Exception as exc:
+            self._fallback_failed(plan, "cache", exc)
+            return None
+        return self._from_cache(plan, found, codec)
 
     def _degraded(
         self,
@@ -577,11 +646,11 @@ class ResiliencePolicy:
         )
         return Served(value, source, plan.attempts, age, True, plan.error, index)
 
-    def _fallback_failed(self, plan: _Degrade, index: int, exc: BaseException) -> None:
+    def _fallback_failed(self, plan: _Degrade, index: int | str, exc: BaseException) -> None:
+        what = f"fallback #{index}" if isinstance(index, int) else f"the {index} fallback"
         add_note(
             plan.error,
-            f"rag_resilience[{self.name}]: fallback #{index} failed too: "
-            f"{type(exc).__name__}: {exc}",
+            f"rag_resilience[{self.name}]: {what} failed too: {type(exc).__name__}: {exc}",
         )
 
     def _publish_failure(self, plan: _Degrade) -> None:
@@ -726,14 +795,9 @@ class ResiliencePolicy:
                 self._fallback_failed(plan, index, exc)
                 continue
             return self._degraded(plan, value, "fallback", index=index)
-        if isinstance(key, CacheHooks):
-            served = self._from_cache(plan, key.lookup(), None)
-            if served is not None:
-                return served
-        elif key is not _NO_KEY and self.fallbacks is not None:
-            served = self._from_cache(plan, self.fallbacks.get_last_known_good(key), codec)
-            if served is not None:
-                return served
+        served = self._lookup(plan, key, codec)
+        if served is not None:
+            return served
         served = self._generic(plan, generic)
         if served is not None:
             return served
@@ -837,12 +901,8 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 await breaker.aon_success(ticket)
-            if isinstance(key, CacheHooks):
-                stored = key.store(value)
-                if inspect.isawaitable(stored):
-                    await stored
-            elif key is not _NO_KEY and self.fallbacks is not None:
-                await self.fallbacks.aupdate_cache(key, codec.encode(value) if codec else value)
+            if key is not _NO_KEY:
+                await self._astore(key, value, codec)
             return self._succeeded(value, run, _NO_KEY, None)
 
     async def _adegrade(
@@ -865,17 +925,9 @@ class ResiliencePolicy:
                 self._fallback_failed(plan, index, exc)
                 continue
             return self._degraded(plan, value, "fallback", index=index)
-        if isinstance(key, CacheHooks):
-            found = key.lookup()
-            if inspect.isawaitable(found):
-                found = await found
-            served = self._from_cache(plan, found, None)
-            if served is not None:
-                return served
-        elif key is not _NO_KEY and self.fallbacks is not None:
-            served = self._from_cache(plan, await self.fallbacks.aget_last_known_good(key), codec)
-            if served is not None:
-                return served
+        served = await self._alookup(plan, key, codec)
+        if served is not None:
+            return served
         served = self._generic(plan, generic)
         if served is not None:
             return served
@@ -1164,12 +1216,7 @@ class ResiliencePolicy:
                 await breaker.aon_success(ticket)
             self._succeeded(None, run, _NO_KEY, None)
             if items is not None:
-                if isinstance(key, CacheHooks):
-                    stored = key.store(items)
-                    if inspect.isawaitable(stored):
-                        await stored
-                elif self.fallbacks is not None:
-                    await self.fallbacks.aupdate_cache(key, codec.encode(items) if codec else items)
+                await self._astore(key, items, codec)
         finally:
             await permit.agive()
 
