@@ -568,3 +568,19 @@ def test_server_paced_429_does_not_spend_the_retry_budget() -> None:
             strategy.execute(down)
         assert down.calls == 1
         assert any("retry budget" in note for note in info.value.__notes__)
+
+
+def test_retry_after_jitter_stretches_but_never_shortens_the_wait() -> None:
+    with fake_clock() as clock:
+        strategy = RetryStrategy(
+            max_retries=1, retry_after_jitter=0.5, retry_budget=None, rng=random.Random(3)
+        )
+        waits = []
+        for _ in range(20):
+            clock.sleeps.clear()
+            strategy.execute(Flaky(APIError(429, headers={"retry-after": "2"})))
+            waits.append(clock.sleeps[0])
+        assert all(2.0 <= w <= 3.0 for w in waits)
+        assert len(set(waits)) > 1  # spread out, not in lockstep
+    with pytest.raises(ValueError, match="retry_after_jitter"):
+        RetryStrategy(retry_after_jitter=1.5)

@@ -308,6 +308,8 @@ class ResiliencePolicy:
                 "half_open_max_calls",
                 "success_threshold",
                 "wait_timeout",
+                "retry_after_jitter",
+                "max_retry_after",
             }
         )
         if unknown:
@@ -321,6 +323,8 @@ class ResiliencePolicy:
             deadline=cfg["deadline"],
             attempt_timeout=cfg["attempt_timeout"],
             retry_budget=cfg.get("retry_budget", RetryBudget(clock=clock)),
+            max_retry_after=cfg.get("max_retry_after", 60.0),
+            retry_after_jitter=cfg.get("retry_after_jitter", 0.0),
             classifier=classifier,
             name=pname,
             clock=clock,

@@ -64,6 +64,7 @@ class RetryStrategy:
         deadline: float | None = None,
         attempt_timeout: float | None = None,
         max_retry_after: float = 60.0,
+        retry_after_jitter: float = 0.0,
         retry_budget: RetryBudget | None = _DEFAULT_BUDGET,
         classifier: Classifier | None = None,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
@@ -88,6 +89,8 @@ class RetryStrategy:
             raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
         if max_retry_after < 0:
             raise ValueError(f"max_retry_after must be >= 0 seconds, got {max_retry_after}")
+        if not 0.0 <= retry_after_jitter <= 1.0:
+            raise ValueError(f"retry_after_jitter must be in [0, 1], got {retry_after_jitter}")
         self.max_retries = max_retries
         self.initial_delay = float(initial_delay)
         self.max_delay = float(max_delay)
@@ -96,6 +99,9 @@ class RetryStrategy:
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self.max_retry_after = float(max_retry_after)
+        #: Waits after a Retry-After are stretched by up to this fraction (never shortened),
+        #: so callers rejected by the same burst do not all come back at the same instant.
+        self.retry_after_jitter = float(retry_after_jitter)
         self.retry_budget: RetryBudget | None = (
             RetryBudget(clock=clock) if retry_budget is _DEFAULT_BUDGET else retry_budget
         )
@@ -183,6 +189,7 @@ class RetryStrategy:
             "deadline": self.deadline,
             "attempt_timeout": self.attempt_timeout,
             "max_retry_after": self.max_retry_after,
+            "retry_after_jitter": self.retry_after_jitter,
             "retry_budget": repr(self.retry_budget) if self.retry_budget else None,
         }
 
@@ -316,6 +323,9 @@ class RetryRun:
         delay = self.strategy.compute_delay(self.attempts, self.last_delay)
         if retry_after is not None:
             delay = retry_after  # the server knows when it will have capacity
+            if strategy.retry_after_jitter:
+                rand = strategy.rng.random if strategy.rng is not None else random.random
+                delay += retry_after * strategy.retry_after_jitter * rand()
         if self.deadline_at is not None and self.clock.monotonic() + delay >= self.deadline_at:
             self._stop("deadline", exc, verdict, delay)
             return None
