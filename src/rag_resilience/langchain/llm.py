@@ -46,7 +46,17 @@ class _Target:
     """One model to call (the primary or a fallback), prepared once: timeout copy and
     which of the inner hooks it implements."""
 
-    __slots__ = ("agen_rm", "astream", "gen_rm", "identity", "model", "policy", "stream")
+    __slots__ = (
+        "agen_rm",
+        "astream",
+        "gen_rm",
+        "identity",
+        "model",
+        "policy",
+        "stream",
+        "streaming_attr",
+        "streaming_extra",
+    )
 
     def __init__(self, model: BaseChatModel, policy: ResiliencePolicy) -> None:
         self.model = model
@@ -57,6 +67,14 @@ class _Target:
         self.agen_rm = _accepts_run_manager(model._agenerate)
         self.stream = cls._stream is not BaseChatModel._stream
         self.astream = cls._astream is not BaseChatModel._astream or self.stream
+        # Where a `streaming` setting can live, decided once: reading a name the model
+        # does not have goes through pydantic's __getattr__ and an AttributeError (~2 µs
+        # per call). A field, class attribute or property is read as before; a model that
+        # allows extra fields may carry it as an extra; anything else has none.
+        self.streaming_attr = "streaming" in (getattr(cls, "model_fields", None) or {}) or (
+            hasattr(cls, "streaming")
+        )
+        self.streaming_extra = (getattr(cls, "model_config", None) or {}).get("extra") == "allow"
 
     # -- raw calls (one attempt each) ------------------------------------------------------
     def generate(
@@ -88,11 +106,20 @@ class _Target:
         model = self.model
         if not (
             kwargs.get("stream")
-            or getattr(model, "streaming", False)
             or (run_manager is not None and run_manager.handlers)
+            or self._streaming_setting(model)
         ):
             return False  # cheap pre-check: the usual non-streaming invoke
         return bool(model._should_stream(async_api=async_api, run_manager=run_manager, **kwargs))
+
+    def _streaming_setting(self, model: BaseChatModel) -> Any:
+        """`getattr(model, "streaming", False)` without the exception when there is none."""
+        if self.streaming_attr or "streaming" in model.__dict__:
+            return getattr(model, "streaming", False)
+        if self.streaming_extra:
+            extra = model.__pydantic_extra__
+            return extra.get("streaming", False) if extra else False
+        return False
 
     async def agenerate(
         self,
