@@ -37,12 +37,35 @@ __all__ = ["EmbeddingEngine", "EmbeddingResult", "decode_vector", "encode_vector
 Vector = list[float]
 
 
+_STRUCTS: dict[tuple[str, int], struct.Struct] = {}
+
+
+def _pack(vector: Sequence[float], order: str) -> bytes:
+    """float32 bytes of `vector` (`order`: "<" little-endian, "=" native).
+
+    `struct` converts each float about twice as fast as `array("f", vector)` (whose item
+    setter parses every element like a function argument). Anything struct refuses
+    (a value beyond float32 range, a non-number) goes through `array("f")`, so the result,
+    or the error, is exactly what `array("f", vector)` gives.
+    """
+    try:
+        n = len(vector)
+        packer = _STRUCTS.get((order, n))
+        if packer is None:
+            packer = struct.Struct(f"{order}{n}f")
+            if len(_STRUCTS) < 64:  # a handful of dimensions in practice; stay bounded
+                _STRUCTS[(order, n)] = packer
+        return packer.pack(*vector)
+    except (struct.error, OverflowError, TypeError):
+        packed = array("f", vector)
+        if order == "<" and sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+            packed.byteswap()
+        return packed.tobytes()
+
+
 def encode_vector(vector: Sequence[float]) -> str:
     """Compact, JSON-safe form of a vector: base64 of little-endian float32."""
-    packed = array("f", vector)
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+    return base64.b64encode(_pack(vector, "<")).decode("ascii")
 
 
 def decode_vector(data: Any) -> Vector:
@@ -58,7 +81,7 @@ def decode_vector(data: Any) -> Vector:
 
 
 def _to_array(vector: Sequence[float]) -> array[float]:
-    return array("f", vector)
+    return array("f", _pack(vector, "="))
 
 
 @dataclass(slots=True)
@@ -109,21 +132,23 @@ class EmbeddingEngine:
             if base is not None
             else None
         )
+        # A process-local store keeps a float32 array (6 KB for 1536 dimensions, no text
+        # encoding on the hot path); shared stores need JSON, so base64 of the same bytes.
+        self._encode: Callable[[Sequence[float]], Any] = (
+            encode_vector if self.cache is not None and self.cache.store.shared else _to_array
+        )
 
     def _batches(self, texts: Sequence[str]) -> list[list[str]]:
         size = self.batch_size
+        if 0 < len(texts) <= size:  # one sub-batch: every query, most small loads
+            return [list(texts)]
         return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
 
     def _hooks(self, batch: list[str]) -> CacheHooks | None:
         cache = self.cache
         if cache is None:
             return None
-
-        # A process-local store keeps a float32 array (6 KB for 1536 dimensions, no text
-        # encoding on the hot path); shared stores need JSON, so base64 of the same bytes.
-        encode: Callable[[Sequence[float]], Any] = (
-            encode_vector if cache.store.shared else _to_array
-        )
+        encode = self._encode
 
         def store(vectors: list[Vector]) -> None:
             for text, vector in zip(batch, vectors, strict=True):
@@ -157,8 +182,19 @@ class EmbeddingEngine:
         self, texts: Sequence[str], embed_batch: Callable[[list[str]], list[Vector]]
     ) -> EmbeddingResult:
         """Embed `texts` in sub-batches through the policy (sequentially)."""
+        batches = self._batches(texts)
+        if len(batches) == 1:  # a query or a small load: no accumulation
+            batch = batches[0]
+            try:
+                served = self.policy.execute(
+                    embed_batch, (batch,), cache=self._hooks(batch), generic=False
+                )
+            except Exception as exc:
+                self._missing_note(exc, batch)
+                raise
+            return EmbeddingResult(list(served.value), [served])
         result = EmbeddingResult([])
-        for batch in self._batches(texts):
+        for batch in batches:
             try:
                 served = self.policy.execute(
                     embed_batch, (batch,), cache=self._hooks(batch), generic=False
