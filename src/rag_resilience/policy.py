@@ -155,13 +155,40 @@ class Codec:
     decode: Callable[[Any], Any]
 
 
-class _Permit:
-    """A call's concurrency permit. It is given back while the call sleeps between
-    attempts: backoff is not in flight, and must not occupy a slot of the limit."""
+@dataclass(slots=True)
+class CacheHooks:
+    """A caller-owned last-known-good cache: `store(value)` after a live success,
+    `lookup() -> (value, age_s) | None` when degrading. Either may return an awaitable
+    on the async path."""
 
-    __slots__ = ("held", "limit")
+    store: Callable[[Any], Any]
+    lookup: Callable[[], Any]
 
-    def __init__(self, limit: ConcurrencyLimit | None) -> None:
+
+class _Call:
+    """One call: what it was asked to do (carried through the attempts and the fallback
+    chain) and its concurrency permit. The permit is given back while the call sleeps
+    between attempts: backoff is not in flight, and must not occupy a slot of the limit.
+    One object per call, since it is allocated on the hot path."""
+
+    __slots__ = ("args", "codec", "fallbacks", "generic", "held", "key", "kwargs", "limit")
+
+    def __init__(
+        self,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        key: Any,
+        codec: Codec | None,
+        fallbacks: Sequence[Callable[..., Any]],
+        generic: Callable[[BaseException], Any] | bool | None,
+        limit: ConcurrencyLimit | None,
+    ) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.key = key
+        self.codec = codec
+        self.fallbacks = fallbacks
+        self.generic = generic
         self.limit = limit
         self.held = False
 
@@ -184,16 +211,6 @@ class _Permit:
         if self.held and self.limit is not None:
             self.held = False
             await self.limit.arelease()
-
-
-@dataclass(slots=True)
-class CacheHooks:
-    """A caller-owned last-known-good cache: `store(value)` after a live success,
-    `lookup() -> (value, age_s) | None` when degrading. Either may return an awaitable
-    on the async path."""
-
-    store: Callable[[Any], Any]
-    lookup: Callable[[], Any]
 
 
 @dataclass(slots=True)
@@ -452,24 +469,24 @@ class ResiliencePolicy:
 
     # -- shared decisions -----------------------------------------------------------------
     def _pause(
-        self, permit: _Permit, run: RetryRun, delay: float, cause: BaseException
+        self, call: _Call, run: RetryRun, delay: float, cause: BaseException
     ) -> QueueFullError | None:
         """Sleep `delay` without holding the permit; the rejection if it can't be had back."""
-        permit.give()
+        call.give()
         run.clock.sleep(delay)
         try:
-            permit.take()
+            call.take()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
         return None
 
     async def _apause(
-        self, permit: _Permit, run: RetryRun, delay: float, cause: BaseException
+        self, call: _Call, run: RetryRun, delay: float, cause: BaseException
     ) -> QueueFullError | None:
-        await permit.agive()
+        await call.agive()
         await run.clock.asleep(delay)
         try:
-            await permit.atake()
+            await call.atake()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
         return None
@@ -696,38 +713,19 @@ class ResiliencePolicy:
         `cache` replaces the key-based last-known-good cache with the caller's own
         (e.g. one entry per text of an embeddings batch).
         """
-        kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        permit = _Permit(self.limit)
+        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
         try:
-            permit.take()
+            call.take()
         except QueueFullError as exc:
-            return self._degrade(
-                self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                args,
-                kwargs,
-                key,
-                codec,
-                fallbacks,
-                generic,
-            )
+            return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
         try:
-            return self._attempts(fn, args, kwargs, key, codec, fallbacks, generic, permit)
+            return self._attempts(fn, call)
         finally:
-            permit.give()
+            call.give()
 
-    def _attempts(
-        self,
-        fn: Callable[..., T],
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        key: Any,
-        codec: Codec | None,
-        fallbacks: Sequence[Callable[..., Any]],
-        generic: Callable[[BaseException], Any] | bool | None,
-        permit: _Permit,
-    ) -> Served[T]:
+    def _attempts(self, fn: Callable[..., T], call: _Call) -> Served[T]:
         run = self._new_run()
         breaker = self.breaker
         while True:
@@ -736,42 +734,18 @@ class ResiliencePolicy:
                 try:
                     ticket = breaker.before_call()
                 except CircuitOpenError as exc:
-                    return self._degrade(
-                        self._plan(exc, run.attempts - 1, run.started),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
-                    )
+                    return self._degrade(self._plan(exc, run.attempts - 1, run.started), call)
             else:
                 ticket = ADMITTED_CLEAN
             try:
-                value = fn(*args, **kwargs)
+                value = fn(*call.args, **call.kwargs)
             except Exception as exc:
                 verdict, delay = self._failed(run, exc, ticket)
                 if delay is None:
-                    return self._degrade(
-                        self._plan(exc, run.attempts, run.started, verdict),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
-                    )
-                rejected = self._pause(permit, run, delay, exc)
+                    return self._degrade(self._plan(exc, run.attempts, run.started, verdict), call)
+                rejected = self._pause(call, run, delay, exc)
                 if rejected is not None:
-                    return self._degrade(
-                        self._plan(rejected, run.attempts, run.started),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
-                    )
+                    return self._degrade(self._plan(rejected, run.attempts, run.started), call)
                 continue
             except BaseException:
                 if breaker is not None:
@@ -779,30 +753,21 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 breaker.on_success(ticket)
-            return self._succeeded(value, run, key, codec)
+            return self._succeeded(value, run, call.key, call.codec)
 
-    def _degrade(
-        self,
-        plan: _Degrade,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        key: Any,
-        codec: Codec | None,
-        fallbacks: Sequence[Callable[..., Any]],
-        generic: Callable[[BaseException], Any] | bool | None,
-    ) -> Served[Any]:
+    def _degrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
-        for index, fb in enumerate([*self.fallback_fns, *fallbacks]):
+        for index, fb in enumerate([*self.fallback_fns, *call.fallbacks]):
             try:
-                value = fb(*args, **kwargs)
+                value = fb(*call.args, **call.kwargs)
             except Exception as exc:
                 self._fallback_failed(plan, index, exc)
                 continue
             return self._degraded(plan, value, "fallback", index=index)
-        served = self._lookup(plan, key, codec)
+        served = self._lookup(plan, call.key, call.codec)
         if served is not None:
             return served
-        served = self._generic(plan, generic)
+        served = self._generic(plan, call.generic)
         if served is not None:
             return served
         self._give_up(plan)
@@ -822,38 +787,19 @@ class ResiliencePolicy:
         cache: CacheHooks | None = None,
     ) -> Served[T]:
         """Async twin of `execute`; attempts past the attempt timeout/deadline are cancelled."""
-        kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        permit = _Permit(self.limit)
+        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
         try:
-            await permit.atake()
+            await call.atake()
         except QueueFullError as exc:
-            return await self._adegrade(
-                self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                args,
-                kwargs,
-                key,
-                codec,
-                fallbacks,
-                generic,
-            )
+            return await self._adegrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
         try:
-            return await self._aattempts(fn, args, kwargs, key, codec, fallbacks, generic, permit)
+            return await self._aattempts(fn, call)
         finally:
-            await permit.agive()
+            await call.agive()
 
-    async def _aattempts(
-        self,
-        fn: Callable[..., Awaitable[T]],
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        key: Any,
-        codec: Codec | None,
-        fallbacks: Sequence[Callable[..., Any]],
-        generic: Callable[[BaseException], Any] | bool | None,
-        permit: _Permit,
-    ) -> Served[T]:
+    async def _aattempts(self, fn: Callable[..., Awaitable[T]], call: _Call) -> Served[T]:
         run = self._new_run()
         breaker = self.breaker
         while True:
@@ -863,40 +809,22 @@ class ResiliencePolicy:
                     ticket = await breaker.abefore_call()
                 except CircuitOpenError as exc:
                     return await self._adegrade(
-                        self._plan(exc, run.attempts - 1, run.started),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
+                        self._plan(exc, run.attempts - 1, run.started), call
                     )
             else:
                 ticket = ADMITTED_CLEAN
             try:
-                value = await run_with_timeout(fn(*args, **kwargs), timeout)
+                value = await run_with_timeout(fn(*call.args, **call.kwargs), timeout)
             except Exception as exc:
                 verdict, delay = self._failed(run, exc, ticket)
                 if delay is None:
                     return await self._adegrade(
-                        self._plan(exc, run.attempts, run.started, verdict),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
+                        self._plan(exc, run.attempts, run.started, verdict), call
                     )
-                rejected = await self._apause(permit, run, delay, exc)
+                rejected = await self._apause(call, run, delay, exc)
                 if rejected is not None:
                     return await self._adegrade(
-                        self._plan(rejected, run.attempts, run.started),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
+                        self._plan(rejected, run.attempts, run.started), call
                     )
                 continue
             except BaseException:
@@ -905,34 +833,25 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 await breaker.aon_success(ticket)
-            if key is not _NO_KEY:
-                await self._astore(key, value, codec)
+            if call.key is not _NO_KEY:
+                await self._astore(call.key, value, call.codec)
             return self._succeeded(value, run, _NO_KEY, None)
 
-    async def _adegrade(
-        self,
-        plan: _Degrade,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        key: Any,
-        codec: Codec | None,
-        fallbacks: Sequence[Callable[..., Any]],
-        generic: Callable[[BaseException], Any] | bool | None,
-    ) -> Served[Any]:
+    async def _adegrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
-        for index, fb in enumerate([*self.fallback_fns, *fallbacks]):
+        for index, fb in enumerate([*self.fallback_fns, *call.fallbacks]):
             try:
-                value = fb(*args, **kwargs)
+                value = fb(*call.args, **call.kwargs)
                 if inspect.isawaitable(value):
                     value = await value
             except Exception as exc:
                 self._fallback_failed(plan, index, exc)
                 continue
             return self._degraded(plan, value, "fallback", index=index)
-        served = await self._alookup(plan, key, codec)
+        served = await self._alookup(plan, call.key, call.codec)
         if served is not None:
             return served
-        served = self._generic(plan, generic)
+        served = self._generic(plan, call.generic)
         if served is not None:
             return served
         self._give_up(plan)
@@ -959,22 +878,13 @@ class ResiliencePolicy:
         live stream. `on_served` is told how the stream is served before its first item.
         `cache` replaces the key-based cache (its `store` gets the list of items).
         """
-        kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        permit = _Permit(self.limit)
+        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
         try:
-            permit.take()
+            call.take()
         except QueueFullError as exc:
-            served = self._degrade(
-                self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                args,
-                kwargs,
-                key,
-                codec,
-                fallbacks,
-                generic,
-            )
+            served = self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
             yield from self._emit_degraded(served, on_served)
             return
         try:
@@ -986,46 +896,26 @@ class ResiliencePolicy:
                 try:
                     if breaker is not None:
                         ticket = breaker.before_call()
-                    iterator = iter(fn(*args, **kwargs))
+                    iterator = iter(fn(*call.args, **call.kwargs))
                     first = next(iterator)
                 except StopIteration:
                     iterator, first = iter(()), _NO_KEY
                 except CircuitOpenError as exc:
-                    served = self._degrade(
-                        self._plan(exc, run.attempts - 1, run.started),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
-                    )
+                    served = self._degrade(self._plan(exc, run.attempts - 1, run.started), call)
                     yield from self._emit_degraded(served, on_served)
                     return
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket)
                     if delay is None:
                         served = self._degrade(
-                            self._plan(exc, run.attempts, run.started, verdict),
-                            args,
-                            kwargs,
-                            key,
-                            codec,
-                            fallbacks,
-                            generic,
+                            self._plan(exc, run.attempts, run.started, verdict), call
                         )
                         yield from self._emit_degraded(served, on_served)
                         return
-                    rejected = self._pause(permit, run, delay, exc)
+                    rejected = self._pause(call, run, delay, exc)
                     if rejected is not None:
                         served = self._degrade(
-                            self._plan(rejected, run.attempts, run.started),
-                            args,
-                            kwargs,
-                            key,
-                            codec,
-                            fallbacks,
-                            generic,
+                            self._plan(rejected, run.attempts, run.started), call
                         )
                         yield from self._emit_degraded(served, on_served)
                         return
@@ -1068,7 +958,7 @@ class ResiliencePolicy:
             if items is not None:
                 self._store(key, items, codec)
         finally:
-            permit.give()
+            call.give()
 
     @staticmethod
     def _emit_degraded(
@@ -1106,21 +996,14 @@ class ResiliencePolicy:
         on_served: Callable[[Served[None]], None] | None = None,
     ) -> AsyncIterator[T]:
         """Async twin of `execute_stream` (`fn` returns an async iterator, or a coroutine of one)."""
-        kwargs = kwargs or {}
         if cache is not None:
             key = cache
-        permit = _Permit(self.limit)
+        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
         try:
-            await permit.atake()
+            await call.atake()
         except QueueFullError as exc:
             served = await self._adegrade(
-                self._plan(exc, 0, get_clock(self.clock).monotonic()),
-                args,
-                kwargs,
-                key,
-                codec,
-                fallbacks,
-                generic,
+                self._plan(exc, 0, get_clock(self.clock).monotonic()), call
             )
             async for item in self._aemit_degraded(served, on_served):
                 yield item
@@ -1134,7 +1017,7 @@ class ResiliencePolicy:
                 try:
                     if breaker is not None:
                         ticket = await breaker.abefore_call()
-                    stream: Any = fn(*args, **kwargs)
+                    stream: Any = fn(*call.args, **call.kwargs)
                     if inspect.isawaitable(stream):
                         stream = await run_with_timeout(stream, timeout)
                     iterator = stream.__aiter__()
@@ -1143,13 +1026,7 @@ class ResiliencePolicy:
                     first = _NO_KEY
                 except CircuitOpenError as exc:
                     served = await self._adegrade(
-                        self._plan(exc, run.attempts - 1, run.started),
-                        args,
-                        kwargs,
-                        key,
-                        codec,
-                        fallbacks,
-                        generic,
+                        self._plan(exc, run.attempts - 1, run.started), call
                     )
                     async for item in self._aemit_degraded(served, on_served):
                         yield item
@@ -1158,27 +1035,15 @@ class ResiliencePolicy:
                     verdict, delay = self._failed(run, exc, ticket)
                     if delay is None:
                         served = await self._adegrade(
-                            self._plan(exc, run.attempts, run.started, verdict),
-                            args,
-                            kwargs,
-                            key,
-                            codec,
-                            fallbacks,
-                            generic,
+                            self._plan(exc, run.attempts, run.started, verdict), call
                         )
                         async for item in self._aemit_degraded(served, on_served):
                             yield item
                         return
-                    rejected = await self._apause(permit, run, delay, exc)
+                    rejected = await self._apause(call, run, delay, exc)
                     if rejected is not None:
                         served = await self._adegrade(
-                            self._plan(rejected, run.attempts, run.started),
-                            args,
-                            kwargs,
-                            key,
-                            codec,
-                            fallbacks,
-                            generic,
+                            self._plan(rejected, run.attempts, run.started), call
                         )
                         async for item in self._aemit_degraded(served, on_served):
                             yield item
@@ -1222,7 +1087,7 @@ class ResiliencePolicy:
             if items is not None:
                 await self._astore(key, items, codec)
         finally:
-            await permit.agive()
+            await call.agive()
 
     @staticmethod
     async def _aemit_degraded(
