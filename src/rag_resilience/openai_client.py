@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from .adapters import warn_nested_retries
@@ -110,23 +110,6 @@ def _generic_chunks(model: str, text: str) -> list[ChatCompletionChunk]:
     ]
 
 
-def _generic_text(policy: ResiliencePolicy, error: BaseException) -> str | None:
-    """The policy's generic message for `error`, or None when generic answers are off."""
-    from .errors import QueueFullError
-    from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
-
-    gen = policy.generic_fallback
-    if gen is False or gen is None:
-        return None
-    if isinstance(gen, str):
-        return gen
-    if callable(gen):
-        return str(gen(error))
-    if isinstance(error, QueueFullError):
-        return BUSY_ANSWER
-    return policy.fallbacks.generic_answer if policy.fallbacks else DEFAULT_GENERIC_ANSWER
-
-
 _COMPLETION = Codec(lambda r: r.model_dump(mode="json"), ChatCompletion.model_validate)
 _CHUNKS = Codec(
     lambda chunks: [c.model_dump(mode="json") for c in chunks],
@@ -170,29 +153,24 @@ class _Completions:
             kwargs,
             key=_key("chat", kwargs),
             codec=_COMPLETION,
-            generic=_chat_generic(policy, model),
+            generic=_generic_for(policy, lambda text: _generic_completion(model, text)),
         )
         return _annotate(served.value, served)
 
 
-def _chat_generic(policy: ResiliencePolicy, model: str) -> Any:
+def _generic_for(policy: ResiliencePolicy, build: Callable[[str], Any]) -> Any:
+    """The policy's generic answer as SDK objects (`build` makes them from the text), or
+    False when the policy has generic answers off."""
+    if not policy.generic_fallback:
+        return False
+
     def generic(error: BaseException) -> Any:
-        text = _generic_text(policy, error)
+        text = policy.generic_answer(error)
         if text is None:
             raise error
-        return _generic_completion(model, text)
+        return build(str(text))
 
-    return generic if policy.generic_fallback else False
-
-
-def _chunks_generic(policy: ResiliencePolicy, model: str) -> Any:
-    def generic(error: BaseException) -> Any:
-        text = _generic_text(policy, error)
-        if text is None:
-            raise error
-        return _generic_chunks(model, text)
-
-    return generic if policy.generic_fallback else False
+    return generic
 
 
 class _SyncStream:
@@ -219,7 +197,7 @@ class _SyncStream:
             kwargs,
             key=_key("chat_stream", kwargs),
             codec=_CHUNKS,
-            generic=_chunks_generic(policy, model),
+            generic=_generic_for(policy, lambda text: _generic_chunks(model, text)),
             on_served=served,
         )
         # Like the SDK: create() sends the request (retrying until the first chunk) and
@@ -317,7 +295,7 @@ class _AsyncCompletions:
             kwargs,
             key=_key("chat", kwargs),
             codec=_COMPLETION,
-            generic=_chat_generic(policy, model),
+            generic=_generic_for(policy, lambda text: _generic_completion(model, text)),
         )
         return _annotate(served.value, served)
 
@@ -345,7 +323,7 @@ class _AsyncStream:
             kwargs,
             key=_key("chat_stream", kwargs),
             codec=_CHUNKS,
-            generic=_chunks_generic(policy, model),
+            generic=_generic_for(policy, lambda text: _generic_chunks(model, text)),
             on_served=served,
         )
         self._first: Any = _END

@@ -29,7 +29,7 @@ from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
-from .fallback import BUSY_ANSWER, GracefulFallbacks
+from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
 from .retry import RetryRun, RetryStrategy, run_with_timeout
 from .stores.base import Store
@@ -574,34 +574,39 @@ class ResiliencePolicy:
             self._publish_failure(plan)
             raise plan.error
 
+    def generic_answer(self, error: BaseException, setting: Any = None) -> Any:
+        """The generic answer for `error` under `setting` (None: this policy's
+        `generic_fallback`): a callable's result, a string, the busy message for a
+        rejection, or the default message. None when generic answers are off. Adapters
+        wrap it in their framework's message type."""
+        gen = self.generic_fallback if setting is None else setting
+        if gen is False or gen is None:
+            return None
+        if callable(gen):
+            return gen(error)
+        if isinstance(gen, str):
+            return gen
+        if isinstance(error, QueueFullError):
+            return BUSY_ANSWER
+        return (
+            self.fallbacks.generic_answer if self.fallbacks is not None else DEFAULT_GENERIC_ANSWER
+        )
+
     def _generic(
         self, plan: _Degrade, generic: Callable[[BaseException], Any] | bool | None
     ) -> Served[Any] | None:
         # generic=False disables the policy's generic answer for this call (e.g. embeddings:
         # a string is never a valid vector).
-        gen: Any = generic if generic is not None else self.generic_fallback
-        if gen is False or gen is None:
-            return None
         error = plan.error
-        rejected = isinstance(error, QueueFullError)
-        if callable(gen):
-            try:
-                value = gen(error)
-            except Exception as exc:
-                if exc is error:  # the generic callable chose to re-raise: nothing to serve
-                    return None
+        try:
+            value = self.generic_answer(error, generic)
+        except Exception as exc:
+            if exc is not error:  # a callable that re-raises the error means "nothing to serve"
                 self._fallback_failed(plan, "generic", exc)
-                return None
-        elif isinstance(gen, str):
-            value = gen
-        elif rejected:
-            value = BUSY_ANSWER
-        else:
-            value = (
-                self.fallbacks.generic_answer
-                if self.fallbacks
-                else GracefulFallbacks().generic_answer
-            )
+            return None
+        if value is None:
+            return None
+        rejected = isinstance(error, QueueFullError)
         return self._degraded(plan, value, "rejected" if rejected else "generic_fallback")
 
     def _from_cache(

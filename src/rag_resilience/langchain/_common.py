@@ -28,8 +28,6 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ..adapters import NestedRetriesWarning, inner_max_retries
-from ..errors import QueueFullError
-from ..fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
 from ..policy import Codec, ResiliencePolicy, Served
 
 logger = logging.getLogger("rag_resilience")
@@ -276,13 +274,7 @@ OUTPUT_CODEC = Codec(encode_output, decode_output)
 # -- generic answers ----------------------------------------------------------------------
 def generic_text(setting: bool | str, error: BaseException, policy: ResiliencePolicy) -> str:
     """The text of the generic answer for `error` under a `generic_fallback` setting."""
-    if isinstance(setting, str):
-        return setting
-    if isinstance(error, QueueFullError):
-        return BUSY_ANSWER
-    return (
-        policy.fallbacks.generic_answer if policy.fallbacks is not None else DEFAULT_GENERIC_ANSWER
-    )
+    return str(policy.generic_answer(error, setting if isinstance(setting, str) else True))
 
 
 # -- degraded-in-this-call tracking ---------------------------------------------------------

@@ -12,8 +12,6 @@ from contextvars import ContextVar
 from typing import Any
 
 from ..adapters import NestedRetriesWarning, inner_max_retries
-from ..errors import QueueFullError
-from ..fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER
 from ..policy import ResiliencePolicy, Served
 from .instrumentation import BRIDGE
 
@@ -139,15 +137,7 @@ def timed_copy(inner: Any, attempt_timeout: float | None, what: str) -> Any:
 
 def generic_text(spec: GenericSpec, error: BaseException, policy: ResiliencePolicy) -> Any:
     """The generic answer for `spec`: a callable's result, a string, or the default message."""
-    if callable(spec):
-        return spec(error)
-    if isinstance(spec, str):
-        return spec
-    if isinstance(error, QueueFullError):
-        return BUSY_ANSWER
-    return (
-        policy.fallbacks.generic_answer if policy.fallbacks is not None else DEFAULT_GENERIC_ANSWER
-    )
+    return policy.generic_answer(error, spec if callable(spec) or isinstance(spec, str) else True)
 
 
 def jsonable(value: Any, _depth: int = 0) -> Any:
