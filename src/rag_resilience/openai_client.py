@@ -251,8 +251,11 @@ class _Chat:
         self.completions = completions
 
 
-class ResilientOpenAIClient:
-    """The sync OpenAI client with retry, breaker, fallback cache and concurrency limit."""
+class _ClientBase:
+    """What the sync and async clients share: the policy, the inner SDK client built (or
+    copied) with max_retries=0, stats, and unprotected access to the rest of the SDK."""
+
+    _sdk_class: Any = None
 
     def __init__(
         self,
@@ -265,18 +268,34 @@ class ResilientOpenAIClient:
         self.policy = ResiliencePolicy.resolve(policy, name="openai")
         attempts = self.policy.retry.max_retries + 1
         if client is None:
-            client = openai.OpenAI(
+            client = self._sdk_class(
                 api_key=api_key, base_url=base_url, **_client_kwargs(self.policy, openai_kwargs)
             )
         self.client = _prepare(client, self.policy, attempts)
-        self.chat = _Chat(_Completions(self))
-        self.embeddings = _Embeddings(self)
 
     def stats(self) -> dict[str, Any]:
         return self.policy.stats()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["client"], name)
+
+
+class ResilientOpenAIClient(_ClientBase):
+    """The sync OpenAI client with retry, breaker, fallback cache and concurrency limit."""
+
+    _sdk_class = openai.OpenAI
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        policy: ResiliencePolicy | str | None = "balanced",
+        client: Any = None,
+        **openai_kwargs: Any,
+    ) -> None:
+        super().__init__(api_key, base_url, policy, client, **openai_kwargs)
+        self.chat = _Chat(_Completions(self))
+        self.embeddings = _Embeddings(self)
 
 
 class _AsyncCompletions:
@@ -373,8 +392,10 @@ class _AsyncEmbeddings:
         return _annotate(served.value, served)
 
 
-class AsyncResilientOpenAIClient:
+class AsyncResilientOpenAIClient(_ClientBase):
     """Async twin of ResilientOpenAIClient over `openai.AsyncOpenAI`."""
+
+    _sdk_class = openai.AsyncOpenAI
 
     def __init__(
         self,
@@ -384,18 +405,6 @@ class AsyncResilientOpenAIClient:
         client: Any = None,
         **openai_kwargs: Any,
     ) -> None:
-        self.policy = ResiliencePolicy.resolve(policy, name="openai")
-        attempts = self.policy.retry.max_retries + 1
-        if client is None:
-            client = openai.AsyncOpenAI(
-                api_key=api_key, base_url=base_url, **_client_kwargs(self.policy, openai_kwargs)
-            )
-        self.client = _prepare(client, self.policy, attempts)
+        super().__init__(api_key, base_url, policy, client, **openai_kwargs)
         self.chat = _Chat(_AsyncCompletions(self))
         self.embeddings = _AsyncEmbeddings(self)
-
-    def stats(self) -> dict[str, Any]:
-        return self.policy.stats()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["client"], name)
