@@ -394,7 +394,10 @@ class CircuitBreaker:
         may then leave their run unbroken (the circuit can trip a little early, never late).
         """
         if ticket == ADMITTED_CLEAN:
-            if self.store is not None or not self._needs_reset(self._rec):
+            if self.store is not None:
+                return
+            rec = self._rec  # `_needs_reset`, inlined: this runs on every call
+            if rec.state != _CLOSED or not (rec.failures or self.mode == "rate"):
                 return
             ticket = ADMITTED
         _, old, new = self._apply(lambda rec, now: self._t_success(rec, now, ticket))

@@ -9,11 +9,11 @@ survive restarts, Redis to share across replicas (JSON values there, never pickl
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import threading
 from typing import Any
 
+from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .stores.base import Store
 from .stores.memory import MemoryStore
@@ -45,28 +45,6 @@ def stable_key(value: Any) -> str:
     return "sha256:" + hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-class _Counter:
-    """A counter without a lock on the increment: `next()` on `itertools.count` is a single
-    C call, atomic under the GIL. Reading consumes a step, which `_reads` accounts for."""
-
-    __slots__ = ("_it", "_lock", "_reads")
-
-    def __init__(self) -> None:
-        self._it = itertools.count()
-        self._reads = 0
-        self._lock = threading.Lock()
-
-    def add(self) -> None:
-        next(self._it)
-
-    @property
-    def value(self) -> int:
-        with self._lock:
-            value = next(self._it) - self._reads
-            self._reads += 1
-            return value
-
-
 class GracefulFallbacks:
     """The seed's fallback cache: `update_cache`, `get_last_known_good` -> (value, age_s)."""
 
@@ -94,7 +72,7 @@ class GracefulFallbacks:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self._writes = _Counter()
+        self._writes = AtomicCounter()
 
     @property
     def writes(self) -> int:
@@ -106,11 +84,15 @@ class GracefulFallbacks:
 
     def update_cache(self, query: Any, response: Any) -> None:
         """Remember `response` as the last good answer for `query`."""
+        # Runs after every live answer: the common short-string key and the clock are
+        # resolved inline (same results as `stable_key` and `_now`).
+        key = query if type(query) is str and len(query) <= _MAX_PLAIN_KEY else stable_key(query)
+        clock = self.clock
         self.store.cache_set(
             self.namespace,
-            stable_key(query),
+            key,
             response,
-            stored_at=self._now(),
+            stored_at=(clock if clock is not None else get_clock()).time(),
             ttl=self.ttl,
             max_entries=self.max_entries,
         )
@@ -126,6 +108,13 @@ class GracefulFallbacks:
             max_entries=self.max_entries,
         )
         self._writes.add()
+
+    def age_of(self, query: Any) -> float | None:
+        """Seconds since `query`'s answer was stored, None if there is none. Not counted as
+        a hit or a miss: it is a check before writing, not a fallback."""
+        now = self._now()
+        found = self.store.cache_get(self.namespace, stable_key(query), now)
+        return None if found is None else max(0.0, now - found[1])
 
     def get_last_known_good(self, query: Any) -> tuple[Any, float] | None:
         """`(response, age_seconds)` for `query`, or None if unknown or expired."""

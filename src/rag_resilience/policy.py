@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from ._counter import AtomicCounter
 from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
@@ -31,8 +32,9 @@ from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
-from .retry import RetryRun, RetryStrategy, run_with_timeout
+from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
 from .stores.base import Store
+from .timeouts import run_with_timeout
 
 _logger = logging.getLogger("rag_resilience")
 
@@ -97,16 +99,41 @@ def _bus_of(component: Any) -> EventBus | None:
 
 class _PolicyStats(StatsCollector):
     """The policy's own collector: fed directly on the live path (no Event built per call)
-    and counting attempts from each call's terminal event instead of one event per attempt."""
+    and counting attempts from each call's terminal event instead of one event per attempt.
+    Live answers on the first attempt (nearly all calls) are counted without the lock and
+    folded into the totals when read."""
 
     routine = False
 
+    def __init__(self) -> None:
+        self._first_try = AtomicCounter()
+        self._folded = 0
+        super().__init__()
+
     def record_live(self, attempts: int, duration: float) -> None:
+        if attempts == 1:
+            self._first_try.add()
+            self._latencies.append(duration)  # deque.append is atomic
+            return
         with self._lock:
             self.calls += 1
             self.successes += 1
             self.attempts += attempts
             self._latencies.append(duration)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            total = self._first_try.value
+            fresh, self._folded = total - self._folded, total
+            self.calls += fresh
+            self.successes += fresh
+            self.attempts += fresh
+        return super().stats()
+
+    def reset(self) -> None:
+        super().reset()
+        with self._lock:
+            self._folded = self._first_try.value
 
     def __call__(self, event: Event) -> None:
         if event.kind is _FALLBACK or event.kind is _FAILURE:
@@ -134,6 +161,14 @@ class Served(Generic[T]):
 
     def metadata(self) -> dict[str, Any]:
         """JSON-friendly `{"source", "attempts", "age_s", "degraded"[, "error"]}`."""
+        if self.age_s is None and self.error is None and self.fallback_index is None:
+            # A live answer (every call's metadata in the adapters): no rounding, no extras.
+            return {
+                "source": self.source,
+                "attempts": self.attempts,
+                "age_s": None,
+                "degraded": self.degraded,
+            }
         meta: dict[str, Any] = {
             "source": self.source,
             "attempts": self.attempts,
@@ -155,14 +190,34 @@ class Codec:
     decode: Callable[[Any], Any]
 
 
-@dataclass(slots=True)
 class CacheHooks:
     """A caller-owned last-known-good cache: `store(value)` after a live success,
     `lookup() -> (value, age_s) | None` when degrading. Either may return an awaitable
-    on the async path."""
+    on the async path.
 
-    store: Callable[[Any], Any]
-    lookup: Callable[[], Any]
+    Pass the two callables, or subclass and override both methods (one object per call
+    on a hot path, instead of two closures).
+    """
+
+    __slots__ = ("_lookup", "_store")
+
+    def __init__(
+        self,
+        store: Callable[[Any], Any] | None = None,
+        lookup: Callable[[], Any] | None = None,
+    ) -> None:
+        self._store = store
+        self._lookup = lookup
+
+    def store(self, value: Any) -> Any:
+        if self._store is None:
+            raise NotImplementedError("CacheHooks needs a store callable or an override")
+        return self._store(value)
+
+    def lookup(self) -> Any:
+        if self._lookup is None:
+            raise NotImplementedError("CacheHooks needs a lookup callable or an override")
+        return self._lookup()
 
 
 class _Call:
@@ -500,9 +555,14 @@ class ResiliencePolicy:
         )
         return rejected
 
-    def _new_run(self) -> RetryRun:
+    def _new_run(self, started: float | None = None, attempts: int = 0) -> RetryRun:
         return RetryRun(
-            self.retry, self.name, deadline=self.deadline, attempt_timeout=self.attempt_timeout
+            self.retry,
+            self.name,
+            deadline=self.deadline,
+            attempt_timeout=self.attempt_timeout,
+            started=started,
+            attempts=attempts,
         )
 
     def _failed(
@@ -548,7 +608,9 @@ class ResiliencePolicy:
             exc_info=True,
         )
 
-    def _succeeded(self, value: T, run: RetryRun, key: Any, codec: Codec | None) -> Served[T]:
+    def _succeeded(
+        self, value: T, attempts: int, started: float, clock: Clock, key: Any, codec: Codec | None
+    ) -> Served[T]:
         if key is not _NO_KEY:
             fallbacks = self.fallbacks
             if fallbacks is not None and type(key) is str and codec is None:
@@ -558,8 +620,7 @@ class ResiliencePolicy:
                     self._cache_failed("write")
             else:
                 self._store(key, value, codec)
-        attempts = run.attempts
-        duration = run.clock.monotonic() - run.started
+        duration = clock.monotonic() - started
         collector = self.collector
         if type(collector) is _PolicyStats:
             collector.record_live(attempts, duration)
@@ -731,26 +792,35 @@ class ResiliencePolicy:
             call.give()
 
     def _attempts(self, fn: Callable[..., T], call: _Call) -> Served[T]:
-        run = self._new_run()
+        strategy = self.retry
+        clock = get_clock(strategy.clock)
+        started = clock.monotonic()
+        count_attempt(strategy, self.name, 1, started)
+        # The RetryRun is built at the first failure: most calls never need one.
+        run: RetryRun | None = None
+        attempts = 1
         breaker = self.breaker
         while True:
-            run.start_attempt()
             if breaker is not None:
                 try:
                     ticket = breaker.before_call()
                 except CircuitOpenError as exc:
-                    return self._degrade(self._plan(exc, run.attempts - 1, run.started), call)
+                    return self._degrade(self._plan(exc, attempts - 1, started), call)
             else:
                 ticket = ADMITTED_CLEAN
             try:
                 value = fn(*call.args, **call.kwargs)
             except Exception as exc:
+                if run is None:
+                    run = self._new_run(started, attempts)
                 verdict, delay = self._failed(run, exc, ticket)
                 if delay is None:
-                    return self._degrade(self._plan(exc, run.attempts, run.started, verdict), call)
+                    return self._degrade(self._plan(exc, attempts, started, verdict), call)
                 rejected = self._pause(call, run, delay, exc)
                 if rejected is not None:
-                    return self._degrade(self._plan(rejected, run.attempts, run.started), call)
+                    return self._degrade(self._plan(rejected, attempts, started), call)
+                run.start_attempt()
+                attempts = run.attempts
                 continue
             except BaseException:
                 if breaker is not None:
@@ -758,7 +828,7 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 breaker.on_success(ticket)
-            return self._succeeded(value, run, call.key, call.codec)
+            return self._succeeded(value, attempts, started, clock, call.key, call.codec)
 
     def _degrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
@@ -805,32 +875,35 @@ class ResiliencePolicy:
             await call.agive()
 
     async def _aattempts(self, fn: Callable[..., Awaitable[T]], call: _Call) -> Served[T]:
-        run = self._new_run()
+        strategy = self.retry
+        clock = get_clock(strategy.clock)
+        started = clock.monotonic()
+        count_attempt(strategy, self.name, 1, started)
+        run: RetryRun | None = None  # built at the first failure, as in `_attempts`
+        attempts = 1
+        timeout = attempt_timeout_for(self.attempt_timeout, self.deadline)
         breaker = self.breaker
         while True:
-            timeout = run.start_attempt()
             if breaker is not None:
                 try:
                     ticket = await breaker.abefore_call()
                 except CircuitOpenError as exc:
-                    return await self._adegrade(
-                        self._plan(exc, run.attempts - 1, run.started), call
-                    )
+                    return await self._adegrade(self._plan(exc, attempts - 1, started), call)
             else:
                 ticket = ADMITTED_CLEAN
             try:
                 value = await run_with_timeout(fn(*call.args, **call.kwargs), timeout)
             except Exception as exc:
+                if run is None:
+                    run = self._new_run(started, attempts)
                 verdict, delay = self._failed(run, exc, ticket)
                 if delay is None:
-                    return await self._adegrade(
-                        self._plan(exc, run.attempts, run.started, verdict), call
-                    )
+                    return await self._adegrade(self._plan(exc, attempts, started, verdict), call)
                 rejected = await self._apause(call, run, delay, exc)
                 if rejected is not None:
-                    return await self._adegrade(
-                        self._plan(rejected, run.attempts, run.started), call
-                    )
+                    return await self._adegrade(self._plan(rejected, attempts, started), call)
+                timeout = run.start_attempt()
+                attempts = run.attempts
                 continue
             except BaseException:
                 if breaker is not None:
@@ -840,7 +913,7 @@ class ResiliencePolicy:
                 await breaker.aon_success(ticket)
             if call.key is not _NO_KEY:
                 await self._astore(call.key, value, call.codec)
-            return self._succeeded(value, run, _NO_KEY, None)
+            return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
 
     async def _adegrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
@@ -959,7 +1032,7 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 breaker.on_success(ticket)
-            self._succeeded(None, run, _NO_KEY, None)
+            self._succeeded(None, run.attempts, run.started, run.clock, _NO_KEY, None)
             if items is not None:
                 self._store(key, items, codec)
         finally:
@@ -1088,7 +1161,7 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 await breaker.aon_success(ticket)
-            self._succeeded(None, run, _NO_KEY, None)
+            self._succeeded(None, run.attempts, run.started, run.clock, _NO_KEY, None)
             if items is not None:
                 await self._astore(key, items, codec)
         finally:

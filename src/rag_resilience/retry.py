@@ -17,7 +17,6 @@ history as a note and marked handled (an outer policy will not retry it again).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import random
@@ -27,8 +26,9 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 from .backoff import JitterMode, RetryBudget, compute_delay, normalize_jitter
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .errors import DeadlineExceededError, add_note, mark_handled
+from .errors import add_note, mark_handled
 from .events import EventBus, EventKind, Listener
+from .timeouts import run_with_timeout
 
 __all__ = ["RetryRun", "RetryStrategy", "with_retry"]
 
@@ -201,42 +201,6 @@ class RetryStrategy:
         )
 
 
-async def run_with_timeout(awaitable: Awaitable[T], timeout: float | None) -> T:
-    """Await with a per-attempt timeout that raises DeadlineExceededError(scope="attempt").
-
-    On 3.11+ `asyncio.timeout` runs the attempt in the current task (one timer handle);
-    `wait_for` on 3.10 wraps it in a new Task per attempt, several times slower.
-    """
-    if timeout is None:
-        return await awaitable
-    if timeout <= 0:  # never start an attempt that has no time left
-        if inspect.iscoroutine(awaitable):
-            awaitable.close()
-        raise _attempt_timed_out(0.0)
-    if _asyncio_timeout is None:  # pragma: no cover - Python 3.10
-        try:
-            return await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError as exc:
-            raise _attempt_timed_out(timeout) from exc
-    cm = _asyncio_timeout(timeout)
-    try:
-        async with cm:
-            return await awaitable
-    except TimeoutError as exc:
-        if not cm.expired():
-            raise  # the attempt's own timeout error, not ours
-        raise _attempt_timed_out(timeout) from exc
-
-
-def _attempt_timed_out(timeout: float) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"attempt timed out after {timeout:.3f}s", timeout=timeout, scope="attempt"
-    )
-
-
-_asyncio_timeout: Any = getattr(asyncio, "timeout", None)  # 3.11+
-
-
 class RetryRun:
     """The per-call retry state machine shared by every driver (sync, async, policy)."""
 
@@ -261,12 +225,16 @@ class RetryRun:
         *,
         deadline: float | None = None,
         attempt_timeout: float | None = None,
+        started: float | None = None,
+        attempts: int = 0,
     ) -> None:
+        """`started`/`attempts` resume a call whose first attempts ran without a run
+        (see `count_attempt`): drivers build one only once an attempt has failed."""
         self.strategy = strategy
         self.name = name
         self.clock = get_clock(strategy.clock)
-        self.attempts = 0
-        self.started = self.clock.monotonic()
+        self.attempts = attempts
+        self.started = self.clock.monotonic() if started is None else started
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self.deadline_at = self.started + deadline if deadline is not None else None
@@ -283,24 +251,12 @@ class RetryRun:
     def start_attempt(self) -> float | None:
         """Count an attempt; returns its timeout (attempt_timeout capped by the deadline)."""
         self.attempts += 1
-        strategy = self.strategy
-        if self.attempts == 1 and strategy.retry_budget is not None:
-            budget = strategy.retry_budget
-            # Same clock as this run (the usual case): reuse the start time just read.
-            budget.record_request(self.started if budget._clock is strategy.clock else None)
-        events = strategy.events
-        if events.wants_routine():
-            events.publish(_ATTEMPT, self.name, attempt=self.attempts)
-        timeout = self.attempt_timeout
-        if self.deadline_at is not None:
-            # The first attempt starts now: no need to read the clock again.
-            now = self.started if self.attempts == 1 else self.clock.monotonic()
-            left = self.deadline_at - now
-            if left < 0.0:
-                left = 0.0
-            if timeout is None or left < timeout:
-                timeout = left
-        return timeout
+        count_attempt(self.strategy, self.name, self.attempts, self.started)
+        if self.deadline_at is None:
+            return self.attempt_timeout
+        # The first attempt starts now: no need to read the clock again.
+        now = self.started if self.attempts == 1 else self.clock.monotonic()
+        return attempt_timeout_for(self.attempt_timeout, self.deadline_at - now)
 
     def on_error(self, exc: BaseException, verdict: ErrorVerdict | None = None) -> float | None:
         """Decide after a failed attempt: seconds to wait before retrying, or None to stop."""
@@ -413,6 +369,30 @@ class RetryRun:
             reason=self.stop_reason,
             duration=self.clock.monotonic() - self.started,
         )
+
+
+def count_attempt(strategy: RetryStrategy, name: str, attempt: int, started: float) -> None:
+    """An attempt's bookkeeping: the first one counts as a request for the retry budget
+    (`started` saves a clock read), every one is an ATTEMPT event if anyone listens.
+    A plain function so drivers can run a call's first attempt without building a
+    `RetryRun`: most calls succeed at once and never need one."""
+    if attempt == 1:
+        budget = strategy.retry_budget
+        if budget is not None:
+            # Same clock as the run (the usual case): reuse the start time just read.
+            budget.record_request(started if budget._clock is strategy.clock else None)
+    events = strategy.events
+    if events.wants_routine():
+        events.publish(_ATTEMPT, name, attempt=attempt)
+
+
+def attempt_timeout_for(attempt_timeout: float | None, left: float | None) -> float | None:
+    """An attempt's timeout: `attempt_timeout` capped by the `left` seconds of the deadline."""
+    if left is None:
+        return attempt_timeout
+    if left < 0.0:
+        left = 0.0
+    return left if attempt_timeout is None or left < attempt_timeout else attempt_timeout
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:
