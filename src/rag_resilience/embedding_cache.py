@@ -10,6 +10,7 @@ Two jobs the LangChain and LlamaIndex adapters share:
   text); when a sub-batch fails for an upstream reason, it is served from cache only
   if *every* text in it has a cached vector. Vectors are never invented: if one is
   missing, the original error is raised with a note saying how many were missing.
+  A text whose vector is already kept (and not near its expiry) is not re-written.
 
 Vectors are stored as base64 float32 (what the OpenAI API itself returns), which is
 JSON-safe for shared stores and 6 KB for a 1536-dimension vector instead of ~50 KB of
@@ -69,7 +70,10 @@ def encode_vector(vector: Sequence[float]) -> str:
 
 
 def decode_vector(data: Any) -> Vector:
-    """Inverse of `encode_vector`; also accepts an `array` or a plain list (memory stores)."""
+    """Inverse of `encode_vector`; also accepts native float32 bytes, an `array` or a
+    plain list (what process-local stores hold)."""
+    if isinstance(data, bytes):
+        return array("f", data).tolist()
     if isinstance(data, array):
         return data.tolist()
     if isinstance(data, list):
@@ -80,8 +84,46 @@ def decode_vector(data: Any) -> Vector:
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
-def _to_array(vector: Sequence[float]) -> array[float]:
-    return array("f", _pack(vector, "="))
+def _to_native(vector: Sequence[float]) -> bytes:
+    return _pack(vector, "=")
+
+
+class _BatchVectors(CacheHooks):
+    """Last-known-good vectors of one sub-batch, one cache entry per text."""
+
+    __slots__ = ("batch", "cache", "encode", "refresh_after")
+
+    def __init__(
+        self,
+        cache: GracefulFallbacks,
+        encode: Callable[[Sequence[float]], Any],
+        batch: list[str],
+        refresh_after: float | None,
+    ) -> None:
+        self.cache = cache
+        self.encode = encode
+        self.batch = batch
+        self.refresh_after = refresh_after
+
+    def store(self, value: Any) -> None:
+        cache, encode, refresh_after = self.cache, self.encode, self.refresh_after
+        for text, vector in zip(self.batch, value, strict=True):
+            if refresh_after is not None:
+                age = cache.age_of(text)
+                if age is not None and age < refresh_after:
+                    continue  # a fresh vector of this text is already kept
+            cache.update_cache(text, encode(vector))
+
+    def lookup(self) -> tuple[list[Vector], float] | None:
+        found: list[Vector] = []
+        oldest = 0.0
+        for text in self.batch:
+            hit = self.cache.get_last_known_good(text)
+            if hit is None:
+                return None
+            found.append(decode_vector(hit[0]))
+            oldest = max(oldest, hit[1])
+        return found, oldest
 
 
 @dataclass(slots=True)
@@ -93,7 +135,7 @@ class EmbeddingResult:
 
     @property
     def degraded(self) -> bool:
-        return any(s.degraded for s in self.served)
+        return any(served.degraded for served in self.served)
 
     @property
     def sources(self) -> dict[str, int]:
@@ -132,11 +174,20 @@ class EmbeddingEngine:
             if base is not None
             else None
         )
-        # A process-local store keeps a float32 array (6 KB for 1536 dimensions, no text
+        # A process-local store keeps float32 bytes (6 KB for 1536 dimensions, no text
         # encoding on the hot path); shared stores need JSON, so base64 of the same bytes.
-        self._encode: Callable[[Sequence[float]], Any] = (
-            encode_vector if self.cache is not None and self.cache.store.shared else _to_array
-        )
+        shared = self.cache is not None and self.cache.store.shared
+        self._encode: Callable[[Sequence[float]], Any] = encode_vector if shared else _to_native
+        # An embedding model maps a text to the same vector every time, so re-encoding and
+        # re-writing a text's vector on every call is wasted work (float32 packing alone is
+        # ~30 µs for 1536 dimensions). A process-local store is checked first (a dict
+        # lookup) and a vector younger than half its TTL (or an hour, without a TTL) is
+        # kept as is; refreshed before it expires, it never lapses while the text is in
+        # use. A shared store is written every time: a check would be a round trip too.
+        self._refresh_after: float | None = None
+        if self.cache is not None and not shared:
+            ttl = self.cache.ttl
+            self._refresh_after = ttl / 2 if ttl is not None else 3600.0
 
     def _batches(self, texts: Sequence[str]) -> list[list[str]]:
         size = self.batch_size
@@ -145,27 +196,9 @@ class EmbeddingEngine:
         return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
 
     def _hooks(self, batch: list[str]) -> CacheHooks | None:
-        cache = self.cache
-        if cache is None:
+        if self.cache is None:
             return None
-        encode = self._encode
-
-        def store(vectors: list[Vector]) -> None:
-            for text, vector in zip(batch, vectors, strict=True):
-                cache.update_cache(text, encode(vector))
-
-        def lookup() -> tuple[list[Vector], float] | None:
-            found: list[Vector] = []
-            oldest = 0.0
-            for text in batch:
-                hit = cache.get_last_known_good(text)
-                if hit is None:
-                    return None
-                found.append(decode_vector(hit[0]))
-                oldest = max(oldest, hit[1])
-            return found, oldest
-
-        return CacheHooks(store, lookup)
+        return _BatchVectors(self.cache, self._encode, batch, self._refresh_after)
 
     def _missing_note(self, exc: BaseException, batch: list[str]) -> None:
         if self.cache is None:

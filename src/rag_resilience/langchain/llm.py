@@ -660,3 +660,11 @@ class ResilientLLM(BaseChatModel):
 
 ResilientChatModel = ResilientLLM
 """Alias: the same class."""
+
+
+# LangChain inspects `_generate`/`_agenerate` on every call to see whether they take a
+# run manager (`inspect.signature`, a few microseconds each time). A precomputed
+# `__signature__` is what `inspect` returns first: same answer, without the work.
+for _hook in (ResilientLLM._generate, ResilientLLM._agenerate):
+    _hook.__signature__ = inspect.signature(_hook)  # type: ignore[union-attr]
+del _hook
