@@ -58,6 +58,7 @@ POLICY = "ResiliencePolicy.call (balanced, key)"
 BREAKER = "CircuitBreaker.call"
 TARGET_POLICY_ADDED_US = 5.0
 TARGET_BREAKER_ADDED_US = 1.0
+TENACITY_REFERENCE_US = 14.0  # tenacity @retry's added cost where the 5 µs target was set
 
 # (group, name, statement). Statements are inlined into the timing loop.
 CASES: list[tuple[str, str, str]] = [
@@ -197,6 +198,18 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "added_us": policy["added_us"],
             "ok": policy["added_us"] <= TARGET_POLICY_ADDED_US,
         }
+        # The issue set 5 µs on a machine where tenacity's @retry added about 14 µs. This
+        # shared box runs anywhere from 1x to 2x slower from one minute to the next, which
+        # moves every absolute figure; the ratio to tenacity, measured in the same run,
+        # does not move with it. Scaled to the reference machine:
+        # (The reference is tenacity's sync figure, so only the sync group is scaled.)
+        if group == "sync":
+            scaled = policy["added_us"] * TENACITY_REFERENCE_US / tenacity_row["added_us"]
+            out["policy_added_le_5us_at_tenacity_14us"] = {
+                "scaled_added_us": round(scaled, 3),
+                "vs_tenacity": round(policy["added_us"] / tenacity_row["added_us"], 4),
+                "ok": scaled <= TARGET_POLICY_ADDED_US,
+            }
         out[f"policy_below_tenacity{suffix}"] = {
             "policy_added_us": policy["added_us"],
             "tenacity_added_us": tenacity_row["added_us"],
