@@ -126,9 +126,18 @@ class _BatchVectors(CacheHooks):
         return found, oldest
 
 
+def _take(served: Served[list[Vector]]) -> list[Vector]:
+    """A sub-batch's vectors, moved out of its `Served`: the record of how the sub-batch
+    was served should not keep its vectors alive after the caller is done with them."""
+    vectors = served.value
+    served.value = []
+    return vectors
+
+
 @dataclass(slots=True)
 class EmbeddingResult:
-    """Vectors in input order, and how each sub-batch was served."""
+    """Vectors in input order, and how each sub-batch was served (each `Served` record
+    without its value: the vectors are here)."""
 
     vectors: list[Vector]
     served: list[Served[Any]] = field(default_factory=list)
@@ -225,7 +234,7 @@ class EmbeddingEngine:
             except Exception as exc:
                 self._missing_note(exc, batch)
                 raise
-            return EmbeddingResult(list(served.value), [served])
+            return EmbeddingResult(_take(served), [served])
         result = EmbeddingResult([])
         for batch in batches:
             try:
@@ -235,7 +244,7 @@ class EmbeddingEngine:
             except Exception as exc:
                 self._missing_note(exc, batch)
                 raise
-            result.vectors.extend(served.value)
+            result.vectors.extend(_take(served))
             result.served.append(served)
         return result
 
@@ -259,6 +268,6 @@ class EmbeddingEngine:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-            result.vectors.extend(outcome.value)
+            result.vectors.extend(_take(outcome))
             result.served.append(outcome)
         return result

@@ -58,7 +58,7 @@ class ResilientEmbeddings(Embeddings):
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
         self.last_result: EmbeddingResult | None = None
-        """How the latest call was served (per sub-batch sources, ages); for inspection."""
+        """How the latest call was served (per sub-batch sources, ages; not its vectors)."""
 
     @property
     def batch_size(self) -> int:
@@ -70,13 +70,16 @@ class ResilientEmbeddings(Embeddings):
     async def _aquery_batch(self, texts: list[str]) -> list[list[float]]:
         return [await self._inner.aembed_query(texts[0])]
 
-    def _done(self, result: EmbeddingResult) -> EmbeddingResult:
+    def _done(self, result: EmbeddingResult) -> list[list[float]]:
+        vectors, result.vectors = result.vectors, []
+        # `last_result` says how the call was served; it must not keep the vectors (a
+        # whole document load, otherwise) alive until the next call.
         self.last_result = result
         if result.degraded:
             meta = result.metadata()
             c.note_degraded(meta)
             c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, **meta))
-        return result
+        return vectors
 
     def _failed(self, exc: BaseException) -> None:
         c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, exc))
@@ -87,7 +90,7 @@ class ResilientEmbeddings(Embeddings):
         except Exception as exc:
             self._failed(exc)
             raise
-        return self._done(result).vectors
+        return self._done(result)
 
     def embed_query(self, text: str) -> list[float]:
         try:
@@ -95,7 +98,7 @@ class ResilientEmbeddings(Embeddings):
         except Exception as exc:
             self._failed(exc)
             raise
-        return self._done(result).vectors[0]
+        return self._done(result)[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         try:
@@ -103,7 +106,7 @@ class ResilientEmbeddings(Embeddings):
         except Exception as exc:
             self._failed(exc)
             raise
-        return self._done(result).vectors
+        return self._done(result)
 
     async def aembed_query(self, text: str) -> list[float]:
         try:
@@ -111,7 +114,7 @@ class ResilientEmbeddings(Embeddings):
         except Exception as exc:
             self._failed(exc)
             raise
-        return self._done(result).vectors[0]
+        return self._done(result)[0]
 
     def stats(self) -> dict[str, Any]:
         return self.policy.stats()
