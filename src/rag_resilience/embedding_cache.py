@@ -263,6 +263,9 @@ class EmbeddingEngine:
                 self._missing_note(exc, batch)
                 raise
 
+        if len(batches) == 1:  # a query or a small load: no task per sub-batch
+            served = await one(batches[0])
+            return EmbeddingResult(_take(served), [served])
         outcomes = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
         result = EmbeddingResult([])
         for outcome in outcomes:
