@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 
+from rag_resilience import timeouts
 from rag_resilience.errors import DeadlineExceededError
 from rag_resilience.timeouts import _watchdog, _watchdogs, run_with_timeout
 
@@ -166,3 +167,24 @@ def test_the_registry_does_not_keep_a_finished_loop_alive() -> None:
     gc.collect()
     assert loop_ref() is None
     assert all(loop is not None for loop in _watchdogs)
+
+
+async def test_a_loop_without_weak_references_falls_back_to_asyncio_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Unreferenceable:
+        def get(self, loop: object) -> None:
+            raise TypeError("cannot create weak reference to 'Loop' object")
+
+    monkeypatch.setattr(timeouts, "_watchdogs", Unreferenceable())
+    assert await run_with_timeout(asyncio.sleep(0, result="ok"), 5.0) == "ok"
+    with pytest.raises(DeadlineExceededError) as info:
+        await run_with_timeout(_hang(), 0.005)
+    assert info.value.scope == "attempt"
+
+    async def own_timeout() -> None:
+        raise TimeoutError("upstream read timeout")
+
+    with pytest.raises(TimeoutError, match="upstream") as own:
+        await run_with_timeout(own_timeout(), 5.0)
+    assert not isinstance(own.value, DeadlineExceededError)

@@ -90,10 +90,14 @@ _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = (
 )
 
 
-def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
-    dog = _watchdogs.get(loop)
-    if dog is None:
-        dog = _watchdogs[loop] = _Watchdog()
+def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog | None:
+    """The loop's watchdog; None for a loop that cannot be weakly referenced."""
+    try:
+        dog = _watchdogs.get(loop)
+        if dog is None:
+            dog = _watchdogs[loop] = _Watchdog()
+    except TypeError:
+        return None
     return dog
 
 
@@ -113,6 +117,8 @@ async def run_with_timeout(awaitable: Awaitable[T], timeout: float | None) -> T:
             raise _attempt_timed_out(timeout) from exc
     loop = task.get_loop()
     dog = _watchdog(loop)
+    if dog is None:
+        return await _with_asyncio_timeout(awaitable, timeout)
     cancelling = task.cancelling()
     watch = dog.watch(loop, task, loop.time() + timeout)
     try:
@@ -128,6 +134,18 @@ async def run_with_timeout(awaitable: Awaitable[T], timeout: float | None) -> T:
             task.uncancel()
         else:
             dog.unwatch(watch)
+
+
+async def _with_asyncio_timeout(awaitable: Awaitable[T], timeout: float) -> T:
+    """The same contract through `asyncio.timeout` (a timer per attempt)."""
+    cm = asyncio.timeout(timeout)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        async with cm:
+            return await awaitable
+    except TimeoutError as exc:
+        if not cm.expired():
+            raise  # the attempt's own timeout error, not ours
+        raise _attempt_timed_out(timeout) from exc
 
 
 def _attempt_timed_out(timeout: float) -> DeadlineExceededError:
