@@ -144,7 +144,10 @@ class EmbeddingResult:
 
     @property
     def degraded(self) -> bool:
-        return any(served.degraded for served in self.served)
+        served = self.served
+        if len(served) == 1:  # every query: no generator
+            return served[0].degraded
+        return any(s.degraded for s in served)
 
     @property
     def sources(self) -> dict[str, int]:

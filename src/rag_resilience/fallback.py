@@ -112,9 +112,15 @@ class GracefulFallbacks:
     def age_of(self, query: Any) -> float | None:
         """Seconds since `query`'s answer was stored, None if there is none. Not counted as
         a hit or a miss: it is a check before writing, not a fallback."""
-        now = self._now()
-        found = self.store.cache_get(self.namespace, stable_key(query), now)
-        return None if found is None else max(0.0, now - found[1])
+        # Checked after every live embedding: resolved inline, as in `update_cache`.
+        key = query if type(query) is str and len(query) <= _MAX_PLAIN_KEY else stable_key(query)
+        clock = self.clock
+        now = (clock if clock is not None else get_clock()).time()
+        found = self.store.cache_get(self.namespace, key, now)
+        if found is None:
+            return None
+        age = now - found[1]
+        return age if age > 0.0 else 0.0
 
     def get_last_known_good(self, query: Any) -> tuple[Any, float] | None:
         """`(response, age_seconds)` for `query`, or None if unknown or expired."""
