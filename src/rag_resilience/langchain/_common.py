@@ -5,15 +5,12 @@ Kept out of the public modules so each wrapper stays a thin shell over `Resilien
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import json
 import logging
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.callbacks.manager import ahandle_event, handle_event
@@ -284,47 +281,6 @@ OUTPUT_CODEC = Codec(encode_output, decode_output)
 def generic_text(setting: bool | str, error: BaseException, policy: ResiliencePolicy) -> str:
     """The text of the generic answer for `error` under a `generic_fallback` setting."""
     return str(policy.generic_answer(error, setting if isinstance(setting, str) else True))
-
-
-# -- degraded-in-this-call tracking ---------------------------------------------------------
-@dataclass
-class DegradedScope:
-    """Collects degraded answers served by inner wrappers during one outer (chain) call,
-    so `with_resilience` neither caches a degraded chain output as last-known-good nor
-    reports it as live."""
-
-    served: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, meta: dict[str, Any]) -> None:
-        with self.lock:
-            self.served.append(meta)
-
-    @property
-    def degraded(self) -> bool:
-        return bool(self.served)
-
-
-_scope: contextvars.ContextVar[DegradedScope | None] = contextvars.ContextVar(
-    "rag_resilience_degraded_scope", default=None
-)
-
-
-def enter_scope() -> tuple[DegradedScope, contextvars.Token[DegradedScope | None]]:
-    scope = DegradedScope()
-    return scope, _scope.set(scope)
-
-
-def exit_scope(token: contextvars.Token[DegradedScope | None]) -> None:
-    # ValueError: reset from another context (a generator finalised elsewhere).
-    with contextlib.suppress(ValueError):
-        _scope.reset(token)
-
-
-def note_degraded(meta: dict[str, Any]) -> None:
-    scope = _scope.get()
-    if scope is not None:
-        scope.add(meta)
 
 
 # -- events to callback handlers ----------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 
 from ..adapters import model_identity
+from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult
 from ..policy import ResiliencePolicy
 from . import _common as c
@@ -77,7 +78,7 @@ class ResilientEmbeddings(Embeddings):
         self.last_result = result
         if result.degraded:
             meta = result.metadata()
-            c.note_degraded(meta)
+            note_degraded(meta)
             c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, **meta))
         return vectors
 

@@ -26,6 +26,7 @@ from langchain_core.runnables import Runnable, RunnableBinding, RunnableSequence
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..adapters import model_identity
+from ..degraded import note_degraded
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from . import _common as c
 
@@ -447,7 +448,7 @@ class ResilientLLM(BaseChatModel):
             msg = gen.message
             msg.response_metadata = {**msg.response_metadata, "resilience": meta}
         if served.degraded:
-            c.note_degraded(meta)
+            note_degraded(meta)
         return result
 
     # -- the four hooks -----------------------------------------------------------------------
@@ -590,7 +591,7 @@ class ResilientLLM(BaseChatModel):
             generation_info=chunk.generation_info,
         )
         if served.degraded:
-            c.note_degraded(meta)
+            note_degraded(meta)
         if run_manager is not None:
             c.dispatch(run_manager, c.event_data("chat_model", self._policy, served))
         return chunk

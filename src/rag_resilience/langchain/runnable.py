@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, PrivateAttr
 
+from ..degraded import DegradedScope, enter_scope, exit_scope
 from ..fallback import stable_key
 from ..policy import _NO_KEY, CacheHooks, Codec, ResiliencePolicy, Served
 from . import _common as c
@@ -115,7 +116,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     def _key(self, value: Any) -> str:
         return c.input_key(self._prefix, value)
 
-    def _hooks(self, key: str, scope: c.DegradedScope) -> CacheHooks:
+    def _hooks(self, key: str, scope: DegradedScope) -> CacheHooks:
         fallbacks = self._policy.fallbacks
         assert fallbacks is not None
 
@@ -129,7 +130,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
         return CacheHooks(store, lookup)
 
-    def _ahooks(self, key: str, scope: c.DegradedScope) -> CacheHooks:
+    def _ahooks(self, key: str, scope: DegradedScope) -> CacheHooks:
         fallbacks = self._policy.fallbacks
         assert fallbacks is not None
 
@@ -143,7 +144,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
         return CacheHooks(store, lookup)
 
-    def _meta(self, served: Served[Any], scope: c.DegradedScope) -> dict[str, Any]:
+    def _meta(self, served: Served[Any], scope: DegradedScope) -> dict[str, Any]:
         meta = served.metadata()
         if not served.degraded and scope.degraded:
             inner = scope.served[-1]
@@ -177,7 +178,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
     def _invoke(self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Any:
         child = config  # LangChain already bound the child callbacks
-        scope, token = c.enter_scope()
+        scope, token = enter_scope()
         try:
             served = self._policy.execute(
                 lambda x: self.bound.invoke(x, child, **kwargs),
@@ -189,7 +190,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             c.dispatch(run_manager, c.event_data("chain", self._policy, None, exc))
             raise
         finally:
-            c.exit_scope(token)
+            exit_scope(token)
         return self._finish(served.value, self._meta(served, scope), run_manager)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -203,7 +204,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
     ) -> Any:
         child = config  # LangChain already bound the child callbacks
-        scope, token = c.enter_scope()
+        scope, token = enter_scope()
         try:
             served = await self._policy.aexecute(
                 lambda x: self.bound.ainvoke(x, child, **kwargs),
@@ -215,7 +216,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             await c.adispatch(run_manager, c.event_data("chain", self._policy, None, exc))
             raise
         finally:
-            c.exit_scope(token)
+            exit_scope(token)
         data = c.event_data("chain", self._policy, None)
         meta = self._meta(served, scope)
         data.update(meta)
@@ -241,7 +242,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
     ) -> Iterator[Any]:
         child = config  # LangChain already bound the child callbacks
-        scope, token = c.enter_scope()
+        scope, token = enter_scope()
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
@@ -259,7 +260,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             c.dispatch(run_manager, c.event_data("chain", self._policy, None, exc))
             raise
         finally:
-            c.exit_scope(token)
+            exit_scope(token)
         if scope.degraded and box and not box[0].degraded:
             self._restore(key, prev)
         if box:
@@ -289,7 +290,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         async for value in inputs:
             input = value
         child = config  # LangChain already bound the child callbacks
-        scope, token = c.enter_scope()
+        scope, token = enter_scope()
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
@@ -308,7 +309,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             await c.adispatch(run_manager, c.event_data("chain", self._policy, None, exc))
             raise
         finally:
-            c.exit_scope(token)
+            exit_scope(token)
         if scope.degraded and box and not box[0].degraded:
             self._restore(key, prev)
         if box:

@@ -7,11 +7,11 @@ import contextlib
 import logging
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import Any
 
 from ..adapters import NestedRetriesWarning, inner_max_retries
+from ..degraded import note_degraded
 from ..policy import ResiliencePolicy, Served
 from .instrumentation import BRIDGE
 
@@ -161,24 +161,7 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
 
 
 # -- degraded answers seen while an engine runs -------------------------------------------
-_seen: ContextVar[list[dict[str, Any]] | None] = ContextVar(
-    "rag_resilience_li_degraded", default=None
-)
-
-
 def record_degraded(component: str, served: Served[Any]) -> None:
-    """Tell an enclosing Resilient*Engine that `component` answered degraded."""
-    seen = _seen.get()
-    if seen is not None and served.degraded:
-        seen.append({**served.metadata(), "component": component})
-
-
-@contextlib.contextmanager
-def track_degraded() -> Iterator[list[dict[str, Any]]]:
-    """Collect `record_degraded` calls made inside the block (threads excluded)."""
-    seen: list[dict[str, Any]] = []
-    token = _seen.set(seen)
-    try:
-        yield seen
-    finally:
-        _seen.reset(token)
+    """Tell an enclosing resilient engine (or chain) that `component` answered degraded."""
+    if served.degraded:
+        note_degraded({**served.metadata(), "component": component})

@@ -32,9 +32,10 @@ from llama_index.core.prompts.mixin import PromptMixinType
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 
+from ..degraded import track_degraded
 from ..errors import ResilienceError, mark_handled
 from ..policy import CacheHooks, ResiliencePolicy, Served
-from ._common import GenericSpec, generic_text, jsonable, resolve_policy, track_degraded
+from ._common import GenericSpec, generic_text, jsonable, resolve_policy
 
 __all__ = ["ResilientChatEngine", "ResilientQueryEngine"]
 
@@ -200,25 +201,27 @@ class ResilientQueryEngine(BaseQueryEngine):
 
     # -- runs ----------------------------------------------------------------------------
     def _run(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
-        with track_degraded() as seen:
+        with track_degraded() as scope:
             inner = self._inner
             response = (
                 inner._query(query_bundle)
                 if isinstance(inner, BaseQueryEngine)
                 else inner.query(query_bundle)
             )
+        seen = scope.snapshot()
         if any(s.get("source") in _BAD_INNER_SOURCES for s in seen):
             raise InnerDegradedError(response, list(seen))
         return response, list(seen)
 
     async def _arun(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
-        with track_degraded() as seen:
+        with track_degraded() as scope:
             inner = self._inner
             response = await (
                 inner._aquery(query_bundle)
                 if isinstance(inner, BaseQueryEngine)
                 else inner.aquery(query_bundle)
             )
+        seen = scope.snapshot()
         if any(s.get("source") in _BAD_INNER_SOURCES for s in seen):
             raise InnerDegradedError(response, list(seen))
         return response, list(seen)
@@ -397,8 +400,9 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> AGENT_CHAT_RESPONSE_TYPE:
         def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as seen:
+            with track_degraded() as scope:
                 response = self._inner.chat(message, chat_history)
+            seen = scope.snapshot()
             return self._check(response, seen)
 
         served = self._policy.execute(
@@ -411,8 +415,9 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> StreamingAgentChatResponse:
         def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as seen:
+            with track_degraded() as scope:
                 response = self._inner.stream_chat(message, chat_history)
+            seen = scope.snapshot()
             return self._check(response, seen)
 
         served = self._policy.execute(
@@ -426,8 +431,9 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> AGENT_CHAT_RESPONSE_TYPE:
         async def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as seen:
+            with track_degraded() as scope:
                 response = await self._inner.achat(message, chat_history)
+            seen = scope.snapshot()
             return self._check(response, seen)
 
         served = await self._policy.aexecute(
@@ -440,8 +446,9 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> StreamingAgentChatResponse:
         async def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as seen:
+            with track_degraded() as scope:
                 response = await self._inner.astream_chat(message, chat_history)
+            seen = scope.snapshot()
             return self._check(response, seen)
 
         served = await self._policy.aexecute(
