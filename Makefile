@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint typecheck pytest demo bench record clean
+.PHONY: install test lint typecheck pytest demo bench bench-instructions record clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: install
 	$(BIN)/python benchmarks/stores.py
 	$(BIN)/python benchmarks/chaos_throughput.py
 	$(BIN)/python benchmarks/chaos.py
+
+# Deterministic instruction counts (valgrind callgrind), about 5 min; needs valgrind.
+bench-instructions: install
+	$(BIN)/python benchmarks/instructions.py
 
 record: install
 	$(BIN)/python scripts/record_cassettes.py

@@ -4,9 +4,12 @@ timings on a shared CI machine say nothing; the benchmark is for humans)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
@@ -70,3 +73,28 @@ def test_overhead_quick_writes_json(tmp_path: Path) -> None:
     for name in ("policy_added_le_5us", "policy_below_tenacity", "breaker_added_lt_1us"):
         assert isinstance(targets[name]["ok"], bool)
         assert isinstance(targets[name + "_async"]["ok"], bool)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is an optional tool")
+def test_instruction_counts_run(tmp_path: Path) -> None:
+    """The callgrind benchmark still runs and writes its JSON (its cheapest case: the loop
+    alone, one valgrind run of a bare interpreter; the real cases take minutes)."""
+    out = tmp_path / "instructions.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "instructions.py"),
+            "--json",
+            str(out),
+            "loop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["benchmark"] == "instructions"
+    assert data["instructions_per_call"] == {} and data["ratios"] == {}
+    assert 0 < data["loop_instructions_per_call"] < 10_000  # a lambda call, not the start-up
