@@ -108,3 +108,22 @@ def test_a_shared_store_is_written_every_time(clock: FakeClock, tmp_path: Path) 
     for _ in range(3):
         emb.embed_query("q")
     assert writes(emb) == 3
+
+
+class AsyncSwitchable(Switchable):
+    async def aembed_query(self, text: str) -> list[float]:
+        return self.embed_query(text)
+
+
+async def test_async_query_is_served_from_the_kept_vector_in_an_outage(clock: FakeClock) -> None:
+    model = AsyncSwitchable()
+    emb = wrap(model)
+    live = await emb.aembed_query("what is RAG?")
+    assert await emb.aembed_query("what is RAG?") == live and writes(emb) == 1
+    model.down = True
+    clock.advance(5.0)
+    assert await emb.aembed_query("what is RAG?") == pytest.approx(live, rel=1e-6)
+    assert emb.last_result is not None and emb.last_result.sources == {"cache": 1}
+    with pytest.raises(ConnectionError) as info:
+        await emb.aembed_query("never embedded")  # vectors are never invented
+    assert any("no cached vector" in note for note in info.value.__notes__)

@@ -106,15 +106,17 @@ class _BatchVectors(CacheHooks):
         self.refresh_after = refresh_after
 
     def store(self, value: Any) -> None:
-        cache, encode, refresh_after = self.cache, self.encode, self.refresh_after
         for text, vector in zip(self.batch, value, strict=True):
-            if refresh_after is not None:
-                age = cache.age_of(text)
-                if age is not None and age < refresh_after:
-                    continue  # a fresh vector of this text is already kept
-            cache.update_cache(text, encode(vector))
+            self._keep(text, vector)
 
-    def lookup(self) -> tuple[list[Vector], float] | None:
+    def _keep(self, text: str, vector: Sequence[float]) -> None:
+        if self.refresh_after is not None:
+            age = self.cache.age_of(text)
+            if age is not None and age < self.refresh_after:
+                return  # a fresh vector of this text is already kept
+        self.cache.update_cache(text, self.encode(vector))
+
+    def lookup(self) -> tuple[Any, float] | None:  # (the batch's vectors, oldest age)
         found: list[Vector] = []
         oldest = 0.0
         for text in self.batch:
@@ -126,9 +128,22 @@ class _BatchVectors(CacheHooks):
         return found, oldest
 
 
-def _take(served: Served[list[Vector]]) -> list[Vector]:
-    """A sub-batch's vectors, moved out of its `Served`: the record of how the sub-batch
-    was served should not keep its vectors alive after the caller is done with them."""
+class _TextVector(_BatchVectors):
+    """The last-known-good vector of one text (a query): the value is the vector itself."""
+
+    __slots__ = ()
+
+    def store(self, value: Any) -> None:
+        self._keep(self.batch[0], value)
+
+    def lookup(self) -> tuple[Vector, float] | None:
+        found = super().lookup()  # ([vector], age)
+        return None if found is None else (found[0][0], found[1])
+
+
+def _take(served: Served[list[Any]]) -> list[Any]:
+    """A sub-batch's vectors (or a query's vector), moved out of its `Served`: the record
+    of how it was served should not keep them alive after the caller is done with them."""
     vectors = served.value
     served.value = []
     return vectors
@@ -211,6 +226,35 @@ class EmbeddingEngine:
         if self.cache is None:
             return None
         return _BatchVectors(self.cache, self._encode, batch, self._refresh_after)
+
+    def embed_one(self, text: str, embed_text: Callable[[str], Vector]) -> EmbeddingResult:
+        """One text (a query): `embed_text(text) -> vector` through the policy, without the
+        batch lists of `embed`."""
+        try:
+            served = self.policy.execute(
+                embed_text, (text,), cache=self._one_hooks(text), generic=False
+            )
+        except Exception as exc:
+            self._missing_note(exc, [text])
+            raise
+        return EmbeddingResult([_take(served)], [served])
+
+    async def aembed_one(
+        self, text: str, aembed_text: Callable[[str], Awaitable[Vector]]
+    ) -> EmbeddingResult:
+        try:
+            served = await self.policy.aexecute(
+                aembed_text, (text,), cache=self._one_hooks(text), generic=False
+            )
+        except Exception as exc:
+            self._missing_note(exc, [text])
+            raise
+        return EmbeddingResult([_take(served)], [served])
+
+    def _one_hooks(self, text: str) -> CacheHooks | None:
+        if self.cache is None:
+            return None
+        return _TextVector(self.cache, self._encode, [text], self._refresh_after)
 
     def _missing_note(self, exc: BaseException, batch: list[str]) -> None:
         if self.cache is None:

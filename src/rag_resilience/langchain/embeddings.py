@@ -65,12 +65,6 @@ class ResilientEmbeddings(Embeddings):
     def batch_size(self) -> int:
         return self.engine.batch_size
 
-    def _query_batch(self, texts: list[str]) -> list[list[float]]:
-        return [self._inner.embed_query(texts[0])]
-
-    async def _aquery_batch(self, texts: list[str]) -> list[list[float]]:
-        return [await self._inner.aembed_query(texts[0])]
-
     def _done(self, result: EmbeddingResult) -> list[list[float]]:
         vectors, result.vectors = result.vectors, []
         # `last_result` says how the call was served; it must not keep the vectors (a
@@ -95,7 +89,7 @@ class ResilientEmbeddings(Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         try:
-            result = self.engine.embed([text], self._query_batch)
+            result = self.engine.embed_one(text, self._inner.embed_query)
         except Exception as exc:
             self._failed(exc)
             raise
@@ -111,7 +105,7 @@ class ResilientEmbeddings(Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         try:
-            result = await self.engine.aembed([text], self._aquery_batch)
+            result = await self.engine.aembed_one(text, self._inner.aembed_query)
         except Exception as exc:
             self._failed(exc)
             raise

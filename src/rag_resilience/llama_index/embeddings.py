@@ -130,35 +130,19 @@ class ResilientEmbedding(BaseEmbedding):
 
     # -- the hooks BaseEmbedding calls ---------------------------------------------------------
     def _get_query_embedding(self, query: str) -> Embedding:
-        inner = self._sync_inner
-        result = self._query_engine.embed(
-            [query], lambda batch: [inner._get_query_embedding(batch[0])]
-        )
+        result = self._query_engine.embed_one(query, self._sync_inner._get_query_embedding)
         return self._done(result)[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
-        inner = self._inner
-
-        async def one(batch: list[str]) -> list[Embedding]:
-            return [await inner._aget_query_embedding(batch[0])]
-
-        result = await self._query_engine.aembed([query], one)
+        result = await self._query_engine.aembed_one(query, self._inner._aget_query_embedding)
         return self._done(result)[0]
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        inner = self._sync_inner
-        result = self._batch_engine().embed(
-            [text], lambda batch: [inner._get_text_embedding(batch[0])]
-        )
+        result = self._batch_engine().embed_one(text, self._sync_inner._get_text_embedding)
         return self._done(result)[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
-        inner = self._inner
-
-        async def one(batch: list[str]) -> list[Embedding]:
-            return [await inner._aget_text_embedding(batch[0])]
-
-        result = await self._batch_engine().aembed([text], one)
+        result = await self._batch_engine().aembed_one(text, self._inner._aget_text_embedding)
         return self._done(result)[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
