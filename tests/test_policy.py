@@ -670,3 +670,40 @@ def test_a_generic_callable_that_fails_leaves_the_original_error() -> None:
         policy.call(down)
     assert info.value is boom
     assert any("generic fallback failed too" in n for n in info.value.__notes__)
+
+
+def test_stats_count_every_call_exactly_under_threads() -> None:
+    """First-try live answers are counted without a lock and folded in when read; the
+    totals must still be exact with many threads, retried calls and a reset mid-way."""
+    import threading
+
+    with fake_clock():
+        policy = ResiliencePolicy.preset("balanced", name="threads")
+        policy.retry.retry_budget = None  # every retried call gets its retry
+        failing_once = threading.local()
+
+        def flaky(i: int) -> int:
+            if i % 10 == 0 and not getattr(failing_once, "done", False):
+                failing_once.done = True
+                raise APIError(503)
+            failing_once.done = False
+            return i
+
+        def worker(offset: int) -> None:
+            for i in range(offset, offset + 200):
+                assert policy.call(flaky, i, key=f"q{i % 7}") == i
+
+        policy.call(flaky, 1)
+        policy.reset_stats()  # what came before is gone, what comes after is all counted
+        threads = [threading.Thread(target=worker, args=(t * 1000,)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = policy.stats()
+    calls = 16 * 200
+    retried = 16 * 20  # every tenth call fails once, then succeeds
+    assert stats["calls"] == stats["successes"] == calls
+    assert stats["attempts"] == calls + retried
+    assert stats["retries"] == retried
+    assert stats["latency_s"]["count"] == calls
