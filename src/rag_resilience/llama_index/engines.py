@@ -32,7 +32,7 @@ from llama_index.core.prompts.mixin import PromptMixinType
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 
-from ..degraded import track_degraded
+from ..degraded import DegradedScope, track_degraded
 from ..errors import ResilienceError, mark_handled
 from ..policy import CacheHooks, ResiliencePolicy, Served
 from ._common import GenericSpec, generic_text, jsonable, resolve_policy
@@ -51,6 +51,15 @@ class InnerDegradedError(ResilienceError):
         sources = sorted({str(s.get("source")) for s in seen})
         super().__init__(f"a wrapped component served a degraded answer ({', '.join(sources)})")
         mark_handled(self)  # the inner policy already retried: never retry the whole engine
+
+
+def _checked(response: Any, scope: DegradedScope) -> tuple[Any, list[dict[str, Any]]]:
+    """The inner response, with what inner wrappers served degraded while it was made. A
+    generic (or rejected) inner answer raises, so the engine tries its own cache first."""
+    seen = scope.snapshot()
+    if any(s.get("source") in _BAD_INNER_SOURCES for s in seen):
+        raise InnerDegradedError(response, seen)
+    return response, seen
 
 
 def _encode_nodes(nodes: list[NodeWithScore]) -> list[dict[str, Any]]:
@@ -208,10 +217,7 @@ class ResilientQueryEngine(BaseQueryEngine):
                 if isinstance(inner, BaseQueryEngine)
                 else inner.query(query_bundle)
             )
-        seen = scope.snapshot()
-        if any(s.get("source") in _BAD_INNER_SOURCES for s in seen):
-            raise InnerDegradedError(response, list(seen))
-        return response, list(seen)
+        return _checked(response, scope)
 
     async def _arun(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
         with track_degraded() as scope:
@@ -221,10 +227,7 @@ class ResilientQueryEngine(BaseQueryEngine):
                 if isinstance(inner, BaseQueryEngine)
                 else inner.aquery(query_bundle)
             )
-        seen = scope.snapshot()
-        if any(s.get("source") in _BAD_INNER_SOURCES for s in seen):
-            raise InnerDegradedError(response, list(seen))
-        return response, list(seen)
+        return _checked(response, scope)
 
     def _finish(self, served: Served[Any]) -> RESPONSE_TYPE:
         value = served.value
@@ -371,12 +374,6 @@ class ResilientChatEngine(BaseChatEngine):
     def _hooks(self, message: str) -> CacheHooks | None:
         return self._cache.hooks(message, self._encode, self._decode)
 
-    @staticmethod
-    def _check(response: Any, seen: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
-        if any(s.get("source") in _BAD_INNER_SOURCES for s in seen):
-            raise InnerDegradedError(response, list(seen))
-        return response, list(seen)
-
     def _finish(self, served: Served[Any], streaming: bool = False) -> Any:
         value = served.value
         seen: list[dict[str, Any]] = []
@@ -402,8 +399,7 @@ class ResilientChatEngine(BaseChatEngine):
         def run() -> tuple[Any, list[dict[str, Any]]]:
             with track_degraded() as scope:
                 response = self._inner.chat(message, chat_history)
-            seen = scope.snapshot()
-            return self._check(response, seen)
+            return _checked(response, scope)
 
         served = self._policy.execute(
             run, cache=self._hooks(message), generic=self._generic_response()
@@ -417,8 +413,7 @@ class ResilientChatEngine(BaseChatEngine):
         def run() -> tuple[Any, list[dict[str, Any]]]:
             with track_degraded() as scope:
                 response = self._inner.stream_chat(message, chat_history)
-            seen = scope.snapshot()
-            return self._check(response, seen)
+            return _checked(response, scope)
 
         served = self._policy.execute(
             run, cache=self._hooks(message), generic=self._generic_response()
@@ -433,8 +428,7 @@ class ResilientChatEngine(BaseChatEngine):
         async def run() -> tuple[Any, list[dict[str, Any]]]:
             with track_degraded() as scope:
                 response = await self._inner.achat(message, chat_history)
-            seen = scope.snapshot()
-            return self._check(response, seen)
+            return _checked(response, scope)
 
         served = await self._policy.aexecute(
             run, cache=self._hooks(message), generic=self._generic_response()
@@ -448,8 +442,7 @@ class ResilientChatEngine(BaseChatEngine):
         async def run() -> tuple[Any, list[dict[str, Any]]]:
             with track_degraded() as scope:
                 response = await self._inner.astream_chat(message, chat_history)
-            seen = scope.snapshot()
-            return self._check(response, seen)
+            return _checked(response, scope)
 
         served = await self._policy.aexecute(
             run, cache=self._hooks(message), generic=self._generic_response()
