@@ -222,39 +222,49 @@ class EmbeddingEngine:
             return [list(texts)]
         return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
 
-    def _hooks(self, batch: list[str]) -> CacheHooks | None:
-        if self.cache is None:
-            return None
-        return _BatchVectors(self.cache, self._encode, batch, self._refresh_after)
+    def _run(
+        self,
+        fn: Callable[[Any], Any],
+        arg: Any,
+        texts: list[str],
+        hooks: type[_BatchVectors] = _BatchVectors,
+    ) -> Served[Any]:
+        """One policy call for `texts`, with their vectors as its last-known-good cache;
+        a failure is noted with how many of them have no cached vector."""
+        cache = self.cache
+        kept = None if cache is None else hooks(cache, self._encode, texts, self._refresh_after)
+        try:
+            return self.policy.execute(fn, (arg,), cache=kept, generic=False)
+        except Exception as exc:
+            self._missing_note(exc, texts)
+            raise
+
+    async def _arun(
+        self,
+        fn: Callable[[Any], Awaitable[Any]],
+        arg: Any,
+        texts: list[str],
+        hooks: type[_BatchVectors] = _BatchVectors,
+    ) -> Served[Any]:
+        cache = self.cache
+        kept = None if cache is None else hooks(cache, self._encode, texts, self._refresh_after)
+        try:
+            return await self.policy.aexecute(fn, (arg,), cache=kept, generic=False)
+        except Exception as exc:
+            self._missing_note(exc, texts)
+            raise
 
     def embed_one(self, text: str, embed_text: Callable[[str], Vector]) -> EmbeddingResult:
         """One text (a query): `embed_text(text) -> vector` through the policy, without the
         batch lists of `embed`."""
-        try:
-            served = self.policy.execute(
-                embed_text, (text,), cache=self._one_hooks(text), generic=False
-            )
-        except Exception as exc:
-            self._missing_note(exc, [text])
-            raise
+        served = self._run(embed_text, text, [text], _TextVector)
         return EmbeddingResult([_take(served)], [served])
 
     async def aembed_one(
         self, text: str, aembed_text: Callable[[str], Awaitable[Vector]]
     ) -> EmbeddingResult:
-        try:
-            served = await self.policy.aexecute(
-                aembed_text, (text,), cache=self._one_hooks(text), generic=False
-            )
-        except Exception as exc:
-            self._missing_note(exc, [text])
-            raise
+        served = await self._arun(aembed_text, text, [text], _TextVector)
         return EmbeddingResult([_take(served)], [served])
-
-    def _one_hooks(self, text: str) -> CacheHooks | None:
-        if self.cache is None:
-            return None
-        return _TextVector(self.cache, self._encode, [text], self._refresh_after)
 
     def _missing_note(self, exc: BaseException, batch: list[str]) -> None:
         if self.cache is None:
@@ -272,25 +282,12 @@ class EmbeddingEngine:
     ) -> EmbeddingResult:
         """Embed `texts` in sub-batches through the policy (sequentially)."""
         batches = self._batches(texts)
-        if len(batches) == 1:  # a query or a small load: no accumulation
-            batch = batches[0]
-            try:
-                served = self.policy.execute(
-                    embed_batch, (batch,), cache=self._hooks(batch), generic=False
-                )
-            except Exception as exc:
-                self._missing_note(exc, batch)
-                raise
+        if len(batches) == 1:  # a small load: no accumulation
+            served = self._run(embed_batch, batches[0], batches[0])
             return EmbeddingResult(_take(served), [served])
         result = EmbeddingResult([])
         for batch in batches:
-            try:
-                served = self.policy.execute(
-                    embed_batch, (batch,), cache=self._hooks(batch), generic=False
-                )
-            except Exception as exc:
-                self._missing_note(exc, batch)
-                raise
+            served = self._run(embed_batch, batch, batch)
             result.vectors.extend(_take(served))
             result.served.append(served)
         return result
@@ -300,20 +297,12 @@ class EmbeddingEngine:
     ) -> EmbeddingResult:
         """Embed `texts` with sub-batches running concurrently under the policy's limit."""
         batches = self._batches(texts)
-
-        async def one(batch: list[str]) -> Served[list[Vector]]:
-            try:
-                return await self.policy.aexecute(
-                    aembed_batch, (batch,), cache=self._hooks(batch), generic=False
-                )
-            except Exception as exc:
-                self._missing_note(exc, batch)
-                raise
-
-        if len(batches) == 1:  # a query or a small load: no task per sub-batch
-            served = await one(batches[0])
+        if len(batches) == 1:  # a small load: no task per sub-batch
+            served = await self._arun(aembed_batch, batches[0], batches[0])
             return EmbeddingResult(_take(served), [served])
-        outcomes = await asyncio.gather(*(one(b) for b in batches), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._arun(aembed_batch, b, b) for b in batches), return_exceptions=True
+        )
         result = EmbeddingResult([])
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
