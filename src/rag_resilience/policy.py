@@ -161,14 +161,6 @@ class Served(Generic[T]):
 
     def metadata(self) -> dict[str, Any]:
         """JSON-friendly `{"source", "attempts", "age_s", "degraded"[, "error"]}`."""
-        if self.age_s is None and self.error is None and self.fallback_index is None:
-            # A live answer (every call's metadata in the adapters): no rounding, no extras.
-            return {
-                "source": self.source,
-                "attempts": self.attempts,
-                "age_s": None,
-                "degraded": self.degraded,
-            }
         meta: dict[str, Any] = {
             "source": self.source,
             "attempts": self.attempts,
