@@ -8,10 +8,12 @@ delay and 3x the previous delay) and *none* (the plain capped exponential).
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from typing import Literal
 
+from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 
 __all__ = ["JITTER_MODES", "JitterMode", "RetryBudget", "compute_delay", "normalize_jitter"]
@@ -67,9 +69,25 @@ class RetryBudget:
     on a struggling upstream by (1 + max_retries). With a budget, retries add at most
     `ratio` of the offered load plus `min_per_second` (so low-traffic callers still
     retry). Thread-safe; the window is split into 10 buckets.
+
+    Every call records a request, so that path takes no lock: requests are one running
+    count (`AtomicCounter`), and each bucket keeps the count at its first request; the
+    window's requests are the count now minus the mark of its oldest bucket. Only the
+    first request of a bucket, and retries (rare), take the lock.
     """
 
-    __slots__ = ("_buckets", "_clock", "_lock", "bucket_s", "min_per_second", "ratio", "window")
+    __slots__ = (
+        "_clock",
+        "_edge",
+        "_lock",
+        "_marks",
+        "_requests",
+        "_retries",
+        "bucket_s",
+        "min_per_second",
+        "ratio",
+        "window",
+    )
 
     def __init__(
         self,
@@ -91,49 +109,65 @@ class RetryBudget:
         self.bucket_s = window / 10.0
         self._clock = clock
         self._lock = threading.Lock()
-        # bucket index -> [requests, retries]
-        self._buckets: dict[int, list[int]] = {}
-
-    def _bucket(self) -> list[int]:
-        idx = int(get_clock(self._clock).monotonic() // self.bucket_s)
-        bucket = self._buckets.get(idx)
-        if bucket is None:
-            oldest = idx - 9
-            for stale in [k for k in self._buckets if k < oldest]:
-                del self._buckets[stale]
-            bucket = self._buckets[idx] = [0, 0]
-        return bucket
+        self._requests = AtomicCounter()
+        # bucket index -> requests counted before its first request; -> retries spent in it
+        self._marks: dict[int, int] = {}
+        self._retries: dict[int, int] = {}
+        self._edge = -math.inf  # end of the latest marked bucket (monotonic seconds)
 
     def record_request(self, now: float | None = None) -> None:
-        """Count one original (first-attempt) request. On every call: kept lean.
+        """Count one original (first-attempt) request. On every call: no lock, no division.
 
         `now` (monotonic, on this budget's clock) saves a clock read when the caller has it.
+        A request racing the start of a bucket may be counted in either: the window is
+        approximate at bucket edges by design.
         """
         if now is None:
             now = get_clock(self._clock).monotonic()
+        if now >= self._edge:
+            self._mark(now)
+        self._requests.add()
+
+    def _mark(self, now: float) -> None:
+        """The first request of a bucket: remember the count it starts from."""
         idx = int(now // self.bucket_s)
         with self._lock:
-            bucket = self._buckets.get(idx)
-            if bucket is None:
-                bucket = self._bucket()
-            bucket[0] += 1
+            if idx not in self._marks:
+                self._marks[idx] = self._requests.value
+                self._prune(idx)
+            self._edge = max(self._edge, (idx + 1) * self.bucket_s)
+
+    def _prune(self, idx: int) -> int:
+        """With the lock held: forget buckets that slid out; the window's oldest index."""
+        oldest = idx - 9
+        for marks in (self._marks, self._retries):
+            for stale in [k for k in marks if k < oldest]:
+                del marks[stale]
+        return oldest
+
+    def _now_index(self) -> int:
+        return int(get_clock(self._clock).monotonic() // self.bucket_s)
+
+    def _window(self, idx: int) -> tuple[int, int]:
+        """With the lock held: (requests, retries) in the window ending in bucket `idx`."""
+        oldest = self._prune(idx)
+        first = min((k for k in self._marks if k >= oldest), default=None)
+        requests = 0 if first is None else self._requests.value - self._marks[first]
+        return requests, sum(self._retries.values())
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the window's budget is spent."""
         with self._lock:
-            bucket = self._bucket()
-            requests = sum(b[0] for b in self._buckets.values())
-            retries = sum(b[1] for b in self._buckets.values())
+            idx = self._now_index()
+            requests, retries = self._window(idx)
             if retries + 1 > self.ratio * requests + self.min_per_second * self.window:
                 return False
-            bucket[1] += 1
+            self._retries[idx] = self._retries.get(idx, 0) + 1
             return True
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
-            self._bucket()
-            requests = sum(b[0] for b in self._buckets.values())
-            retries = sum(b[1] for b in self._buckets.values())
+            requests, retries = self._window(self._now_index())
         allowed = self.ratio * requests + self.min_per_second * self.window
         return {
             "requests": requests,

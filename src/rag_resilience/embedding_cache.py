@@ -157,6 +157,11 @@ class EmbeddingResult:
     vectors: list[Vector]
     served: list[Served[Any]] = field(default_factory=list)
 
+    @classmethod
+    def of_one(cls, served: Served[Vector]) -> EmbeddingResult:
+        """The result of `embed_one`: its vector, moved out of the record."""
+        return cls([_take(served)], [served])
+
     @property
     def degraded(self) -> bool:
         served = self.served
@@ -254,17 +259,16 @@ class EmbeddingEngine:
             self._missing_note(exc, texts)
             raise
 
-    def embed_one(self, text: str, embed_text: Callable[[str], Vector]) -> EmbeddingResult:
+    def embed_one(self, text: str, embed_text: Callable[[str], Vector]) -> Served[Vector]:
         """One text (a query): `embed_text(text) -> vector` through the policy, without the
-        batch lists of `embed`."""
-        served = self._run(embed_text, text, [text], _TextVector)
-        return EmbeddingResult([_take(served)], [served])
+        batch lists of `embed`. The `Served` record holds the vector: take it out with
+        `EmbeddingResult.of_one`, or directly on a hot path."""
+        return self._run(embed_text, text, [text], _TextVector)
 
     async def aembed_one(
         self, text: str, aembed_text: Callable[[str], Awaitable[Vector]]
-    ) -> EmbeddingResult:
-        served = await self._arun(aembed_text, text, [text], _TextVector)
-        return EmbeddingResult([_take(served)], [served])
+    ) -> Served[Vector]:
+        return await self._arun(aembed_text, text, [text], _TextVector)
 
     def _missing_note(self, exc: BaseException, batch: list[str]) -> None:
         if self.cache is None:

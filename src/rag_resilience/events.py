@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -110,52 +111,73 @@ Listener = Callable[[Event], None]
 _global_listeners: list[Listener] = []
 
 
-# How many global listeners want routine events: read on every call, updated rarely.
+# How many global listeners want routine events, and every bus, so that a global
+# subscription updates each bus's `routine` flag (read on every call; changed rarely).
 _global_routine = [0]
+_buses: weakref.WeakSet[EventBus] = weakref.WeakSet()
+_buses_lock = threading.Lock()
 
 
 def _count_routine(listeners: list[Listener]) -> int:
     return sum(1 for listener in listeners if getattr(listener, "routine", True))
 
 
+def _global_changed() -> None:
+    with _buses_lock:
+        _global_routine[0] = _count_routine(_global_listeners)
+        for bus in list(_buses):
+            bus._refresh()
+
+
 def add_listener(listener: Listener) -> None:
     """Subscribe `listener` to the events of every component in this process."""
     if listener not in _global_listeners:
         _global_listeners.append(listener)
-        _global_routine[0] = _count_routine(_global_listeners)
+        _global_changed()
 
 
 def remove_listener(listener: Listener) -> None:
     """Unsubscribe a global listener (a no-op if it was not subscribed)."""
     if listener in _global_listeners:
         _global_listeners.remove(listener)
-        _global_routine[0] = _count_routine(_global_listeners)
+        _global_changed()
 
 
 class EventBus:
-    """Fan-out of events to a component's listeners and the global ones."""
+    """Fan-out of events to a component's listeners and the global ones.
 
-    __slots__ = ("_listeners", "_routine")
+    `routine`: does anyone want attempt/success events? An attribute, not a method, as
+    drivers read it on every call; kept current by `add`/`remove` here and by global
+    subscriptions. A listener's own `routine` attribute is read when it subscribes.
+    """
+
+    __slots__ = ("__weakref__", "_listeners", "_routine", "routine")
 
     def __init__(self, listeners: Iterable[Listener] | None = None) -> None:
         self._listeners: list[Listener] = list(listeners or ())
+        with _buses_lock:
+            self._refresh()
+            _buses.add(self)
+
+    def _refresh(self) -> None:
         self._routine = _count_routine(self._listeners)
+        self.routine: bool = self._routine > 0 or _global_routine[0] > 0
 
     def add(self, listener: Listener) -> None:
         if listener not in self._listeners:
             self._listeners.append(listener)
-            self._routine = _count_routine(self._listeners)
+            with _buses_lock:
+                self._refresh()
 
     def remove(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
-            self._routine = _count_routine(self._listeners)
+            with _buses_lock:
+                self._refresh()
 
     def wants_routine(self) -> bool:
-        """Does anyone want attempt/success events? (Read per call: two integer checks.)
-
-        A listener's `routine` attribute is read when it subscribes."""
-        return self._routine > 0 or _global_routine[0] > 0
+        """`routine`, for callers that prefer a method."""
+        return self.routine
 
     @property
     def listeners(self) -> list[Listener]:
@@ -165,7 +187,7 @@ class EventBus:
         """Cheap check before building an event on the hot path."""
         if kind not in ROUTINE_KINDS:
             return bool(self._listeners or _global_listeners)
-        return self._routine > 0 or _global_routine[0] > 0
+        return self.routine
 
     def emit(self, event: Event) -> None:
         routine = event.kind in ROUTINE_KINDS

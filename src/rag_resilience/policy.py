@@ -570,18 +570,9 @@ class ResiliencePolicy:
                 return verdict, None
         return verdict, run.on_error(exc, verdict)
 
-    def _store(self, key: Any, value: Any, codec: Codec | None) -> None:
-        """Remember a live answer. A failing cache (store down, value not encodable) must
-        never turn the user's successful call into an error: it is logged and skipped."""
-        try:
-            if isinstance(key, CacheHooks):
-                key.store(value)
-            elif key is not _NO_KEY and self.fallbacks is not None:
-                self.fallbacks.update_cache(key, codec.encode(value) if codec else value)
-        except Exception:
-            self._cache_failed("write")
-
     async def _astore(self, key: Any, value: Any, codec: Codec | None) -> None:
+        """The async path's cache write (`_succeeded` does the sync one): the caller's
+        hooks or the store may be async. Failures are logged and skipped, as there."""
         try:
             if isinstance(key, CacheHooks):
                 stored = key.store(value)
@@ -603,21 +594,26 @@ class ResiliencePolicy:
     def _succeeded(
         self, value: T, attempts: int, started: float, clock: Clock, key: Any, codec: Codec | None
     ) -> Served[T]:
+        """Record a live answer: remember it under `key` (or through the caller's
+        `CacheHooks`), count it, publish SUCCESS if anyone listens. A failing cache (store
+        down, value not encodable) must never turn the user's success into an error: it is
+        logged and skipped."""
         if key is not _NO_KEY:
-            fallbacks = self.fallbacks
-            if fallbacks is not None and type(key) is str and codec is None:
-                try:  # the common case, without the dispatch
-                    fallbacks.update_cache(key, value)
-                except Exception:
-                    self._cache_failed("write")
-            else:
-                self._store(key, value, codec)
+            try:
+                if isinstance(key, CacheHooks):
+                    key.store(value)
+                elif self.fallbacks is not None:
+                    self.fallbacks.update_cache(
+                        key, value if codec is None else codec.encode(value)
+                    )
+            except Exception:
+                self._cache_failed("write")
         duration = clock.monotonic() - started
         collector = self.collector
         if type(collector) is _PolicyStats:
             collector.record_live(attempts, duration)
         events = self.events
-        if events.wants_routine():
+        if events.routine:
             events.publish(_SUCCESS, self.name, attempt=attempts, duration=duration)
         return Served(value, "live", attempts)
 
@@ -1024,9 +1020,8 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 breaker.on_success(ticket)
-            self._succeeded(None, run.attempts, run.started, run.clock, _NO_KEY, None)
-            if items is not None:
-                self._store(key, items, codec)
+            stored = _NO_KEY if items is None else key
+            self._succeeded(items, run.attempts, run.started, run.clock, stored, codec)
         finally:
             call.give()
 

@@ -352,7 +352,7 @@ class RetryRun:
 
     def finish_success(self) -> None:
         events = self.strategy.events
-        if events.wants_routine():
+        if events.routine:
             events.publish(
                 _SUCCESS,
                 self.name,
@@ -382,7 +382,7 @@ def count_attempt(strategy: RetryStrategy, name: str, attempt: int, started: flo
             # Same clock as the run (the usual case): reuse the start time just read.
             budget.record_request(started if budget._clock is strategy.clock else None)
     events = strategy.events
-    if events.wants_routine():
+    if events.routine:
         events.publish(_ATTEMPT, name, attempt=attempt)
 
 

@@ -14,8 +14,8 @@ from langchain_core.embeddings import Embeddings
 
 from ..adapters import model_identity
 from ..degraded import note_degraded
-from ..embedding_cache import EmbeddingEngine, EmbeddingResult
-from ..policy import ResiliencePolicy
+from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector
+from ..policy import ResiliencePolicy, Served
 from . import _common as c
 
 __all__ = ["ResilientEmbeddings"]
@@ -58,23 +58,37 @@ class ResilientEmbeddings(Embeddings):
         c.warn_nested(embeddings, self.policy, "embeddings")
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
-        self.last_result: EmbeddingResult | None = None
-        """How the latest call was served (per sub-batch sources, ages; not its vectors)."""
+        self._last: EmbeddingResult | Served[Vector] | None = None
 
     @property
     def batch_size(self) -> int:
         return self.engine.batch_size
 
-    def _done(self, result: EmbeddingResult) -> list[list[float]]:
+    @property
+    def last_result(self) -> EmbeddingResult | None:
+        """How the latest call was served (per sub-batch sources, ages; not its vectors:
+        a whole document load's vectors must not stay alive until the next call)."""
+        last = self._last
+        return EmbeddingResult([], [last]) if isinstance(last, Served) else last
+
+    def _done(self, result: EmbeddingResult) -> list[Vector]:
         vectors, result.vectors = result.vectors, []
-        # `last_result` says how the call was served; it must not keep the vectors (a
-        # whole document load, otherwise) alive until the next call.
-        self.last_result = result
+        self._last = result
         if result.degraded:
-            meta = result.metadata()
-            note_degraded(meta)
-            c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, **meta))
+            self._degraded(result.metadata())
         return vectors
+
+    def _done_one(self, served: Served[Vector]) -> Vector:
+        """`_done` for a query, without building an `EmbeddingResult` on every call."""
+        vector, served.value = served.value, []
+        self._last = served
+        if served.degraded:
+            self._degraded(EmbeddingResult([], [served]).metadata())
+        return vector
+
+    def _degraded(self, meta: dict[str, Any]) -> None:
+        note_degraded(meta)
+        c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, **meta))
 
     def _failed(self, exc: BaseException) -> None:
         c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, exc))
@@ -89,11 +103,11 @@ class ResilientEmbeddings(Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         try:
-            result = self.engine.embed_one(text, self._inner.embed_query)
+            served = self.engine.embed_one(text, self._inner.embed_query)
         except Exception as exc:
             self._failed(exc)
             raise
-        return self._done(result)[0]
+        return self._done_one(served)
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         try:
@@ -105,11 +119,11 @@ class ResilientEmbeddings(Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         try:
-            result = await self.engine.aembed_one(text, self._inner.aembed_query)
+            served = await self.engine.aembed_one(text, self._inner.aembed_query)
         except Exception as exc:
             self._failed(exc)
             raise
-        return self._done(result)[0]
+        return self._done_one(served)
 
     def stats(self) -> dict[str, Any]:
         return self.policy.stats()

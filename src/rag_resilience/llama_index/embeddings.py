@@ -131,19 +131,19 @@ class ResilientEmbedding(BaseEmbedding):
     # -- the hooks BaseEmbedding calls ---------------------------------------------------------
     def _get_query_embedding(self, query: str) -> Embedding:
         result = self._query_engine.embed_one(query, self._sync_inner._get_query_embedding)
-        return self._done(result)[0]
+        return self._done(EmbeddingResult.of_one(result))[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         result = await self._query_engine.aembed_one(query, self._inner._aget_query_embedding)
-        return self._done(result)[0]
+        return self._done(EmbeddingResult.of_one(result))[0]
 
     def _get_text_embedding(self, text: str) -> Embedding:
         result = self._batch_engine().embed_one(text, self._sync_inner._get_text_embedding)
-        return self._done(result)[0]
+        return self._done(EmbeddingResult.of_one(result))[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
         result = await self._batch_engine().aembed_one(text, self._inner._aget_text_embedding)
-        return self._done(result)[0]
+        return self._done(EmbeddingResult.of_one(result))[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         inner = self._sync_inner
