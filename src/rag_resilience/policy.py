@@ -212,32 +212,31 @@ class CacheHooks:
         return self._lookup()
 
 
+# (args, kwargs, key, codec, fallbacks, generic): what a call was asked to do
+_Request = tuple[
+    Sequence[Any],
+    "dict[str, Any] | None",
+    Any,
+    "Codec | None",
+    Sequence[Callable[..., Any]],
+    "Callable[[BaseException], Any] | bool | None",
+]
+
+
 class _Call:
     """One call: what it was asked to do (carried through the attempts and the fallback
     chain) and its concurrency permit. The permit is given back while the call sleeps
     between attempts: backoff is not in flight, and must not occupy a slot of the limit.
-    One object per call, since it is allocated on the hot path."""
+    `execute`/`aexecute` build one only when the first attempt does not simply succeed;
+    until then the permit is theirs."""
 
     __slots__ = ("args", "codec", "fallbacks", "generic", "held", "key", "kwargs", "limit")
 
-    def __init__(
-        self,
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        key: Any,
-        codec: Codec | None,
-        fallbacks: Sequence[Callable[..., Any]],
-        generic: Callable[[BaseException], Any] | bool | None,
-        limit: ConcurrencyLimit | None,
-    ) -> None:
-        self.args = args
-        self.kwargs = kwargs
-        self.key = key
-        self.codec = codec
-        self.fallbacks = fallbacks
-        self.generic = generic
+    def __init__(self, request: _Request, limit: ConcurrencyLimit | None, held: bool) -> None:
+        self.args, kwargs, self.key, self.codec, self.fallbacks, self.generic = request
+        self.kwargs: dict[str, Any] = kwargs or {}
         self.limit = limit
-        self.held = False
+        self.held = held and limit is not None
 
     def take(self) -> None:
         if self.limit is not None:
@@ -766,57 +765,68 @@ class ResiliencePolicy:
 
         `cache` replaces the key-based last-known-good cache with the caller's own
         (e.g. one entry per text of an embeddings batch).
+
+        Most calls succeed at once, so that path allocates nothing of its own: the `_Call`
+        (what the fallback chain needs, and the permit from then on) and the `RetryRun`
+        are built at the first failure.
         """
         if cache is not None:
             key = cache
-        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
-        try:
-            call.take()
-        except QueueFullError as exc:
-            return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
-        try:
-            return self._attempts(fn, call)
-        finally:
-            call.give()
-
-    def _attempts(self, fn: Callable[..., T], call: _Call) -> Served[T]:
-        strategy = self.retry
-        clock = get_clock(strategy.clock)
-        started = clock.monotonic()
-        count_attempt(strategy, self.name, 1, started)
-        # The RetryRun is built at the first failure: most calls never need one.
-        run: RetryRun | None = None
-        attempts = 1
-        breaker = self.breaker
-        while True:
-            if breaker is not None:
-                try:
-                    ticket = breaker.before_call()
-                except CircuitOpenError as exc:
-                    return self._degrade(self._plan(exc, attempts - 1, started), call)
-            else:
-                ticket = ADMITTED_CLEAN
+        request: _Request = (args, kwargs, key, codec, fallbacks, generic)
+        limit = self.limit
+        call: _Call | None = None
+        if limit is not None:
             try:
-                value = fn(*call.args, **call.kwargs)
-            except Exception as exc:
-                if run is None:
-                    run = self._new_run(started, attempts)
-                verdict, delay = self._failed(run, exc, ticket)
-                if delay is None:
-                    return self._degrade(self._plan(exc, attempts, started, verdict), call)
-                rejected = self._pause(call, run, delay, exc)
-                if rejected is not None:
-                    return self._degrade(self._plan(rejected, attempts, started), call)
-                run.start_attempt()
-                attempts = run.attempts
-                continue
-            except BaseException:
+                limit.acquire()
+            except QueueFullError as exc:
+                call = _Call(request, limit, False)
+                return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
+        try:
+            strategy = self.retry
+            clock = get_clock(strategy.clock)
+            started = clock.monotonic()
+            count_attempt(strategy, self.name, 1, started)
+            run: RetryRun | None = None
+            attempts = 1
+            breaker = self.breaker
+            while True:
                 if breaker is not None:
-                    breaker.on_abandon(ticket)
-                raise
-            if breaker is not None:
-                breaker.on_success(ticket)
-            return self._succeeded(value, attempts, started, clock, call.key, call.codec)
+                    try:
+                        ticket = breaker.before_call()
+                    except CircuitOpenError as exc:
+                        if call is None:
+                            call = _Call(request, limit, True)
+                        return self._degrade(self._plan(exc, attempts - 1, started), call)
+                else:
+                    ticket = ADMITTED_CLEAN
+                try:
+                    value = fn(*args, **kwargs) if kwargs else fn(*args)
+                except Exception as exc:
+                    if call is None:
+                        call = _Call(request, limit, True)
+                    if run is None:
+                        run = self._new_run(started, attempts)
+                    verdict, delay = self._failed(run, exc, ticket)
+                    if delay is None:
+                        return self._degrade(self._plan(exc, attempts, started, verdict), call)
+                    rejected = self._pause(call, run, delay, exc)
+                    if rejected is not None:
+                        return self._degrade(self._plan(rejected, attempts, started), call)
+                    run.start_attempt()
+                    attempts = run.attempts
+                    continue
+                except BaseException:
+                    if breaker is not None:
+                        breaker.on_abandon(ticket)
+                    raise
+                if breaker is not None:
+                    breaker.on_success(ticket)
+                return self._succeeded(value, attempts, started, clock, key, codec)
+        finally:
+            if call is not None:
+                call.give()
+            elif limit is not None:
+                limit.release()
 
     def _degrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
@@ -852,56 +862,69 @@ class ResiliencePolicy:
         """Async twin of `execute`; attempts past the attempt timeout/deadline are cancelled."""
         if cache is not None:
             key = cache
-        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
-        try:
-            await call.atake()
-        except QueueFullError as exc:
-            return await self._adegrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
-        try:
-            return await self._aattempts(fn, call)
-        finally:
-            await call.agive()
-
-    async def _aattempts(self, fn: Callable[..., Awaitable[T]], call: _Call) -> Served[T]:
-        strategy = self.retry
-        clock = get_clock(strategy.clock)
-        started = clock.monotonic()
-        count_attempt(strategy, self.name, 1, started)
-        run: RetryRun | None = None  # built at the first failure, as in `_attempts`
-        attempts = 1
-        timeout = attempt_timeout_for(self.attempt_timeout, self.deadline)
-        breaker = self.breaker
-        while True:
-            if breaker is not None:
-                try:
-                    ticket = await breaker.abefore_call()
-                except CircuitOpenError as exc:
-                    return await self._adegrade(self._plan(exc, attempts - 1, started), call)
-            else:
-                ticket = ADMITTED_CLEAN
+        request: _Request = (args, kwargs, key, codec, fallbacks, generic)
+        limit = self.limit
+        call: _Call | None = None  # built at the first failure, as in `execute`
+        if limit is not None:
             try:
-                value = await run_with_timeout(fn(*call.args, **call.kwargs), timeout)
-            except Exception as exc:
-                if run is None:
-                    run = self._new_run(started, attempts)
-                verdict, delay = self._failed(run, exc, ticket)
-                if delay is None:
-                    return await self._adegrade(self._plan(exc, attempts, started, verdict), call)
-                rejected = await self._apause(call, run, delay, exc)
-                if rejected is not None:
-                    return await self._adegrade(self._plan(rejected, attempts, started), call)
-                timeout = run.start_attempt()
-                attempts = run.attempts
-                continue
-            except BaseException:
+                await limit.aacquire()
+            except QueueFullError as exc:
+                call = _Call(request, limit, False)
+                plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
+                return await self._adegrade(plan, call)
+        try:
+            strategy = self.retry
+            clock = get_clock(strategy.clock)
+            started = clock.monotonic()
+            count_attempt(strategy, self.name, 1, started)
+            run: RetryRun | None = None
+            attempts = 1
+            timeout = attempt_timeout_for(self.attempt_timeout, self.deadline)
+            breaker = self.breaker
+            while True:
                 if breaker is not None:
-                    await breaker.aon_abandon(ticket)
-                raise
-            if breaker is not None:
-                await breaker.aon_success(ticket)
-            if call.key is not _NO_KEY:
-                await self._astore(call.key, value, call.codec)
-            return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
+                    try:
+                        ticket = await breaker.abefore_call()
+                    except CircuitOpenError as exc:
+                        if call is None:
+                            call = _Call(request, limit, True)
+                        return await self._adegrade(self._plan(exc, attempts - 1, started), call)
+                else:
+                    ticket = ADMITTED_CLEAN
+                try:
+                    value = await run_with_timeout(
+                        fn(*args, **kwargs) if kwargs else fn(*args), timeout
+                    )
+                except Exception as exc:
+                    if call is None:
+                        call = _Call(request, limit, True)
+                    if run is None:
+                        run = self._new_run(started, attempts)
+                    verdict, delay = self._failed(run, exc, ticket)
+                    if delay is None:
+                        plan = self._plan(exc, attempts, started, verdict)
+                        return await self._adegrade(plan, call)
+                    rejected = await self._apause(call, run, delay, exc)
+                    if rejected is not None:
+                        plan = self._plan(rejected, attempts, started)
+                        return await self._adegrade(plan, call)
+                    timeout = run.start_attempt()
+                    attempts = run.attempts
+                    continue
+                except BaseException:
+                    if breaker is not None:
+                        await breaker.aon_abandon(ticket)
+                    raise
+                if breaker is not None:
+                    await breaker.aon_success(ticket)
+                if key is not _NO_KEY:
+                    await self._astore(key, value, codec)
+                return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
+        finally:
+            if call is not None:
+                await call.agive()
+            elif limit is not None:
+                await limit.arelease()
 
     async def _adegrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
@@ -946,7 +969,7 @@ class ResiliencePolicy:
         """
         if cache is not None:
             key = cache
-        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
+        call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
         try:
             call.take()
         except QueueFullError as exc:
@@ -1063,7 +1086,7 @@ class ResiliencePolicy:
         """Async twin of `execute_stream` (`fn` returns an async iterator, or a coroutine of one)."""
         if cache is not None:
             key = cache
-        call = _Call(args, kwargs or {}, key, codec, fallbacks, generic, self.limit)
+        call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
         try:
             await call.atake()
         except QueueFullError as exc:
