@@ -202,6 +202,26 @@ def test_budget_is_exact_under_threads() -> None:
     assert sum(granted) == 60  # 0.5 * 100 + 1 * 10, never one more
 
 
+def test_budget_counts_every_request_from_many_threads_without_a_lock() -> None:
+    """Requests are counted lock-free (every call records one); none may be lost, also
+    across bucket edges crossed while the threads run."""
+    clock = FakeClock(start=0.0)
+    budget = RetryBudget(ratio=1.0, min_per_second=0.0, window=10.0, clock=clock)
+    start = threading.Barrier(8)
+
+    def worker(offset: float) -> None:
+        start.wait()
+        for i in range(2000):
+            budget.record_request(offset + (i % 5) * 0.5)  # spans buckets 0..2
+
+    threads = [threading.Thread(target=worker, args=(t * 0.1,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert budget.snapshot()["requests"] == 16_000
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [

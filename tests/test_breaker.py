@@ -515,6 +515,40 @@ def test_success_between_failures_resets_even_if_admitted_when_clean() -> None:
     assert cb.get_state() is CLOSED  # fail, fail, success, fail, fail: never 3 in a row
 
 
+def test_quiet_flag_follows_what_calls_need_from_the_breaker() -> None:
+    cb = CircuitBreaker(failure_threshold=2, recovery_timeout=5.0, clock=FakeClock(start=0.0))
+    assert cb.quiet  # closed, nothing counted: nothing to check or reset
+    cb.on_failure(ConnectionError("down"), ADMITTED_CLEAN)
+    assert not cb.quiet  # a failure counted: the next success must reset it
+    cb.on_success()
+    assert cb.quiet
+    cb.force_open()
+    assert not cb.quiet
+    cb.reset()
+    assert cb.quiet
+    assert not CircuitBreaker(mode="rate").quiet  # every success is recorded in the window
+    assert not CircuitBreaker(store=MemoryStore()).quiet  # the state lives in the store
+
+
+def test_policy_success_resets_failures_counted_while_it_was_in_flight() -> None:
+    """The policy skips the breaker's bookkeeping while it is quiet; a call admitted then
+    must still reset failures that other calls reported while it ran."""
+    from rag_resilience.policy import ResiliencePolicy
+
+    cb = CircuitBreaker(failure_threshold=3, clock=FakeClock())
+    policy = ResiliencePolicy(breaker=cb)
+
+    def slow_success() -> str:
+        fail_n(cb, 2)  # other calls fail meanwhile
+        return "ok"
+
+    assert cb.quiet
+    assert policy.call(slow_success) == "ok"
+    assert cb.failure_count == 0 and cb.quiet
+    fail_n(cb, 2)
+    assert cb.get_state() is CLOSED  # fail, fail, success, fail, fail: never 3 in a row
+
+
 def test_late_report_of_an_expired_probe_does_not_free_a_live_probes_slot(make: Any) -> None:
     clock: FakeClock = make.clock
     cb = make(failure_threshold=1, recovery_timeout=5.0, probe_timeout=10.0, success_threshold=2)
@@ -761,6 +795,12 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.cb.get_state().value == expected
         if expected == "open":
             assert self.cb.retry_after() == pytest.approx(self.open_until - now)
+        # Drivers skip before_call/on_success while `quiet`: it must never be True when
+        # either would matter (a store, a state other than CLOSED, a failure counted).
+        rec = self.cb._snapshot()
+        assert self.cb.quiet == (
+            not self.use_store and rec.state == "closed" and rec.failures == 0
+        )
 
 
 class StoreBreakerMachine(BreakerMachine):

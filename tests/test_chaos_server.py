@@ -7,6 +7,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
@@ -406,8 +407,19 @@ def test_max_concurrency_queue_mode_serves_in_turn(chaos_server: ChaosServer) ->
     for t in threads:
         t.join(10)
     assert results == [200] * 6
-    s = chaos_server.stats()
+    s = settled_stats(chaos_server)
     assert s["max_in_flight"] <= 2 and s["in_flight"] == 0 and s["faults_total"] == 0
+
+
+def settled_stats(server: ChaosServer, within: float = 5.0) -> dict[str, Any]:
+    """Stats once no request is in flight: the server counts a request done after it has
+    written the response, so a client can hold its answer a moment before that."""
+    deadline = time.monotonic() + within
+    stats = server.stats()
+    while stats["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.001)
+        stats = server.stats()
+    return stats
 
 
 def test_faults_only_on_chosen_endpoint(chaos_server: ChaosServer) -> None:

@@ -200,6 +200,11 @@ class CircuitBreaker:
         self.key = f"rag_resilience:{self.name}:breaker"
         self._lock = threading.Lock()
         self._rec = _Record()
+        # True while a call needs no bookkeeping here at all: a local breaker, CLOSED, no
+        # failure counted, consecutive mode. Then `before_call` admits without a write and
+        # `on_success` has nothing to reset, so drivers read this flag (on every call)
+        # instead of calling both. `_apply` keeps it current under the lock.
+        self.quiet: bool = store is None and mode == "consecutive"
         self._state_listeners: list[Callable[[CircuitState, CircuitState], None]] = []
         self.rejected = 0  # calls refused while open (local count)
 
@@ -214,9 +219,11 @@ class CircuitBreaker:
         now = self._now()
         if self.store is None:
             with self._lock:
-                old = self._rec.state
-                result = fn(self._rec, now)
-                return result, old, self._rec.state
+                rec = self._rec
+                old = rec.state
+                result = fn(rec, now)
+                self.quiet = rec.state == _CLOSED and not rec.failures and self.mode != "rate"
+                return result, old, rec.state
 
         def update(data: Any) -> tuple[Any, tuple[Any, str, str]]:
             rec = _Record.from_json(data)

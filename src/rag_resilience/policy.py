@@ -790,15 +790,15 @@ class ResiliencePolicy:
             attempts = 1
             breaker = self.breaker
             while True:
-                if breaker is not None:
+                if breaker is None or breaker.quiet:  # nothing to check or count
+                    ticket = ADMITTED_CLEAN
+                else:
                     try:
                         ticket = breaker.before_call()
                     except CircuitOpenError as exc:
                         if call is None:
                             call = _Call(request, limit, True)
                         return self._degrade(self._plan(exc, attempts - 1, started), call)
-                else:
-                    ticket = ADMITTED_CLEAN
                 try:
                     value = fn(*args, **kwargs) if kwargs else fn(*args)
                 except Exception as exc:
@@ -819,7 +819,7 @@ class ResiliencePolicy:
                     if breaker is not None:
                         breaker.on_abandon(ticket)
                     raise
-                if breaker is not None:
+                if breaker is not None and not breaker.quiet:  # else nothing to reset
                     breaker.on_success(ticket)
                 return self._succeeded(value, attempts, started, clock, key, codec)
         finally:
@@ -882,15 +882,15 @@ class ResiliencePolicy:
             timeout = attempt_timeout_for(self.attempt_timeout, self.deadline)
             breaker = self.breaker
             while True:
-                if breaker is not None:
+                if breaker is None or breaker.quiet:  # as in `execute`
+                    ticket = ADMITTED_CLEAN
+                else:
                     try:
                         ticket = await breaker.abefore_call()
                     except CircuitOpenError as exc:
                         if call is None:
                             call = _Call(request, limit, True)
                         return await self._adegrade(self._plan(exc, attempts - 1, started), call)
-                else:
-                    ticket = ADMITTED_CLEAN
                 try:
                     value = await run_with_timeout(
                         fn(*args, **kwargs) if kwargs else fn(*args), timeout
@@ -915,7 +915,7 @@ class ResiliencePolicy:
                     if breaker is not None:
                         await breaker.aon_abandon(ticket)
                     raise
-                if breaker is not None:
+                if breaker is not None and not breaker.quiet:
                     await breaker.aon_success(ticket)
                 if key is not _NO_KEY:
                     await self._astore(key, value, codec)
