@@ -8,12 +8,15 @@ and overheads are the median over rounds of each round's difference to the bare 
 Pairing within a round cancels the minute-to-minute speed changes of a shared machine,
 which move every absolute figure by up to 2x here.
 
+The embeddings overhead is also reported scaled to the issue's machine, by a bare
+FakeListChatModel.invoke timed in the same rounds (105 µs there).
+
 Also timed: the wrapper's own work in `_generate` (the hook LangChain calls) against the
 bare model's `_generate`, i.e. what the resilience itself costs per call. The invoke
 figure is net of one saving: LangChain inspects the hook's signature on every call, and
 ours carries a precomputed one.
 
-    .venv/bin/python benchmarks/langchain_overhead.py [--repeat 31] [--number 500]
+    .venv/bin/python benchmarks/langchain_overhead.py [--repeat 31] [--number 500] [--json PATH]
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ from langchain_core.messages import HumanMessage
 from rag_resilience.langchain import ResilientEmbeddings, ResilientLLM
 
 RESULTS = Path(__file__).parent / "results" / "langchain_overhead.json"
+# The issue's targets were set on a machine where a bare FakeListChatModel.invoke took about
+# 105 µs; this one runs 1x-2x that from minute to minute, so the embeddings figure is also
+# given scaled by the bare invoke timed in the same rounds.
+REFERENCE_INVOKE_US = 105.0
+CALIBRATION = "bare FakeListChatModel.invoke (yardstick)"
 
 
 def _per_call_us(fn: Callable[[], Any], number: int) -> float:
@@ -79,6 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=31, help="rounds")
     parser.add_argument("--number", type=int, default=500, help="calls per variant per round")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args()
     logging.getLogger("rag_resilience").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
@@ -123,22 +132,38 @@ def main() -> int:
 
     emb = DeterministicFakeEmbedding(size=256)
     remb = ResilientEmbeddings(DeterministicFakeEmbedding(size=256))
-    embed = paired(
-        measure(
-            {
-                "bare embed_query": lambda: emb.embed_query(q),
-                "ResilientEmbeddings.embed_query": lambda: remb.embed_query(q),
-            },
-            args.repeat,
-            args.number,
-        ),
-        "bare embed_query",
+    embed_samples = measure(
+        {
+            "bare embed_query": lambda: emb.embed_query(q),
+            "ResilientEmbeddings.embed_query": lambda: remb.embed_query(q),
+            # the issue's yardstick, timed in the same rounds: its machine ran a bare
+            # FakeListChatModel.invoke in about 105 µs
+            CALIBRATION: lambda: bare.invoke(q),
+        },
+        args.repeat,
+        args.number,
     )
+    scaled_query_us = statistics.median(
+        (r - b) * REFERENCE_INVOKE_US / c
+        for r, b, c in zip(
+            embed_samples["ResilientEmbeddings.embed_query"],
+            embed_samples["bare embed_query"],
+            embed_samples[CALIBRATION],
+            strict=True,
+        )
+    )
+    del embed_samples[CALIBRATION]
+    embed = paired(embed_samples, "bare embed_query")
 
     print(f"{'variant':<34}{'median us/call':>16}{'added us':>12}{'added %':>10}")
     for table in (chat, hook, embed):
         for name, row in table.items():
             print(f"{name:<34}{row['us']:>16.1f}{row['added_us']:>12.1f}{row['added_pct']:>9.1f}%")
+    print(
+        f"embed_query added, scaled to the issue's machine (bare invoke "
+        f"{REFERENCE_INVOKE_US:.0f} us): {scaled_query_us:.1f} us "
+        f"({'MET' if scaled_query_us <= 5.0 else 'MISSED'}: target <= 5 us)"
+    )
     llm = chat["ResilientLLM.invoke"]
     query = embed["ResilientEmbeddings.embed_query"]
     result = {
@@ -151,14 +176,19 @@ def main() -> int:
         "chat": chat,
         "chat_hook": hook,
         "embeddings": embed,
+        "embed_query_added_us_at_reference_invoke_105us": scaled_query_us,
         "targets": {
             "ResilientLLM.invoke added_pct <= 10": llm["added_pct"] <= 10.0,
-            "ResilientEmbeddings.embed_query added_us <= 5": query["added_us"] <= 5.0,
+            "ResilientEmbeddings.embed_query added_us <= 5 (this machine)": query["added_us"]
+            <= 5.0,
+            "ResilientEmbeddings.embed_query added_us <= 5 (scaled to the issue's machine)": (
+                scaled_query_us <= 5.0
+            ),
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {RESULTS}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {args.json}")
     return 0
 
 

@@ -75,6 +75,26 @@ def test_overhead_quick_writes_json(tmp_path: Path) -> None:
         assert isinstance(targets[name + "_async"]["ok"], bool)
 
 
+def test_langchain_overhead_quick_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "langchain_overhead.json"
+    script = ROOT / "benchmarks" / "langchain_overhead.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--repeat", "2", "--number", "5", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "scaled to the issue's machine" in proc.stdout
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["repeat"] == 2 and data["number"] == 5
+    assert set(data["embeddings"]) == {"bare embed_query", "ResilientEmbeddings.embed_query"}
+    assert {"bare invoke", "ResilientLLM.invoke", ".with_retry().invoke"} <= set(data["chat"])
+    assert isinstance(data["embed_query_added_us_at_reference_invoke_105us"], float)
+    assert all(isinstance(ok, bool) for ok in data["targets"].values())
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is an optional tool")
 def test_instruction_counts_run(tmp_path: Path) -> None:
     """The callgrind benchmark still runs and writes its JSON (its cheapest case: the loop

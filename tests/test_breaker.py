@@ -798,9 +798,7 @@ class BreakerMachine(RuleBasedStateMachine):
         # Drivers skip before_call/on_success while `quiet`: it must never be True when
         # either would matter (a store, a state other than CLOSED, a failure counted).
         rec = self.cb._snapshot()
-        assert self.cb.quiet == (
-            not self.use_store and rec.state == "closed" and rec.failures == 0
-        )
+        assert self.cb.quiet == (not self.use_store and rec.state == "closed" and rec.failures == 0)
 
 
 class StoreBreakerMachine(BreakerMachine):
