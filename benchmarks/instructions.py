@@ -1,11 +1,11 @@
-"""Instructions per call, counted by valgrind's callgrind: a figure that does not move.
+"""Instructions per call, counted by valgrind's callgrind: a figure the machine's load cannot move.
 
 Usage: python benchmarks/instructions.py [--json PATH] [case ...]   (about 5 min in all:
 the LangChain imports run under valgrind too, uncounted but slow)
 
 This shared machine runs anywhere from 1x to 2x slower from one minute to the next, so
-timed benchmarks here are read as ratios within one run. Instruction counts are the same
-on every run: each case runs `number` calls inside `itertools.starmap`, and callgrind
+timed benchmarks here are read as ratios within one run. Instruction counts move by under
+1% between runs (string hashing is randomised per process): each case runs `number` calls inside `itertools.starmap`, and callgrind
 counts only what executes inside `starmap_next` (`--toggle-collect`), i.e. the calls and
 nothing of the interpreter start-up, the imports or the setup. The count includes the
 loop's own cost, reported as the "loop" case and subtracted from the others.
