@@ -707,3 +707,115 @@ def test_stats_count_every_call_exactly_under_threads() -> None:
     assert stats["attempts"] == calls + retried
     assert stats["retries"] == retried
     assert stats["latency_s"]["count"] == calls
+
+
+# -- the permit through every way out of a call (drivers hold it without a _Call until the
+# first failure, then through the _Call): never leaked, never given back twice -------------
+def _limited(clock: FakeClock, **kw: Any) -> tuple[ResiliencePolicy, ConcurrencyLimit]:
+    limit = ConcurrencyLimit(2, max_waiting=0, name="permits", clock=clock)
+    return make(clock, limit=limit, **kw), limit
+
+
+def test_permit_given_back_on_every_sync_path(clock: FakeClock) -> None:
+    policy, limit = _limited(clock, generic_fallback=True)
+    assert policy.call(Upstream()) == "live"  # first try
+    assert policy.call(Upstream(APIError(500), APIError(503))) == "live"  # after backoff
+    assert policy.call(Upstream(APIError(500), forever=True)) == DEFAULT_GENERIC_ANSWER
+    with pytest.raises(APIError):  # the caller's own error, re-raised as is
+        make(clock, limit=limit).call(Upstream(APIError(400)))
+
+    assert limit.in_flight == 0
+    assert policy.breaker is not None
+    assert policy.breaker.get_state() is CircuitState.OPEN  # the outage above tripped it
+    assert policy.call(Upstream()) == DEFAULT_GENERIC_ANSWER  # open before the first attempt
+    assert limit.in_flight == 0
+    policy.breaker.reset()
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        policy.call(interrupted)
+    assert limit.in_flight == 0
+    assert policy.call(Upstream()) == "live"
+    assert limit.in_flight == 0 and limit.stats()["peak_in_flight"] == 1
+
+
+def test_permit_not_given_back_twice_when_the_retry_is_rejected(clock: FakeClock) -> None:
+    """Backoff gives the permit back; if the queue is full when the call comes back for it,
+    the call is served degraded without one, and nothing is released that it does not hold."""
+    policy, limit = _limited(clock, generic_fallback=True)
+
+    def fail_then_fill_the_limit() -> str:
+        if limit.in_flight == 1:  # our own permit: during backoff two others take both
+            clock_sleep = clock.sleep
+
+            def sleep_and_fill(seconds: float) -> None:
+                clock_sleep(seconds)
+                limit.acquire()
+                limit.acquire()
+                clock.sleep = clock_sleep  # type: ignore[method-assign]
+
+            clock.sleep = sleep_and_fill  # type: ignore[method-assign]
+            raise APIError(503)
+        return "live"
+
+    served = policy.run(fail_then_fill_the_limit)
+    assert served.source == "rejected" and isinstance(served.error, QueueFullError)
+    assert limit.in_flight == 2  # the two taken during backoff, and not one less
+    limit.release()
+    limit.release()
+    assert limit.in_flight == 0
+
+
+async def test_permit_given_back_on_every_async_path(clock: FakeClock) -> None:
+    policy, limit = _limited(clock, generic_fallback=True)
+
+    async def answer(result: str = "live") -> str:
+        return result
+
+    async def flaky(state: list[int]) -> str:
+        state[0] += 1
+        if state[0] < 3:
+            raise APIError(503)
+        return "live"
+
+    assert await policy.acall(answer) == "live"
+    assert await policy.acall(flaky, [0]) == "live"
+    assert limit.in_flight == 0
+
+    started = asyncio.Event()
+
+    async def hang() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    task = asyncio.ensure_future(policy.acall(hang))  # cancelled in its first attempt
+    await started.wait()
+    assert limit.in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert limit.in_flight == 0
+
+    backing_off = asyncio.Event()
+    real_asleep = clock.asleep
+
+    async def asleep(seconds: float) -> None:
+        backing_off.set()
+        await asyncio.Event().wait()  # cancelled while sleeping, without the permit
+
+    clock.asleep = asleep  # type: ignore[method-assign]
+    try:
+        task = asyncio.ensure_future(policy.acall(flaky, [0]))
+        await backing_off.wait()
+        assert limit.in_flight == 0  # backoff holds no permit
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        clock.asleep = real_asleep  # type: ignore[method-assign]
+    assert limit.in_flight == 0
+    assert await policy.acall(answer) == "live"  # and the limit still works
+    assert limit.in_flight == 0
