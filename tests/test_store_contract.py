@@ -436,3 +436,62 @@ async def test_shared_flag_and_close(make_store: Any) -> None:
     store.close()
     store.close()  # idempotent
     await store.aclose()
+
+
+def test_memory_cache_reads_take_no_lock_and_stay_consistent_under_writers() -> None:
+    """MemoryStore reads the cache without its lock (every embedding checks it). Under
+    writers that overwrite, evict (LRU bound), expire and clear, a read returns either
+    nothing or a value that was written for that key, with its own stored_at: never an
+    error, never another key's value, and it never deletes an entry rewritten meanwhile."""
+    store = MemoryStore()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def writer(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"k{i % 40}"
+            i += 1
+            # the value names its key and its stored_at: readers check both
+            store.cache_set(
+                "ns", key, (key, float(i)), stored_at=float(i), ttl=50.0, max_entries=16
+            )
+            if i % 97 == 0:
+                store.cache_delete("ns", key)
+            if i % 1009 == 0 and w == 0:
+                store.cache_clear("ns")
+
+    def reader() -> None:
+        try:
+            for n in range(20_000):  # writers keep writing until every reader is done
+                key = f"k{n % 40}"
+                # some reads at a `now` past the ttl: the expiry path runs concurrently too
+                now = float(n % 200)
+                found = store.cache_get("ns", key, now)
+                if found is not None:
+                    seen.append(1)
+                    (value_key, value_at), stored_at = found
+                    assert value_key == key and value_at == stored_at
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in writers + readers:
+        t.start()
+    for t in readers:
+        t.join(30)
+    stop.set()
+    for t in writers:
+        t.join(5)
+    assert not errors, errors
+    assert seen  # reads did find entries while they were being rewritten and evicted
+
+    # an expired entry read at the same time as its rewrite: the rewrite survives
+    store.cache_set("ns", "x", "old", stored_at=0.0, ttl=1.0, max_entries=None)
+    entries = store._caches["ns"]
+    expired = entries["x"]
+    store.cache_set("ns", "x", "new", stored_at=10.0, ttl=1.0, max_entries=None)
+    store._expire(entries, "x", expired)  # the reader saw the old entry expire
+    assert store.cache_get("ns", "x", 10.5) == ("new", 10.0)
