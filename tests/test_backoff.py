@@ -202,6 +202,17 @@ def test_budget_is_exact_under_threads() -> None:
     assert sum(granted) == 60  # 0.5 * 100 + 1 * 10, never one more
 
 
+def test_budget_window_follows_a_clock_set_back() -> None:
+    """A clock swapped for an earlier one (a test's fake clock, say): requests at the
+    earlier time open their own bucket instead of joining the later, current one."""
+    budget = RetryBudget(ratio=1.0, min_per_second=0.0, window=10.0, clock=FakeClock(start=0.5))
+    for _ in range(5):
+        budget.record_request(100.0)
+    for _ in range(3):
+        budget.record_request(0.5)
+    assert budget.snapshot()["requests"] == 3  # the window ending at 0.5 holds only those
+
+
 def test_budget_counts_every_request_from_many_threads_without_a_lock() -> None:
     """Requests are counted lock-free (every call records one); none may be lost, also
     across bucket edges crossed while the threads run."""

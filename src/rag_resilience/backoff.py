@@ -83,6 +83,7 @@ class RetryBudget:
         "_marks",
         "_requests",
         "_retries",
+        "_start",
         "bucket_s",
         "min_per_second",
         "ratio",
@@ -113,7 +114,8 @@ class RetryBudget:
         # bucket index -> requests counted before its first request; -> retries spent in it
         self._marks: dict[int, int] = {}
         self._retries: dict[int, int] = {}
-        self._edge = -math.inf  # end of the latest marked bucket (monotonic seconds)
+        # the current bucket, [start, edge) in monotonic seconds: requests inside it only count
+        self._start, self._edge = math.inf, -math.inf
 
     def record_request(self, now: float | None = None) -> None:
         """Count one original (first-attempt) request. On every call: no lock, no division.
@@ -124,18 +126,19 @@ class RetryBudget:
         """
         if now is None:
             now = get_clock(self._clock).monotonic()
-        if now >= self._edge:
+        if not self._start <= now < self._edge:
             self._mark(now)
         self._requests.add()
 
     def _mark(self, now: float) -> None:
-        """The first request of a bucket: remember the count it starts from."""
+        """A request outside the current bucket: the bucket it falls in becomes current,
+        and the first request of a bucket remembers the count it starts from."""
         idx = int(now // self.bucket_s)
         with self._lock:
             if idx not in self._marks:
                 self._marks[idx] = self._requests.value
                 self._prune(idx)
-            self._edge = max(self._edge, (idx + 1) * self.bucket_s)
+            self._start, self._edge = idx * self.bucket_s, (idx + 1) * self.bucket_s
 
     def _prune(self, idx: int) -> int:
         """With the lock held: forget buckets that slid out; the window's oldest index."""
