@@ -766,9 +766,9 @@ class ResiliencePolicy:
         `cache` replaces the key-based last-known-good cache with the caller's own
         (e.g. one entry per text of an embeddings batch).
 
-        Most calls succeed at once, so that path allocates nothing of its own: the `_Call`
-        (what the fallback chain needs, and the permit from then on) and the `RetryRun`
-        are built at the first failure.
+        Most calls succeed at once, so that path builds neither a `_Call` (what the
+        fallback chain needs, and the permit from then on) nor a `RetryRun`: both are built
+        at the first failure, and until then the permit is held here.
         """
         if cache is not None:
             key = cache
