@@ -222,6 +222,38 @@ def test_fallback_llm_with_its_own_breaker(
     assert "circuit breaker" in "".join(r.delta or "" for r in streamed)
 
 
+async def test_fallback_llm_serves_every_entry_point(
+    chaos_server: ChaosServer, chaos_server_factory: Any, clock: FakeClock
+) -> None:
+    """complete/stream_complete and the async four: each runs the fallback model's own
+    method of the same name, under the fallback's policy."""
+    down = chaos_server_factory(seed=3, outage=True)
+    llm = ResilientLLM(
+        openai_llm(down),
+        policy=policy(max_retries=0),
+        fallback_llms=[openai_llm(chaos_server, model="gpt-4o")],
+    )
+
+    def served_by_fallback(response: Any) -> bool:
+        return bool(response.additional_kwargs["resilience"]["source"] == "fallback")
+
+    completion = llm.complete("Say hi")
+    assert served_by_fallback(completion) and completion.text
+    streamed = list(llm.stream_complete("Say hi"))
+    assert served_by_fallback(streamed[-1])
+    assert "".join(c.delta or "" for c in streamed) == completion.text
+    assert served_by_fallback(await llm.achat(Q))
+    assert served_by_fallback(await llm.acomplete("Say hi"))
+    achunks = [c async for c in await llm.astream_chat(Q)]
+    assert served_by_fallback(achunks[-1]) and "".join(c.delta or "" for c in achunks)
+    cchunks = [c async for c in await llm.astream_complete("Say hi")]
+    assert served_by_fallback(cchunks[-1])
+    assert "".join(c.delta or "" for c in cchunks) == completion.text
+    assert llm.fallback_policy(0).stats()["successes"] == 6
+    # each fallback call used the fallback model's endpoint of the same kind
+    assert chaos_server.stats()["endpoints"]["chat"]["successes"] == 6
+
+
 def test_stream_retries_only_before_the_first_delta(
     chaos_server: ChaosServer, clock: FakeClock
 ) -> None:

@@ -15,6 +15,7 @@ Tool calling and structured prediction are forwarded to the wrapped model when i
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -178,6 +179,42 @@ class _Fallback:
         self.llm = llm
         self.policy = policy
         self.sync_llm = timed_copy(llm, policy.attempt_timeout, "LLM")
+
+
+# How a fallback LLM runs `method` for the primary's fallback chain: under its own policy
+# (own breaker), never with a generic answer; streams start before they are handed over.
+def _fallback_call(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Any:
+    return fb.policy.execute(getattr(fb.sync_llm, method), args, kwargs, generic=False).value
+
+
+async def _fallback_acall(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Any:
+    return (await fb.policy.aexecute(getattr(fb.llm, method), args, kwargs, generic=False)).value
+
+
+def _fallback_stream(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    fn = getattr(fb.sync_llm, method)
+    return _prime(fb.policy.execute_stream(fn, args, kwargs, generic=False))
+
+
+async def _fallback_astream(
+    fb: _Fallback, method: str, *args: Any, **kwargs: Any
+) -> AsyncIterator[Any]:
+    fn = getattr(fb.llm, method)
+    return await _aprime(fb.policy.aexecute_stream(fn, args, kwargs, generic=False))
+
+
+# Each LlamaIndex entry point: its cache-key kind (a chat and its stream share answers),
+# its codec, and how its fallbacks run.
+_METHODS: dict[str, tuple[str, Codec, Callable[..., Any]]] = {
+    "chat": ("chat", CHAT_CODEC, _fallback_call),
+    "achat": ("chat", CHAT_CODEC, _fallback_acall),
+    "stream_chat": ("chat", CHAT_STREAM_CODEC, _fallback_stream),
+    "astream_chat": ("chat", CHAT_STREAM_CODEC, _fallback_astream),
+    "complete": ("complete", COMPLETION_CODEC, _fallback_call),
+    "acomplete": ("complete", COMPLETION_CODEC, _fallback_acall),
+    "stream_complete": ("complete", COMPLETION_STREAM_CODEC, _fallback_stream),
+    "astream_complete": ("complete", COMPLETION_STREAM_CODEC, _fallback_astream),
+}
 
 
 class ResilientLLM(FunctionCallingLLM):
@@ -364,58 +401,24 @@ class ResilientLLM(FunctionCallingLLM):
                     recorded = True
             yield item
 
-    # -- fallbacks -----------------------------------------------------------------------
-    def _sync_fallbacks(self, method: str) -> list[Callable[..., Any]]:
-        def make(fb: _Fallback) -> Callable[..., Any]:
-            def call(*args: Any, **kwargs: Any) -> Any:
-                fn = getattr(fb.sync_llm, method)
-                return fb.policy.execute(fn, args, kwargs, generic=False).value
-
-            return call
-
-        return [make(fb) for fb in self._fallbacks]
-
-    def _async_fallbacks(self, method: str) -> list[Callable[..., Any]]:
-        def make(fb: _Fallback) -> Callable[..., Any]:
-            async def call(*args: Any, **kwargs: Any) -> Any:
-                fn = getattr(fb.llm, method)
-                return (await fb.policy.aexecute(fn, args, kwargs, generic=False)).value
-
-            return call
-
-        return [make(fb) for fb in self._fallbacks]
-
-    def _stream_fallbacks(self, method: str) -> list[Callable[..., Any]]:
-        def make(fb: _Fallback) -> Callable[..., Any]:
-            def call(*args: Any, **kwargs: Any) -> Iterator[Any]:
-                fn = getattr(fb.sync_llm, method)
-                return _prime(fb.policy.execute_stream(fn, args, kwargs, generic=False))
-
-            return call
-
-        return [make(fb) for fb in self._fallbacks]
-
-    def _astream_fallbacks(self, method: str) -> list[Callable[..., Any]]:
-        def make(fb: _Fallback) -> Callable[..., Any]:
-            async def call(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-                fn = getattr(fb.llm, method)
-                return await _aprime(fb.policy.aexecute_stream(fn, args, kwargs, generic=False))
-
-            return call
-
-        return [make(fb) for fb in self._fallbacks]
+    # -- how a call goes through the policy ------------------------------------------------
+    def _request(self, method: str, payload: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`execute`'s keyword arguments for a call of `method` ("chat", "astream_complete",
+        ...) on `payload` (the messages or the prompt)."""
+        kind, codec, run_fallback = _METHODS[method]
+        generic = self._generic_chat() if kind == "chat" else self._generic_completion()
+        return {
+            "key": self._key(kind, payload, kwargs),
+            "codec": codec,
+            "fallbacks": [partial(run_fallback, fb, method) for fb in self._fallbacks],
+            "generic": self._generic_stream(generic) if "stream" in method else generic,
+        }
 
     # -- sync --------------------------------------------------------------------------------
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         self._sync_callbacks()
         served = self._policy.execute(
-            self._sync_inner.chat,
-            (messages,),
-            kwargs,
-            key=self._key("chat", messages, kwargs),
-            codec=CHAT_CODEC,
-            fallbacks=self._sync_fallbacks("chat"),
-            generic=self._generic_chat(),
+            self._sync_inner.chat, (messages,), kwargs, **self._request("chat", messages, kwargs)
         )
         result: ChatResponse = self._finish(served)
         return result
@@ -423,15 +426,8 @@ class ResilientLLM(FunctionCallingLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         self._sync_callbacks()
         call_kwargs = {"formatted": formatted, **kwargs}
-        served = self._policy.execute(
-            self._sync_inner.complete,
-            (prompt,),
-            call_kwargs,
-            key=self._key("complete", prompt, call_kwargs),
-            codec=COMPLETION_CODEC,
-            fallbacks=self._sync_fallbacks("complete"),
-            generic=self._generic_completion(),
-        )
+        request = self._request("complete", prompt, call_kwargs)
+        served = self._policy.execute(self._sync_inner.complete, (prompt,), call_kwargs, **request)
         result: CompletionResponse = self._finish(served)
         return result
 
@@ -442,11 +438,8 @@ class ResilientLLM(FunctionCallingLLM):
             self._sync_inner.stream_chat,
             (messages,),
             kwargs,
-            key=self._key("chat", messages, kwargs),
-            codec=CHAT_STREAM_CODEC,
-            fallbacks=self._stream_fallbacks("stream_chat"),
-            generic=self._generic_stream(self._generic_chat()),
             on_served=lambda served: state.__setitem__("served", served),
+            **self._request("stream_chat", messages, kwargs),
         )
         return self._annotated(stream, state)
 
@@ -460,11 +453,8 @@ class ResilientLLM(FunctionCallingLLM):
             self._sync_inner.stream_complete,
             (prompt,),
             call_kwargs,
-            key=self._key("complete", prompt, call_kwargs),
-            codec=COMPLETION_STREAM_CODEC,
-            fallbacks=self._stream_fallbacks("stream_complete"),
-            generic=self._generic_stream(self._generic_completion()),
             on_served=lambda served: state.__setitem__("served", served),
+            **self._request("stream_complete", prompt, call_kwargs),
         )
         return self._annotated(stream, state)
 
@@ -472,13 +462,7 @@ class ResilientLLM(FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         self._sync_callbacks()
         served = await self._policy.aexecute(
-            self._inner.achat,
-            (messages,),
-            kwargs,
-            key=self._key("chat", messages, kwargs),
-            codec=CHAT_CODEC,
-            fallbacks=self._async_fallbacks("achat"),
-            generic=self._generic_chat(),
+            self._inner.achat, (messages,), kwargs, **self._request("achat", messages, kwargs)
         )
         result: ChatResponse = self._finish(served)
         return result
@@ -488,14 +472,9 @@ class ResilientLLM(FunctionCallingLLM):
     ) -> CompletionResponse:
         self._sync_callbacks()
         call_kwargs = {"formatted": formatted, **kwargs}
+        request = self._request("acomplete", prompt, call_kwargs)
         served = await self._policy.aexecute(
-            self._inner.acomplete,
-            (prompt,),
-            call_kwargs,
-            key=self._key("complete", prompt, call_kwargs),
-            codec=COMPLETION_CODEC,
-            fallbacks=self._async_fallbacks("acomplete"),
-            generic=self._generic_completion(),
+            self._inner.acomplete, (prompt,), call_kwargs, **request
         )
         result: CompletionResponse = self._finish(served)
         return result
@@ -510,11 +489,8 @@ class ResilientLLM(FunctionCallingLLM):
             fn,
             (messages,),
             kwargs,
-            key=self._key("chat", messages, kwargs),
-            codec=CHAT_STREAM_CODEC,
-            fallbacks=self._astream_fallbacks("astream_chat"),
-            generic=self._generic_stream(self._generic_chat()),
             on_served=lambda served: state.__setitem__("served", served),
+            **self._request("astream_chat", messages, kwargs),
         )
         return self._aannotated(stream, state)
 
@@ -529,11 +505,8 @@ class ResilientLLM(FunctionCallingLLM):
             fn,
             (prompt,),
             call_kwargs,
-            key=self._key("complete", prompt, call_kwargs),
-            codec=COMPLETION_STREAM_CODEC,
-            fallbacks=self._astream_fallbacks("astream_complete"),
-            generic=self._generic_stream(self._generic_completion()),
             on_served=lambda served: state.__setitem__("served", served),
+            **self._request("astream_complete", prompt, call_kwargs),
         )
         return self._aannotated(stream, state)
 
