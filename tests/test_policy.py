@@ -819,3 +819,59 @@ async def test_permit_given_back_on_every_async_path(clock: FakeClock) -> None:
     assert limit.in_flight == 0
     assert await policy.acall(answer) == "live"  # and the limit still works
     assert limit.in_flight == 0
+
+
+# -- degraded streams, every way in, sync and async ------------------------------------------
+def test_stream_degraded_paths_and_permit(clock: FakeClock) -> None:
+    policy, limit = _limited(clock, generic_fallback=True, retries=1)
+    served: list[Served[None]] = []
+    # a full limit before the stream starts: the busy answer as one item
+    limit.acquire()
+    limit.acquire()
+    busy = list(policy.execute_stream(Upstream(), on_served=served.append))
+    assert busy == [BUSY_ANSWER] and served[-1].source == "rejected" and served[-1].degraded
+    limit.release()
+    limit.release()
+    # live, remembered under its key; then an outage serves the items from the cache
+    assert list(policy.stream(lambda: iter(["x", "y"]), key="s")) == ["x", "y"]
+    failing = Upstream(APIError(503), forever=True)
+    got = list(policy.execute_stream(failing, key="s", on_served=served.append))
+    assert got == ["x", "y"] and failing.calls == 2 and served[-1].source == "cache"
+    # a fallback stream, and the generic answer for a question never answered
+    fb = list(policy.execute_stream(failing, fallbacks=[lambda: iter(["f"])]))
+    assert fb == ["f"]
+    assert list(policy.execute_stream(failing, on_served=served.append)) == [
+        DEFAULT_GENERIC_ANSWER
+    ]
+    assert served[-1].source == "generic_fallback"
+    assert limit.in_flight == 0
+
+
+async def test_astream_degraded_paths_and_permit(clock: FakeClock) -> None:
+    policy, limit = _limited(clock, generic_fallback=True, retries=1)
+    served: list[Served[None]] = []
+
+    async def items(*values: str) -> AsyncIterator[str]:
+        for value in values:
+            yield value
+
+    async def failing() -> AsyncIterator[str]:
+        raise APIError(503)
+        yield "never"  # pragma: no cover - makes this an async generator
+
+    async def collect(stream: AsyncIterator[str]) -> list[str]:
+        return [item async for item in stream]
+
+    limit.acquire()
+    limit.acquire()
+    busy = await collect(policy.aexecute_stream(failing, on_served=served.append))
+    assert busy == [BUSY_ANSWER] and served[-1].source == "rejected"
+    limit.release()
+    limit.release()
+    assert await collect(policy.aexecute_stream(lambda: items("x", "y"), key="s")) == ["x", "y"]
+    got = await collect(policy.aexecute_stream(failing, key="s", on_served=served.append))
+    assert got == ["x", "y"] and served[-1].source == "cache" and served[-1].degraded
+    fallback = await collect(policy.aexecute_stream(failing, fallbacks=[lambda: items("f")]))
+    assert fallback == ["f"]  # an async iterator from the fallback is iterated as such
+    assert await collect(policy.aexecute_stream(failing)) == [DEFAULT_GENERIC_ANSWER]
+    assert limit.in_flight == 0

@@ -269,6 +269,24 @@ class _Degrade:
     started: float
 
 
+def _served_record(served: Served[Any]) -> Served[None]:
+    """How a degraded stream was served, without its items (for `on_served`)."""
+    return Served(
+        None,
+        served.source,
+        served.attempts,
+        served.age_s,
+        True,
+        served.error,
+        served.fallback_index,
+    )
+
+
+def _items_of(value: Any) -> Iterable[Any]:
+    """A degraded stream's items: a fallback's iterable, or one text as a single item."""
+    return (value,) if isinstance(value, (str, bytes)) else value
+
+
 class ResiliencePolicy:
     """Composition of ConcurrencyLimit, RetryStrategy, CircuitBreaker and GracefulFallbacks.
 
@@ -970,16 +988,15 @@ class ResiliencePolicy:
         if cache is not None:
             key = cache
         call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
+        breaker = self.breaker
+        plan: _Degrade | None = None  # set when the stream is served degraded
         try:
-            call.take()
-        except QueueFullError as exc:
-            served = self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
-            yield from self._emit_degraded(served, on_served)
-            return
-        try:
-            run = self._new_run()
-            breaker = self.breaker
-            while True:
+            try:
+                call.take()
+            except QueueFullError as exc:
+                plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
+            run = self._new_run()  # after the permit: waiting for one is not the call's time
+            while plan is None:
                 run.start_attempt()
                 ticket = ADMITTED_CLEAN
                 try:
@@ -990,38 +1007,31 @@ class ResiliencePolicy:
                 except StopIteration:
                     iterator, first = iter(()), _NO_KEY
                 except CircuitOpenError as exc:
-                    served = self._degrade(self._plan(exc, run.attempts - 1, run.started), call)
-                    yield from self._emit_degraded(served, on_served)
-                    return
+                    plan = self._plan(exc, run.attempts - 1, run.started)
+                    continue
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket)
                     if delay is None:
-                        served = self._degrade(
-                            self._plan(exc, run.attempts, run.started, verdict), call
-                        )
-                        yield from self._emit_degraded(served, on_served)
-                        return
-                    rejected = self._pause(call, run, delay, exc)
-                    if rejected is not None:
-                        served = self._degrade(
-                            self._plan(rejected, run.attempts, run.started), call
-                        )
-                        yield from self._emit_degraded(served, on_served)
-                        return
+                        plan = self._plan(exc, run.attempts, run.started, verdict)
+                    else:
+                        rejected = self._pause(call, run, delay, exc)
+                        if rejected is not None:
+                            plan = self._plan(rejected, run.attempts, run.started)
                     continue
                 except BaseException:
                     if breaker is not None:
                         breaker.on_abandon(ticket)
                     raise
                 break
+            if plan is not None:
+                served = self._degrade(plan, call)
+                if on_served is not None:
+                    on_served(_served_record(served))
+                yield from _items_of(served.value)
+                return
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
-            items: list[T] | None = (
-                []
-                if isinstance(key, CacheHooks)
-                or (key is not _NO_KEY and self.fallbacks is not None)
-                else None
-            )
+            items: list[T] | None = [] if self._remembers(key) else None
             try:
                 if first is not _NO_KEY:
                     if items is not None:
@@ -1048,27 +1058,9 @@ class ResiliencePolicy:
         finally:
             call.give()
 
-    @staticmethod
-    def _emit_degraded(
-        served: Served[Any], on_served: Callable[[Served[None]], None] | None
-    ) -> Iterator[Any]:
-        if on_served is not None:
-            on_served(
-                Served(
-                    None,
-                    served.source,
-                    served.attempts,
-                    served.age_s,
-                    True,
-                    served.error,
-                    served.fallback_index,
-                )
-            )
-        value = served.value
-        if isinstance(value, (str, bytes)):
-            yield value
-        else:
-            yield from value
+    def _remembers(self, key: Any) -> bool:
+        """Will a live answer under `key` be kept (so a stream must collect its items)?"""
+        return isinstance(key, CacheHooks) or (key is not _NO_KEY and self.fallbacks is not None)
 
     async def aexecute_stream(
         self,
@@ -1087,19 +1079,15 @@ class ResiliencePolicy:
         if cache is not None:
             key = cache
         call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
+        breaker = self.breaker
+        plan: _Degrade | None = None  # set when the stream is served degraded
         try:
-            await call.atake()
-        except QueueFullError as exc:
-            served = await self._adegrade(
-                self._plan(exc, 0, get_clock(self.clock).monotonic()), call
-            )
-            async for item in self._aemit_degraded(served, on_served):
-                yield item
-            return
-        try:
-            run = self._new_run()
-            breaker = self.breaker
-            while True:
+            try:
+                await call.atake()
+            except QueueFullError as exc:
+                plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
+            run = self._new_run()  # after the permit: waiting for one is not the call's time
+            while plan is None:
                 timeout = run.start_attempt()
                 ticket = ADMITTED_CLEAN
                 try:
@@ -1113,43 +1101,37 @@ class ResiliencePolicy:
                 except StopAsyncIteration:
                     first = _NO_KEY
                 except CircuitOpenError as exc:
-                    served = await self._adegrade(
-                        self._plan(exc, run.attempts - 1, run.started), call
-                    )
-                    async for item in self._aemit_degraded(served, on_served):
-                        yield item
-                    return
+                    plan = self._plan(exc, run.attempts - 1, run.started)
+                    continue
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket)
                     if delay is None:
-                        served = await self._adegrade(
-                            self._plan(exc, run.attempts, run.started, verdict), call
-                        )
-                        async for item in self._aemit_degraded(served, on_served):
-                            yield item
-                        return
-                    rejected = await self._apause(call, run, delay, exc)
-                    if rejected is not None:
-                        served = await self._adegrade(
-                            self._plan(rejected, run.attempts, run.started), call
-                        )
-                        async for item in self._aemit_degraded(served, on_served):
-                            yield item
-                        return
+                        plan = self._plan(exc, run.attempts, run.started, verdict)
+                    else:
+                        rejected = await self._apause(call, run, delay, exc)
+                        if rejected is not None:
+                            plan = self._plan(rejected, run.attempts, run.started)
                     continue
                 except BaseException:
                     if breaker is not None:
                         await breaker.aon_abandon(ticket)
                     raise
                 break
+            if plan is not None:
+                served = await self._adegrade(plan, call)
+                if on_served is not None:
+                    on_served(_served_record(served))
+                value = served.value
+                if hasattr(value, "__aiter__") and not isinstance(value, (str, bytes)):
+                    async for item in value:
+                        yield item
+                else:
+                    for item in _items_of(value):
+                        yield item
+                return
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
-            items: list[T] | None = (
-                []
-                if isinstance(key, CacheHooks)
-                or (key is not _NO_KEY and self.fallbacks is not None)
-                else None
-            )
+            items: list[T] | None = [] if self._remembers(key) else None
             try:
                 if first is not _NO_KEY:
                     if items is not None:
@@ -1176,32 +1158,6 @@ class ResiliencePolicy:
                 await self._astore(key, items, codec)
         finally:
             await call.agive()
-
-    @staticmethod
-    async def _aemit_degraded(
-        served: Served[Any], on_served: Callable[[Served[None]], None] | None
-    ) -> AsyncIterator[Any]:
-        if on_served is not None:
-            on_served(
-                Served(
-                    None,
-                    served.source,
-                    served.attempts,
-                    served.age_s,
-                    True,
-                    served.error,
-                    served.fallback_index,
-                )
-            )
-        value = served.value
-        if isinstance(value, (str, bytes)):
-            yield value
-        elif hasattr(value, "__aiter__"):
-            async for item in value:
-                yield item
-        else:
-            for item in value:
-                yield item
 
     # -- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
