@@ -253,6 +253,45 @@ def build(
     return builder(base_url, recorder, scale, timeout)
 
 
+def _langchain_models(
+    base_url: str,
+    hc: httpx.Client,
+    timeout: float | None,
+    chat_model: str = CHAT_MODEL,
+    **chat_kw: Any,
+) -> tuple[Any, Any]:
+    """ChatOpenAI (`chat_model`) and OpenAIEmbeddings on the chaos server through the
+    recording client. `chat_kw` (e.g. max_retries=0) applies to both."""
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    common: dict[str, Any] = {
+        "base_url": base_url,
+        "api_key": API_KEY,
+        "http_client": hc,
+        "timeout": timeout,
+        **chat_kw,
+    }
+    # check_embedding_ctx_length=False: tiktoken would download its encoding (no network here).
+    return (
+        ChatOpenAI(model=chat_model, **common),
+        OpenAIEmbeddings(model=EMBED_MODEL, check_embedding_ctx_length=False, **common),
+    )
+
+
+def _llamaindex_models(
+    base_url: str, hc: httpx.Client, timeout: float | None, **kw: Any
+) -> tuple[Any, Any]:
+    """LlamaIndex OpenAI and OpenAIEmbedding on the chaos server (their default timeout
+    unless one is given)."""
+    from llama_index.embeddings.openai import OpenAIEmbedding
+    from llama_index.llms.openai import OpenAI
+
+    common: dict[str, Any] = {"api_base": base_url, "api_key": API_KEY, "http_client": hc, **kw}
+    if timeout is not None:
+        common["timeout"] = timeout
+    return OpenAI(model=CHAT_MODEL, **common), OpenAIEmbedding(model=EMBED_MODEL, **common)
+
+
 def _sdk(base_url: str, recorder: Recorder, scale: float, timeout: float | None) -> Contender:
     import openai
 
@@ -274,21 +313,8 @@ def _sdk(base_url: str, recorder: Recorder, scale: float, timeout: float | None)
 
 
 def _langchain(base_url: str, recorder: Recorder, scale: float, timeout: float | None) -> Contender:
-    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
-
     hc = http_client(recorder)
-    llm = ChatOpenAI(
-        model=CHAT_MODEL, base_url=base_url, api_key=API_KEY, http_client=hc, timeout=timeout
-    )
-    # check_embedding_ctx_length=False: tiktoken would download its encoding (no network here).
-    emb = OpenAIEmbeddings(
-        model=EMBED_MODEL,
-        base_url=base_url,
-        api_key=API_KEY,
-        http_client=hc,
-        timeout=timeout,
-        check_embedding_ctx_length=False,
-    )
+    llm, emb = _langchain_models(base_url, hc, timeout)
 
     def chat(prompt: str) -> str:
         llm.invoke(prompt)
@@ -312,39 +338,15 @@ def _langchain_retry(
     base_url: str, recorder: Recorder, scale: float, timeout: float | None
 ) -> Contender:
     from langchain_core.runnables import RunnableLambda
-    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
     hc = http_client(recorder)
     jitter = {"initial": 1.0 * scale, "max": 60.0 * scale, "exp_base": 2.0, "jitter": 1.0 * scale}
-    primary = ChatOpenAI(
-        model=CHAT_MODEL,
-        base_url=base_url,
-        api_key=API_KEY,
-        http_client=hc,
-        max_retries=0,
-        timeout=timeout,
-    )
-    backup = ChatOpenAI(
-        model=FALLBACK_MODEL,
-        base_url=base_url,
-        api_key=API_KEY,
-        http_client=hc,
-        max_retries=0,
-        timeout=timeout,
-    )
+    primary, emb = _langchain_models(base_url, hc, timeout, max_retries=0)
+    backup, _ = _langchain_models(base_url, hc, timeout, FALLBACK_MODEL, max_retries=0)
     chain = primary.with_retry(
         stop_after_attempt=4,
         exponential_jitter_params=jitter,  # type: ignore[arg-type]
     ).with_fallbacks([backup])
-    emb = OpenAIEmbeddings(
-        model=EMBED_MODEL,
-        base_url=base_url,
-        api_key=API_KEY,
-        http_client=hc,
-        max_retries=0,
-        timeout=timeout,
-        check_embedding_ctx_length=False,
-    )
     embed_chain = RunnableLambda(emb.embed_query).with_retry(
         stop_after_attempt=4,
         exponential_jitter_params=jitter,  # type: ignore[arg-type]
@@ -372,15 +374,9 @@ def _llamaindex(
     base_url: str, recorder: Recorder, scale: float, timeout: float | None
 ) -> Contender:
     from llama_index.core.llms import ChatMessage
-    from llama_index.embeddings.openai import OpenAIEmbedding
-    from llama_index.llms.openai import OpenAI
 
     hc = http_client(recorder)
-    kw: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    llm = OpenAI(model=CHAT_MODEL, api_base=base_url, api_key=API_KEY, http_client=hc, **kw)
-    emb = OpenAIEmbedding(
-        model=EMBED_MODEL, api_base=base_url, api_key=API_KEY, http_client=hc, **kw
-    )
+    llm, emb = _llamaindex_models(base_url, hc, timeout)
 
     def chat(prompt: str) -> str:
         llm.chat([ChatMessage(role="user", content=prompt)])
@@ -516,8 +512,6 @@ def _ours_openai(
 def _ours_langchain(
     base_url: str, recorder: Recorder, scale: float, timeout: float | None
 ) -> Contender:
-    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
-
     from rag_resilience.langchain import ResilientEmbeddings, ResilientLLM
 
     hc = http_client(recorder)
@@ -526,29 +520,9 @@ def _ours_langchain(
     emb_policy = _policy(scale, "bench-lc-emb")
     _watch(llm_policy, opened, "chat")
     _watch(emb_policy, opened, "embed")
-    llm = ResilientLLM(
-        ChatOpenAI(
-            model=CHAT_MODEL,
-            base_url=base_url,
-            api_key=API_KEY,
-            http_client=hc,
-            max_retries=0,
-            timeout=timeout,
-        ),
-        policy=llm_policy,
-    )
-    emb = ResilientEmbeddings(
-        OpenAIEmbeddings(
-            model=EMBED_MODEL,
-            base_url=base_url,
-            api_key=API_KEY,
-            http_client=hc,
-            max_retries=0,
-            timeout=timeout,
-            check_embedding_ctx_length=False,
-        ),
-        policy=emb_policy,
-    )
+    chat_model, embeddings = _langchain_models(base_url, hc, timeout, max_retries=0)
+    llm = ResilientLLM(chat_model, policy=llm_policy)
+    emb = ResilientEmbeddings(embeddings, policy=emb_policy)
 
     def chat(prompt: str) -> str:
         msg = llm.invoke(prompt)
@@ -573,8 +547,6 @@ def _ours_llamaindex(
     base_url: str, recorder: Recorder, scale: float, timeout: float | None
 ) -> Contender:
     from llama_index.core.llms import ChatMessage
-    from llama_index.embeddings.openai import OpenAIEmbedding
-    from llama_index.llms.openai import OpenAI
 
     from rag_resilience.llama_index import ResilientEmbedding, ResilientLLM
 
@@ -584,30 +556,9 @@ def _ours_llamaindex(
     emb_policy = _policy(scale, "bench-li-emb")
     _watch(llm_policy, opened, "chat")
     _watch(emb_policy, opened, "embed")
-    kw: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    llm = ResilientLLM(
-        OpenAI(
-            model=CHAT_MODEL,
-            api_base=base_url,
-            api_key=API_KEY,
-            http_client=hc,
-            max_retries=0,
-            **kw,
-        ),
-        policy=llm_policy,
-        generic_fallback=False,
-    )
-    emb = ResilientEmbedding(
-        OpenAIEmbedding(
-            model=EMBED_MODEL,
-            api_base=base_url,
-            api_key=API_KEY,
-            http_client=hc,
-            max_retries=0,
-            **kw,
-        ),
-        policy=emb_policy,
-    )
+    inner_llm, inner_emb = _llamaindex_models(base_url, hc, timeout, max_retries=0)
+    llm = ResilientLLM(inner_llm, policy=llm_policy, generic_fallback=False)
+    emb = ResilientEmbedding(inner_emb, policy=emb_policy)
 
     def chat(prompt: str) -> str:
         resp = llm.chat([ChatMessage(role="user", content=prompt)])
