@@ -7,7 +7,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import openai
@@ -407,19 +406,9 @@ def test_max_concurrency_queue_mode_serves_in_turn(chaos_server: ChaosServer) ->
     for t in threads:
         t.join(10)
     assert results == [200] * 6
-    s = settled_stats(chaos_server)
+    assert chaos_server.wait_idle()  # the server counts a request done after its answer
+    s = chaos_server.stats()
     assert s["max_in_flight"] <= 2 and s["in_flight"] == 0 and s["faults_total"] == 0
-
-
-def settled_stats(server: ChaosServer, within: float = 5.0) -> dict[str, Any]:
-    """Stats once no request is in flight: the server counts a request done after it has
-    written the response, so a client can hold its answer a moment before that."""
-    deadline = time.monotonic() + within
-    stats = server.stats()
-    while stats["in_flight"] and time.monotonic() < deadline:
-        time.sleep(0.001)
-        stats = server.stats()
-    return stats
 
 
 def test_faults_only_on_chosen_endpoint(chaos_server: ChaosServer) -> None:
@@ -500,3 +489,24 @@ def test_invalid_faults_raise_value_error_naming_the_parameter(
 def test_set_faults_rejects_unknown_names(chaos_server: ChaosServer) -> None:
     with pytest.raises(ValueError, match="unknown fault setting"):
         chaos_server.set_faults(error_ratio=0.1)
+
+
+def test_reset_keeps_counting_requests_still_in_flight(chaos_server: ChaosServer) -> None:
+    """A reset while requests are stalled: they finish after it, and the in-flight gauge
+    comes back to 0 (it used to be zeroed by the reset and end negative)."""
+    chaos_server.set_faults(stall=True)
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(chat(chaos_server))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    wait_until(lambda: chaos_server.stats()["stalled"] == 2)
+    chaos_server.reset()  # releases the stall; the two are still being answered
+    assert chaos_server.stats()["in_flight"] in (0, 1, 2)
+    for t in threads:
+        t.join(10)
+    assert results == [200, 200]
+    assert chaos_server.wait_idle()
+    stats = chaos_server.stats()
+    assert stats["in_flight"] == 0 and stats["stalled"] == 0

@@ -304,7 +304,7 @@ async def test_async_paths(chaos_server: ChaosServer, clock: FakeClock) -> None:
 
 async def test_async_attempt_timeout_cancels(chaos_server: ChaosServer) -> None:
     llm = ResilientLLM(openai_llm(chaos_server), policy=policy(max_retries=0, attempt_timeout=0.05))
-    chaos_server.set_faults(latency=2.0)
+    chaos_server.set_faults(stall=True)  # never answers in time; the reset releases it
     started = time.monotonic()
     response = await llm.achat(Q)
     assert time.monotonic() - started < 1.0
@@ -315,7 +315,7 @@ def test_sync_timeout_is_set_on_a_copy(chaos_server: ChaosServer) -> None:
     inner = openai_llm(chaos_server, timeout=60.0)
     llm = ResilientLLM(inner, policy=policy(max_retries=0, attempt_timeout=0.2))
     assert inner.timeout == 60.0 and llm._sync_inner.timeout == pytest.approx(0.2)
-    chaos_server.set_faults(latency=2.0)
+    chaos_server.set_faults(stall=True)  # never answers in time; the reset releases it
     started = time.monotonic()
     response = llm.chat(Q)
     assert time.monotonic() - started < 1.5

@@ -27,10 +27,15 @@ def chaos_server_session() -> Iterator[ChaosServer]:
 
 @pytest.fixture
 def chaos_server(chaos_server_session: ChaosServer) -> Iterator[ChaosServer]:
-    """A running chaos server with no faults; set them with ``chaos_server.set_faults(...)``."""
+    """A running chaos server with no faults; set them with ``chaos_server.set_faults(...)``.
+
+    Between tests it is reset and left to finish what an earlier test left in flight, so
+    no test sees another's requests in its counters."""
     chaos_server_session.reset()
+    chaos_server_session.wait_idle()
     yield chaos_server_session
     chaos_server_session.reset()
+    chaos_server_session.wait_idle()
 
 
 @pytest.fixture

@@ -145,6 +145,10 @@ class ChaosServer:
         self._conns: set[asyncio.Task[Any]] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._stall_event: asyncio.Event | None = None
+        # Gauges of requests being handled now: a reset must not zero them, or requests
+        # still in flight would drive them negative when they finish.
+        self._in_flight = 0
+        self._stalled = 0
         self._reset_state(self._initial)
 
     # ----------------------------------------------------------------- state
@@ -160,9 +164,7 @@ class ChaosServer:
         self._fault_counts: collections.Counter[str] = collections.Counter()
         self._statuses: collections.Counter[int] = collections.Counter()
         self._endpoints = {name: _EndpointStats() for name in ("embeddings", "chat", "models")}
-        self._in_flight = 0
-        self._max_in_flight = 0
-        self._stalled = 0
+        self._max_in_flight = self._in_flight  # the peak from now on
         self._bucket_key: tuple[float, int] | None = None
         self._tokens = 0.0
         self._bucket_t = 0.0
@@ -196,10 +198,26 @@ class ChaosServer:
         return self.set_faults(Faults())
 
     def reset(self) -> None:
-        """Back to the constructor's faults, fresh counters, RNG re-seeded, stalls released."""
+        """Back to the constructor's faults, fresh counters, RNG re-seeded, stalls released.
+
+        Requests still being handled stay counted in `in_flight` until they finish; see
+        `wait_idle`."""
         with self._lock:
             self._reset_state(self._initial)
         self._notify_loop()
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait (real time) until no request is in flight; False if some still are after
+        `timeout` seconds. A client can hold its answer a moment before the server counts
+        the request done, and a reset lets stalled requests finish in the background."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
 
     def stats(self) -> dict[str, Any]:
         """Counters: requests, successes, faults by kind, HTTP statuses, per endpoint, in flight."""
