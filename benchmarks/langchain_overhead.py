@@ -38,6 +38,7 @@ import tenacity
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import HumanMessage
+from langchain_core.runnables import RunnableLambda
 
 from rag_resilience.langchain import ResilientEmbeddings, ResilientLLM
 
@@ -132,10 +133,24 @@ def main() -> int:
 
     emb = DeterministicFakeEmbedding(size=256)
     remb = ResilientEmbeddings(DeterministicFakeEmbedding(size=256))
+    # what a LangChain user has without us: RunnableLambda(embed_query).with_retry(),
+    # or tenacity + pybreaker around the call
+    emb_retry = RunnableLambda(DeterministicFakeEmbedding(size=256).embed_query).with_retry(
+        stop_after_attempt=4
+    )
+    tb_emb = DeterministicFakeEmbedding(size=256)
+    emb_breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
+    tenacity_embed = tenacity.retry(
+        stop=tenacity.stop_after_attempt(4),
+        wait=tenacity.wait_exponential(multiplier=1),
+        reraise=True,
+    )(emb_breaker(lambda text: tb_emb.embed_query(text)))
     embed_samples = measure(
         {
             "bare embed_query": lambda: emb.embed_query(q),
             "ResilientEmbeddings.embed_query": lambda: remb.embed_query(q),
+            "embed_query .with_retry()": lambda: emb_retry.invoke(q),
+            "tenacity+pybreaker embed_query": lambda: tenacity_embed(q),
             # the yardstick, timed in the same rounds: its machine ran a bare
             # FakeListChatModel.invoke in about 105 µs
             CALIBRATION: lambda: bare.invoke(q),
