@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -1116,3 +1117,70 @@ async def test_cancelled_distributed_waiter_frees_its_place() -> None:
     assert (b.stats()["cancelled"], b.stats()["timed_out"]) == (1, 0)
     await a.arelease()
     assert store.lease_count(KEY, time.time()) == 0
+
+
+@pytest.mark.timeout(60)
+def test_lock_free_permits_lose_no_wakeup_under_forced_thread_switches() -> None:
+    """Permits are taken and given back without the lock; waiters are queued and served
+    under it. With the interpreter switching threads every microsecond the two paths
+    interleave at every bytecode: the bound must hold, the counts stay exact, and every
+    caller gets through (no wait_timeout: a waiter left parked would hang). Under steady
+    traffic a lost wakeup would be healed by the next release, so the one window where it
+    could happen is forced in the next test."""
+    limit = ConcurrencyLimit(2, max_waiting=16, name="hammer")
+    probe = Probe()
+    barrier = threading.Barrier(12)
+
+    def body() -> None:
+        barrier.wait()
+        for _ in range(400):
+            limit.acquire()
+            try:
+                probe.enter()
+                probe.exit()
+            finally:
+                limit.release()
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=body) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(45)
+            assert not thread.is_alive(), "a waiter was left parked with a permit free"
+    finally:
+        sys.setswitchinterval(previous)
+    stats = limit.stats()
+    assert probe.max_seen <= 2 and stats["peak_in_flight"] <= 2
+    assert probe.calls == stats["acquired"] == 12 * 400
+    assert stats["in_flight"] == 0 and stats["waiting"] == 0
+
+
+def test_release_in_the_window_before_a_caller_queues_is_not_lost() -> None:
+    """The one interleaving that could lose a wakeup, forced: a caller finds no free
+    permit (under the lock), and before it queues, another thread releases one (without
+    the lock: nobody waits yet). The caller must still get that permit."""
+
+    class Racy(ConcurrencyLimit):
+        misses = 0
+
+        def _take_free(self) -> bool:
+            got = super()._take_free()
+            if not got:
+                self.misses += 1
+                if self.misses == 2:  # the check under the lock, just before queueing
+                    releaser = threading.Thread(target=self.release)
+                    releaser.start()
+                    releaser.join(5)
+            return got
+
+    limit = Racy(1, max_waiting=1, wait_timeout=2.0, name="window")
+    limit.acquire()  # the permit the other thread gives back in the window
+    started = time.monotonic()
+    limit.acquire()  # WaitTimeoutError after 2 s if the release were lost
+    assert time.monotonic() - started < 1.0
+    assert limit.in_flight == 1 and limit.waiting == 0
+    limit.release()
+    assert limit.in_flight == 0

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
+from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
@@ -430,10 +431,14 @@ class ConcurrencyLimit:
         self._clock = clock
         self._bus = EventBus(listeners)
         self._lock = threading.Lock()
-        self._in_flight = 0
+        # Local mode: the free permits themselves. Taking one is `pop()` and giving one back
+        # `append()`, each a single C call, atomic under the GIL: an uncontended call takes
+        # no lock. The lock orders the waiters and the hand-offs to them.
+        self._free: list[None] = [None] * max_concurrency
+        self._in_flight = 0  # distributed mode: permits this process holds
         self._waiters: deque[_ThreadWaiter | _AsyncWaiter] = deque()
         self._peak = 0
-        self._acquired = 0
+        self._acquired = AtomicCounter()
         self._rejected = 0
         self._timed_out = 0
         self._cancelled = 0
@@ -463,7 +468,7 @@ class ConcurrencyLimit:
     @property
     def in_flight(self) -> int:
         """Permits held in this process."""
-        return self._in_flight
+        return self._in_flight if self._store is not None else self._max - len(self._free)
 
     @property
     def waiting(self) -> int:
@@ -478,12 +483,12 @@ class ConcurrencyLimit:
         with self._lock:
             snapshot: dict[str, Any] = {
                 "name": self.name,
-                "in_flight": self._in_flight,
+                "in_flight": self.in_flight,
                 "waiting": len(self._waiters) + self._dist_waiting,
                 "max_concurrency": self._max,
                 "max_waiting": self._max_waiting,
                 "peak_in_flight": self._peak,
-                "acquired": self._acquired,
+                "acquired": self._acquired.value,
                 "rejected": self._rejected,
                 "timed_out": self._timed_out,
                 "cancelled": self._cancelled,
@@ -499,7 +504,7 @@ class ConcurrencyLimit:
 
     def __repr__(self) -> str:
         return (
-            f"ConcurrencyLimit(name={self.name!r}, in_flight={self._in_flight}/{self._max}, "
+            f"ConcurrencyLimit(name={self.name!r}, in_flight={self.in_flight}/{self._max}, "
             f"waiting={self.waiting}/{self._max_waiting})"
         )
 
@@ -508,15 +513,7 @@ class ConcurrencyLimit:
         """Take a permit only if one is free right now (never waits, never counts a rejection)."""
         if self._store is not None:
             return self._lease_once(self._new_token())
-        with self._lock:
-            n = self._in_flight
-            if n < self._max and not self._waiters:
-                self._in_flight = n = n + 1
-                self._acquired += 1
-                if n > self._peak:
-                    self._peak = n
-                return True
-            return False
+        return not self._waiters and self._take_free()
 
     def acquire(self, timeout: float | None = None) -> None:
         """Take a permit, waiting up to `timeout` (default `wait_timeout`) in FIFO order.
@@ -526,6 +523,8 @@ class ConcurrencyLimit:
         """
         if self._store is not None:
             self._acquire_distributed(timeout)
+            return
+        if not self._waiters and self._take_free():  # the common case: no lock
             return
         waiter = self._take_or_queue(timeout, None)
         if waiter is None:
@@ -542,6 +541,8 @@ class ConcurrencyLimit:
         """Async `acquire`: waits on a future, never blocking the event loop."""
         if self._store is not None:
             await self._aacquire_distributed(timeout)
+            return
+        if not self._waiters and self._take_free():  # as in `acquire`
             return
         waiter = self._take_or_queue(timeout, asyncio.get_running_loop())
         if waiter is None:
@@ -569,22 +570,24 @@ class ConcurrencyLimit:
     def _take_or_queue(
         self, timeout: float | None, loop: asyncio.AbstractEventLoop | None
     ) -> _ThreadWaiter | _AsyncWaiter | None:
-        """`acquire`'s decision, shared by sync and async: take a free permit (None), or
-        queue a waiter (on `loop` for async callers), or raise `QueueFullError`."""
-        lock = self._lock  # acquire/release, not `with`: half the cost, on every call
+        """`acquire`'s decision when no permit was free at first sight, shared by sync and
+        async: take one freed meanwhile (None), or queue a waiter (on `loop` for async
+        callers), or raise `QueueFullError`.
+
+        Waiters are served first (FIFO): a permit is taken directly only while none wait.
+        A waiter is queued before it looks for a permit freed meanwhile, and `release`
+        frees its permit before it looks for waiters, so one of them always sees the other.
+        """
+        lock = self._lock  # acquire/release, not `with`: half the cost
         lock.acquire()
         try:
-            n = self._in_flight
-            if n < self._max and not self._waiters:
-                self._in_flight = n = n + 1
-                self._acquired += 1
-                if n > self._peak:
-                    self._peak = n
+            if not self._waiters and self._take_free():
                 return None
             _check_timeout("timeout", timeout)
             if len(self._waiters) < self._max_waiting:
                 waiter = _ThreadWaiter() if loop is None else _AsyncWaiter(loop)
                 self._waiters.append(waiter)
+                self._drain()  # a permit freed since we looked: to the oldest waiter
                 return waiter
             self._rejected += 1
             error: QueueFullError = self._full_error()
@@ -603,18 +606,18 @@ class ConcurrencyLimit:
                 except Exception as exc:
                     self._warn_store(exc, "release")
             return
-        lock = self._lock
-        lock.acquire()
-        try:
-            n = self._in_flight
-            if not self._waiters and n > 0:
-                self._in_flight = n - 1
-                return
-            if n <= 0:
-                raise RuntimeError(f"ConcurrencyLimit '{self.name}' released more than acquired")
-            self._hand_off()
-        finally:
-            lock.release()
+        free = self._free
+        free.append(None)
+        if len(free) > self._max:
+            free.pop()
+            raise RuntimeError(f"ConcurrencyLimit '{self.name}' released more than acquired")
+        if self._waiters:  # after freeing the permit: see `_take_or_queue`
+            lock = self._lock
+            lock.acquire()
+            try:
+                self._drain()
+            finally:
+                lock.release()
 
     async def arelease(self) -> None:
         """Async `release` (uses the store's async client in distributed mode)."""
@@ -637,19 +640,36 @@ class ConcurrencyLimit:
         return self._aslot if timeout is None else _AsyncSlot(self, timeout)
 
     # -- local mode internals (callers hold no lock unless the name says so)
-    def _hand_off(self) -> None:
-        """With the lock held: give the permit being released to the oldest live waiter."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.granted = True
-            if waiter.wake():
+    def _take_free(self) -> bool:
+        """Take a free permit if there is one (lock or no lock: `pop` is atomic)."""
+        free = self._free
+        try:
+            free.pop()
+        except IndexError:
+            return False
+        self._acquired.add()
+        n = self._max - len(free)
+        if n > self._peak:  # racing updates can keep a lower peak, never one over the bound
+            self._peak = n
+        return True
+
+    def _drain(self) -> None:
+        """With the lock held: hand free permits to the oldest live waiters."""
+        waiters, free = self._waiters, self._free
+        while waiters:
+            try:
+                free.pop()
+            except IndexError:
                 return
-        self._in_flight -= 1
+            waiter = waiters.popleft()
+            waiter.granted = True
+            if not waiter.wake():  # its event loop is gone: the permit goes back
+                free.append(None)
 
     def _finish_wait(self, waiter: _ThreadWaiter | _AsyncWaiter, wait_for: float | None) -> None:
         with self._lock:
             if waiter.granted:
-                self._acquired += 1
+                self._acquired.add()
                 return
             self._waiters.remove(waiter)
             self._timed_out += 1
@@ -660,13 +680,14 @@ class ConcurrencyLimit:
     def _abandon(self, waiter: _ThreadWaiter | _AsyncWaiter) -> None:
         with self._lock:
             self._cancelled += 1
-            if waiter.granted:
-                self._hand_off()  # to the next live waiter, or back to the pool
+            if waiter.granted:  # pass the permit it was handed on, or back to the pool
+                self._free.append(None)
+                self._drain()
             else:
                 self._waiters.remove(waiter)
 
     def _full_error(self, timeout: float | None = None) -> QueueFullError:
-        in_flight, waiting = self._in_flight, len(self._waiters) + self._dist_waiting
+        in_flight, waiting = self.in_flight, len(self._waiters) + self._dist_waiting
         if timeout is None:
             return QueueFullError(
                 f"concurrency limit '{self.name}' is full: {in_flight}/{self._max} in flight, "
@@ -707,7 +728,7 @@ class ConcurrencyLimit:
         """With the lock held: record a permit (a lease token, or None for a local one)."""
         self._tokens.append(token)
         self._in_flight += 1
-        self._acquired += 1
+        self._acquired.add()
         if self._in_flight > self._peak:
             self._peak = self._in_flight
         if token is not None and self._renewer is None:
