@@ -115,7 +115,7 @@ _global_listeners: list[Listener] = []
 # subscription updates each bus's `routine` flag (read on every call; changed rarely).
 _global_routine = [0]
 _buses: weakref.WeakSet[EventBus] = weakref.WeakSet()
-_buses_lock = threading.Lock()
+_buses_lock = threading.RLock()  # re-entrant: a listener's `routine` is user code
 
 
 def _count_routine(listeners: list[Listener]) -> int:
