@@ -665,6 +665,8 @@ class ConcurrencyLimit:
             waiter.granted = True
             if not waiter.wake():  # its event loop is gone: the permit goes back
                 free.append(None)
+            elif self._max - len(free) > self._peak:
+                self._peak = self._max - len(free)
 
     def _finish_wait(self, waiter: _ThreadWaiter | _AsyncWaiter, wait_for: float | None) -> None:
         with self._lock:
