@@ -57,6 +57,18 @@ def _per_call_us(fn: Callable[[], Any], number: int) -> float:
     return (time.process_time() - start) / number * 1e6
 
 
+def tenacity_pybreaker(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`fn` as it is usually protected without us: tenacity's retry around a pybreaker."""
+    breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
+    retry = tenacity.retry(
+        stop=tenacity.stop_after_attempt(4),
+        wait=tenacity.wait_exponential(multiplier=1),
+        reraise=True,
+    )
+    protected: Callable[[str], Any] = retry(breaker(lambda text: fn(text)))
+    return protected
+
+
 def measure(
     variants: dict[str, Callable[[], Any]], repeat: int, number: int
 ) -> dict[str, list[float]]:
@@ -97,13 +109,7 @@ def main() -> int:
     bare = FakeListChatModel(responses=responses)
     resilient = ResilientLLM(FakeListChatModel(responses=responses))
     with_retry = FakeListChatModel(responses=responses).with_retry(stop_after_attempt=4)
-    tb_model = FakeListChatModel(responses=responses)
-    breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
-    tenacity_call = tenacity.retry(
-        stop=tenacity.stop_after_attempt(4),
-        wait=tenacity.wait_exponential(multiplier=1),
-        reraise=True,
-    )(breaker(lambda q: tb_model.invoke(q)))
+    tenacity_call = tenacity_pybreaker(FakeListChatModel(responses=responses).invoke)
     q = "What is the capital of France?"
     messages = [HumanMessage(q)]
     chat = paired(
@@ -138,13 +144,7 @@ def main() -> int:
     emb_retry = RunnableLambda(DeterministicFakeEmbedding(size=256).embed_query).with_retry(
         stop_after_attempt=4
     )
-    tb_emb = DeterministicFakeEmbedding(size=256)
-    emb_breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
-    tenacity_embed = tenacity.retry(
-        stop=tenacity.stop_after_attempt(4),
-        wait=tenacity.wait_exponential(multiplier=1),
-        reraise=True,
-    )(emb_breaker(lambda text: tb_emb.embed_query(text)))
+    tenacity_embed = tenacity_pybreaker(DeterministicFakeEmbedding(size=256).embed_query)
     embed_samples = measure(
         {
             "bare embed_query": lambda: emb.embed_query(q),
