@@ -253,9 +253,12 @@ class _Chat:
 
 class _ClientBase:
     """What the sync and async clients share: the policy, the inner SDK client built (or
-    copied) with max_retries=0, stats, and unprotected access to the rest of the SDK."""
+    copied) with max_retries=0, the protected `chat.completions` and `embeddings` (of the
+    subclass's sync or async kind), stats, and unprotected access to the rest of the SDK."""
 
     _sdk_class: Any = None
+    _completions_class: Any = None
+    _embeddings_class: Any = None
 
     def __init__(
         self,
@@ -272,6 +275,8 @@ class _ClientBase:
                 api_key=api_key, base_url=base_url, **_client_kwargs(self.policy, openai_kwargs)
             )
         self.client = _prepare(client, self.policy, attempts)
+        self.chat = _Chat(self._completions_class(self))
+        self.embeddings = self._embeddings_class(self)
 
     def stats(self) -> dict[str, Any]:
         return self.policy.stats()
@@ -284,18 +289,8 @@ class ResilientOpenAIClient(_ClientBase):
     """The sync OpenAI client with retry, breaker, fallback cache and concurrency limit."""
 
     _sdk_class = openai.OpenAI
-
-    def __init__(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        policy: ResiliencePolicy | str | None = "balanced",
-        client: Any = None,
-        **openai_kwargs: Any,
-    ) -> None:
-        super().__init__(api_key, base_url, policy, client, **openai_kwargs)
-        self.chat = _Chat(_Completions(self))
-        self.embeddings = _Embeddings(self)
+    _completions_class = _Completions
+    _embeddings_class = _Embeddings
 
 
 class _AsyncCompletions:
@@ -396,15 +391,5 @@ class AsyncResilientOpenAIClient(_ClientBase):
     """Async twin of ResilientOpenAIClient over `openai.AsyncOpenAI`."""
 
     _sdk_class = openai.AsyncOpenAI
-
-    def __init__(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        policy: ResiliencePolicy | str | None = "balanced",
-        client: Any = None,
-        **openai_kwargs: Any,
-    ) -> None:
-        super().__init__(api_key, base_url, policy, client, **openai_kwargs)
-        self.chat = _Chat(_AsyncCompletions(self))
-        self.embeddings = _AsyncEmbeddings(self)
+    _completions_class = _AsyncCompletions
+    _embeddings_class = _AsyncEmbeddings
