@@ -33,7 +33,13 @@ from .errors import add_note
 from .fallback import GracefulFallbacks
 from .policy import CacheHooks, ResiliencePolicy, Served
 
-__all__ = ["EmbeddingEngine", "EmbeddingResult", "decode_vector", "encode_vector"]
+__all__ = [
+    "EmbeddingEngine",
+    "EmbeddingResult",
+    "decode_vector",
+    "encode_vector",
+    "take_vectors",
+]
 
 Vector = list[float]
 
@@ -141,7 +147,7 @@ class _TextVector(_BatchVectors):
         return None if found is None else (found[0][0], found[1])
 
 
-def _take(served: Served[list[Any]]) -> list[Any]:
+def take_vectors(served: Served[Any]) -> Any:
     """A sub-batch's vectors (or a query's vector), moved out of its `Served`: the record
     of how it was served should not keep them alive after the caller is done with them."""
     vectors = served.value
@@ -160,14 +166,11 @@ class EmbeddingResult:
     @classmethod
     def of_one(cls, served: Served[Vector]) -> EmbeddingResult:
         """The result of `embed_one`: its vector, moved out of the record."""
-        return cls([_take(served)], [served])
+        return cls([take_vectors(served)], [served])
 
     @property
     def degraded(self) -> bool:
-        served = self.served
-        if len(served) == 1:  # every query: no generator
-            return served[0].degraded
-        return any(s.degraded for s in served)
+        return any(s.degraded for s in self.served)
 
     @property
     def sources(self) -> dict[str, int]:
@@ -288,11 +291,11 @@ class EmbeddingEngine:
         batches = self._batches(texts)
         if len(batches) == 1:  # a small load: no accumulation
             served = self._run(embed_batch, batches[0], batches[0])
-            return EmbeddingResult(_take(served), [served])
+            return EmbeddingResult(take_vectors(served), [served])
         result = EmbeddingResult([])
         for batch in batches:
             served = self._run(embed_batch, batch, batch)
-            result.vectors.extend(_take(served))
+            result.vectors.extend(take_vectors(served))
             result.served.append(served)
         return result
 
@@ -303,7 +306,7 @@ class EmbeddingEngine:
         batches = self._batches(texts)
         if len(batches) == 1:  # a small load: no task per sub-batch
             served = await self._arun(aembed_batch, batches[0], batches[0])
-            return EmbeddingResult(_take(served), [served])
+            return EmbeddingResult(take_vectors(served), [served])
         outcomes = await asyncio.gather(
             *(self._arun(aembed_batch, b, b) for b in batches), return_exceptions=True
         )
@@ -311,6 +314,6 @@ class EmbeddingEngine:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-            result.vectors.extend(_take(outcome))
+            result.vectors.extend(take_vectors(outcome))
             result.served.append(outcome)
         return result

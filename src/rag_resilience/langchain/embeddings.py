@@ -14,7 +14,7 @@ from langchain_core.embeddings import Embeddings
 
 from ..adapters import model_identity
 from ..degraded import note_degraded
-from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector
+from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from ..policy import ResiliencePolicy, Served
 from . import _common as c
 
@@ -80,7 +80,7 @@ class ResilientEmbeddings(Embeddings):
 
     def _done_one(self, served: Served[Vector]) -> Vector:
         """`_done` for a query, without building an `EmbeddingResult` on every call."""
-        vector, served.value = served.value, []
+        vector: Vector = take_vectors(served)
         self._last = served
         if served.degraded:
             self._degraded(EmbeddingResult([], [served]).metadata())
