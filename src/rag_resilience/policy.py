@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from ._counter import AtomicCounter
@@ -271,15 +271,7 @@ class _Degrade:
 
 def _served_record(served: Served[Any]) -> Served[None]:
     """How a degraded stream was served, without its items (for `on_served`)."""
-    return Served(
-        None,
-        served.source,
-        served.attempts,
-        served.age_s,
-        True,
-        served.error,
-        served.fallback_index,
-    )
+    return replace(served, value=None, degraded=True)
 
 
 def _items_of(value: Any) -> Iterable[Any]:
@@ -1053,8 +1045,8 @@ class ResiliencePolicy:
                 raise
             if breaker is not None:
                 breaker.on_success(ticket)
-            stored = _NO_KEY if items is None else key
-            self._succeeded(items, run.attempts, run.started, run.clock, stored, codec)
+            # `items` is None exactly when nothing would keep it (see `_remembers`)
+            self._succeeded(items, run.attempts, run.started, run.clock, key, codec)
         finally:
             call.give()
 
