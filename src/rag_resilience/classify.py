@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CircuitOpenError, DeadlineExceededError, QueueFullError, is_handled
+from .errors import (
+    CircuitOpenError,
+    DeadlineExceededError,
+    QueueFullError,
+    RateLimitedError,
+    is_handled,
+)
 
 __all__ = [
     "Classifier",
@@ -587,6 +593,8 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
     """The verdict of one exception, ignoring its cause chain and handled mark."""
     if isinstance(exc, CircuitOpenError):
         return ErrorVerdict(False, False, True, "circuit_open", None, exc.retry_after)
+    if isinstance(exc, RateLimitedError):  # our pacer: no call was made
+        return ErrorVerdict(False, False, True, "rate_limit_wait", None, exc.wait)
     if isinstance(exc, QueueFullError):
         return ErrorVerdict(False, False, True, "queue_full")
     if isinstance(exc, DeadlineExceededError):

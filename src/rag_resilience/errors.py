@@ -8,7 +8,9 @@ Hierarchy::
         │                               (also a ConnectionError: code that handles an unreachable
         │                               upstream handles a rejected call the same way)
         ├── QueueFullError              concurrency limit / queue full: backpressure, no call made
-        │   └── WaitTimeoutError        waited `wait_timeout` for a permit and got none
+        │   ├── WaitTimeoutError        waited `wait_timeout` for a permit and got none
+        │   └── RateLimitedError        pacing to the upstream's rate limit would wait past the
+        │                               call's deadline (or the pacing queue is full): no call made
         ├── RetryBudgetExceededError    never raised alone: noted on the original error
         └── DeadlineExceededError       (also a TimeoutError) attempt or total deadline passed
 
@@ -26,6 +28,7 @@ __all__ = [
     "CircuitOpenError",
     "DeadlineExceededError",
     "QueueFullError",
+    "RateLimitedError",
     "ResilienceError",
     "RetryBudgetExceededError",
     "WaitTimeoutError",
@@ -70,6 +73,30 @@ class QueueFullError(ResilienceError):
 
 class WaitTimeoutError(QueueFullError):
     """A caller waited its `wait_timeout` for a permit and none became free."""
+
+
+class RateLimitedError(QueueFullError):
+    """Our pacer would have to hold the call past its deadline (or its wait queue is full).
+
+    Raised before any request is sent, at once rather than after waiting: the upstream is
+    rate limited and this call's turn comes too late. `wait` is the seconds the call would
+    have had to wait (None when rejected because the queue is full), `max_wait` what its
+    deadline allowed, `upstream` the pacer's key (never an API key).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str = "",
+        wait: float | None = None,
+        max_wait: float | None = None,
+        waiting: int = 0,
+    ) -> None:
+        self.upstream = upstream
+        self.wait = wait
+        self.max_wait = max_wait
+        super().__init__(message, waiting=waiting)
 
 
 class RetryBudgetExceededError(ResilienceError):

@@ -28,10 +28,12 @@ from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
+from .deadline import bound
+from .errors import CircuitOpenError, QueueFullError, RateLimitedError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
+from .ratelimit import PaceRequest, RateLimiter
 from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
 from .stores.base import Store
 from .timeouts import run_with_timeout
@@ -212,7 +214,7 @@ class CacheHooks:
         return self._lookup()
 
 
-# (args, kwargs, key, codec, fallbacks, generic): what a call was asked to do
+# (args, kwargs, key, codec, fallbacks, generic, pace): what a call was asked to do
 _Request = tuple[
     Sequence[Any],
     "dict[str, Any] | None",
@@ -220,6 +222,7 @@ _Request = tuple[
     "Codec | None",
     Sequence[Callable[..., Any]],
     "Callable[[BaseException], Any] | bool | None",
+    "PaceRequest | None",
 ]
 
 
@@ -230,10 +233,20 @@ class _Call:
     `execute`/`aexecute` build one only when the first attempt does not simply succeed;
     until then the permit is theirs."""
 
-    __slots__ = ("args", "codec", "fallbacks", "generic", "held", "key", "kwargs", "limit")
+    __slots__ = (
+        "args",
+        "codec",
+        "fallbacks",
+        "generic",
+        "held",
+        "key",
+        "kwargs",
+        "limit",
+        "pace",
+    )
 
     def __init__(self, request: _Request, limit: ConcurrencyLimit | None, held: bool) -> None:
-        self.args, kwargs, self.key, self.codec, self.fallbacks, self.generic = request
+        self.args, kwargs, self.key, self.codec, self.fallbacks, self.generic, self.pace = request
         self.kwargs: dict[str, Any] = kwargs or {}
         self.limit = limit
         self.held = held and limit is not None
@@ -302,6 +315,7 @@ class ResiliencePolicy:
         attempt_timeout: float | None = None,
         deadline: float | None = None,
         clock: Clock | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         if attempt_timeout is not None and attempt_timeout <= 0:
             raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
@@ -313,6 +327,9 @@ class ResiliencePolicy:
         self.breaker = breaker
         self.fallbacks = fallbacks
         self.limit = limit
+        #: paces calls to the upstream's rate limit before the concurrency permit (None: off)
+        self.rate_limiter = rate_limiter
+        self._default_pace = PaceRequest(name)
         self.generic_fallback = generic_fallback
         self.fallback_fns = list(fallback_fns)
         self.attempt_timeout = (
@@ -345,6 +362,8 @@ class ResiliencePolicy:
             self.collector.gauges["queue_depth"] = lambda: limit.waiting
         if fallbacks is not None:
             self.collector.gauges["cache_entries"] = lambda: len(fallbacks)
+        if rate_limiter is not None:
+            self.collector.gauges["rate_limit"] = rate_limiter.stats
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -358,12 +377,15 @@ class ResiliencePolicy:
         listeners: list[Listener] | None = None,
         classifier: Classifier | None = None,
         generic_fallback: bool | str | Callable[[BaseException], Any] = False,
+        rate_limit: bool | RateLimiter = True,
         **overrides: Any,
     ) -> ResiliencePolicy:
         """The seed's profiles: conservative | balanced | aggressive | cost_optimized.
 
         `overrides` replace single numbers (e.g. ``max_retries=1``); `store` shares
-        breaker, cache and limit state (SQLite/Redis), keyed by `name`.
+        breaker, cache and limit state (SQLite/Redis), keyed by `name`. `rate_limit`:
+        pace to the rate limits learned from the wire (True, the default), a
+        `RateLimiter` of your own, or False (off).
         """
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -430,6 +452,14 @@ class ResiliencePolicy:
             store=store,
             clock=clock,
         )
+        if isinstance(rate_limit, RateLimiter):
+            limiter: RateLimiter | None = rate_limit
+        elif rate_limit is True:
+            limiter = RateLimiter(name=pname, max_queue=cfg["max_waiting"], clock=clock)
+        elif rate_limit is False or rate_limit is None:
+            limiter = None
+        else:
+            raise ValueError(f"rate_limit must be True, False or a RateLimiter, got {rate_limit!r}")
         return cls(
             retry,
             breaker,
@@ -440,6 +470,7 @@ class ResiliencePolicy:
             name=pname,
             generic_fallback=generic_fallback,
             clock=clock,
+            rate_limiter=limiter,
         )
 
     @classmethod
@@ -487,6 +518,7 @@ class ResiliencePolicy:
             attempt_timeout=self.attempt_timeout,
             deadline=self.deadline,
             clock=self.clock,
+            rate_limiter=self.rate_limiter,
         )
 
     # -- public entry points --------------------------------------------------------------
@@ -527,10 +559,13 @@ class ResiliencePolicy:
     def _pause(
         self, call: _Call, run: RetryRun, delay: float, cause: BaseException
     ) -> QueueFullError | None:
-        """Sleep `delay` without holding the permit; the rejection if it can't be had back."""
+        """Sleep `delay` without holding the permit; the rejection if it can't be had back
+        (or if the next attempt's turn at the rate limit comes after the deadline)."""
         call.give()
         run.clock.sleep(delay)
         try:
+            if self.rate_limiter is not None:
+                self.rate_limiter.acquire(call.pace or self._default_pace, self._left(run))
             call.take()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
@@ -542,9 +577,34 @@ class ResiliencePolicy:
         await call.agive()
         await run.clock.asleep(delay)
         try:
+            if self.rate_limiter is not None:
+                await self.rate_limiter.aacquire(call.pace or self._default_pace, self._left(run))
             await call.atake()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
+        return None
+
+    def _left(self, run: RetryRun | None) -> float | None:
+        """How long pacing may wait: the call's deadline (outer scopes included)."""
+        left = bound(self.deadline if run is None else run.remaining())
+        return None if left is None else max(0.0, left)
+
+    def _pace(self, limiter: RateLimiter, pace: PaceRequest | None) -> RateLimitedError | None:
+        """Wait for the call's turn at the upstream's rate limit; the rejection if its turn
+        comes after the deadline (then nothing was sent and nothing is retried)."""
+        try:
+            limiter.acquire(pace or self._default_pace, self._left(None))
+        except RateLimitedError as exc:
+            return exc
+        return None
+
+    async def _apace(
+        self, limiter: RateLimiter, pace: PaceRequest | None
+    ) -> RateLimitedError | None:
+        try:
+            await limiter.aacquire(pace or self._default_pace, self._left(None))
+        except RateLimitedError as exc:
+            return exc
         return None
 
     def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
@@ -571,6 +631,8 @@ class ResiliencePolicy:
     ) -> tuple[ErrorVerdict, float | None]:
         """After a failed attempt: verdict, and the delay before the next one (None: stop)."""
         verdict = self.classify(exc)
+        if self.rate_limiter is not None and verdict.status is not None:
+            self.rate_limiter.observe_error(exc, verdict.status)
         breaker = self.breaker
         if breaker is not None:
             breaker.on_failure(exc, ticket, verdict)
@@ -770,6 +832,7 @@ class ResiliencePolicy:
         fallbacks: Sequence[Callable[..., Any]] = (),
         generic: Callable[[BaseException], Any] | bool | None = None,
         cache: CacheHooks | None = None,
+        pace: PaceRequest | None = None,
     ) -> Served[T]:
         """The adapters' entry point: explicit args, cache `codec`, extra fallbacks, generic.
 
@@ -782,9 +845,15 @@ class ResiliencePolicy:
         """
         if cache is not None:
             key = cache
-        request: _Request = (args, kwargs, key, codec, fallbacks, generic)
+        request: _Request = (args, kwargs, key, codec, fallbacks, generic, pace)
         limit = self.limit
         call: _Call | None = None
+        if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
+            paced_out = self._pace(self.rate_limiter, pace)
+            if paced_out is not None:
+                call = _Call(request, limit, False)
+                now = get_clock(self.clock).monotonic()
+                return self._degrade(self._plan(paced_out, 0, now), call)
         if limit is not None:
             try:
                 limit.acquire()
@@ -868,13 +937,20 @@ class ResiliencePolicy:
         fallbacks: Sequence[Callable[..., Any]] = (),
         generic: Callable[[BaseException], Any] | bool | None = None,
         cache: CacheHooks | None = None,
+        pace: PaceRequest | None = None,
     ) -> Served[T]:
         """Async twin of `execute`; attempts past the attempt timeout/deadline are cancelled."""
         if cache is not None:
             key = cache
-        request: _Request = (args, kwargs, key, codec, fallbacks, generic)
+        request: _Request = (args, kwargs, key, codec, fallbacks, generic, pace)
         limit = self.limit
         call: _Call | None = None  # built at the first failure, as in `execute`
+        if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
+            paced_out = await self._apace(self.rate_limiter, pace)
+            if paced_out is not None:
+                call = _Call(request, limit, False)
+                now = get_clock(self.clock).monotonic()
+                return await self._adegrade(self._plan(paced_out, 0, now), call)
         if limit is not None:
             try:
                 await limit.aacquire()
@@ -969,6 +1045,7 @@ class ResiliencePolicy:
         generic: Callable[[BaseException], Iterable[T]] | bool | None = None,
         cache: CacheHooks | None = None,
         on_served: Callable[[Served[None]], None] | None = None,
+        pace: PaceRequest | None = None,
     ) -> Iterator[T]:
         """Stream with retries before the first item only; after it, errors propagate.
 
@@ -979,11 +1056,13 @@ class ResiliencePolicy:
         """
         if cache is not None:
             key = cache
-        call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
+        call = _Call((args, kwargs, key, codec, fallbacks, generic, pace), self.limit, False)
         breaker = self.breaker
         plan: _Degrade | None = None  # set when the stream is served degraded
         try:
             try:
+                if self.rate_limiter is not None:
+                    self.rate_limiter.acquire(pace or self._default_pace, self._left(None))
                 call.take()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
@@ -1066,15 +1145,18 @@ class ResiliencePolicy:
         generic: Callable[[BaseException], Any] | bool | None = None,
         cache: CacheHooks | None = None,
         on_served: Callable[[Served[None]], None] | None = None,
+        pace: PaceRequest | None = None,
     ) -> AsyncIterator[T]:
         """Async twin of `execute_stream` (`fn` returns an async iterator, or a coroutine of one)."""
         if cache is not None:
             key = cache
-        call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
+        call = _Call((args, kwargs, key, codec, fallbacks, generic, pace), self.limit, False)
         breaker = self.breaker
         plan: _Degrade | None = None  # set when the stream is served degraded
         try:
             try:
+                if self.rate_limiter is not None:
+                    await self.rate_limiter.aacquire(pace or self._default_pace, self._left(None))
                 await call.atake()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())

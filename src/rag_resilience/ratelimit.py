@@ -1,0 +1,587 @@
+"""Pace calls to what the upstream's rate limit allows, *before* it answers 429.
+
+One `Pacer` per upstream (base URL + model + a hash of the API key; see `upstream_key`)
+holds up to two buckets in GCRA form (a "theoretical arrival time" per bucket): requests
+and tokens. Their rates are learned from the wire (`RateLimiter.observe`: the
+``x-ratelimit-*`` / ``anthropic-ratelimit-*`` headers of every response, success or
+error), or told (`requests_per_second=`, `tokens_per_minute=`), or, when the upstream
+says nothing but 429, found by AIMD: each 429 multiplies the allowed rate by
+`aimd_decrease`, and it grows back linearly (`aimd_increase` of itself per second).
+
+A call *reserves* its slot (one decision under a lock, the same for sync and async
+callers), then sleeps until it: reservations are granted in arrival order (FIFO), so
+callers woken by one Retry-After do not stampede. A call whose slot comes later than
+its deadline allows (`rag_resilience.deadline`) is rejected at once with
+`RateLimitedError`, without waiting and without spending attempts; so is a call that
+finds `max_queue` callers already waiting.
+
+Learning the rate: a server bucket of capacity L that reports R left and S seconds until
+full refills at ``(L - R_exact) / S`` per second, with R_exact in [R, R + 1) since R is
+rounded down: each response bounds the rate to [(L - R - 1) / S, (L - R) / S]. The pacer
+keeps the tightest lower bound of its last responses (it converges to the true rate from
+below, so pacing never outruns the server) times `safety`, and never keeps more burst
+than half the server's capacity, so network jitter is absorbed by the server's bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import threading
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .clock import Clock, get_clock
+from .errors import RateLimitedError
+from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
+
+__all__ = [
+    "PaceRequest",
+    "Pacer",
+    "RateLimiter",
+    "Reservation",
+    "current_reservation",
+    "upstream_key",
+]
+
+_SAMPLES = 16  # responses the rate estimate remembers
+
+
+class PaceRequest(NamedTuple):
+    """What a call will spend, and where: the pacer's key and its estimated tokens."""
+
+    upstream: str
+    tokens: int = 0
+
+
+def upstream_key(base_url: object, model: object, api_key: object = None) -> str:
+    """The pacer key of an upstream: base URL + model + a blake2b hash of the API key
+    (the key itself is never kept, logged or sent anywhere)."""
+    secret = api_key
+    getter = getattr(secret, "get_secret_value", None)  # pydantic SecretStr
+    if callable(getter):
+        secret = getter()
+    digest = hashlib.blake2b(str(secret).encode(), digest_size=8).hexdigest() if secret else "-"
+    base = str(base_url or "").rstrip("/")
+    return f"{base}|{model or ''}|{digest}"
+
+
+@dataclass(slots=True)
+class Reservation:
+    """A granted slot: which pacer, how many tokens it was charged. `observed` is set once
+    the response (or error) has been learned from, so it is not learned twice."""
+
+    pacer: Pacer
+    tokens: int
+    observed: bool = False
+
+
+_current: ContextVar[Reservation | None] = ContextVar("rag_resilience_pace", default=None)
+
+
+def current_reservation() -> Reservation | None:
+    """The slot the current thread/task was last granted (response hooks read it)."""
+    return _current.get()
+
+
+class _Bucket:
+    """GCRA state: `interval` seconds per unit, `capacity` units of burst, `tat` the
+    theoretical arrival time (the bucket is full when ``tat <= now``)."""
+
+    __slots__ = ("capacity", "interval", "tat")
+
+    def __init__(self, interval: float, capacity: float, tat: float) -> None:
+        self.interval = interval
+        self.capacity = capacity
+        self.tat = tat
+
+    def allowed_at(self, now: float, cost: float) -> float:
+        return max(self.tat, now) + (cost - self.capacity) * self.interval
+
+    def take(self, at: float, cost: float) -> None:
+        self.tat = max(self.tat, at) + cost * self.interval
+
+    def available(self, now: float) -> float:
+        if self.interval <= 0:
+            return self.capacity
+        return min(self.capacity, max(0.0, self.capacity - (self.tat - now) / self.interval))
+
+    def lower_to(self, now: float, units: float) -> None:
+        """Never believe more is available than `units` (what the server says is left)."""
+        units = max(0.0, min(units, self.capacity))
+        self.tat = max(self.tat, now + (self.capacity - units) * self.interval)
+
+    def block_until(self, when: float) -> None:
+        """Admit nothing before `when` (a Retry-After), then pace as usual."""
+        self.tat = max(self.tat, when + (self.capacity - 1.0) * self.interval)
+
+
+class _RateEstimate:
+    """Bounds on a server bucket's refill rate from its recent reports."""
+
+    __slots__ = ("limit", "samples")
+
+    def __init__(self) -> None:
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=_SAMPLES)
+        self.limit: float | None = None
+
+    def add(self, info: BucketInfo) -> None:
+        if info.limit is not None and info.limit > 0:
+            if self.limit is not None and info.limit != self.limit:
+                self.samples.clear()  # the limit changed: old reports say nothing now
+            self.limit = info.limit
+        limit, remaining, reset = self.limit, info.remaining, info.reset
+        if limit is None or remaining is None or reset is None or reset <= 0:
+            return
+        used = limit - remaining
+        if used <= 0:
+            return
+        lo, hi = max(0.0, used - 1.0) / reset, used / reset
+        if self.samples and (lo > self.hi * 1.05 or hi < self.lo * 0.95):
+            self.samples.clear()  # inconsistent with what we knew: the limit moved
+        self.samples.append((lo, hi))
+
+    @property
+    def lo(self) -> float:
+        return max((s[0] for s in self.samples), default=0.0)
+
+    @property
+    def hi(self) -> float:
+        return min((s[1] for s in self.samples), default=math.inf)
+
+    def rate(self) -> float | None:
+        """A refill rate that does not exceed the server's (None: nothing known yet)."""
+        if not self.samples:
+            return None
+        lo = self.lo
+        return lo if lo > 0 else self.hi * 0.5
+
+
+class Pacer:
+    """The buckets of one upstream. All decisions are made under its lock; nobody sleeps
+    holding it. Thread- and task-safe."""
+
+    def __init__(self, limiter: RateLimiter, upstream: str, now: float) -> None:
+        self.limiter = limiter
+        self.upstream = upstream
+        self._lock = threading.Lock()
+        cfg = limiter
+        self.requests: _Bucket | None = None
+        self.tokens: _Bucket | None = None
+        self.request_source: str | None = None
+        self.token_source: str | None = None
+        if cfg.requests_per_second is not None:
+            self.requests = _Bucket(1.0 / cfg.requests_per_second, cfg.burst, now)
+            self.request_source = "configured"
+        if cfg.tokens_per_second is not None:
+            cap = cfg.token_burst if cfg.token_burst is not None else cfg.tokens_per_second
+            self.tokens = _Bucket(1.0 / cfg.tokens_per_second, cap, now)
+            self.token_source = "configured"
+        self._req_est = _RateEstimate()
+        self._tok_est = _RateEstimate()
+        self._blocked_until = -math.inf
+        self._aimd_rate: float | None = None
+        self._aimd_at = 0.0
+        self._aimd_quiet_until = -math.inf
+        self._admitted: collections.deque[float] = collections.deque(maxlen=64)
+        self.waiting = 0
+        # counters (read by stats())
+        self.calls = 0
+        self.paced = 0
+        self.paced_seconds = 0.0
+        self.rejected = 0
+        self.throttled = 0
+        self.responses = 0
+
+    # -- the decision --------------------------------------------------------------------
+    def reserve(self, now: float, tokens: int, max_wait: float | None) -> float:
+        """Grant the next slot and return the seconds to wait for it, or raise
+        `RateLimitedError` (nothing reserved) if it comes later than `max_wait` allows
+        or the wait queue is full."""
+        with self._lock:
+            self._grow_aimd(now)
+            at = self._blocked_until if self._blocked_until > now else now
+            requests, token_bucket = self.requests, self.tokens
+            if requests is not None:
+                at = max(at, requests.allowed_at(now, 1.0))
+            if token_bucket is not None and tokens > 0:
+                at = max(at, token_bucket.allowed_at(now, float(tokens)))
+            wait = at - now
+            if wait > 0.0:
+                if max_wait is not None and wait > max_wait:
+                    self.rejected += 1
+                    raise RateLimitedError(
+                        f"rate limit of {self.upstream_label}: the next slot is in "
+                        f"{wait:.3f}s, after the call's deadline ({max_wait:.3f}s left)",
+                        upstream=self.upstream,
+                        wait=wait,
+                        max_wait=max_wait,
+                        waiting=self.waiting,
+                    )
+                if self.waiting >= self.limiter.max_queue:
+                    self.rejected += 1
+                    raise RateLimitedError(
+                        f"rate limit of {self.upstream_label}: {self.waiting} calls already "
+                        f"wait for a slot (max_queue={self.limiter.max_queue})",
+                        upstream=self.upstream,
+                        max_wait=max_wait,
+                        waiting=self.waiting,
+                    )
+                self.waiting += 1
+                self.paced += 1
+                self.paced_seconds += wait
+            if requests is not None:
+                requests.take(at, 1.0)
+            if token_bucket is not None and tokens > 0:
+                token_bucket.take(at, float(tokens))
+            self.calls += 1
+            self._admitted.append(at)
+            return wait
+
+    def done_waiting(self) -> None:
+        with self._lock:
+            self.waiting -= 1
+
+    @property
+    def upstream_label(self) -> str:
+        base, _, rest = self.upstream.partition("|")
+        model = rest.partition("|")[0]
+        return f"{base or '?'} ({model or 'any model'})"
+
+    # -- learning ------------------------------------------------------------------------
+    def observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
+        """Learn from one response's rate-limit headers and status."""
+        cfg = self.limiter
+        with self._lock:
+            self.responses += 1
+            if info.requests is not None:
+                self.requests = self._learn(
+                    self.requests, self._req_est, info.requests, now, 1.0, "requests"
+                )
+            if info.tokens is not None:
+                self.tokens = self._learn(
+                    self.tokens, self._tok_est, info.tokens, now, 0.0, "tokens"
+                )
+            if status != 429:
+                return
+            self.throttled += 1
+            retry_after = info.retry_after
+            if self.request_source is None or self.request_source == "aimd":
+                self._decrease(now, retry_after)
+            if retry_after is not None and retry_after > 0:
+                until = now + min(retry_after, cfg.max_retry_after)
+                self._blocked_until = max(self._blocked_until, until)
+                for bucket in (self.requests, self.tokens):
+                    if bucket is not None:
+                        bucket.block_until(until)
+
+    def _learn(
+        self,
+        bucket: _Bucket | None,
+        estimate: _RateEstimate,
+        info: BucketInfo,
+        now: float,
+        min_capacity: float,
+        kind: str,
+    ) -> _Bucket | None:
+        cfg = self.limiter
+        estimate.add(info)
+        rate = estimate.rate()
+        configured = (
+            self.request_source == "configured"
+            if kind == "requests"
+            else self.token_source == "configured"
+        )
+        if rate is not None and rate > 0:
+            rate *= cfg.safety
+            limit = estimate.limit
+            capacity = max(min_capacity, 1.0, math.floor((limit or 2.0) * cfg.burst_fraction))
+            if bucket is None:
+                bucket = _Bucket(1.0 / rate, capacity, now)
+            elif configured:
+                bucket.interval = max(bucket.interval, 1.0 / rate)
+            else:
+                bucket.interval = 1.0 / rate
+                bucket.capacity = capacity
+            if not configured:
+                if kind == "requests":
+                    self.request_source = "headers"
+                    self._aimd_rate = None
+                else:
+                    self.token_source = "headers"
+        if bucket is not None and info.remaining is not None:
+            bucket.lower_to(now, info.remaining)
+        return bucket
+
+    def _decrease(self, now: float, retry_after: float | None) -> None:
+        """AIMD: a 429 with no usable rate headers cuts the allowed request rate."""
+        cfg = self.limiter
+        if now < self._aimd_quiet_until:
+            return  # the same burst of 429s: cut once
+        current = self._aimd_current(now)
+        if current is None:
+            current = self._admission_rate(now)
+        rate = max(cfg.aimd_min_rate, current * cfg.aimd_decrease)
+        self._aimd_rate, self._aimd_at = rate, now
+        self._aimd_quiet_until = now + max(1.0 / rate, retry_after or 0.0)
+        if self.requests is None:
+            self.requests = _Bucket(1.0 / rate, 1.0, now)
+        else:
+            self.requests.interval = 1.0 / rate
+            self.requests.capacity = 1.0
+        self.request_source = "aimd"
+
+    def _aimd_current(self, now: float) -> float | None:
+        if self._aimd_rate is None:
+            return None
+        return self._aimd_rate * (1.0 + self.limiter.aimd_increase * max(0.0, now - self._aimd_at))
+
+    def _grow_aimd(self, now: float) -> None:
+        if self._aimd_rate is not None and self.requests is not None:
+            current = self._aimd_current(now)
+            if current is not None:
+                self.requests.interval = 1.0 / current
+
+    def _admission_rate(self, now: float) -> float:
+        admitted = self._admitted
+        if len(admitted) < 2:
+            return 1.0
+        span = max(now - admitted[0], 1e-3)
+        return max(self.limiter.aimd_min_rate, len(admitted) / span)
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Correct the token bucket with what the response says was really used."""
+        with self._lock:
+            bucket = self.tokens
+            if bucket is not None and used >= 0:
+                bucket.tat += (used - reserved) * bucket.interval
+
+    # -- introspection -------------------------------------------------------------------
+    def snapshot(self, now: float) -> dict[str, Any]:
+        with self._lock:
+            req, tok = self.requests, self.tokens
+            return {
+                "requests_per_s": None if req is None else round(1.0 / req.interval, 3),
+                "requests_source": self.request_source,
+                "requests_available": None if req is None else round(req.available(now), 2),
+                "tokens_per_s": None if tok is None else round(1.0 / tok.interval, 3),
+                "tokens_source": self.token_source,
+                "waiting": self.waiting,
+                "calls": self.calls,
+                "paced": self.paced,
+                "paced_seconds": round(self.paced_seconds, 6),
+                "rejected": self.rejected,
+                "throttled_429": self.throttled,
+            }
+
+
+class RateLimiter:
+    """Pacers for every upstream a policy calls, learned from the wire or told.
+
+    Compose it into a policy (``ResiliencePolicy(..., rate_limiter=RateLimiter())``; the
+    presets build one) or use it directly: ``limiter.acquire(PaceRequest(key, tokens))``.
+
+    `requests_per_second` / `tokens_per_minute`: limits you know (else learned);
+    `burst`: slots a told request limit may grant at once; `max_queue`: callers that may
+    wait per upstream (more are rejected at once); `max_wait`: longest wait even without a
+    deadline; `safety`: fraction of a learned rate to use; `burst_fraction`: share of the
+    server's reported capacity we may burst into; `aimd_decrease` / `aimd_increase`: the
+    cut per 429 and the linear regrowth per second when the server sends no headers;
+    `max_retry_after`: the longest Retry-After we honour in pacing.
+    """
+
+    def __init__(
+        self,
+        *,
+        requests_per_second: float | None = None,
+        tokens_per_minute: float | None = None,
+        burst: int = 1,
+        token_burst: float | None = None,
+        max_queue: int = 1000,
+        max_wait: float | None = 60.0,
+        safety: float = 0.98,
+        burst_fraction: float = 0.5,
+        aimd_decrease: float = 0.9,
+        aimd_increase: float = 0.05,
+        aimd_min_rate: float = 0.1,
+        max_retry_after: float = 60.0,
+        name: str = "ratelimit",
+        clock: Clock | None = None,
+    ) -> None:
+        def positive(param: str, value: float | None, allow_none: bool = True) -> None:
+            if value is None and allow_none:
+                return
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"{param} must be a finite number > 0, got {value!r}")
+
+        positive("requests_per_second", requests_per_second)
+        positive("tokens_per_minute", tokens_per_minute)
+        positive("token_burst", token_burst)
+        positive("max_wait", max_wait)
+        positive("aimd_min_rate", aimd_min_rate, False)
+        positive("max_retry_after", max_retry_after, False)
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be an int >= 1, got {burst!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
+        for param, value, low_open in (
+            ("safety", safety, True),
+            ("burst_fraction", burst_fraction, True),
+            ("aimd_decrease", aimd_decrease, True),
+        ):
+            if not isinstance(value, int | float) or not (0.0 < value <= 1.0):
+                raise ValueError(f"{param} must be in (0, 1], got {value!r}")
+            del low_open
+        if not isinstance(aimd_increase, int | float) or not (0.0 <= aimd_increase <= 10.0):
+            raise ValueError(f"aimd_increase must be between 0 and 10, got {aimd_increase!r}")
+        self.requests_per_second = (
+            float(requests_per_second) if requests_per_second is not None else None
+        )
+        self.tokens_per_second = (
+            float(tokens_per_minute) / 60.0 if tokens_per_minute is not None else None
+        )
+        self.burst = float(burst)
+        self.token_burst = float(token_burst) if token_burst is not None else None
+        self.max_queue = max_queue
+        self.max_wait = max_wait
+        self.safety = float(safety)
+        self.burst_fraction = float(burst_fraction)
+        self.aimd_decrease = float(aimd_decrease)
+        self.aimd_increase = float(aimd_increase)
+        self.aimd_min_rate = float(aimd_min_rate)
+        self.max_retry_after = float(max_retry_after)
+        self.name = name
+        self.clock = clock
+        self._pacers: dict[str, Pacer] = {}
+        self._lock = threading.Lock()
+
+    # -- pacers --------------------------------------------------------------------------
+    def pacer(self, upstream: str) -> Pacer:
+        found = self._pacers.get(upstream)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._pacers.get(upstream)
+            if found is None:
+                found = Pacer(self, upstream, get_clock(self.clock).monotonic())
+                self._pacers[upstream] = found
+            return found
+
+    def _max_wait(self, max_wait: float | None) -> float | None:
+        own = self.max_wait
+        if max_wait is None:
+            return own
+        return max_wait if own is None else min(own, max_wait)
+
+    def reserve(self, request: PaceRequest, max_wait: float | None = None) -> tuple[float, Clock]:
+        """Grant `request` its slot: (seconds to wait, the clock to wait on). Raises
+        `RateLimitedError` if the slot comes after `max_wait` (the caller's deadline)."""
+        clock = get_clock(self.clock)
+        pacer = self.pacer(request.upstream)
+        wait = pacer.reserve(clock.monotonic(), request.tokens, self._max_wait(max_wait))
+        _current.set(Reservation(pacer, request.tokens))
+        return wait, clock
+
+    def acquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
+        """Wait (sync) for `request`'s slot; returns the seconds waited."""
+        wait, clock = self.reserve(request, max_wait)
+        if wait > 0.0:
+            try:
+                clock.sleep(wait)
+            finally:
+                self.pacer(request.upstream).done_waiting()
+        return wait
+
+    async def aacquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
+        """Wait (async) for `request`'s slot; returns the seconds waited."""
+        wait, clock = self.reserve(request, max_wait)
+        if wait > 0.0:
+            try:
+                await clock.asleep(wait)
+            finally:
+                self.pacer(request.upstream).done_waiting()
+        return wait
+
+    # -- learning ------------------------------------------------------------------------
+    def observe(
+        self,
+        headers: Mapping[str, str] | None,
+        *,
+        status: int | None = None,
+        upstream: str | None = None,
+        usage_tokens: int | None = None,
+    ) -> None:
+        """Learn from one response: its headers, its status (429 cuts/blocks), and the
+        tokens its `usage` reports. The upstream is the current reservation's unless
+        given. Never raises."""
+        try:
+            reservation = _current.get()
+            if upstream is not None:
+                pacer = self.pacer(upstream)
+                if reservation is not None and reservation.pacer is not pacer:
+                    reservation = None
+            elif reservation is not None and reservation.pacer.limiter is self:
+                pacer = reservation.pacer
+            else:
+                return
+            clock = get_clock(self.clock)
+            info = parse_rate_limit_headers(headers, now=clock.time())
+            if not info.empty or status == 429:
+                pacer.observe(info, status, clock.monotonic())
+            if reservation is not None and not reservation.observed:
+                reservation.observed = True
+                if usage_tokens is not None and pacer.tokens is not None:
+                    pacer.settle(reservation.tokens, usage_tokens)
+        except Exception:  # learning must never break the user's call
+            return
+
+    def observe_error(self, exc: BaseException, status: int | None) -> None:
+        """Learn from a failed attempt's error (its response headers), unless a response
+        hook already saw that response."""
+        reservation = _current.get()
+        if reservation is None or reservation.observed or reservation.pacer.limiter is not self:
+            return
+        from .classify import headers_of
+
+        self.observe(headers_of(exc), status=status)
+
+    # -- introspection -------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Totals (calls, paced, seconds paced, rejected, 429s received, 429s avoided)
+        and each upstream's learned limits."""
+        now = get_clock(self.clock).monotonic()
+        with self._lock:
+            pacers = list(self._pacers.values())
+        upstreams = {p.upstream: p.snapshot(now) for p in pacers}
+        totals: dict[str, Any] = {
+            key: sum(u[key] for u in upstreams.values())
+            for key in ("calls", "paced", "rejected", "throttled_429")
+        }
+        totals["paced_seconds"] = round(sum(u["paced_seconds"] for u in upstreams.values()), 6)
+        # Every paced call is one that would have been sent early, into a 429.
+        totals["avoided_429"] = totals["paced"]
+        totals["upstreams"] = upstreams
+        return totals
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "requests_per_second": self.requests_per_second,
+            "tokens_per_minute": None
+            if self.tokens_per_second is None
+            else self.tokens_per_second * 60.0,
+            "max_queue": self.max_queue,
+            "max_wait": self.max_wait,
+            "safety": self.safety,
+        }
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(name={self.name!r}, upstreams={len(self._pacers)})"
