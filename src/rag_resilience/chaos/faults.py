@@ -80,6 +80,16 @@ ERROR_KINDS: dict[str, ErrorKind] = {
             retry_after=True,
         ),
         ErrorKind(
+            "rate_limit_tokens",
+            429,
+            "tokens",
+            "rate_limit_exceeded",
+            "Rate limit reached for {model} in organization org-chaos on tokens per min "
+            "(TPM): Limit {limit}, Used {limit}. Please try again in {wait}. "
+            "Visit https://platform.openai.com/account/rate-limits to learn more.",
+            retry_after=True,
+        ),
+        ErrorKind(
             "insufficient_quota",
             429,
             "insufficient_quota",
@@ -244,6 +254,12 @@ class Faults:
     """Server-side token bucket: requests per second; excess gets 429 with a correct Retry-After."""
     rate_limit_burst: int | None = None
     """Bucket capacity (default: max(1, floor(rate_limit_rps)))."""
+    rate_limit_tpm: float | None = None
+    """Server-side token bucket per API key: tokens per minute (charged what `usage` reports)."""
+    rate_limit_token_burst: int | None = None
+    """Token bucket capacity (default: one second's worth, max(1, floor(rate_limit_tpm / 60)))."""
+    rate_limit_headers: Literal["openai", "anthropic", "none"] = "openai"
+    """Format of the rate-limit headers on every response (see chaos/ratelimits.py)."""
     max_concurrency: int | None = None
     """Requests in flight beyond this get 503 (`concurrency_mode="reject"`) or wait ("queue")."""
     concurrency_mode: Literal["reject", "queue"] = "reject"
@@ -297,6 +313,24 @@ class Faults:
             raise ValueError(
                 f"rate_limit_burst must be None or an int >= 1, got {self.rate_limit_burst!r}"
             )
+        if self.rate_limit_tpm is not None and not (
+            isinstance(self.rate_limit_tpm, int | float)
+            and math.isfinite(self.rate_limit_tpm)
+            and self.rate_limit_tpm > 0
+        ):
+            raise ValueError(f"rate_limit_tpm must be None or > 0, got {self.rate_limit_tpm!r}")
+        if self.rate_limit_token_burst is not None and (
+            not isinstance(self.rate_limit_token_burst, int) or self.rate_limit_token_burst < 1
+        ):
+            raise ValueError(
+                "rate_limit_token_burst must be None or an int >= 1, got "
+                f"{self.rate_limit_token_burst!r}"
+            )
+        if self.rate_limit_headers not in ("openai", "anthropic", "none"):
+            raise ValueError(
+                "rate_limit_headers must be 'openai', 'anthropic' or 'none', got "
+                f"{self.rate_limit_headers!r}"
+            )
         if self.max_concurrency is not None and (
             not isinstance(self.max_concurrency, int) or self.max_concurrency < 1
         ):
@@ -323,6 +357,13 @@ class Faults:
         if self.rate_limit_burst is not None:
             return self.rate_limit_burst
         return max(1, math.floor(self.rate_limit_rps or 1))
+
+    @property
+    def token_burst(self) -> int:
+        """Effective token-bucket capacity (tokens)."""
+        if self.rate_limit_token_burst is not None:
+            return self.rate_limit_token_burst
+        return max(1, math.floor((self.rate_limit_tpm or 60.0) / 60.0))
 
     def random_table(self) -> list[tuple[float, str, ErrorKind | None]]:
         """Cumulative probability table for the single per-request draw, in a fixed order."""

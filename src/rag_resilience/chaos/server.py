@@ -29,7 +29,8 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
 from . import responses
-from .faults import ERROR_KINDS, ErrorKind, Faults, error_body, format_reset, resolve_kind
+from .faults import ERROR_KINDS, ErrorKind, Faults, error_body, resolve_kind
+from .ratelimits import RateLimits, request_cost
 
 __all__ = ["ChaosServer", "FaultEvent"]
 
@@ -165,9 +166,7 @@ class ChaosServer:
         self._statuses: collections.Counter[int] = collections.Counter()
         self._endpoints = {name: _EndpointStats() for name in ("embeddings", "chat", "models")}
         self._max_in_flight = self._in_flight  # the peak from now on
-        self._bucket_key: tuple[float, int] | None = None
-        self._tokens = 0.0
-        self._bucket_t = 0.0
+        self._limits = RateLimits()
 
     @property
     def faults(self) -> Faults:
@@ -494,8 +493,12 @@ class ChaosServer:
         digest = hashlib.blake2b(f"{self.seed}:{self._seq}".encode(), digest_size=16)
         return "req_" + digest.hexdigest()
 
-    def _decide(self, endpoint: str) -> tuple[str, Faults, _Decision]:
+    def _decide(self, endpoint: str, req: _Request) -> tuple[str, Faults, _Decision]:
         """Count the request and take every fault decision for it, atomically."""
+        faults = self._faults
+        cost = 1
+        if faults.rate_limit_tpm is not None and faults.applies_to(endpoint):
+            cost = request_cost(endpoint, req.body)  # parsed outside the lock
         with self._lock:
             faults = self._faults
             request_id = self._next_id()
@@ -506,14 +509,12 @@ class ChaosServer:
             if not faults.applies_to(endpoint):
                 return request_id, faults, _Decision("ok")
             latency = faults.latency + jitter
-            if faults.rate_limit_rps is not None:
-                wait = self._take_token(faults)
+            if RateLimits.enabled(faults):
+                key = RateLimits.key_of(req.headers.get("authorization"))
+                wait, which = self._limits.take(faults, key, cost, self._clock.monotonic())
                 if wait > 0:
-                    return (
-                        request_id,
-                        faults,
-                        _Decision("rate_limited", ERROR_KINDS["rate_limit"], "rate_limited", wait),
-                    )
+                    kind = ERROR_KINDS["rate_limit_tokens" if which == "tokens" else "rate_limit"]
+                    return request_id, faults, _Decision("rate_limited", kind, "rate_limited", wait)
             if faults.outage:
                 kind = resolve_kind(faults.outage_status)
                 return request_id, faults, _Decision("error", kind, "outage", latency=latency)
@@ -536,37 +537,10 @@ class ChaosServer:
                     )
             return request_id, faults, _Decision("ok", latency=latency)
 
-    def _take_token(self, faults: Faults) -> float:
-        rps = float(faults.rate_limit_rps or 1.0)
-        cap = faults.burst
-        now = self._clock.monotonic()
-        if self._bucket_key != (rps, cap):
-            self._bucket_key = (rps, cap)
-            self._tokens = float(cap)
-            self._bucket_t = now
-        self._tokens = min(float(cap), self._tokens + max(0.0, now - self._bucket_t) * rps)
-        self._bucket_t = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / rps
-
-    def _ratelimit_headers(self, faults: Faults) -> list[tuple[str, str]]:
-        if faults.rate_limit_rps is not None and self._bucket_key is not None:
-            cap, rps = faults.burst, float(faults.rate_limit_rps)
-            remaining = max(0, math.floor(self._tokens))
-            reset = max(0.0, (cap - self._tokens) / rps)
-            limit_r, remaining_r, reset_r = str(cap), str(remaining), format_reset(reset)
-        else:
-            limit_r, remaining_r, reset_r = "10000", "9999", "6ms"
-        return [
-            ("x-ratelimit-limit-requests", limit_r),
-            ("x-ratelimit-limit-tokens", "200000"),
-            ("x-ratelimit-remaining-requests", remaining_r),
-            ("x-ratelimit-remaining-tokens", "199950"),
-            ("x-ratelimit-reset-requests", reset_r),
-            ("x-ratelimit-reset-tokens", "15ms"),
-        ]
+    def _ratelimit_headers(self, faults: Faults, req: _Request) -> list[tuple[str, str]]:
+        """Rate-limit headers for `req`'s API key (call under the lock)."""
+        key = RateLimits.key_of(req.headers.get("authorization"))
+        return self._limits.headers(faults, key, self._clock.monotonic(), self._clock.time())
 
     def _record(
         self, endpoint: str, request_id: str, status: int | None, fault: str = "", detail: str = ""
@@ -619,7 +593,7 @@ class ChaosServer:
 
     async def _api(self, req: _Request, endpoint: str, writer: asyncio.StreamWriter) -> bool:
         started = time.perf_counter()
-        request_id, faults, decision = self._decide(endpoint)
+        request_id, faults, decision = self._decide(endpoint, req)
         applies = faults.applies_to(endpoint)
         limit = faults.max_concurrency if applies else None
         if not await self._acquire(limit, faults.concurrency_mode):
@@ -702,7 +676,9 @@ class ChaosServer:
         auth = req.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             key = auth[7:].strip()
-        limit = faults.burst if faults.rate_limit_rps else 60
+        limit: int = faults.burst if faults.rate_limit_rps else 60
+        if kind.name == "rate_limit_tokens":
+            limit = faults.token_burst
         body = error_body(
             kind,
             model=model,
@@ -719,7 +695,7 @@ class ChaosServer:
             ("x-request-id", request_id),
         ]
         with self._lock:
-            headers += self._ratelimit_headers(faults)
+            headers += self._ratelimit_headers(faults, req)
         if retry_after is not None:
             mode = "both" if both else faults.retry_after_header
             if mode in ("both", "ms"):
@@ -730,10 +706,10 @@ class ChaosServer:
         await self._write(writer, kind.status, headers, json.dumps(body).encode(), req.keep_alive)
 
     def _base_headers(
-        self, request_id: str, faults: Faults, started: float
+        self, request_id: str, faults: Faults, started: float, req: _Request
     ) -> list[tuple[str, str]]:
         with self._lock:
-            ratelimit = self._ratelimit_headers(faults)
+            ratelimit = self._ratelimit_headers(faults, req)
         elapsed = max(1, round((time.perf_counter() - started) * 1000))
         return [
             ("x-request-id", request_id),
@@ -789,7 +765,7 @@ class ChaosServer:
         body_bytes = json.dumps(result, separators=(",", ":")).encode()
         headers = [
             ("content-type", "application/json"),
-            *self._base_headers(request_id, faults, started),
+            *self._base_headers(request_id, faults, started, req),
         ]
         await self._write(writer, 200, headers, body_bytes, req.keep_alive)
         self._record(endpoint, request_id, 200)
@@ -808,7 +784,7 @@ class ChaosServer:
         headers = [
             ("content-type", "text/event-stream; charset=utf-8"),
             ("cache-control", "no-cache"),
-            *self._base_headers(request_id, faults, started),
+            *self._base_headers(request_id, faults, started, req),
             ("transfer-encoding", "chunked"),
             ("connection", "keep-alive" if req.keep_alive else "close"),
         ]
