@@ -23,6 +23,9 @@ from typing import Any
 from .adapters import warn_nested_retries
 from .fallback import stable_key
 from .policy import Codec, ResiliencePolicy, Served
+from .ratelimit import PaceRequest, upstream_key
+from .ratelimit_instrument import instrument
+from .ratelimit_tokens import estimate_request_tokens
 
 try:
     import openai
@@ -154,8 +157,19 @@ class _Completions:
             key=_key("chat", kwargs),
             codec=_COMPLETION,
             generic=_generic_for(policy, lambda text: _generic_completion(model, text)),
+            pace=_pace(policy, inner, kwargs),
         )
         return _annotate(served.value, served)
+
+
+def _pace(policy: ResiliencePolicy, inner: Any, kwargs: dict[str, Any]) -> PaceRequest | None:
+    """Where and how much a request spends of the upstream's rate limit (None: no limiter)."""
+    if policy.rate_limiter is None:
+        return None
+    return PaceRequest(
+        upstream_key(inner.base_url, kwargs.get("model"), inner.api_key),
+        estimate_request_tokens(kwargs),
+    )
 
 
 def _generic_for(policy: ResiliencePolicy, build: Callable[[str], Any]) -> Any:
@@ -199,6 +213,7 @@ class _SyncStream:
             codec=_CHUNKS,
             generic=_generic_for(policy, lambda text: _generic_chunks(model, text)),
             on_served=served,
+            pace=_pace(policy, inner, kwargs),
         )
         # Like the SDK: create() sends the request (retrying until the first chunk) and
         # raises HTTP errors here, not on first iteration.
@@ -242,6 +257,7 @@ class _Embeddings:
             key=_key("embeddings", kwargs),
             codec=_EMBEDDINGS,
             generic=False,
+            pace=_pace(owner.policy, owner.client, kwargs),
         )
         return _annotate(served.value, served)
 
@@ -275,6 +291,8 @@ class _ClientBase:
                 api_key=api_key, base_url=base_url, **_client_kwargs(self.policy, openai_kwargs)
             )
         self.client = _prepare(client, self.policy, attempts)
+        if self.policy.rate_limiter is not None:  # learn the limits from every response
+            instrument(self.client, self.policy.rate_limiter)
         self.chat = _Chat(self._completions_class(self))
         self.embeddings = self._embeddings_class(self)
 
@@ -310,6 +328,7 @@ class _AsyncCompletions:
             key=_key("chat", kwargs),
             codec=_COMPLETION,
             generic=_generic_for(policy, lambda text: _generic_completion(model, text)),
+            pace=_pace(policy, inner, kwargs),
         )
         return _annotate(served.value, served)
 
@@ -339,6 +358,7 @@ class _AsyncStream:
             codec=_CHUNKS,
             generic=_generic_for(policy, lambda text: _generic_chunks(model, text)),
             on_served=served,
+            pace=_pace(policy, inner, kwargs),
         )
         self._first: Any = _END
 
@@ -383,6 +403,7 @@ class _AsyncEmbeddings:
             key=_key("embeddings", kwargs),
             codec=_EMBEDDINGS,
             generic=False,
+            pace=_pace(owner.policy, owner.client, kwargs),
         )
         return _annotate(served.value, served)
 

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _SAMPLES = 16  # responses the rate estimate remembers
+_RESOLUTION = 0.0005  # half the millisecond resets are rounded to
 
 
 class PaceRequest(NamedTuple):
@@ -139,7 +140,9 @@ class _RateEstimate:
         used = limit - remaining
         if used <= 0:
             return
-        lo, hi = max(0.0, used - 1.0) / reset, used / reset
+        # Resets are rounded to the millisecond: widen the bounds by that much.
+        lo = max(0.0, used - 1.0) / (reset + _RESOLUTION)
+        hi = used / max(reset - _RESOLUTION, _RESOLUTION)
         if self.samples and (lo > self.hi * 1.05 or hi < self.lo * 0.95):
             self.samples.clear()  # inconsistent with what we knew: the limit moved
         self.samples.append((lo, hi))
@@ -157,7 +160,7 @@ class _RateEstimate:
         if not self.samples:
             return None
         lo = self.lo
-        return lo if lo > 0 else self.hi * 0.5
+        return lo if lo > 0 else self.hi
 
 
 class Pacer:
@@ -274,9 +277,10 @@ class Pacer:
             if retry_after is not None and retry_after > 0:
                 until = now + min(retry_after, cfg.max_retry_after)
                 self._blocked_until = max(self._blocked_until, until)
-                for bucket in (self.requests, self.tokens):
-                    if bucket is not None:
-                        bucket.block_until(until)
+                if self.requests is not None:
+                    # one request's worth at `until`, then the usual spacing: callers
+                    # woken by the same Retry-After do not go all at once
+                    self.requests.block_until(until)
 
     def _learn(
         self,

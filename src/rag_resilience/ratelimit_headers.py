@@ -38,8 +38,8 @@ MAX_VALUE_CHARS = 64
 MAX_NUMBER = 1e12
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(h|ms|m|s|us|µs|ns)")
-_NUMBER_RE = re.compile(r"\d{1,15}(?:\.\d{1,9})?")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(h|ms|m|s|us|µs|ns)", re.ASCII)
+_NUMBER_RE = re.compile(r"\d{1,15}(?:\.\d{1,9})?", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)

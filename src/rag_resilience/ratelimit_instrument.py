@@ -1,0 +1,153 @@
+"""Feed a `RateLimiter` from the wire: httpx response hooks on the HTTP clients inside an
+OpenAI SDK client (and the LangChain / LlamaIndex models that hold one), and the pacer
+key of a model.
+
+Every response the SDK receives (successes, 429s, other errors) passes its headers to
+`RateLimiter.observe`; JSON answers also pass the ``usage.total_tokens`` they report, so
+the token bucket is corrected with what was really spent. The response hook finds its
+pacer through the reservation the policy made for this call (a context variable), so one
+hook serves every model and key. Duck-typed: nothing here imports openai, httpx,
+LangChain or LlamaIndex.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .ratelimit import RateLimiter, current_reservation, upstream_key
+
+__all__ = ["instrument", "model_upstream"]
+
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d{1,12})')
+_ATTRS = ("root_client", "root_async_client", "client", "async_client", "_client", "_aclient")
+_FACTORIES = ("_get_client", "_get_aclient")  # LlamaIndex builds its SDK clients lazily
+_MARK = "__rag_resilience_ratelimit_hook__"
+
+
+def _usage_tokens(response: Any) -> int | None:
+    """``usage.total_tokens`` of a read JSON body (searched from the end: usage comes
+    last, and an embeddings body is large), else None."""
+    content = response.content
+    at = content.rfind(b'"total_tokens"')
+    if at < 0:
+        return None
+    match = _TOTAL_TOKENS.match(content, at)
+    return int(match.group(1)) if match else None
+
+
+def _wants_body(limiter: RateLimiter, response: Any) -> bool:
+    reservation = current_reservation()
+    if reservation is None or reservation.pacer.limiter is not limiter:
+        return False
+    if reservation.pacer.tokens is None or response.status_code != 200:
+        return False
+    ctype = response.headers.get("content-type", "")
+    return "json" in ctype
+
+
+def sync_hook(limiter: RateLimiter) -> Callable[[Any], None]:
+    def hook(response: Any) -> None:
+        usage = None
+        try:
+            if _wants_body(limiter, response):
+                response.read()
+                usage = _usage_tokens(response)
+        except Exception:
+            usage = None
+        limiter.observe(response.headers, status=response.status_code, usage_tokens=usage)
+
+    setattr(hook, _MARK, limiter)
+    return hook
+
+
+def async_hook(limiter: RateLimiter) -> Callable[[Any], Awaitable[None]]:
+    async def hook(response: Any) -> None:
+        usage = None
+        try:
+            if _wants_body(limiter, response):
+                await response.aread()
+                usage = _usage_tokens(response)
+        except Exception:
+            usage = None
+        limiter.observe(response.headers, status=response.status_code, usage_tokens=usage)
+
+    setattr(hook, _MARK, limiter)
+    return hook
+
+
+def _http_clients(obj: Any, depth: int, seen: set[int], out: list[Any]) -> None:
+    if obj is None or depth < 0 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    hooks = getattr(obj, "event_hooks", None)
+    if isinstance(hooks, dict) and "response" in hooks:
+        out.append(obj)
+        return
+    for name in _FACTORIES:
+        factory = getattr(obj, name, None)
+        if callable(factory) and getattr(obj, "reuse_client", True):
+            with contextlib.suppress(Exception):
+                _http_clients(factory(), depth - 1, seen, out)
+    for name in _ATTRS:
+        try:
+            child = getattr(obj, name, None)
+        except Exception:
+            continue
+        if child is not None and not isinstance(child, (str, bytes, int, float)):
+            _http_clients(child, depth - 1, seen, out)
+
+
+def instrument(target: Any, limiter: RateLimiter) -> int:
+    """Install response hooks on the httpx clients inside `target` (an OpenAI SDK client,
+    a LangChain ChatOpenAI / OpenAIEmbeddings, a LlamaIndex OpenAI, ...); returns how
+    many clients now feed `limiter`. Idempotent; never raises."""
+    clients: list[Any] = []
+    try:
+        _http_clients(target, 4, set(), clients)
+    except Exception:
+        return 0
+    count = 0
+    for client in clients:
+        try:
+            hooks = client.event_hooks
+            responses = list(hooks.get("response", []))
+            if any(getattr(h, _MARK, None) is limiter for h in responses):
+                count += 1
+                continue
+            is_async = inspect.iscoroutinefunction(getattr(client, "send", None))
+            responses.append(async_hook(limiter) if is_async else sync_hook(limiter))
+            client.event_hooks = {**hooks, "response": responses}
+            count += 1
+        except Exception:
+            continue
+    return count
+
+
+def _first(obj: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        try:
+            value = getattr(obj, name, None)
+        except Exception:
+            continue
+        if value:
+            return value
+    return None
+
+
+def model_upstream(model: Any, model_name: Any = None) -> str:
+    """The pacer key of a model or SDK client: its base URL, model name and a hash of its
+    API key, read from the attribute names OpenAI, LangChain and LlamaIndex use."""
+    base = _first(model, ("openai_api_base", "api_base", "base_url", "azure_endpoint"))
+    key = _first(model, ("openai_api_key", "api_key"))
+    for inner_name in ("root_client", "client", "_client"):
+        inner = _first(model, (inner_name,))
+        if inner is None or (base and key):
+            break
+        base = base or _first(inner, ("base_url",))
+        key = key or _first(inner, ("api_key",))
+    name = model_name or _first(model, ("model_name", "model", "deployment_name"))
+    return upstream_key(base or type(model).__name__, name if isinstance(name, str) else "", key)

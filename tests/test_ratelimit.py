@@ -1,0 +1,218 @@
+"""The pacer's decisions on an injected clock: FIFO slots, deadline and queue bounds,
+rates learned from headers, AIMD without them, token correction, config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from rag_resilience import ResiliencePolicy, RetryStrategy
+from rag_resilience.errors import QueueFullError, RateLimitedError, is_handled
+from rag_resilience.ratelimit import PaceRequest, RateLimiter, upstream_key
+from rag_resilience.ratelimit_tokens import count_text_tokens, estimate_request_tokens
+from rag_resilience.testing import FakeClock
+
+UP = "http://upstream/v1|gpt-4o-mini|-"
+
+
+def req(tokens: int = 0) -> PaceRequest:
+    return PaceRequest(UP, tokens)
+
+
+def test_told_rate_grants_fifo_slots_one_interval_apart() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=10.0, clock=clock)
+    waits = [limiter.reserve(req())[0] for _ in range(5)]
+    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    stats = limiter.stats()
+    assert (stats["calls"], stats["paced"]) == (5, 4)
+    assert stats["paced_seconds"] == pytest.approx(1.0)
+
+
+def test_a_slot_past_the_deadline_is_refused_at_once_and_reserves_nothing() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=2.0, clock=clock)
+    assert limiter.reserve(req(), max_wait=1.0)[0] == 0.0
+    assert limiter.reserve(req(), max_wait=1.0)[0] == pytest.approx(0.5)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.reserve(req(), max_wait=0.9)  # its slot would be at 1.0 s
+    err = info.value
+    assert err.wait == pytest.approx(1.0) and err.max_wait == 0.9 and err.upstream == UP
+    assert isinstance(err, QueueFullError) and is_handled(err)
+    assert "deadline" in str(err) and "sk-" not in str(err)
+    # the refused call took no slot: the next one gets the slot it would have had
+    assert limiter.reserve(req(), max_wait=5.0)[0] == pytest.approx(1.0)
+    assert limiter.stats()["rejected"] == 1
+
+
+def test_the_wait_queue_is_bounded() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=1.0, max_queue=2, clock=clock)
+    limiter.reserve(req())  # no wait: not queued
+    limiter.reserve(req())
+    limiter.reserve(req())
+    with pytest.raises(RateLimitedError, match="max_queue=2"):
+        limiter.reserve(req())
+    limiter.pacer(UP).done_waiting()
+    assert limiter.reserve(req())[0] == pytest.approx(3.0)
+
+
+def test_rate_learned_from_headers_never_outruns_the_server() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock)
+    limiter.reserve(req())
+    # a server bucket of 5 refilling at 40/s, reported after 5 requests at once
+    for remaining, reset in ((4, "25ms"), (3, "50ms"), (2, "75ms"), (1, "100ms"), (0, "125ms")):
+        limiter.observe(
+            {
+                "x-ratelimit-limit-requests": "5",
+                "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": reset,
+            },
+            upstream=UP,
+        )
+    snap = limiter.stats()["upstreams"][UP]
+    assert snap["requests_source"] == "headers"
+    assert 0.75 * 40 <= snap["requests_per_s"] <= 40.0
+    # the server said none is left: the next call waits one interval, the ones after it
+    # one more each
+    waits = [limiter.reserve(req())[0] for _ in range(3)]
+    interval = 1.0 / snap["requests_per_s"]
+    assert waits == pytest.approx([interval, 2 * interval, 3 * interval], rel=1e-3)
+
+
+def test_a_429_blocks_until_its_retry_after_then_spaces_the_crowd() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=10.0, clock=clock)
+    limiter.reserve(req())
+    limiter.observe({"retry-after-ms": "2000"}, status=429, upstream=UP)
+    waits = [limiter.reserve(req())[0] for _ in range(3)]
+    assert waits == pytest.approx([2.0, 2.1, 2.2])
+    assert limiter.stats()["throttled_429"] == 1
+
+
+def test_aimd_cuts_on_429_without_headers_and_grows_back() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(aimd_decrease=0.5, aimd_increase=0.1, clock=clock)
+    for _ in range(20):  # 20 calls in one second: no limit known, no waiting
+        assert limiter.reserve(req())[0] == 0.0
+        clock.advance(0.05)
+    limiter.observe({}, status=429, upstream=UP)
+    snap = limiter.stats()["upstreams"][UP]
+    assert snap["requests_source"] == "aimd"
+    cut = snap["requests_per_s"]
+    assert 8.0 <= cut <= 12.0  # half of ~20/s
+    limiter.observe({}, status=429, upstream=UP)  # the same burst: cut once
+    assert limiter.stats()["upstreams"][UP]["requests_per_s"] == cut
+    clock.advance(10.0)
+    limiter.reserve(req())
+    grown = limiter.stats()["upstreams"][UP]["requests_per_s"]
+    assert grown == pytest.approx(cut * 2.0, rel=0.01)  # +10 % of the cut rate per second
+
+
+def test_token_bucket_paces_by_tokens_and_is_corrected_by_usage() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(tokens_per_minute=60_000, token_burst=1000, clock=clock)  # 1000/s
+    assert limiter.reserve(req(1000))[0] == 0.0
+    assert limiter.reserve(req(500))[0] == pytest.approx(0.5)
+    # the response says the second call spent 100 tokens, not 500: 0.4 s handed back
+    limiter.observe({}, usage_tokens=100)
+    assert limiter.reserve(req(1000))[0] == pytest.approx(1.1)
+
+
+def test_config_errors_name_the_parameter() -> None:
+    for kwargs, name in (
+        ({"requests_per_second": 0}, "requests_per_second"),
+        ({"requests_per_second": float("nan")}, "requests_per_second"),
+        ({"tokens_per_minute": -1}, "tokens_per_minute"),
+        ({"burst": 0}, "burst"),
+        ({"max_queue": -1}, "max_queue"),
+        ({"safety": 1.5}, "safety"),
+        ({"aimd_decrease": 0}, "aimd_decrease"),
+        ({"aimd_increase": 11}, "aimd_increase"),
+        ({"max_wait": 0}, "max_wait"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            RateLimiter(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rate_limit"):
+        ResiliencePolicy.preset("balanced", rate_limit="yes")  # type: ignore[arg-type]
+
+
+def test_upstream_key_hashes_the_api_key() -> None:
+    key = upstream_key("http://h/v1/", "m", "sk-secret-123")
+    assert "sk-secret" not in key and key.startswith("http://h/v1|m|")
+    assert key != upstream_key("http://h/v1", "m", "sk-other")
+    assert upstream_key("http://h/v1", "m", None).endswith("|-")
+
+
+def test_token_estimate_counts_messages_tools_and_max_tokens() -> None:
+    text = "x" * 400
+    base = estimate_request_tokens({"messages": [{"role": "user", "content": text}]})
+    assert base == count_text_tokens(text) + 4
+    assert (
+        estimate_request_tokens({"messages": [{"role": "user", "content": text}], "max_tokens": 50})
+        == base + 50
+    )
+    assert estimate_request_tokens({"input": ["a" * 40, "b" * 40]}) == 2 * count_text_tokens(
+        "a" * 40
+    )
+    assert estimate_request_tokens({"messages": object()}) >= 1  # never raises
+    assert estimate_request_tokens(None) == 1
+
+
+def test_presets_pace_and_rate_limit_false_turns_it_off() -> None:
+    assert ResiliencePolicy.preset("balanced").rate_limiter is not None
+    assert ResiliencePolicy.preset("balanced", rate_limit=False).rate_limiter is None
+    own = RateLimiter()
+    assert ResiliencePolicy.preset("aggressive", rate_limit=own).rate_limiter is own
+    assert ResiliencePolicy().rate_limiter is None
+
+
+def test_policy_serves_a_paced_out_call_degraded_at_once_without_calling() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=1.0, clock=clock)
+    policy = ResiliencePolicy(
+        RetryStrategy(max_retries=3, clock=clock),
+        rate_limiter=limiter,
+        deadline=0.5,
+        generic_fallback="busy",
+        clock=clock,
+    )
+    calls: list[int] = []
+    assert policy.call(lambda: calls.append(1) or "live") == "live"
+    served = policy.run(lambda: calls.append(2) or "live")  # next slot in 1 s > 0.5 s
+    assert (served.value, served.source, served.attempts) == ("busy", "rejected", 0)
+    assert isinstance(served.error, RateLimitedError)
+    assert calls == [1] and clock.sleeps == []
+    assert policy.stats()["fallbacks_by_source"] == {"rejected": 1}
+    assert policy.stats()["rate_limit"]["rejected"] == 1
+
+
+def test_crowd_of_threads_and_tasks_gets_distinct_fifo_slots() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=100.0, clock=clock)
+    waits: list[float] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        wait, _ = limiter.reserve(req())
+        with lock:
+            waits.append(wait)
+
+    async def tasks() -> None:
+        async def one() -> None:
+            take()
+            await asyncio.sleep(0)
+
+        await asyncio.gather(*(one() for _ in range(50)))
+
+    threads = [threading.Thread(target=take) for _ in range(50)]
+    runner = threading.Thread(target=asyncio.run, args=(tasks(),))
+    for t in [*threads, runner]:
+        t.start()
+    for t in [*threads, runner]:
+        t.join()
+    # 100 callers, one slot each, 10 ms apart: no two share a slot, none is skipped
+    assert sorted(round(w, 6) for w in waits) == [round(i * 0.01, 6) for i in range(100)]
