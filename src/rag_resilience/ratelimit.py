@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 _SAMPLES = 16  # responses the rate estimate remembers
-_RESOLUTION = 0.0005  # half the millisecond resets are rounded to
 
 
 class PaceRequest(NamedTuple):
@@ -77,6 +76,7 @@ class Reservation:
 
     pacer: Pacer
     tokens: int
+    at: float = 0.0  # the slot (monotonic): the request went no earlier
     observed: bool = False
 
 
@@ -121,18 +121,21 @@ class _Bucket:
 
 
 class _RateEstimate:
-    """Bounds on a server bucket's refill rate from its recent reports."""
+    """Bounds on a server bucket's refill rate from its recent reports. Reports taken
+    with the bucket nearly full bound the rate only from above; they do not push the
+    informative ones (a lower bound > 0) out of the window."""
 
-    __slots__ = ("limit", "samples")
+    __slots__ = ("highs", "limit", "lows")
 
     def __init__(self) -> None:
-        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=_SAMPLES)
+        self.lows: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
+        self.highs: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
         self.limit: float | None = None
 
     def add(self, info: BucketInfo) -> None:
         if info.limit is not None and info.limit > 0:
             if self.limit is not None and info.limit != self.limit:
-                self.samples.clear()  # the limit changed: old reports say nothing now
+                self.clear()  # the limit changed: old reports say nothing now
             self.limit = info.limit
         limit, remaining, reset = self.limit, info.remaining, info.reset
         if limit is None or remaining is None or reset is None or reset <= 0:
@@ -140,27 +143,29 @@ class _RateEstimate:
         used = limit - remaining
         if used <= 0:
             return
-        # Resets are rounded to the millisecond: widen the bounds by that much.
-        lo = max(0.0, used - 1.0) / (reset + _RESOLUTION)
-        hi = used / max(reset - _RESOLUTION, _RESOLUTION)
-        if self.samples and (lo > self.hi * 1.05 or hi < self.lo * 0.95):
-            self.samples.clear()  # inconsistent with what we knew: the limit moved
-        self.samples.append((lo, hi))
+        # Resets are rounded or truncated (to the millisecond, or the second): widen
+        # the bounds by that much.
+        res = info.resolution
+        lo = max(0.0, used - 1.0) / (reset + res)
+        hi = used / max(reset - res, res)
+        if (self.highs and lo > min(self.highs) * 1.05) or (
+            self.lows and hi < max(self.lows) * 0.95
+        ):
+            self.clear()  # inconsistent with what we knew: the rate moved
+        if lo > 0:
+            self.lows.append(lo)
+        self.highs.append(hi)
 
-    @property
-    def lo(self) -> float:
-        return max((s[0] for s in self.samples), default=0.0)
-
-    @property
-    def hi(self) -> float:
-        return min((s[1] for s in self.samples), default=math.inf)
+    def clear(self) -> None:
+        self.lows.clear()
+        self.highs.clear()
 
     def rate(self) -> float | None:
-        """A refill rate that does not exceed the server's (None: nothing known yet)."""
-        if not self.samples:
-            return None
-        lo = self.lo
-        return lo if lo > 0 else self.hi
+        """A refill rate that does not exceed the server's once any report bounded it
+        from below (None: nothing known yet)."""
+        if self.lows:
+            return max(self.lows)
+        return min(self.highs) if self.highs else None
 
 
 class Pacer:
@@ -201,7 +206,7 @@ class Pacer:
 
     # -- the decision --------------------------------------------------------------------
     def reserve(self, now: float, tokens: int, max_wait: float | None) -> float:
-        """Grant the next slot and return the seconds to wait for it, or raise
+        """Grant the next slot and return its time (monotonic), or raise
         `RateLimitedError` (nothing reserved) if it comes later than `max_wait` allows
         or the wait queue is full."""
         with self._lock:
@@ -242,7 +247,7 @@ class Pacer:
                 token_bucket.take(at, float(tokens))
             self.calls += 1
             self._admitted.append(at)
-            return wait
+            return at
 
     def done_waiting(self) -> None:
         with self._lock:
@@ -261,12 +266,15 @@ class Pacer:
         with self._lock:
             self.responses += 1
             if info.requests is not None:
+                # On a 429 the Retry-After says exactly when the next request fits
+                # (applied below); "0 remaining" would only delay it further.
+                exact = status == 429 and info.retry_after is not None
                 self.requests = self._learn(
-                    self.requests, self._req_est, info.requests, now, 1.0, "requests"
+                    self.requests, self._req_est, info.requests, now, 1.0, "requests", not exact
                 )
             if info.tokens is not None:
                 self.tokens = self._learn(
-                    self.tokens, self._tok_est, info.tokens, now, 0.0, "tokens"
+                    self.tokens, self._tok_est, info.tokens, now, 0.0, "tokens", True
                 )
             if status != 429:
                 return
@@ -290,6 +298,7 @@ class Pacer:
         now: float,
         min_capacity: float,
         kind: str,
+        sync_remaining: bool,
     ) -> _Bucket | None:
         cfg = self.limiter
         estimate.add(info)
@@ -316,7 +325,7 @@ class Pacer:
                     self._aimd_rate = None
                 else:
                     self.token_source = "headers"
-        if bucket is not None and info.remaining is not None:
+        if bucket is not None and info.remaining is not None and sync_remaining:
             bucket.lower_to(now, info.remaining)
         return bucket
 
@@ -327,7 +336,11 @@ class Pacer:
             return  # the same burst of 429s: cut once
         current = self._aimd_current(now)
         if current is None:
+            # First 429: what we were sending, and at most one request per Retry-After
+            # (an empty token bucket names the time one request takes to refill).
             current = self._admission_rate(now)
+            if retry_after is not None and retry_after > 0:
+                current = min(current, 1.0 / retry_after)
         rate = max(cfg.aimd_min_rate, current * cfg.aimd_decrease)
         self._aimd_rate, self._aimd_at = rate, now
         self._aimd_quiet_until = now + max(1.0 / rate, retry_after or 0.0)
@@ -350,11 +363,10 @@ class Pacer:
                 self.requests.interval = 1.0 / current
 
     def _admission_rate(self, now: float) -> float:
-        admitted = self._admitted
-        if len(admitted) < 2:
-            return 1.0
-        span = max(now - admitted[0], 1e-3)
-        return max(self.limiter.aimd_min_rate, len(admitted) / span)
+        # requests admitted in the last second (at least a one-second window, so a
+        # burst sent at one instant does not read as an infinite rate)
+        recent = sum(1 for t in self._admitted if t > now - 1.0)
+        return max(self.limiter.aimd_min_rate, float(recent))
 
     def settle(self, reserved: int, used: int) -> None:
         """Correct the token bucket with what the response says was really used."""
@@ -490,9 +502,10 @@ class RateLimiter:
         `RateLimitedError` if the slot comes after `max_wait` (the caller's deadline)."""
         clock = get_clock(self.clock)
         pacer = self.pacer(request.upstream)
-        wait = pacer.reserve(clock.monotonic(), request.tokens, self._max_wait(max_wait))
-        _current.set(Reservation(pacer, request.tokens))
-        return wait, clock
+        now = clock.monotonic()
+        at = pacer.reserve(now, request.tokens, self._max_wait(max_wait))
+        _current.set(Reservation(pacer, request.tokens, at))
+        return at - now, clock
 
     def acquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
         """Wait (sync) for `request`'s slot; returns the seconds waited."""
@@ -537,9 +550,16 @@ class RateLimiter:
             else:
                 return
             clock = get_clock(self.clock)
-            info = parse_rate_limit_headers(headers, now=clock.time())
+            now = clock.monotonic()
+            wall = clock.time()
+            if reservation is not None:
+                # Absolute resets (Anthropic's RFC 3339 times) are read against when the
+                # request was sent, not when its answer arrived: the answer's age would
+                # otherwise shorten every reset and overstate the rate.
+                wall -= max(0.0, now - reservation.at)
+            info = parse_rate_limit_headers(headers, now=wall)
             if not info.empty or status == 429:
-                pacer.observe(info, status, clock.monotonic())
+                pacer.observe(info, status, now)
             if reservation is not None and not reservation.observed:
                 reservation.observed = True
                 if usage_tokens is not None and pacer.tokens is not None:

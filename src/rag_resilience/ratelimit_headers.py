@@ -49,6 +49,8 @@ class BucketInfo:
     limit: float | None = None
     remaining: float | None = None
     reset: float | None = None
+    #: how precise `reset` is (seconds): the server rounded or truncated it to this
+    resolution: float = 0.001
 
     @property
     def empty(self) -> bool:
@@ -113,6 +115,13 @@ def parse_duration(value: object) -> float | None:
     return total if math.isfinite(total) and total <= MAX_NUMBER else None
 
 
+def rfc3339_resolution(value: object) -> float:
+    """The precision of an RFC 3339 time: 10^-digits of its fraction, else 1 second."""
+    text = _clean(value) or ""
+    match = re.search(r"\.(\d+)", text)
+    return 10.0 ** -min(len(match.group(1)), 9) if match else 1.0
+
+
 def parse_rfc3339(value: object, now: float) -> float | None:
     """Seconds from `now` (wall clock) until an RFC 3339 time ("2024-05-01T12:00:05Z");
     0 if it has passed; None when malformed or without a time zone."""
@@ -140,12 +149,17 @@ def _get(headers: Mapping[str, str], name: str) -> object:
         return None
 
 
-def _bucket(limit: float | None, remaining: float | None, reset: float | None) -> BucketInfo | None:
+def _bucket(
+    limit: float | None,
+    remaining: float | None,
+    reset: float | None,
+    resolution: float = 0.001,
+) -> BucketInfo | None:
     if limit is None and remaining is None and reset is None:
         return None
     if limit is not None and remaining is not None and remaining > limit:
         remaining = limit  # a confused server: never believe more is left than exists
-    return BucketInfo(limit, remaining, reset)
+    return BucketInfo(limit, remaining, reset, resolution)
 
 
 def _openai(headers: Mapping[str, str], kind: str) -> BucketInfo | None:
@@ -158,10 +172,12 @@ def _openai(headers: Mapping[str, str], kind: str) -> BucketInfo | None:
 
 def _anthropic(headers: Mapping[str, str], kind: str, now: float) -> BucketInfo | None:
     prefix = f"anthropic-ratelimit-{kind}"
+    reset = _get(headers, f"{prefix}-reset")
     return _bucket(
         _number(_get(headers, f"{prefix}-limit")),
         _number(_get(headers, f"{prefix}-remaining")),
-        parse_rfc3339(_get(headers, f"{prefix}-reset"), now),
+        parse_rfc3339(reset, now),
+        rfc3339_resolution(reset),
     )
 
 

@@ -1,0 +1,213 @@
+"""Pacing over real HTTP: the openai SDK (through ResilientOpenAIClient) against the chaos
+server's per-key request and token buckets, a crowd of threads and asyncio tasks, one
+injected clock shared by client and server (nobody really waits)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+
+from rag_resilience import ResiliencePolicy
+from rag_resilience.chaos import ChaosServer
+from rag_resilience.errors import RateLimitedError
+from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
+from rag_resilience.testing import FakeClock
+
+MSG = [{"role": "user", "content": "What is a circuit breaker?"}]
+THREADS, TASKS, EACH = 6, 6, 5
+
+
+def crowd(
+    server: ChaosServer,
+    clock: FakeClock,
+    *,
+    preset_kwargs: dict[str, Any] | None = None,
+    api_key: str = "sk-crowd",
+    messages: list[dict[str, str]] = MSG,
+) -> tuple[list[dict[str, Any]], list[BaseException], dict[str, Any]]:
+    """THREADS threads and TASKS asyncio tasks, EACH chat calls each, through one policy."""
+    policy = ResiliencePolicy.preset("balanced", clock=clock, **(preset_kwargs or {}))
+    sync = ResilientOpenAIClient(api_key=api_key, base_url=server.base_url, policy=policy)
+    metas: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def record(result: Any) -> None:
+        with lock:
+            metas.append(result.resilience)
+
+    def worker() -> None:
+        for _ in range(EACH):
+            try:
+                record(sync.chat.completions.create(model="gpt-4o-mini", messages=messages))
+            except Exception as exc:
+                with lock:
+                    errors.append(exc)
+
+    async def tasks() -> None:
+        aclient = AsyncResilientOpenAIClient(
+            api_key=api_key, base_url=server.base_url, policy=policy
+        )
+
+        async def one() -> None:
+            for _ in range(EACH):
+                try:
+                    record(
+                        await aclient.chat.completions.create(
+                            model="gpt-4o-mini", messages=messages
+                        )
+                    )
+                except Exception as exc:
+                    with lock:
+                        errors.append(exc)
+
+        await asyncio.gather(*(one() for _ in range(TASKS)))
+
+    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
+    threads.append(threading.Thread(target=asyncio.run, args=(tasks(),)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.wait_idle()
+    return metas, errors, policy.stats()
+
+
+def limited_server(factory: Callable[..., ChaosServer], clock: FakeClock, **kw: Any) -> ChaosServer:
+    settings: dict[str, Any] = {"rate_limit_rps": 40.0, "rate_limit_burst": 5, **kw}
+    return factory(clock=clock, **settings)
+
+
+def test_a_crowd_over_the_limit_is_answered_live_by_pacing(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    clock = FakeClock()
+    server = limited_server(chaos_server_factory, clock)
+    metas, errors, stats = crowd(server, clock)
+    total = (THREADS + TASKS) * EACH
+    assert errors == []
+    assert len(metas) == total and not any(m["degraded"] for m in metas)
+    served = server.stats()
+    assert served["successes"] == total
+    # 429s only before the first answers taught the pacer the limit (one per caller at
+    # most); after that every call waited its turn instead
+    assert served["statuses"].get(429, 0) <= THREADS + TASKS
+    rate = stats["rate_limit"]
+    up = next(iter(rate["upstreams"].values()))
+    assert up["requests_source"] == "headers"
+    assert 0.75 * 40 <= up["requests_per_s"] <= 40.0
+    assert rate["paced"] > 0 and rate["throttled_429"] == served["statuses"].get(429, 0)
+    assert "sk-crowd" not in repr(rate)
+
+
+def test_without_pacing_the_same_crowd_is_degraded(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    """The behaviour before pacing (rate_limit=False): retries after the same Retry-After
+    collide, calls run out of attempts and are served degraded or fail."""
+    clock = FakeClock()
+    server = limited_server(chaos_server_factory, clock)
+    metas, errors, _ = crowd(server, clock, preset_kwargs={"rate_limit": False})
+    assert errors or any(m["degraded"] for m in metas)
+    assert server.stats()["statuses"].get(429, 0) > THREADS + TASKS
+
+
+def test_token_limit_paces_long_prompts(chaos_server_factory: Callable[..., ChaosServer]) -> None:
+    clock = FakeClock()
+    long = [{"role": "user", "content": "tell me about rate limits " * 40}]  # ~260 tokens
+    server = chaos_server_factory(
+        clock=clock, rate_limit_tpm=60 * 3000.0, rate_limit_token_burst=3000
+    )  # ~10 such requests per second; requests unlimited
+    metas, errors, stats = crowd(server, clock, messages=long)
+    assert errors == [] and not any(m["degraded"] for m in metas)
+    assert server.stats()["statuses"].get(429, 0) <= THREADS + TASKS
+    up = next(iter(stats["rate_limit"]["upstreams"].values()))
+    assert up["tokens_source"] == "headers"
+    assert 0.75 * 3000 <= up["tokens_per_s"] <= 3000
+
+
+def test_anthropic_format_headers_are_learned_too(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    clock = FakeClock()
+    server = limited_server(chaos_server_factory, clock, rate_limit_headers="anthropic")
+    metas, errors, stats = crowd(server, clock)
+    assert errors == [] and not any(m["degraded"] for m in metas)
+    assert server.stats()["statuses"].get(429, 0) <= THREADS + TASKS
+    up = next(iter(stats["rate_limit"]["upstreams"].values()))
+    assert up["requests_source"] == "headers" and up["requests_per_s"] <= 40.0
+
+
+def test_without_headers_aimd_finds_the_rate(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    clock = FakeClock()
+    server = limited_server(chaos_server_factory, clock, rate_limit_headers="none")
+    metas, errors, stats = crowd(server, clock)
+    assert errors == [] and not any(m["degraded"] for m in metas)
+    up = next(iter(stats["rate_limit"]["upstreams"].values()))
+    assert up["requests_source"] == "aimd"
+
+
+def test_keys_are_paced_apart(chaos_server_factory: Callable[..., ChaosServer]) -> None:
+    """Two API keys have two server buckets and two pacers."""
+    clock = FakeClock()
+    server = limited_server(chaos_server_factory, clock, rate_limit_burst=1)
+    policy = ResiliencePolicy.preset("balanced", clock=clock)
+    a = ResilientOpenAIClient(api_key="sk-a", base_url=server.base_url, policy=policy)
+    b = ResilientOpenAIClient(api_key="sk-b", base_url=server.base_url, policy=policy)
+    for client in (a, b):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert clock.sleeps == []  # one request per key: each key's bucket had room
+    assert len(policy.stats()["rate_limit"]["upstreams"]) == 2
+    server.wait_idle()
+    assert server.stats()["statuses"] == {200: 2}
+
+
+def test_a_call_whose_turn_is_after_its_deadline_is_served_from_cache_at_once(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock, rate_limit_rps=0.5, rate_limit_burst=1)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, deadline=1.0)
+    client = ResilientOpenAIClient(api_key="sk-d", base_url=server.base_url, policy=policy)
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    again = client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert first.resilience["source"] == "live"  # type: ignore[attr-defined]
+    meta = again.resilience  # type: ignore[attr-defined]
+    assert (meta["source"], meta["degraded"], meta["attempts"]) == ("cache", True, 0)
+    assert "RateLimitedError" in meta["error"]
+    assert clock.sleeps == []  # rejected at once: no waiting, no retries
+    server.wait_idle()
+    assert server.stats()["requests"] == 1  # the second call never reached the server
+    # and with nothing to serve, the caller gets the typed error
+    with pytest.raises(RateLimitedError):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "new"}]
+        )
+
+
+def test_429_is_retried_after_exactly_retry_after_ms_and_is_no_breaker_failure(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock, rate_limit_rps=4.0, rate_limit_burst=1)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, failure_threshold=1)
+    plain = openai.OpenAI(api_key="sk-r", base_url=server.base_url, max_retries=0)
+    plain.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # type: ignore[arg-type]
+    # the bucket is empty; our client has never seen this server: it learns from the 429
+    client = ResilientOpenAIClient(api_key="sk-r", base_url=server.base_url, policy=policy)
+    result = client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert result.resilience == {  # type: ignore[attr-defined]
+        "source": "live",
+        "attempts": 2,
+        "age_s": None,
+        "degraded": False,
+    }
+    assert clock.sleeps == [pytest.approx(0.25)]  # retry-after-ms, and no extra pacing wait
+    assert policy.breaker is not None and policy.breaker.get_state().value == "closed"
