@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, ParamSpec, TypeVar
 
+from . import _validate as _v
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .errors import CircuitOpenError
@@ -148,39 +149,24 @@ class CircuitBreaker:
         clock: Clock | None = None,
         listeners: list[Listener] | None = None,
     ) -> None:
-        if not isinstance(failure_threshold, int) or failure_threshold < 1:
-            raise ValueError(
-                f"failure_threshold must be an integer >= 1, got {failure_threshold!r}"
-            )
-        if recovery_timeout <= 0:
-            raise ValueError(f"recovery_timeout must be > 0 seconds, got {recovery_timeout}")
-        if not isinstance(success_threshold, int) or success_threshold < 1:
-            raise ValueError(
-                f"success_threshold must be an integer >= 1, got {success_threshold!r}"
-            )
-        if not isinstance(half_open_max_calls, int) or half_open_max_calls < 1:
-            raise ValueError(
-                f"half_open_max_calls must be an integer >= 1, got {half_open_max_calls!r}"
-            )
+        _v.integer("failure_threshold", failure_threshold, 1)
+        _v.positive("recovery_timeout", recovery_timeout)
+        _v.integer("success_threshold", success_threshold, 1)
+        _v.integer("half_open_max_calls", half_open_max_calls, 1)
         if half_open_max_calls < 1 or success_threshold < 1:  # pragma: no cover - checked above
             raise ValueError("invalid probe settings")
         if mode not in ("consecutive", "rate"):
             raise ValueError(f"mode must be 'consecutive' or 'rate', got {mode!r}")
-        if not 0.0 < failure_rate_threshold <= 1.0:
-            raise ValueError(
-                f"failure_rate_threshold must be in (0, 1], got {failure_rate_threshold}"
-            )
-        if not isinstance(minimum_calls, int) or minimum_calls < 1:
-            raise ValueError(f"minimum_calls must be an integer >= 1, got {minimum_calls!r}")
-        if window_seconds <= 0:
-            raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
+        _v.in_range("failure_rate_threshold", failure_rate_threshold, 0, 1, low_open=True)
+        _v.integer("minimum_calls", minimum_calls, 1)
+        _v.positive("window_seconds", window_seconds)
+        _v.positive("min_recovery_timeout", min_recovery_timeout, none_ok=True)
         if min_recovery_timeout is not None and not 0 < min_recovery_timeout <= recovery_timeout:
             raise ValueError(
                 f"min_recovery_timeout must be in (0, recovery_timeout={recovery_timeout}], "
                 f"got {min_recovery_timeout}"
             )
-        if probe_timeout <= 0:
-            raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        _v.positive("probe_timeout", probe_timeout)
         self.failure_threshold = failure_threshold
         self.recovery_timeout = float(recovery_timeout)
         self.expected_exception = expected_exception

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
+from . import _validate as _v
 from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .errors import QueueFullError, WaitTimeoutError
@@ -371,8 +372,7 @@ class _AsyncWaiter:
 
 
 def _check_timeout(param: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{param} must be > 0 seconds or None (wait forever), got {value!r}")
+    _v.positive(param, value, none_ok=True, unit="seconds (None waits forever)")
 
 
 class ConcurrencyLimit:
@@ -412,17 +412,10 @@ class ConcurrencyLimit:
         clock: Clock | None = None,
         listeners: Iterable[Listener] | None = None,
     ) -> None:
-        if (
-            isinstance(max_concurrency, bool)
-            or not isinstance(max_concurrency, int)
-            or max_concurrency < 1
-        ):
-            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
+        _v.integer("max_concurrency", max_concurrency, 1)
+        _v.integer("max_waiting", max_waiting, 0)
         _check_timeout("wait_timeout", wait_timeout)
-        if not lease_s > 0:
-            raise ValueError(f"lease_s must be > 0 seconds, got {lease_s!r}")
+        _v.positive("lease_s", lease_s)
         self.name = name
         self.wait_timeout = wait_timeout
         self.lease_s = float(lease_s)

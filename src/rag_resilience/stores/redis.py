@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from .. import _validate as _v
 from .base import JSON, Store, UpdateFn
 from .memory import MemoryStore
 from .sqlite import dumps
@@ -263,10 +264,8 @@ class RedisStore(Store):
     ) -> None:
         if url is None and client is None and async_client is None:
             raise ValueError("RedisStore needs url= or client= (and/or async_client=)")
-        if not op_timeout > 0:
-            raise ValueError(f"op_timeout must be > 0 seconds, got {op_timeout!r}")
-        if not retry_interval >= 0:
-            raise ValueError(f"retry_interval must be >= 0 seconds, got {retry_interval!r}")
+        _v.positive("op_timeout", op_timeout)
+        _v.at_least("retry_interval", retry_interval, 0)
         if not prefix:
             raise ValueError("prefix must be a non-empty string")
         redis = _import_redis()

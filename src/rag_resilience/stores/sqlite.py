@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from .. import _validate as _v
 from .base import JSON, Store, UpdateFn
 
 __all__ = ["SQLiteStore"]
@@ -86,8 +87,7 @@ class SQLiteStore(Store):
     shared = True
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        _v.positive("timeout", timeout)
         self.path = os.fspath(path)
         self.timeout = float(timeout)
         self._lock = threading.RLock()
