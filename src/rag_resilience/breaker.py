@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import random
 import threading
@@ -63,6 +64,9 @@ class CircuitState(str, Enum):
 
 _CLOSED, _OPEN, _HALF = "closed", "open", "half_open"
 
+logger = logging.getLogger("rag_resilience")
+_bad_record_logged = False  # one warning per process: a bad value is re-read on every call
+
 
 class _Record:
     """Breaker state; JSON round-trips for stores."""
@@ -102,7 +106,29 @@ class _Record:
 
     @classmethod
     def from_json(cls, data: Any) -> _Record:
+        """The record stored as `data`; an unreadable one (wrong types, unknown state,
+        non-finite times) is logged once and read as a fresh CLOSED record, which the
+        next write replaces: a bad value never makes calls fail."""
+        try:
+            return cls._parse(data)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            global _bad_record_logged
+            if not _bad_record_logged:
+                _bad_record_logged = True
+                logger.warning(
+                    "circuit breaker record unreadable (%s: %s): %.200r; read as closed and "
+                    "overwritten by the next write",
+                    type(exc).__name__,
+                    exc,
+                    data,
+                )
+            return cls()
+
+    @classmethod
+    def _parse(cls, data: Any) -> _Record:
         rec = cls()
+        if data is not None and not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
         if isinstance(data, dict):
             rec.state = str(data.get("s", _CLOSED))
             rec.failures = int(data.get("f", 0))
@@ -117,6 +143,10 @@ class _Record:
                 for p in data.get("p", [])
             ]
             rec.window = {str(k): [int(v[0]), int(v[1])] for k, v in data.get("w", {}).items()}
+            if rec.state not in (_CLOSED, _OPEN, _HALF):
+                raise ValueError(f"unknown state {rec.state!r}")
+            if not all(map(math.isfinite, (rec.opened_at, rec.open_until))):
+                raise ValueError("non-finite open time")
         return rec
 
 
