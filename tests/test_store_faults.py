@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from _redis_server import RedisServer, own_redis
 from rag_resilience import breaker as breaker_mod
 from rag_resilience.breaker import CircuitBreaker
+from rag_resilience.limits import ConcurrencyLimit
 from rag_resilience.stores.redis import RedisStore
 
 pytestmark = pytest.mark.enable_socket
@@ -125,3 +127,90 @@ def test_unreadable_cache_entry_is_a_miss(redis_server: RedisServer, raw: Any) -
     assert store.cache_get("ns", "k", 4.0) == ("v2", 3.0)
     assert not store.degraded and store.counters["bad_values"] == 1
     store.close()
+
+
+# -- item 2: a cancelled distributed acquire never leaks its lease ----------------------
+
+LEASE = "p:lease:{rag_resilience:llm:limit}"
+
+
+async def _until(condition: Any, what: str = "condition") -> None:
+    """Wait (on real time, bounded) until `condition()` holds: the server's state, never
+    a timing, is what the test asserts."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{what} never held")
+
+
+def _stall(server: RedisServer, seconds: float) -> socket.socket:
+    """Send DEBUG SLEEP on a raw socket and return at once: Redis stops answering while
+    every command sent meanwhile waits in its socket buffer (read the reply to join)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+    return sock
+
+
+async def test_cancelled_aacquire_releases_the_lease_redis_granted(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """The task is cancelled while Redis is stalled with its lease script in the socket
+    buffer: Redis grants the lease after the task is gone. Before, that permit stayed
+    held for lease_s (60 s): with a limit of 1 the next caller got WaitTimeoutError."""
+    store = RedisStore(redis_server.url, prefix="p", op_timeout=5.0)
+    limit = ConcurrencyLimit(1, max_waiting=4, name="llm", store=store)
+    await limit.aacquire()  # connect and load the script while Redis answers
+    await limit.arelease()
+    stall = _stall(redis_server, 0.3)
+    await asyncio.sleep(0.05)  # Redis is asleep (if not yet, the task is merely granted)
+    task = asyncio.create_task(limit.aacquire())
+    await asyncio.sleep(0.05)  # the task's script is sent; its reply will never be read
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stall.recv(64).startswith(b"+OK")  # the stall is over
+    stall.close()
+    await _until(lambda: not getattr(limit, "_forgotten", ()), "release sent")
+    await _until(lambda: raw.zcard(LEASE) == 0, "lease freed")
+    assert limit.in_flight == 0
+    await limit.aacquire(timeout=1.0)  # the next caller gets the permit
+    await limit.arelease()
+    await store.aclose()
+
+
+async def test_cancellation_storm_leaks_no_permit(redis_server: RedisServer, raw: Any) -> None:
+    """Tasks and threads share a limit of 3; a third of the tasks are cancelled at random
+    points (waiting, mid-request, holding). Afterwards nothing is held anywhere."""
+    import random
+    import threading
+
+    rng = random.Random(17)
+    store = RedisStore(redis_server.url, prefix="p", op_timeout=5.0)
+    limit = ConcurrencyLimit(3, max_waiting=500, wait_timeout=30.0, name="llm", store=store)
+    thread_calls: list[int] = []
+
+    def thread_worker() -> None:
+        for _ in range(10):
+            with limit.slot():
+                thread_calls.append(1)
+
+    async def task_worker() -> None:
+        async with limit.aslot():
+            await asyncio.sleep(0)
+
+    threads = [threading.Thread(target=thread_worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(task_worker()) for _ in range(150)]
+    for _ in range(60):
+        await asyncio.sleep(rng.random() * 0.002)
+        rng.choice(tasks).cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    await _until(lambda: not getattr(limit, "_forgotten", ()), "releases sent")
+    assert len(thread_calls) == 40
+    assert limit.in_flight == 0
+    assert raw.zcard(LEASE) == 0
+    assert limit.stats()["peak_in_flight"] <= 3
+    await store.aclose()

@@ -445,6 +445,7 @@ class ConcurrencyLimit:
         self._token_prefix = uuid.uuid4().hex
         self._token_seq = itertools.count()
         self._renewer: threading.Thread | None = None
+        self._forgotten: set[asyncio.Task[None]] = set()
         self._store_warned = False
         self._slot = _Slot(self, None)  # stateless: one shared instance for the common case
         self._aslot = _AsyncSlot(self, None)
@@ -754,6 +755,9 @@ class ConcurrencyLimit:
             ok = self._store.lease_acquire(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
+        except BaseException:  # interrupted mid-request: the store may have granted it
+            self._forget_lease(token)
+            raise
         return self._after_lease(token, ok, None)
 
     async def _alease_once(self, token: str) -> bool:
@@ -763,7 +767,39 @@ class ConcurrencyLimit:
             ok = await self._store.alease_acquire(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
+        except BaseException:  # cancelled mid-request: the store may have granted it
+            self._forget_lease(token)
+            raise
         return self._after_lease(token, ok, None)
+
+    def _forget_lease(self, token: str) -> None:
+        """Release a lease whose grant the caller never learned (cancelled or interrupted
+        while the request was in flight). The token was chosen before the request, so it
+        can be released; stores refuse a grant that arrives after its release."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            try:
+                self._release_lease(token)
+            except Exception as exc:
+                self._warn_store(exc, "release")
+            return
+        task = loop.create_task(self._arelease_lease(token))
+        self._forgotten.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._forgotten.discard)
+
+    def _release_lease(self, token: str) -> None:
+        assert self._store is not None
+        self._store.lease_release(self.key, token)
+
+    async def _arelease_lease(self, token: str) -> None:
+        assert self._store is not None
+        try:
+            await self._store.alease_release(self.key, token)
+        except Exception as exc:
+            self._warn_store(exc, "release")
 
     def _enter_wait(self, timeout: float | None) -> None:
         _check_timeout("timeout", timeout)

@@ -150,8 +150,11 @@ end
 return n
 """
 
-# KEYS: 1 lease zset (token -> expiry); ARGV: 1 token, 2 limit, 3 expiry, 4 now, 5 gc ms.
+# KEYS: 1 lease zset (token -> expiry), 2 the token's tombstone; ARGV: 1 token, 2 limit,
+# 3 expiry, 4 now, 5 gc ms. A released token's tombstone refuses a grant that arrives
+# late (a script whose caller was cancelled or timed out, executed after the release).
 _LEASE_ACQUIRE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
@@ -159,6 +162,14 @@ end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 local px = tonumber(ARGV[5])
 if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
+return 1
+"""
+
+
+# KEYS: 1 lease zset, 2 the token's tombstone; ARGV: 1 token, 2 tombstone ms.
+_LEASE_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
 
@@ -205,6 +216,7 @@ _SCRIPTS = {
         "cache_clear": _CACHE_CLEAR,
         "cache_len": _CACHE_LEN,
         "lease_acquire": _LEASE_ACQUIRE,
+        "lease_release": _LEASE_RELEASE,
     }.items()
 }
 
@@ -417,9 +429,10 @@ class RedisStore(Store):
     def _flush(self, client: Any) -> None:
         """Send the lease releases an outage held back."""
         pending = self._health.take_pending()
+        script = _SCRIPTS["lease_release"]
         try:
             for key, token in pending:
-                client.zrem(key, token)
+                script(client, self._no_script, *self._release_call(key, token))
         except self._faults as exc:
             for key, token in pending:
                 self._health.defer_release(key, token)
@@ -427,9 +440,10 @@ class RedisStore(Store):
 
     async def _aflush(self, client: Any) -> None:
         pending = self._health.take_pending()
+        script = _SCRIPTS["lease_release"]
         try:
             for key, token in pending:
-                await client.zrem(key, token)
+                await script.acall(client, self._no_script, *self._release_call(key, token))
         except self._faults as exc:
             for key, token in pending:
                 self._health.defer_release(key, token)
@@ -515,6 +529,11 @@ class RedisStore(Store):
 
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:lease:{{{key}}}"
+
+    def _release_call(self, k: str, token: str) -> tuple[list[str], list[Any]]:
+        """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
+        and args; the tombstone shares the zset's hash slot."""
+        return [k, f"{k}:gone:{token}"], [token, _ms(_LEASE_GC_GRACE_S)]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -827,7 +846,8 @@ class RedisStore(Store):
         self, key: str, token: str, limit: int, lease_s: float, now: float
     ) -> tuple[list[str], list[Any]]:
         gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
-        return [self._lease_key(key)], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+        k = self._lease_key(key)
+        return [k, f"{k}:gone:{token}"], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
 
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now)
@@ -835,7 +855,7 @@ class RedisStore(Store):
         return self._run(
             lambda c: int(run(c)) == 1,
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
-            (keys[0],),
+            tuple(keys),
         )
 
     async def alease_acquire(
@@ -852,7 +872,7 @@ class RedisStore(Store):
             remote,
             lambda c: int(run(c)) == 1,
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
-            (keys[0],),
+            tuple(keys),
         )
 
     # A release goes to both places: the lease may have been granted by Redis (even by a
@@ -861,17 +881,22 @@ class RedisStore(Store):
     def lease_release(self, key: str, token: str) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        self._run(lambda c: c.zrem(k, token), lambda: self._health.defer_release(k, token), (k,))
+        keys, args = self._release_call(k, token)
+        self._run(
+            self._script("lease_release", keys, args),
+            lambda: self._health.defer_release(k, token),
+            tuple(keys),
+        )
 
     async def alease_release(self, key: str, token: str) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-
-        async def remote(c: Any) -> Any:
-            return await c.zrem(k, token)
-
+        keys, args = self._release_call(k, token)
         await self._arun(
-            remote, lambda c: c.zrem(k, token), lambda: self._health.defer_release(k, token), (k,)
+            self._ascript("lease_release", keys, args),
+            self._script("lease_release", keys, args),
+            lambda: self._health.defer_release(k, token),
+            tuple(keys),
         )
 
     def lease_count(self, key: str, now: float) -> int:
