@@ -135,7 +135,7 @@ def limit(url, prefix, threads, calls):
     for t in workers:
         t.join()
     print(json.dumps({"max_seen": max(seen), "calls": len(done), "errors": errors,
-                      "local_fallbacks": lim._store._counters["local_ops"]}))
+                      "local_fallbacks": lim._store.counters["local_ops"]}))
 
 
 def hold(url, prefix, permits, lease_s):

@@ -12,9 +12,7 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -24,13 +22,13 @@ from typing import Any
 
 import pytest
 
+from _redis_server import RedisServer, free_port, own_redis
 from rag_resilience.breaker import CircuitBreaker
 from rag_resilience.stores.redis import RedisStore
 
 pytestmark = pytest.mark.enable_socket
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def require_redis() -> None:
@@ -83,13 +81,6 @@ def counting_client(url: str) -> Any:
     client = Counting.from_url(url)
     client.commands = []
     return client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- construction --------------------------------------------------------------------
@@ -341,67 +332,9 @@ def test_hung_redis_costs_one_op_timeout_then_is_skipped(
         store.close()
 
 
-class RedisServer:
-    """A private redis-server on a fixed port that a test can kill and restart."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.1)
-        deadline = time.monotonic() + 5.0
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.exceptions.ConnectionError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise
-                    time.sleep(0.01)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5.0)
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not os.path.exists(REDIS_SERVER):
-        reason = f"redis-server binary not found at {REDIS_SERVER}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.kill()
+    yield from own_redis(tmp_path)
 
 
 def test_redis_killed_and_restarted_mid_run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -17,9 +18,22 @@ def test_timeout_must_be_positive(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "s.db", timeout=0)
 
 
-def test_bad_path_fails_at_construction(tmp_path: Path) -> None:
-    with pytest.raises(sqlite3.OperationalError):
-        SQLiteStore(tmp_path / "no-such-dir" / "s.db")
+def test_missing_directory_serves_locally_and_names_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: sqlite3.OperationalError at construction. Now calls go on (issue 17)."""
+    caplog.set_level(logging.WARNING, logger="rag_resilience")
+    path = tmp_path / "no-such-dir" / "s.db"
+    store = SQLiteStore(path, retry_interval=0.0)
+    store.set("k", 1)
+    assert store.get("k") == 1
+    assert store.update("k", lambda v: (v + 1, "ok")) == "ok"
+    assert store.degraded and store.counters["outages"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rag_resilience"]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+    path.parent.mkdir()  # the directory appears: the next probe uses the file
+    store.set("k", 5)
+    assert not store.degraded and SQLiteStore(path).get("k") == 5
 
 
 def test_uses_wal_and_json_text(tmp_path: Path) -> None:
@@ -125,16 +139,18 @@ def test_write_waits_for_another_connections_transaction(tmp_path: Path) -> None
     store.close()
 
 
-def test_write_gives_up_after_timeout(tmp_path: Path) -> None:
+def test_write_gives_up_after_timeout_and_serves_locally(tmp_path: Path) -> None:
+    """A write lock held by another process costs one `timeout`, then that operation is
+    served locally (busy, not an outage): before, it raised after `timeout`."""
     path = tmp_path / "s.db"
     store = SQLiteStore(path, timeout=0.05)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
         start = time.perf_counter()
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            store.set("k", 1)
+        assert store.update("k", lambda v: ((v or 0) + 1, "ok")) == "ok"
         assert time.perf_counter() - start < 1.0
+        assert store.counters["busy"] == 1 and not store.degraded
     finally:
         other.execute("ROLLBACK")
         other.close()
@@ -148,3 +164,78 @@ def test_store_is_lazy_exported() -> None:
 
     assert stores.SQLiteStore is SQLiteStore
     assert SQLiteStore.shared is True
+
+
+def _corrupt(path: Path) -> None:
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if p.exists():
+            p.write_bytes(b"\x00garbage, not a database\xff" * 512)
+
+
+def test_file_corrupted_mid_run_calls_go_on_and_errors_name_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: every call raised sqlite3.DatabaseError from before_call, even calls with
+    no cache key to a healthy upstream."""
+    from rag_resilience.breaker import CircuitBreaker
+    from rag_resilience.fallback import GracefulFallbacks
+    from rag_resilience.policy import ResiliencePolicy
+
+    caplog.set_level(logging.WARNING, logger="rag_resilience")
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, retry_interval=0.0)
+    policy = ResiliencePolicy(
+        breaker=CircuitBreaker(3, 30.0, name="chat", store=store),
+        fallbacks=GracefulFallbacks(name="rag", store=store),
+    )
+    assert policy.run(lambda: "answer").value == "answer"
+    assert policy.run(lambda q: "Paris", "capital?", key="capital?").value == "Paris"
+    store.close()  # drop the open connection's cache: the next op reads the bad file
+    _corrupt(path)
+    for _ in range(3):
+        assert policy.run(lambda: "answer").value == "answer"
+        assert policy.run(lambda q: "Rome", "capital?", key="capital?").value == "Rome"
+    assert store.degraded and store.counters["outages"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rag_resilience"]
+    assert warnings and all(str(path) in w for w in warnings)
+    assert "DatabaseError" in warnings[0]
+
+
+def test_unreadable_values_in_the_file_are_absent(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    store.set("k", {"a": 1})
+    store.cache_set("ns", "q", "A", stored_at=1.0, ttl=None, max_entries=5)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("UPDATE kv SET value = 'not json{' WHERE key = 'k'")
+    other.execute("UPDATE cache SET value = '{bad' WHERE key = 'q'")
+    other.close()
+    assert store.get("k") is None
+    assert store.cache_get("ns", "q", 2.0) is None
+    assert store.update("k", lambda v: ({"a": 2}, v)) is None  # overwritten
+    assert store.get("k") == {"a": 2}
+    assert store.counters["bad_values"] == 3 and not store.degraded
+
+
+def test_read_only_database_calls_go_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only file (emulated with query_only: chmod does not stop root) fails every
+    write: the calls go on from local state, the warning names the file."""
+    from rag_resilience.breaker import CircuitBreaker
+
+    caplog.set_level(logging.WARNING, logger="rag_resilience")
+    path = tmp_path / "ro.db"
+    store = SQLiteStore(path, retry_interval=60.0)
+    breaker = CircuitBreaker(2, 30.0, name="chat", store=store)
+    with store._lock:
+        store._connection().execute("PRAGMA query_only=ON")
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            breaker.call(_fail)
+    assert breaker.get_state().value == "open"  # counted locally
+    assert store.degraded
+    warnings = [r.getMessage() for r in caplog.records if "sqlite store" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "readonly" in warnings[0]
+
+
+def _fail() -> None:
+    raise ConnectionError("upstream down")

@@ -13,6 +13,7 @@ import random
 import threading
 from typing import Literal
 
+from . import _validate as _v
 from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 
@@ -98,12 +99,9 @@ class RetryBudget:
         *,
         clock: Clock | None = None,
     ) -> None:
-        if not 0.0 <= ratio <= 10.0:
-            raise ValueError(f"ratio must be in [0, 10], got {ratio}")
-        if min_per_second < 0:
-            raise ValueError(f"min_per_second must be >= 0, got {min_per_second}")
-        if window <= 0:
-            raise ValueError(f"window must be > 0 seconds, got {window}")
+        _v.in_range("ratio", ratio, 0, 10)
+        _v.at_least("min_per_second", min_per_second, 0, unit="retries per second")
+        _v.positive("window", window)
         self.ratio = ratio
         self.min_per_second = min_per_second
         self.window = window

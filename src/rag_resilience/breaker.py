@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import random
 import threading
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, ParamSpec, TypeVar
 
+from . import _validate as _v
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .errors import CircuitOpenError
@@ -61,6 +63,9 @@ class CircuitState(str, Enum):
 
 
 _CLOSED, _OPEN, _HALF = "closed", "open", "half_open"
+
+logger = logging.getLogger("rag_resilience")
+_bad_record_logged = False  # one warning per process: a bad value is re-read on every call
 
 
 class _Record:
@@ -101,7 +106,29 @@ class _Record:
 
     @classmethod
     def from_json(cls, data: Any) -> _Record:
+        """The record stored as `data`; an unreadable one (wrong types, unknown state,
+        non-finite times) is logged once and read as a fresh CLOSED record, which the
+        next write replaces: a bad value never makes calls fail."""
+        try:
+            return cls._parse(data)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            global _bad_record_logged
+            if not _bad_record_logged:
+                _bad_record_logged = True
+                logger.warning(
+                    "circuit breaker record unreadable (%s: %s): %.200r; read as closed and "
+                    "overwritten by the next write",
+                    type(exc).__name__,
+                    exc,
+                    data,
+                )
+            return cls()
+
+    @classmethod
+    def _parse(cls, data: Any) -> _Record:
         rec = cls()
+        if data is not None and not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
         if isinstance(data, dict):
             rec.state = str(data.get("s", _CLOSED))
             rec.failures = int(data.get("f", 0))
@@ -116,6 +143,10 @@ class _Record:
                 for p in data.get("p", [])
             ]
             rec.window = {str(k): [int(v[0]), int(v[1])] for k, v in data.get("w", {}).items()}
+            if rec.state not in (_CLOSED, _OPEN, _HALF):
+                raise ValueError(f"unknown state {rec.state!r}")
+            if not all(map(math.isfinite, (rec.opened_at, rec.open_until))):
+                raise ValueError("non-finite open time")
         return rec
 
 
@@ -148,39 +179,24 @@ class CircuitBreaker:
         clock: Clock | None = None,
         listeners: list[Listener] | None = None,
     ) -> None:
-        if not isinstance(failure_threshold, int) or failure_threshold < 1:
-            raise ValueError(
-                f"failure_threshold must be an integer >= 1, got {failure_threshold!r}"
-            )
-        if recovery_timeout <= 0:
-            raise ValueError(f"recovery_timeout must be > 0 seconds, got {recovery_timeout}")
-        if not isinstance(success_threshold, int) or success_threshold < 1:
-            raise ValueError(
-                f"success_threshold must be an integer >= 1, got {success_threshold!r}"
-            )
-        if not isinstance(half_open_max_calls, int) or half_open_max_calls < 1:
-            raise ValueError(
-                f"half_open_max_calls must be an integer >= 1, got {half_open_max_calls!r}"
-            )
+        _v.integer("failure_threshold", failure_threshold, 1)
+        _v.positive("recovery_timeout", recovery_timeout)
+        _v.integer("success_threshold", success_threshold, 1)
+        _v.integer("half_open_max_calls", half_open_max_calls, 1)
         if half_open_max_calls < 1 or success_threshold < 1:  # pragma: no cover - checked above
             raise ValueError("invalid probe settings")
         if mode not in ("consecutive", "rate"):
             raise ValueError(f"mode must be 'consecutive' or 'rate', got {mode!r}")
-        if not 0.0 < failure_rate_threshold <= 1.0:
-            raise ValueError(
-                f"failure_rate_threshold must be in (0, 1], got {failure_rate_threshold}"
-            )
-        if not isinstance(minimum_calls, int) or minimum_calls < 1:
-            raise ValueError(f"minimum_calls must be an integer >= 1, got {minimum_calls!r}")
-        if window_seconds <= 0:
-            raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
+        _v.in_range("failure_rate_threshold", failure_rate_threshold, 0, 1, low_open=True)
+        _v.integer("minimum_calls", minimum_calls, 1)
+        _v.positive("window_seconds", window_seconds)
+        _v.positive("min_recovery_timeout", min_recovery_timeout, none_ok=True)
         if min_recovery_timeout is not None and not 0 < min_recovery_timeout <= recovery_timeout:
             raise ValueError(
                 f"min_recovery_timeout must be in (0, recovery_timeout={recovery_timeout}], "
                 f"got {min_recovery_timeout}"
             )
-        if probe_timeout <= 0:
-            raise ValueError(f"probe_timeout must be > 0 seconds, got {probe_timeout}")
+        _v.positive("probe_timeout", probe_timeout)
         self.failure_threshold = failure_threshold
         self.recovery_timeout = float(recovery_timeout)
         self.expected_exception = expected_exception

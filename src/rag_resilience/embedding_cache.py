@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _validate as _v
 from .errors import add_note
 from .fallback import GracefulFallbacks
 from .policy import CacheHooks, ResiliencePolicy, Served
@@ -191,8 +192,7 @@ class EmbeddingEngine:
     """Runs embedding batches through a policy with per-text last-known-good vectors."""
 
     def __init__(self, policy: ResiliencePolicy, *, model_id: str, batch_size: int = 64) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _v.integer("batch_size", batch_size, 1)
         self.policy = policy
         self.model_id = model_id
         self.batch_size = batch_size

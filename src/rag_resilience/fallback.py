@@ -13,6 +13,7 @@ import json
 import threading
 from typing import Any
 
+from . import _validate as _v
 from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .stores.base import Store
@@ -58,10 +59,8 @@ class GracefulFallbacks:
         generic_answer: str = DEFAULT_GENERIC_ANSWER,
         clock: Clock | None = None,
     ) -> None:
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be > 0 seconds or None, got {ttl}")
-        if max_entries is not None and (not isinstance(max_entries, int) or max_entries < 1):
-            raise ValueError(f"max_entries must be an integer >= 1 or None, got {max_entries!r}")
+        _v.positive("ttl", ttl, none_ok=True)
+        _v.integer("max_entries", max_entries, 1, none_ok=True)
         self.ttl = ttl
         self.max_entries = max_entries
         self.name = name

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
+from . import _validate as _v
 from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .errors import QueueFullError, WaitTimeoutError
@@ -371,8 +372,7 @@ class _AsyncWaiter:
 
 
 def _check_timeout(param: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{param} must be > 0 seconds or None (wait forever), got {value!r}")
+    _v.positive(param, value, none_ok=True, unit="seconds (None waits forever)")
 
 
 class ConcurrencyLimit:
@@ -412,17 +412,10 @@ class ConcurrencyLimit:
         clock: Clock | None = None,
         listeners: Iterable[Listener] | None = None,
     ) -> None:
-        if (
-            isinstance(max_concurrency, bool)
-            or not isinstance(max_concurrency, int)
-            or max_concurrency < 1
-        ):
-            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise ValueError(f"max_waiting must be an integer >= 0, got {max_waiting!r}")
+        _v.integer("max_concurrency", max_concurrency, 1)
+        _v.integer("max_waiting", max_waiting, 0)
         _check_timeout("wait_timeout", wait_timeout)
-        if not lease_s > 0:
-            raise ValueError(f"lease_s must be > 0 seconds, got {lease_s!r}")
+        _v.positive("lease_s", lease_s)
         self.name = name
         self.wait_timeout = wait_timeout
         self.lease_s = float(lease_s)
@@ -452,6 +445,7 @@ class ConcurrencyLimit:
         self._token_prefix = uuid.uuid4().hex
         self._token_seq = itertools.count()
         self._renewer: threading.Thread | None = None
+        self._forgotten: set[asyncio.Task[None]] = set()
         self._store_warned = False
         self._slot = _Slot(self, None)  # stateless: one shared instance for the common case
         self._aslot = _AsyncSlot(self, None)
@@ -761,6 +755,9 @@ class ConcurrencyLimit:
             ok = self._store.lease_acquire(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
+        except BaseException:  # interrupted mid-request: the store may have granted it
+            self._forget_lease(token)
+            raise
         return self._after_lease(token, ok, None)
 
     async def _alease_once(self, token: str) -> bool:
@@ -770,7 +767,39 @@ class ConcurrencyLimit:
             ok = await self._store.alease_acquire(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
+        except BaseException:  # cancelled mid-request: the store may have granted it
+            self._forget_lease(token)
+            raise
         return self._after_lease(token, ok, None)
+
+    def _forget_lease(self, token: str) -> None:
+        """Release a lease whose grant the caller never learned (cancelled or interrupted
+        while the request was in flight). The token was chosen before the request, so it
+        can be released; stores refuse a grant that arrives after its release."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            try:
+                self._release_lease(token)
+            except Exception as exc:
+                self._warn_store(exc, "release")
+            return
+        task = loop.create_task(self._arelease_lease(token))
+        self._forgotten.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._forgotten.discard)
+
+    def _release_lease(self, token: str) -> None:
+        assert self._store is not None
+        self._store.lease_release(self.key, token)
+
+    async def _arelease_lease(self, token: str) -> None:
+        assert self._store is not None
+        try:
+            await self._store.alease_release(self.key, token)
+        except Exception as exc:
+            self._warn_store(exc, "release")
 
     def _enter_wait(self, timeout: float | None) -> None:
         _check_timeout("timeout", timeout)

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
+from . import _validate as _v
 from ._counter import AtomicCounter
 from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
@@ -317,10 +318,8 @@ class ResiliencePolicy:
         clock: Clock | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:
-        if attempt_timeout is not None and attempt_timeout <= 0:
-            raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
-        if deadline is not None and deadline <= 0:
-            raise ValueError(f"deadline must be > 0 seconds or None, got {deadline}")
+        _v.positive("attempt_timeout", attempt_timeout, none_ok=True)
+        _v.positive("deadline", deadline, none_ok=True)
         self.name = name
         self.retry = retry if retry is not None else RetryStrategy(max_retries=0, retry_budget=None)
         self._has_retry = retry is not None
@@ -409,6 +408,9 @@ class ResiliencePolicy:
         )
         if unknown:
             raise ValueError(f"unknown preset override(s): {sorted(unknown)}")
+        _v.positive("recovery_timeout", cfg["recovery_timeout"])
+        _v.positive("cache_ttl", cfg.get("cache_ttl"), none_ok=True)
+        _v.integer("cache_max_entries", cfg.get("cache_max_entries"), 1, none_ok=True)
         pname = name or preset
         retry = RetryStrategy(
             max_retries=cfg["max_retries"],

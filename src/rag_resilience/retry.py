@@ -23,6 +23,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
+from . import _validate as _v
 from .backoff import JitterMode, RetryBudget, compute_delay, normalize_jitter
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
@@ -73,24 +74,18 @@ class RetryStrategy:
         listeners: list[Listener] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-        if initial_delay < 0:
-            raise ValueError(f"initial_delay must be >= 0 seconds, got {initial_delay}")
+        _v.integer("max_retries", max_retries, 0)
+        _v.at_least("initial_delay", initial_delay, 0)
+        _v.at_least("max_delay", max_delay, 0)
         if max_delay < initial_delay:
             raise ValueError(
                 f"max_delay must be >= initial_delay ({initial_delay}), got {max_delay}"
             )
-        if exponential_base < 1:
-            raise ValueError(f"exponential_base must be >= 1, got {exponential_base}")
-        if deadline is not None and deadline <= 0:
-            raise ValueError(f"deadline must be > 0 seconds or None, got {deadline}")
-        if attempt_timeout is not None and attempt_timeout <= 0:
-            raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
-        if max_retry_after < 0:
-            raise ValueError(f"max_retry_after must be >= 0 seconds, got {max_retry_after}")
-        if not 0.0 <= retry_after_jitter <= 1.0:
-            raise ValueError(f"retry_after_jitter must be in [0, 1], got {retry_after_jitter}")
+        _v.at_least("exponential_base", exponential_base, 1, unit="")
+        _v.positive("deadline", deadline, none_ok=True)
+        _v.positive("attempt_timeout", attempt_timeout, none_ok=True)
+        _v.at_least("max_retry_after", max_retry_after, 0)
+        _v.in_range("retry_after_jitter", retry_after_jitter, 0, 1)
         self.max_retries = max_retries
         self.initial_delay = float(initial_delay)
         self.max_delay = float(max_delay)

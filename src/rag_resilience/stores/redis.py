@@ -36,7 +36,9 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from .. import _validate as _v
 from .base import JSON, Store, UpdateFn
+from .failover import Failover
 from .memory import MemoryStore
 from .sqlite import dumps
 
@@ -49,6 +51,8 @@ R = TypeVar("R")
 
 _MAX_CAS_ATTEMPTS = 1000
 _LEASE_GC_GRACE_S = 60.0  # a lease key whose every holder died disappears this long after
+_TIME_REFRESH_S = 5.0  # how often server_time() re-measures the Redis clock
+_POOL_EMPTY = "No connection available"  # redis-py's BlockingConnectionPool timed out
 
 # KEYS[1]=key; ARGV: 1 expect_absent ('1'/'0'), 2 expected text, 3 delete ('1'/'0'),
 # 4 new text, 5 ttl in ms (0 = none). Returns {1} when applied, {0, current} otherwise.
@@ -146,8 +150,11 @@ end
 return n
 """
 
-# KEYS: 1 lease zset (token -> expiry); ARGV: 1 token, 2 limit, 3 expiry, 4 now, 5 gc ms.
+# KEYS: 1 lease zset (token -> expiry), 2 the token's tombstone; ARGV: 1 token, 2 limit,
+# 3 expiry, 4 now, 5 gc ms. A released token's tombstone refuses a grant that arrives
+# late (a script whose caller was cancelled or timed out, executed after the release).
 _LEASE_ACQUIRE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
@@ -155,6 +162,14 @@ end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 local px = tonumber(ARGV[5])
 if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
+return 1
+"""
+
+
+# KEYS: 1 lease zset, 2 the token's tombstone; ARGV: 1 token, 2 tombstone ms.
+_LEASE_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
 
@@ -201,6 +216,7 @@ _SCRIPTS = {
         "cache_clear": _CACHE_CLEAR,
         "cache_len": _CACHE_LEN,
         "lease_acquire": _LEASE_ACQUIRE,
+        "lease_release": _LEASE_RELEASE,
     }.items()
 }
 
@@ -260,13 +276,13 @@ class RedisStore(Store):
         prefix: str = "rag_resilience",
         op_timeout: float = 0.05,
         retry_interval: float = 1.0,
+        max_connections: int = 64,
     ) -> None:
         if url is None and client is None and async_client is None:
             raise ValueError("RedisStore needs url= or client= (and/or async_client=)")
-        if not op_timeout > 0:
-            raise ValueError(f"op_timeout must be > 0 seconds, got {op_timeout!r}")
-        if not retry_interval >= 0:
-            raise ValueError(f"retry_interval must be >= 0 seconds, got {retry_interval!r}")
+        _v.positive("op_timeout", op_timeout)
+        _v.at_least("retry_interval", retry_interval, 0)
+        _v.integer("max_connections", max_connections, 1)
         if not prefix:
             raise ValueError("prefix must be a non-empty string")
         redis = _import_redis()
@@ -283,28 +299,24 @@ class RedisStore(Store):
         self.prefix = prefix
         self.op_timeout = float(op_timeout)
         self.retry_interval = float(retry_interval)
+        self.max_connections = max_connections
         self._owns_client = client is None and url is not None
         self._client: Any = client if client is not None else None
         if self._client is None and url is not None:
-            self._client = redis.Redis.from_url(url, **self._client_options(sync=True))
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, **self._client_options(sync=True)
+            )
+            self._client = redis.Redis(connection_pool=pool)
         self._async_client: Any = async_client
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        self._local = MemoryStore()
+        self._health = Failover("redis", self, self.retry_interval)
+        self._local = self._health.local
         self._lock = threading.Lock()
-        self._degraded = False
-        self._retry_at = 0.0
-        self._outage_started = 0.0
-        self._counters = {
-            "remote_ops": 0,
-            "local_ops": 0,
-            "faults": 0,
-            "outages": 0,
-            "recoveries": 0,
-        }
-        self.last_error: BaseException | None = None
         self._warned_no_sync = False
+        self._time_offset: float | None = None  # Redis TIME - time.monotonic()
+        self._time_checked = -math.inf
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -322,98 +334,126 @@ class RedisStore(Store):
             "socket_timeout": self.op_timeout,
             "socket_connect_timeout": self.op_timeout,
             "retry": retry,
+            # Waiting for a pooled connection is load, not an outage: bounded by op_timeout
+            # and served locally (counters["busy"]) when it runs out.
+            "timeout": self.op_timeout,
         }
 
     # -- health ----------------------------------------------------------------------
     @property
     def degraded(self) -> bool:
         """True while Redis is considered down and operations use local state."""
-        return self._degraded
+        return self._health.degraded
 
     @property
     def counters(self) -> dict[str, int]:
-        """Snapshot: remote_ops, local_ops (served locally), faults, outages, recoveries."""
-        with self._lock:
-            return dict(self._counters)
+        """Snapshot: remote_ops, local_ops (served locally), faults, outages, recoveries,
+        busy (pool exhausted: one op served locally, no outage), bad_values."""
+        return self._health.snapshot()
+
+    @property
+    def last_error(self) -> BaseException | None:
+        return self._health.last_error
 
     @property
     def local(self) -> MemoryStore:
         """The in-process store used while Redis is unreachable."""
         return self._local
 
-    def _try_remote(self) -> bool:
-        if not self._degraded:
-            return True
-        with self._lock:
-            now = time.monotonic()
-            if self._degraded and now < self._retry_at:
-                self._counters["local_ops"] += 1
-                return False
-            # Claim this interval's single probe; other callers keep using local state.
-            self._retry_at = now + self.retry_interval
-            return True
+    def _fault(self, exc: BaseException) -> None:
+        if isinstance(exc, self._redis.exceptions.ConnectionError) and _POOL_EMPTY in str(exc):
+            self._health.on_busy(exc)
+        else:
+            self._health.on_fault(exc)
 
-    def _on_fault(self, exc: BaseException) -> None:
-        with self._lock:
-            self._counters["faults"] += 1
-            self._counters["local_ops"] += 1
-            self.last_error = exc
-            now = time.monotonic()
-            self._retry_at = now + self.retry_interval
-            if self._degraded:
-                return
-            self._degraded = True
-            self._outage_started = now
-            self._counters["outages"] += 1
-        logger.warning(
-            "redis store %s unreachable (%s: %s); serving from local in-process state, "
-            "retrying every %.3gs",
-            self,
-            type(exc).__name__,
-            exc,
-            self.retry_interval,
+    def _wrongtype(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._redis.exceptions.ResponseError) and str(exc).startswith(
+            "WRONGTYPE"
         )
 
-    def _on_success(self) -> None:
-        if not self._degraded:
-            with self._lock:
-                self._counters["remote_ops"] += 1
-            return
-        with self._lock:
-            self._counters["remote_ops"] += 1
-            if not self._degraded:
-                return
-            self._degraded = False
-            self._counters["recoveries"] += 1
-            down_for = time.monotonic() - self._outage_started
-        logger.info(
-            "redis back: store %s reachable after %.3fs; shared state resumes", self, down_for
-        )
+    def server_time(self) -> float | None:
+        """The Redis server's clock (seconds), shared by every replica: the one clock for
+        shared deadlines. Measured with TIME at most every `_TIME_REFRESH_S` and kept as an
+        offset from this process's monotonic clock; None if never measured."""
+        now = time.monotonic()
+        if now - self._time_checked >= _TIME_REFRESH_S and self._client is not None:
+            self._time_checked = now  # one measurement per interval, even on failure
+            if self._health.try_remote():
+                try:
+                    sent = time.monotonic()
+                    secs, micros = self._client.time()
+                    got = time.monotonic()
+                except self._faults as exc:
+                    self._fault(exc)
+                else:
+                    self._health.on_success()
+                    self._time_offset = secs + micros / 1e6 - (sent + got) / 2
+        offset = self._time_offset
+        return None if offset is None else now + offset
 
-    def _run(self, remote: Callable[[Any], T], local: Callable[[], T]) -> T:
+    def _run(
+        self, remote: Callable[[Any], T], local: Callable[[], T], keys: tuple[str, ...] = ()
+    ) -> T:
         if self._client is None:
             self._no_sync_client()
             return local()
-        if not self._try_remote():
+        if not self._health.try_remote():
             return local()
+        client = self._client
         try:
-            result = remote(self._client)
+            try:
+                result = remote(client)
+            except self._redis.exceptions.ResponseError as exc:
+                if not keys or not self._wrongtype(exc):
+                    raise
+                self._repair(keys, exc)
+                client.delete(*keys)
+                result = remote(client)
         except _CallerError as wrapped:
             error: Exception = wrapped.error
         except self._faults as exc:
-            self._on_fault(exc)
+            self._fault(exc)
             return local()
         else:
-            self._on_success()
+            self._health.on_success()
+            if self._health.pending:
+                self._flush(client)
             return result
-        self._on_success()  # Redis answered; the caller's fn raised
+        self._health.on_success()  # Redis answered; the caller's fn raised
         raise error
+
+    def _repair(self, keys: tuple[str, ...], exc: BaseException) -> None:
+        for key in keys:
+            self._health.bad_value(key, exc)
+
+    def _flush(self, client: Any) -> None:
+        """Send the lease releases an outage held back."""
+        pending = self._health.take_pending()
+        script = _SCRIPTS["lease_release"]
+        try:
+            for key, token in pending:
+                script(client, self._no_script, *self._release_call(key, token))
+        except self._faults as exc:
+            for key, token in pending:
+                self._health.defer_release(key, token)
+            self._fault(exc)
+
+    async def _aflush(self, client: Any) -> None:
+        pending = self._health.take_pending()
+        script = _SCRIPTS["lease_release"]
+        try:
+            for key, token in pending:
+                await script.acall(client, self._no_script, *self._release_call(key, token))
+        except self._faults as exc:
+            for key, token in pending:
+                self._health.defer_release(key, token)
+            self._fault(exc)
 
     def _no_sync_client(self) -> None:
         # Built with only an async client: sync calls cannot reach Redis. Misconfiguration,
         # but the caller's request must still not fail: serve locally, say so once.
+        self._health.local_op()
         with self._lock:
-            self._counters["local_ops"] += 1
             warned, self._warned_no_sync = self._warned_no_sync, True
         if not warned:
             logger.warning(
@@ -435,9 +475,12 @@ class RedisStore(Store):
             with self._lock:
                 client = self._async_clients.get(loop)
                 if client is None:
-                    client = self._redis.asyncio.Redis.from_url(
-                        self.url, **self._client_options(sync=False)
+                    pool = self._redis.asyncio.BlockingConnectionPool.from_url(
+                        self.url,
+                        max_connections=self.max_connections,
+                        **self._client_options(sync=False),
                     )
+                    client = self._redis.asyncio.Redis(connection_pool=pool)
                     self._async_clients[loop] = client
         return client
 
@@ -446,23 +489,33 @@ class RedisStore(Store):
         remote: Callable[[Any], Awaitable[T]],
         sync_remote: Callable[[Any], T],
         local: Callable[[], T],
+        keys: tuple[str, ...] = (),
     ) -> T:
         client = self._aclient()
         if client is None:
-            return self._run(sync_remote, local)
-        if not self._try_remote():
+            return self._run(sync_remote, local, keys)
+        if not self._health.try_remote():
             return local()
         try:
-            result = await remote(client)
+            try:
+                result = await remote(client)
+            except self._redis.exceptions.ResponseError as exc:
+                if not keys or not self._wrongtype(exc):
+                    raise
+                self._repair(keys, exc)
+                await client.delete(*keys)
+                result = await remote(client)
         except _CallerError as wrapped:
             error: Exception = wrapped.error
         except self._faults as exc:
-            self._on_fault(exc)
+            self._fault(exc)
             return local()
         else:
-            self._on_success()
+            self._health.on_success()
+            if self._health.pending:
+                await self._aflush(client)
             return result
-        self._on_success()  # Redis answered; the caller's fn raised
+        self._health.on_success()  # Redis answered; the caller's fn raised
         raise error
 
     # -- keys ------------------------------------------------------------------------
@@ -477,18 +530,44 @@ class RedisStore(Store):
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:lease:{{{key}}}"
 
+    def _release_call(self, k: str, token: str) -> tuple[list[str], list[Any]]:
+        """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
+        and args; the tombstone shares the zset's hash slot."""
+        return [k, f"{k}:gone:{token}"], [token, _ms(_LEASE_GC_GRACE_S)]
+
     # -- key/value -------------------------------------------------------------------
+    def _value(self, key: str, raw: Any) -> Any:
+        """The JSON value of a reply; an unreadable one is logged once and read as absent.
+        Every value read is mirrored locally: an op that must fall back starts from it."""
+        value = self._decode(key, raw)
+        if value is None:
+            self._local.delete(key)
+        else:
+            self._local.set(key, value)
+        return value
+
+    def _decode(self, key: str, raw: Any) -> Any:
+        if raw is None or raw is False:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+            self._health.bad_value(self._kv_key(key), exc)
+            return None
+
     def get(self, key: str) -> JSON | None:
         k = self._kv_key(key)
-        return self._run(lambda c: _loads(c.get(k)), lambda: self._local.get(key))
+        return self._run(lambda c: self._value(key, c.get(k)), lambda: self._local.get(key), (k,))
 
     async def aget(self, key: str) -> JSON | None:
         k = self._kv_key(key)
 
         async def remote(c: Any) -> Any:
-            return _loads(await c.get(k))
+            return self._value(key, await c.get(k))
 
-        return await self._arun(remote, lambda c: _loads(c.get(k)), lambda: self._local.get(key))
+        return await self._arun(
+            remote, lambda c: self._value(key, c.get(k)), lambda: self._local.get(key), (k,)
+        )
 
     def _set_args(self, key: str, value: JSON, ttl: float | None) -> tuple[str, str, int | None]:
         text = dumps(value)
@@ -537,20 +616,31 @@ class RedisStore(Store):
     def _cas_step(
         self, key: str, fn: UpdateFn[R], ttl: float | None, raw: Any
     ) -> tuple[R, list[Any] | None]:
-        """Run `fn` on the raw value read; the CAS args to send, or None if nothing changes."""
-        current_text = _text(raw)
+        """Run `fn` on the raw value read; the CAS args to send, or None if nothing changes.
+
+        The CAS expects the raw bytes read, so an unreadable value (read as absent) is
+        overwritten by the first write."""
+        absent = raw is None or raw is False
+        current = self._decode(key, raw)
         try:
-            new, result = fn(None if current_text is None else json.loads(current_text))
+            new, result = fn(current)
         except Exception as exc:  # the caller's error, even an OSError, is no Redis fault
             raise _CallerError(exc) from None
         new_text = None if new is None else dumps(new)
-        if new_text == current_text and ttl is None:
+        if new is None:
+            self._local.delete(key)
+        else:
+            self._local.set(key, new)
+        unchanged = (absent and new_text is None) or (
+            current is not None and new_text is not None and _text(raw) == new_text
+        )
+        if unchanged and ttl is None:
             # Unchanged: the read is a consistent snapshot, so skip the write entirely.
             return result, None
         px = 0 if ttl is None else _ms(ttl) if ttl > 0 else 1
         args = [
-            "1" if current_text is None else "0",
-            current_text or "",
+            "1" if absent else "0",
+            b"" if absent else raw,
             "1" if new_text is None else "0",
             new_text or "",
             px,
@@ -573,7 +663,7 @@ class RedisStore(Store):
                 raw = reply[1] if len(reply) > 1 else None
             raise RuntimeError(f"update of {key!r} kept conflicting; gave up")
 
-        return self._run(remote, lambda: self._local.update(key, fn, ttl))
+        return self._run(remote, lambda: self._local.update(key, fn, ttl), (k,))
 
     async def aupdate(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
         if self._aclient() is None:
@@ -596,7 +686,7 @@ class RedisStore(Store):
         def unused(c: Any) -> R:  # pragma: no cover - the async client exists here
             raise AssertionError
 
-        return await self._arun(remote, unused, lambda: self._local.update(key, fn, ttl))
+        return await self._arun(remote, unused, lambda: self._local.update(key, fn, ttl), (k,))
 
     # -- bounded cache ---------------------------------------------------------------
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Callable[[Any], Any]:
@@ -617,7 +707,9 @@ class RedisStore(Store):
         keys, args = self._cache_get_call(namespace, key, now)
         run = self._script("cache_get", keys, args)
         return self._run(
-            lambda c: _cache_reply(run(c)), lambda: self._local.cache_get(namespace, key, now)
+            lambda c: self._cache_reply(keys[0], run(c)),
+            lambda: self._local.cache_get(namespace, key, now),
+            tuple(keys),
         )
 
     async def acache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
@@ -626,12 +718,13 @@ class RedisStore(Store):
         run = self._script("cache_get", keys, args)
 
         async def remote(c: Any) -> tuple[JSON, float] | None:
-            return _cache_reply(await arun(c))
+            return self._cache_reply(keys[0], await arun(c))
 
         return await self._arun(
             remote,
-            lambda c: _cache_reply(run(c)),
+            lambda c: self._cache_reply(keys[0], run(c)),
             lambda: self._local.cache_get(namespace, key, now),
+            tuple(keys),
         )
 
     def _cache_set_call(
@@ -668,6 +761,7 @@ class RedisStore(Store):
             lambda: self._local.cache_set(
                 namespace, key, value, stored_at=stored_at, ttl=ttl, max_entries=max_entries
             ),
+            tuple(keys),
         )
 
     async def acache_set(
@@ -687,6 +781,7 @@ class RedisStore(Store):
             lambda: self._local.cache_set(
                 namespace, key, value, stored_at=stored_at, ttl=ttl, max_entries=max_entries
             ),
+            tuple(keys),
         )
 
     def cache_delete(self, namespace: str, key: str) -> None:
@@ -694,6 +789,7 @@ class RedisStore(Store):
         self._run(
             self._script("cache_delete", [entry, lru], [key]),
             lambda: self._local.cache_delete(namespace, key),
+            (entry, lru),
         )
 
     async def acache_delete(self, namespace: str, key: str) -> None:
@@ -703,6 +799,7 @@ class RedisStore(Store):
             self._ascript("cache_delete", [entry, lru], [key]),
             self._script("cache_delete", [entry, lru], [key]),
             lambda: self._local.cache_delete(namespace, key),
+            (entry, lru),
         )
 
     def cache_clear(self, namespace: str) -> None:
@@ -710,6 +807,7 @@ class RedisStore(Store):
         self._run(
             self._script("cache_clear", [lru, seq], [entry_prefix]),
             lambda: self._local.cache_clear(namespace),
+            (lru, seq),
         )
 
     async def acache_clear(self, namespace: str) -> None:
@@ -719,12 +817,15 @@ class RedisStore(Store):
             self._ascript("cache_clear", [lru, seq], [entry_prefix]),
             self._script("cache_clear", [lru, seq], [entry_prefix]),
             lambda: self._local.cache_clear(namespace),
+            (lru, seq),
         )
 
     def cache_len(self, namespace: str, now: float) -> int:
         _, lru, _, entry_prefix = self._cache_keys(namespace)
         run = self._script("cache_len", [lru], [_num(now), entry_prefix])
-        return self._run(lambda c: int(run(c)), lambda: self._local.cache_len(namespace, now))
+        return self._run(
+            lambda c: int(run(c)), lambda: self._local.cache_len(namespace, now), (lru,)
+        )
 
     async def acache_len(self, namespace: str, now: float) -> int:
         """Async twin of `cache_len` (not in the Store ABC)."""
@@ -737,7 +838,7 @@ class RedisStore(Store):
             return int(await arun(c))
 
         return await self._arun(
-            remote, lambda c: int(run(c)), lambda: self._local.cache_len(namespace, now)
+            remote, lambda c: int(run(c)), lambda: self._local.cache_len(namespace, now), (lru,)
         )
 
     # -- leases ----------------------------------------------------------------------
@@ -745,7 +846,8 @@ class RedisStore(Store):
         self, key: str, token: str, limit: int, lease_s: float, now: float
     ) -> tuple[list[str], list[Any]]:
         gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
-        return [self._lease_key(key)], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+        k = self._lease_key(key)
+        return [k, f"{k}:gone:{token}"], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
 
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now)
@@ -753,6 +855,7 @@ class RedisStore(Store):
         return self._run(
             lambda c: int(run(c)) == 1,
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+            tuple(keys),
         )
 
     async def alease_acquire(
@@ -769,26 +872,39 @@ class RedisStore(Store):
             remote,
             lambda c: int(run(c)) == 1,
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+            tuple(keys),
         )
 
+    # A release goes to both places: the lease may have been granted by Redis (even by a
+    # script whose reply timed out) or by the local fallback. One that cannot reach Redis
+    # now is sent on the first successful operation (see Failover.pending).
     def lease_release(self, key: str, token: str) -> None:
         k = self._lease_key(key)
-        self._run(lambda c: c.zrem(k, token), lambda: self._local.lease_release(key, token))
+        self._local.lease_release(key, token)
+        keys, args = self._release_call(k, token)
+        self._run(
+            self._script("lease_release", keys, args),
+            lambda: self._health.defer_release(k, token),
+            tuple(keys),
+        )
 
     async def alease_release(self, key: str, token: str) -> None:
         k = self._lease_key(key)
-
-        async def remote(c: Any) -> Any:
-            return await c.zrem(k, token)
-
+        self._local.lease_release(key, token)
+        keys, args = self._release_call(k, token)
         await self._arun(
-            remote, lambda c: c.zrem(k, token), lambda: self._local.lease_release(key, token)
+            self._ascript("lease_release", keys, args),
+            self._script("lease_release", keys, args),
+            lambda: self._health.defer_release(k, token),
+            tuple(keys),
         )
 
     def lease_count(self, key: str, now: float) -> int:
         k, low = self._lease_key(key), "(" + _num(now)
         return self._run(
-            lambda c: int(c.zcount(k, low, "+inf")), lambda: self._local.lease_count(key, now)
+            lambda c: int(c.zcount(k, low, "+inf")),
+            lambda: self._local.lease_count(key, now),
+            (k,),
         )
 
     async def alease_count(self, key: str, now: float) -> int:
@@ -802,7 +918,18 @@ class RedisStore(Store):
             remote,
             lambda c: int(c.zcount(k, low, "+inf")),
             lambda: self._local.lease_count(key, now),
+            (k,),
         )
+
+    def _cache_reply(self, entry: str, reply: Any) -> tuple[JSON, float] | None:
+        if not reply:
+            return None
+        try:
+            value, stored_at = reply
+            return json.loads(value), float(stored_at)
+        except (ValueError, TypeError) as exc:  # an unreadable entry is a miss
+            self._health.bad_value(entry, exc)
+            return None
 
     # -- lifecycle -------------------------------------------------------------------
     def ping(self) -> bool:
@@ -826,15 +953,3 @@ class RedisStore(Store):
         if client is not None:
             await client.aclose()
         self.close()
-
-
-def _loads(raw: Any) -> Any:
-    text = _text(raw)
-    return None if text is None else json.loads(text)
-
-
-def _cache_reply(reply: Any) -> tuple[JSON, float] | None:
-    if not reply:
-        return None
-    value, stored_at = reply
-    return json.loads(_text(value) or "null"), float(_text(stored_at) or "nan")

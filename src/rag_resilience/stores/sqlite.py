@@ -20,20 +20,24 @@ without running a server. The stdlib `sqlite3` module is enough.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from .. import _validate as _v
 from .base import JSON, Store, UpdateFn
+from .failover import Failover
 
 __all__ = ["SQLiteStore"]
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 _SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -79,22 +83,162 @@ def dumps(value: Any) -> str:
 class SQLiteStore(Store):
     """A `Store` in one SQLite file. Thread-safe; safe for several processes on one host.
 
-    `timeout` is how long a write waits for another process's transaction (seconds).
-    Not for network filesystems: SQLite's locking needs a local disk.
+    `timeout` is how long an operation waits for another process's write transaction
+    (seconds); past it that one operation is served from process-local state (counted in
+    ``counters["busy"]``), so a held lock never slows a call by more than `timeout`.
+    A file that cannot be used (missing directory, corrupted, read-only) never fails a
+    call either: a warning naming the file, then local in-process state, re-trying the
+    file every `retry_interval` seconds (see `stores.failover`). Unreadable values are
+    read as absent. Not for network filesystems: SQLite's locking needs a local disk.
     """
 
     shared = True
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 0.25,
+        retry_interval: float = 1.0,
+    ) -> None:
+        _v.positive("timeout", timeout)
+        _v.at_least("retry_interval", retry_interval, 0)
         self.path = os.fspath(path)
         self.timeout = float(timeout)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
-        with self._lock:
-            self._connection()  # fail fast on a bad path, create the schema
+        self._health = Failover("sqlite", self, float(retry_interval))
+        self._local = self._health.local
+        try:
+            with self._lock:
+                self._connection()  # create the schema; a bad path warns and serves locally
+        except sqlite3.Error as exc:
+            self._failed(exc)
+
+    @property
+    def degraded(self) -> bool:
+        """True while the file is unusable and operations use local state."""
+        return self._health.degraded
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Snapshot: remote_ops (file), local_ops, faults, outages, recoveries, busy,
+        bad_values."""
+        return self._health.snapshot()
+
+    @property
+    def last_error(self) -> BaseException | None:
+        return self._health.last_error
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            self._health.on_busy(exc)
+            return
+        self._health.on_fault(exc)
+        with self._lock:  # reopen on the next probe: the file may have been replaced
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def _guard(self, op: Callable[[], T], local: Callable[[], T]) -> T:
+        """Run `op` on the file, or `local` if the file is down, busy or failing."""
+        if not self._health.try_remote():
+            return local()
+        try:
+            result = op()
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return local()
+        self._health.on_success()
+        if self._health.pending:
+            for key, token in self._health.take_pending():
+                self.lease_release(key, token)
+        return result
+
+    def _loads(self, key: str, text: Any) -> Any:
+        try:
+            return json.loads(text)
+        except (ValueError, TypeError) as exc:
+            self._health.bad_value(key, exc)
+            return None
+
+    # -- the Store API: each operation on the file, or on local state (see _guard)
+    def get(self, key: str) -> JSON | None:
+        return self._guard(lambda: self._file_get(key), lambda: self._local.get(key))
+
+    def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
+        text = dumps(value)  # a non-JSON value is the caller's error, on every path
+        self._local.set(key, value, ttl)
+        self._guard(lambda: self._file_set(key, text, ttl), lambda: None)
+
+    def delete(self, key: str) -> None:
+        self._local.delete(key)
+        self._guard(lambda: self._file_delete(key), lambda: None)
+
+    def update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+        return self._guard(
+            lambda: self._file_update(key, fn, ttl), lambda: self._local.update(key, fn, ttl)
+        )
+
+    def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+        return self._guard(
+            lambda: self._file_cache_get(namespace, key, now),
+            lambda: self._local.cache_get(namespace, key, now),
+        )
+
+    def cache_set(
+        self,
+        namespace: str,
+        key: str,
+        value: JSON,
+        *,
+        stored_at: float,
+        ttl: float | None,
+        max_entries: int | None,
+    ) -> None:
+        text = dumps(value)
+        self._guard(
+            lambda: self._file_cache_set(namespace, key, text, stored_at, ttl, max_entries),
+            lambda: self._local.cache_set(
+                namespace, key, value, stored_at=stored_at, ttl=ttl, max_entries=max_entries
+            ),
+        )
+
+    def cache_delete(self, namespace: str, key: str) -> None:
+        self._local.cache_delete(namespace, key)
+        self._guard(lambda: self._file_cache_delete(namespace, key), lambda: None)
+
+    def cache_clear(self, namespace: str) -> None:
+        self._local.cache_clear(namespace)
+        self._guard(lambda: self._file_cache_clear(namespace), lambda: None)
+
+    def cache_len(self, namespace: str, now: float) -> int:
+        return self._guard(
+            lambda: self._file_cache_len(namespace, now),
+            lambda: self._local.cache_len(namespace, now),
+        )
+
+    def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        return self._guard(
+            lambda: self._file_lease_acquire(key, token, limit, lease_s, now),
+            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+        )
+
+    def lease_release(self, key: str, token: str) -> None:
+        self._local.lease_release(key, token)  # it may have been granted locally
+        self._guard(
+            lambda: self._file_lease_release(key, token),
+            lambda: self._health.defer_release(key, token),
+        )
+
+    def lease_count(self, key: str, now: float) -> int:
+        return self._guard(
+            lambda: self._file_lease_count(key, now),
+            lambda: self._local.lease_count(key, now),
+        )
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -171,13 +315,17 @@ class SQLiteStore(Store):
             self._conn = None
 
     # -- key/value -------------------------------------------------------------------
-    @staticmethod
-    def _kv_read(conn: sqlite3.Connection, key: str, now: float) -> Any:
+    def _kv_read(self, conn: sqlite3.Connection, key: str, now: float) -> Any:
         row = conn.execute(
             "SELECT value FROM kv WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
             (key, now),
         ).fetchone()
-        return None if row is None else json.loads(row[0])
+        value = None if row is None else self._loads(key, row[0])
+        if value is None:  # mirrored: an op that must fall back starts from the last seen
+            self._local.delete(key)
+        else:
+            self._local.set(key, value)
+        return value
 
     @staticmethod
     def _kv_write(
@@ -193,24 +341,27 @@ class SQLiteStore(Store):
         # Expired rows are invisible to reads; sweep them on writes so the file stays small.
         conn.execute("DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
 
-    def get(self, key: str) -> JSON | None:
+    def _file_get(self, key: str) -> JSON | None:
         with self._read() as conn:
             return self._kv_read(conn, key, time.time())
 
-    def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
-        text = dumps(value)
+    def _file_set(self, key: str, text: str, ttl: float | None = None) -> None:
         with self._write() as conn:
             self._kv_write(conn, key, text, ttl, time.time())
 
-    def delete(self, key: str) -> None:
+    def _file_delete(self, key: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM kv WHERE key = ?", (key,))
 
-    def update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
+    def _file_update(self, key: str, fn: UpdateFn[R], ttl: float | None = None) -> R:
         with self._write() as conn:
             now = time.time()
             new, result = fn(self._kv_read(conn, key, now))
             self._kv_write(conn, key, None if new is None else dumps(new), ttl, now)
+            if new is None:
+                self._local.delete(key)
+            else:
+                self._local.set(key, new)
             return result
 
     # -- bounded cache ---------------------------------------------------------------
@@ -239,7 +390,7 @@ class SQLiteStore(Store):
                 "UPDATE cache_ns SET entries = entries - ? WHERE namespace = ?", (count, namespace)
             )
 
-    def cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
+    def _file_cache_get(self, namespace: str, key: str, now: float) -> tuple[JSON, float] | None:
         with self._write() as conn:
             row = conn.execute(
                 "SELECT value, stored_at, expires_at FROM cache WHERE namespace = ? AND key = ?",
@@ -257,19 +408,18 @@ class SQLiteStore(Store):
                 "UPDATE cache SET last_access = ? WHERE namespace = ? AND key = ?",
                 (seq, namespace, key),
             )
-            return json.loads(text), float(stored_at)
+            value = self._loads(f"{namespace}/{key}", text)
+            return None if value is None else (value, float(stored_at))
 
-    def cache_set(
+    def _file_cache_set(
         self,
         namespace: str,
         key: str,
-        value: JSON,
-        *,
+        text: str,
         stored_at: float,
         ttl: float | None,
         max_entries: int | None,
     ) -> None:
-        text = dumps(value)
         with self._write() as conn:
             existed = conn.execute(
                 "SELECT 1 FROM cache WHERE namespace = ? AND key = ?", (namespace, key)
@@ -290,19 +440,19 @@ class SQLiteStore(Store):
                 )
                 self._removed(conn, namespace, cur.rowcount)
 
-    def cache_delete(self, namespace: str, key: str) -> None:
+    def _file_cache_delete(self, namespace: str, key: str) -> None:
         with self._write() as conn:
             cur = conn.execute(
                 "DELETE FROM cache WHERE namespace = ? AND key = ?", (namespace, key)
             )
             self._removed(conn, namespace, cur.rowcount)
 
-    def cache_clear(self, namespace: str) -> None:
+    def _file_cache_clear(self, namespace: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM cache WHERE namespace = ?", (namespace,))
             conn.execute("DELETE FROM cache_ns WHERE namespace = ?", (namespace,))
 
-    def cache_len(self, namespace: str, now: float) -> int:
+    def _file_cache_len(self, namespace: str, now: float) -> int:
         with self._read() as conn:
             row = conn.execute(
                 "SELECT entries FROM cache_ns WHERE namespace = ?", (namespace,)
@@ -317,7 +467,9 @@ class SQLiteStore(Store):
             return int(row[0]) - int(expired)
 
     # -- leases ----------------------------------------------------------------------
-    def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+    def _file_lease_acquire(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE key = ? AND expires_at <= ?", (key, now))
             held = conn.execute(
@@ -335,11 +487,11 @@ class SQLiteStore(Store):
             )
             return True
 
-    def lease_release(self, key: str, token: str) -> None:
+    def _file_lease_release(self, key: str, token: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE key = ? AND token = ?", (key, token))
 
-    def lease_count(self, key: str, now: float) -> int:
+    def _file_lease_count(self, key: str, now: float) -> int:
         with self._read() as conn:
             (count,) = conn.execute(
                 "SELECT COUNT(*) FROM leases WHERE key = ? AND expires_at > ?", (key, now)

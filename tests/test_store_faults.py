@@ -1,0 +1,272 @@
+"""Shared state under faults (issue 17): bad values, stalls, cancellations, bursts.
+
+Every test runs its own redis-server on a free port (tests/_redis_server.py), so it may
+write garbage, `DEBUG SLEEP`, flush or kill it without touching anyone else's Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _redis_server import RedisServer, own_redis
+from rag_resilience import breaker as breaker_mod
+from rag_resilience.breaker import CircuitBreaker
+from rag_resilience.limits import ConcurrencyLimit
+from rag_resilience.stores.redis import RedisStore
+
+pytestmark = pytest.mark.enable_socket
+
+KEY = "p:kv:rag_resilience:chat:breaker"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from own_redis(tmp_path)
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[Any]:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "rag_resilience" and r.levelno >= logging.WARNING
+    ]
+
+
+def _boom() -> str:
+    raise ConnectionError("upstream down")
+
+
+async def _answer() -> str:
+    return "answer"
+
+
+# -- item 4: a bad value is absent, logged once, overwritten; never an error -----------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x80garbage{", b'{"s":"open","f":"x"}', b'"closed"', b'{"s":"sideways"}', b"[1,2"],
+    ids=["not-utf8", "bad-field", "not-an-object", "unknown-state", "truncated"],
+)
+def test_bad_breaker_value_is_read_as_absent_and_overwritten(
+    redis_server: RedisServer,
+    raw: Any,
+    garbage: bytes,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(breaker_mod, "_bad_record_logged", False, raising=False)
+    caplog.set_level(logging.INFO, logger="rag_resilience")
+    store = RedisStore(redis_server.url, prefix="p")
+    breaker = CircuitBreaker(3, 30.0, name="chat", store=store)
+    raw.set(KEY, garbage)
+    for _ in range(5):  # a healthy upstream: every call goes through
+        assert breaker.call(lambda: "answer") == "answer"
+    assert asyncio.run(breaker.acall(_answer)) == "answer"
+    assert breaker.get_state().value == "closed"
+    assert not store.degraded and store.counters["faults"] == 0
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "unreadable" in warnings[0], warnings
+    # the next write replaces the bad value with a valid record
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)
+    assert json.loads(raw.get(KEY))["f"] == 1
+    assert breaker.failure_count == 1
+    store.close()
+
+
+def test_wrong_type_key_is_replaced_not_an_outage(
+    redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list where the breaker's string should be: before, WRONGTYPE flipped the whole
+    store to local state for retry_interval, over and over."""
+    caplog.set_level(logging.INFO, logger="rag_resilience")
+    store = RedisStore(redis_server.url, prefix="p", retry_interval=1.0)
+    breaker = CircuitBreaker(3, 30.0, name="chat", store=store)
+    raw.rpush(KEY, "x")
+    raw.rpush("p:lease:{rag_resilience:llm:limit}", "x")
+    raw.set("p:cache:{ns}:lru", "x")
+    assert breaker.call(lambda: "answer") == "answer"
+    with pytest.raises(ConnectionError):
+        breaker.call(_boom)
+    assert json.loads(raw.get(KEY))["f"] == 1
+    assert store.lease_acquire("rag_resilience:llm:limit", "t", 1, 5.0, 1.0)
+    assert raw.zcard("p:lease:{rag_resilience:llm:limit}") == 1
+    store.cache_set("ns", "k", "v", stored_at=1.0, ttl=None, max_entries=5)
+    assert store.cache_get("ns", "k", 2.0) == ("v", 1.0)
+    assert not store.degraded
+    counters = store.counters
+    assert counters["faults"] == 0 and counters["outages"] == 0
+    assert counters["bad_values"] >= 3 and counters["remote_ops"] >= 5
+    store.close()
+
+
+def test_unreadable_cache_entry_is_a_miss(redis_server: RedisServer, raw: Any) -> None:
+    store = RedisStore(redis_server.url, prefix="p")
+    store.cache_set("ns", "k", "v", stored_at=1.0, ttl=None, max_entries=5)
+    raw.hset("p:cache:{ns}:e:k", mapping={"v": b"\x80{", "t": "1.0"})
+    assert store.cache_get("ns", "k", 2.0) is None
+    store.cache_set("ns", "k", "v2", stored_at=3.0, ttl=None, max_entries=5)
+    assert store.cache_get("ns", "k", 4.0) == ("v2", 3.0)
+    assert not store.degraded and store.counters["bad_values"] == 1
+    store.close()
+
+
+# -- item 2: a cancelled distributed acquire never leaks its lease ----------------------
+
+LEASE = "p:lease:{rag_resilience:llm:limit}"
+
+
+async def _until(condition: Any, what: str = "condition") -> None:
+    """Wait (on real time, bounded) until `condition()` holds: the server's state, never
+    a timing, is what the test asserts."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{what} never held")
+
+
+def _stall(server: RedisServer, seconds: float) -> socket.socket:
+    """Send DEBUG SLEEP on a raw socket and return at once: Redis stops answering while
+    every command sent meanwhile waits in its socket buffer (read the reply to join)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+    return sock
+
+
+async def test_cancelled_aacquire_releases_the_lease_redis_granted(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """The task is cancelled while Redis is stalled with its lease script in the socket
+    buffer: Redis grants the lease after the task is gone. Before, that permit stayed
+    held for lease_s (60 s): with a limit of 1 the next caller got WaitTimeoutError."""
+    store = RedisStore(redis_server.url, prefix="p", op_timeout=5.0)
+    limit = ConcurrencyLimit(1, max_waiting=4, name="llm", store=store)
+    await limit.aacquire()  # connect and load the script while Redis answers
+    await limit.arelease()
+    stall = _stall(redis_server, 0.3)
+    await asyncio.sleep(0.05)  # Redis is asleep (if not yet, the task is merely granted)
+    task = asyncio.create_task(limit.aacquire())
+    await asyncio.sleep(0.05)  # the task's script is sent; its reply will never be read
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stall.recv(64).startswith(b"+OK")  # the stall is over
+    stall.close()
+    await _until(lambda: not getattr(limit, "_forgotten", ()), "release sent")
+    await _until(lambda: raw.zcard(LEASE) == 0, "lease freed")
+    assert limit.in_flight == 0
+    await limit.aacquire(timeout=1.0)  # the next caller gets the permit
+    await limit.arelease()
+    await store.aclose()
+
+
+async def test_cancellation_storm_leaks_no_permit(redis_server: RedisServer, raw: Any) -> None:
+    """Tasks and threads share a limit of 3; a third of the tasks are cancelled at random
+    points (waiting, mid-request, holding). Afterwards nothing is held anywhere."""
+    import random
+    import threading
+
+    rng = random.Random(17)
+    store = RedisStore(redis_server.url, prefix="p", op_timeout=5.0)
+    limit = ConcurrencyLimit(3, max_waiting=500, wait_timeout=30.0, name="llm", store=store)
+    thread_calls: list[int] = []
+
+    def thread_worker() -> None:
+        for _ in range(10):
+            with limit.slot():
+                thread_calls.append(1)
+
+    async def task_worker() -> None:
+        async with limit.aslot():
+            await asyncio.sleep(0)
+
+    threads = [threading.Thread(target=thread_worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(task_worker()) for _ in range(150)]
+    for _ in range(60):
+        await asyncio.sleep(rng.random() * 0.002)
+        rng.choice(tasks).cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    await _until(lambda: not getattr(limit, "_forgotten", ()), "releases sent")
+    assert len(thread_calls) == 40
+    assert limit.in_flight == 0
+    assert raw.zcard(LEASE) == 0
+    assert limit.stats()["peak_in_flight"] <= 3
+    await store.aclose()
+
+
+# -- item 1: a stall costs its own length, not lease_s ----------------------------------
+
+
+async def test_one_second_stall_leaves_no_permit_held(redis_server: RedisServer, raw: Any) -> None:
+    """Threads and tasks call through a shared limit of 6 while Redis stalls for 1 s
+    (DEBUG SLEEP). Before: 5-6 leases stayed held in Redis for ~60 s after the stall
+    (releases made while degraded went to the local store only), and callers then waited
+    their full wait_timeout. Now: no call fails, nothing stays held once callers finish."""
+    import threading
+
+    store = RedisStore(redis_server.url, prefix="p", op_timeout=0.05, retry_interval=0.05)
+    limit = ConcurrencyLimit(6, max_waiting=200, wait_timeout=10.0, name="llm", store=store)
+    stop = threading.Event()
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def thread_worker() -> None:
+        try:
+            while not stop.is_set():
+                with limit.slot():
+                    stop.wait(0.002)
+                done.append(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def task_worker() -> None:
+        try:
+            while not stop.is_set():
+                async with limit.aslot():
+                    await asyncio.sleep(0.002)
+                done.append(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread_worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(task_worker()) for _ in range(12)]
+    await _until(lambda: len(done) > 50, "calls flowing")
+    stall = _stall(redis_server, 1.0)
+    await _until(lambda: store.degraded, "stall noticed")
+    assert (await asyncio.to_thread(stall.recv, 64)).startswith(b"+OK")
+    stall.close()
+    await _until(lambda: not store.degraded, "recovered")
+    before = len(done)
+    await _until(lambda: len(done) > before + 50, "calls flowing again")
+    stop.set()
+    await asyncio.gather(*tasks)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert errors == []
+    assert limit.in_flight == 0
+    await _until(lambda: raw.zcard(LEASE) == 0, "no lease held in Redis")
+    assert store.local.lease_count("rag_resilience:llm:limit", 0.0) == 0
+    await store.aclose()
