@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -72,7 +73,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "rag_resilience.otel_traces needs opentelemetry-api: pip install 'rag-resilience[otel]'"
     ) from exc
 
-__all__ = ["ATTEMPT_SPAN", "genai_attributes", "instrument", "is_instrumented", "uninstrument"]
+__all__ = [
+    "ATTEMPT_SPAN",
+    "genai_attributes",
+    "instrument",
+    "is_instrumented",
+    "trace_policy",
+    "uninstrument",
+]
 
 ATTEMPT_SPAN = "rag_resilience.attempt"
 _INTERNAL = trace.SpanKind.INTERNAL
@@ -206,9 +214,13 @@ class _CallSpan:
         token, self.attempt_token = self.attempt_token, None
         if token is not None and self.tokens and self.tokens[-1] is token:
             otel_context.detach(self.tokens.pop())
-        span.set_attribute("rag_resilience.outcome", outcome)
-        if error is not None:
-            _set_error(span, error)
+        if error is None:
+            span.set_attribute("rag_resilience.outcome", outcome)
+        else:
+            span.set_attributes(
+                {"rag_resilience.outcome": outcome, "error.type": type(error).__qualname__}
+            )
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
         span.end()
 
     def finish(self, error: BaseException | None) -> None:
@@ -279,29 +291,40 @@ class _TraceListener:
         elif kind is EventKind.SUCCESS:
             call.terminal = True
             call.end_attempt("success")
-            span.set_attribute("rag_resilience.outcome", "success")
-            span.set_attribute("rag_resilience.source", "live")
-            span.set_attribute("rag_resilience.degraded", False)
-            span.set_attribute("rag_resilience.attempts", event.attempt)
+            span.set_attributes(
+                {
+                    "rag_resilience.outcome": "success",
+                    "rag_resilience.source": "live",
+                    "rag_resilience.degraded": False,
+                    "rag_resilience.attempts": event.attempt,
+                }
+            )
         elif kind is EventKind.FALLBACK:
             call.terminal = True
             call.end_attempt("failure", event.error)
-            span.set_attribute("rag_resilience.outcome", "fallback")
-            span.set_attribute("rag_resilience.source", event.served_from or "unknown")
-            span.set_attribute("rag_resilience.degraded", True)
-            span.set_attribute("rag_resilience.attempts", event.attempt)
+            attrs: dict[str, Any] = {
+                "rag_resilience.outcome": "fallback",
+                "rag_resilience.source": event.served_from or "unknown",
+                "rag_resilience.degraded": True,
+                "rag_resilience.attempts": event.attempt,
+            }
             if event.age_s is not None:
-                span.set_attribute("rag_resilience.cache.age_s", event.age_s)
+                attrs["rag_resilience.cache.age_s"] = event.age_s
             if event.reason is not None:
-                span.set_attribute("rag_resilience.degraded.reason", event.reason)
+                attrs["rag_resilience.degraded.reason"] = event.reason
             if event.error is not None:
-                span.set_attribute("rag_resilience.error.type", type(event.error).__qualname__)
+                attrs["rag_resilience.error.type"] = type(event.error).__qualname__
+            span.set_attributes(attrs)
         elif kind is EventKind.FAILURE:
             call.terminal = True
             call.end_attempt("failure", event.error)
-            span.set_attribute("rag_resilience.outcome", "failure")
-            span.set_attribute("rag_resilience.degraded", False)
-            span.set_attribute("rag_resilience.attempts", event.attempt)
+            span.set_attributes(
+                {
+                    "rag_resilience.outcome": "failure",
+                    "rag_resilience.degraded": False,
+                    "rag_resilience.attempts": event.attempt,
+                }
+            )
             if event.error is not None:
                 _set_error(span, event.error)
                 span.record_exception(event.error)
@@ -316,9 +339,9 @@ class _TraceListener:
             else:
                 span.add_event("rag_resilience.rejected", {"reason": reason})
         elif kind is EventKind.STATE_CHANGE:
-            attrs = {"from": event.old_state or "unknown", "to": event.new_state or "unknown"}
+            change = {"from": event.old_state or "unknown", "to": event.new_state or "unknown"}
             target = call.attempt_span if call.attempt_span is not None else span
-            target.add_event("rag_resilience.breaker.state_change", attrs)
+            target.add_event("rag_resilience.breaker.state_change", change)
             if event.new_state is not None:
                 _breaker_seen(call, event.new_state)
         else:  # a kind added later (pacing, probe wait, ...): an event, and its time summed
@@ -368,6 +391,15 @@ class _Instrumentation:
 
 _active: list[_Instrumentation] = []
 _lock = threading.Lock()
+_WRAPPERS: tuple[tuple[str, Callable[[Any, _Instrumentation], Any]], ...]
+
+
+def _tracer_of(tracer_provider: Any) -> Any:
+    return (
+        tracer_provider.get_tracer("rag_resilience")
+        if tracer_provider is not None
+        else trace.get_tracer("rag_resilience")
+    )
 
 
 def is_instrumented() -> bool:
@@ -377,23 +409,14 @@ def is_instrumented() -> bool:
 def instrument(tracer_provider: Any = None) -> None:
     """Trace every `ResiliencePolicy` call in this process (idempotent: a second call
     replaces the tracer provider)."""
-    tracer = (
-        tracer_provider.get_tracer("rag_resilience")
-        if tracer_provider is not None
-        else trace.get_tracer("rag_resilience")
-    )
+    tracer = _tracer_of(tracer_provider)
     with _lock:
         if _active:
             _active[0].tracer = tracer
             _active[0].listener.tracer = tracer
             return
         inst = _Instrumentation(tracer)
-        for name, wrap in (
-            ("execute", _wrap_execute),
-            ("aexecute", _wrap_aexecute),
-            ("execute_stream", _wrap_stream),
-            ("aexecute_stream", _wrap_astream),
-        ):
+        for name, wrap in _WRAPPERS:
             original = ResiliencePolicy.__dict__[name]
             inst.originals[name] = original
             setattr(ResiliencePolicy, name, wrap(original, inst))
@@ -410,6 +433,17 @@ def uninstrument() -> None:
         for name, original in inst.originals.items():
             setattr(ResiliencePolicy, name, original)
         remove_listener(inst.listener)
+
+
+def trace_policy(policy: ResiliencePolicy, tracer_provider: Any = None) -> ResiliencePolicy:
+    """Trace this one policy's calls (the others stay untouched); returns `policy`.
+    Do not combine with a process-wide `instrument` (its calls would get two spans)."""
+    inst = _Instrumentation(_tracer_of(tracer_provider))
+    for name, wrap in _WRAPPERS:
+        original = ResiliencePolicy.__dict__[name]
+        setattr(policy, name, types.MethodType(wrap(original, inst), policy))
+    policy.add_listener(inst.listener)
+    return policy
 
 
 def _wrap_execute(original: Any, inst: _Instrumentation) -> Any:
@@ -542,3 +576,11 @@ def _wrap_astream(original: Any, inst: _Instrumentation) -> Any:
 
     aexecute_stream.__doc__ = original.__doc__
     return aexecute_stream
+
+
+_WRAPPERS = (
+    ("execute", _wrap_execute),
+    ("aexecute", _wrap_aexecute),
+    ("execute_stream", _wrap_stream),
+    ("aexecute_stream", _wrap_astream),
+)
