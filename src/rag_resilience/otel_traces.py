@@ -63,6 +63,7 @@ from typing import Any
 
 from .events import Event, EventKind, add_listener, remove_listener
 from .policy import ResiliencePolicy
+from .telemetry import CALL_ATTRIBUTE_HOOKS
 
 try:
     from opentelemetry import context as otel_context
@@ -150,14 +151,16 @@ class _CallSpan:
         "breaker",
         "call_span",
         "closed",
+        "genai",
         "names",
         "terminal",
         "tokens",
         "waits",
     )
 
-    def __init__(self, policy: ResiliencePolicy, span: Any) -> None:
+    def __init__(self, policy: ResiliencePolicy, span: Any, genai: dict[str, Any]) -> None:
         self.call_span = span
+        self.genai = genai
         self.attempt_span: Any = None
         self.attempt_token: Any = None
         self.attempt = 0
@@ -263,6 +266,15 @@ def _set_error(span: Any, error: BaseException) -> None:
 _current: contextvars.ContextVar[_CallSpan | None] = contextvars.ContextVar(
     "rag_resilience_call_span", default=None
 )
+
+
+def _current_genai() -> dict[str, Any] | None:
+    """The GenAI attributes of the traced call in progress (for the metrics' histogram)."""
+    call = _current.get()
+    return call.genai if call is not None else None
+
+
+CALL_ATTRIBUTE_HOOKS.append(_current_genai)
 
 
 class _TraceListener:
@@ -381,12 +393,12 @@ class _Instrumentation:
         self.originals: dict[str, Any] = {}
 
     def begin(self, policy: ResiliencePolicy, fn: Any, kwargs: Any) -> _CallSpan:
-        attrs: dict[str, Any] = genai_attributes(fn, kwargs)
-        op, model = attrs.get("gen_ai.operation.name"), attrs.get("gen_ai.request.model")
+        genai = genai_attributes(fn, kwargs)
+        op, model = genai.get("gen_ai.operation.name"), genai.get("gen_ai.request.model")
         name = f"{op} {model}" if op and model else op or f"rag_resilience {policy.name}"
-        attrs["rag_resilience.policy"] = policy.name
+        attrs: dict[str, Any] = {**genai, "rag_resilience.policy": policy.name}
         span = self.tracer.start_span(name, kind=_INTERNAL, attributes=attrs)
-        return _CallSpan(policy, span)
+        return _CallSpan(policy, span, genai)
 
 
 _active: list[_Instrumentation] = []
