@@ -113,5 +113,5 @@ def test_scraped_over_http_after_a_crowd_and_an_outage(
 
 
 def test_serve_rejects_a_bad_port() -> None:
-    with pytest.raises(ValueError, match="port must be in 0..65535"):
+    with pytest.raises(ValueError, match=r"port must be in 0\.\.65535"):
         serve(70000, registry=CollectorRegistry())

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .events import Event
-from .telemetry import METRICS, MetricsRecorder, MetricSpec
+from .telemetry import METRICS, MetricSpec, MetricsRecorder
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
