@@ -187,3 +187,31 @@ def test_render_and_sparkline() -> None:
     console.print(render(rows, "redis://test", 1000.0))
     text = console.export_text()
     assert "svc" in text and "open" in text and "30s" in text
+
+
+def test_demo_says_where_to_watch_and_serves_its_policies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`make demo` prints the watch command; the endpoint it names serves the wrapped app's
+    policies while the scenarios run (read here after the run, from the same report)."""
+    import re
+
+    from rag_resilience import demo
+
+    seen: list[Any] = []
+    original = demo._report
+
+    def spy(report: Any, run: Any) -> None:
+        original(report, run)
+        seen.append(report)
+
+    demo._report = spy  # type: ignore[assignment]
+    try:
+        code = demo.main(["--framework", "langchain", "--scenario", "normal", "--quick"])
+    finally:
+        demo._report = original  # type: ignore[assignment]
+    assert code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"rag-resilience watch --url http://127\.0\.0\.1:\d+/stats", out)
+    names = {sample["name"] for sample in seen[0].samples()}
+    assert names and all(name.startswith("langchain/normal/") for name in names)

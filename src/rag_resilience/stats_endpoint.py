@@ -64,8 +64,9 @@ def _int(stats: dict[str, Any], key: str) -> int:
 class _Window:
     """One policy's recent per-second counts, from the differences between samples."""
 
-    def __init__(self, policy: Any, window_s: int) -> None:
+    def __init__(self, policy: Any, window_s: int, name: str | None = None) -> None:
         self.policy = policy
+        self.name = name or policy.name
         self.window_s = window_s
         self.previous: tuple[int, int, int] | None = None
         self.series: deque[list[int]] = deque()
@@ -87,7 +88,7 @@ class _Window:
         while self.series and self.series[0][0] <= now - self.window_s:
             self.series.popleft()
         return {
-            "name": policy.name,
+            "name": self.name,
             "replica": replica,
             "time": now,
             "breaker": _breaker(policy.breaker),
@@ -128,8 +129,8 @@ def _limit(limit: Any) -> dict[str, Any] | None:
 
 
 class StatsReport:
-    """Samples of some policies: what one replica tells `watch`. Its series start when it
-    is built (a first sample is the baseline the next ones are counted from)."""
+    """Samples of some policies: what one replica tells `watch`. A policy's series starts
+    when it is added (a first sample is the baseline the next ones are counted from)."""
 
     def __init__(
         self,
@@ -141,10 +142,19 @@ class StatsReport:
         if window_s < 1:
             raise ValueError(f"window_s must be an integer >= 1 second, got {window_s!r}")
         self.replica = replica or default_replica()
-        self._windows = [_Window(policy, window_s) for policy in policies]
+        self.window_s = window_s
+        self._windows: list[_Window] = []
         self._clock = clock
         self._lock = threading.Lock()
-        self.samples()  # the baseline: the series counts calls from now on
+        for policy in policies:
+            self.add(policy)
+
+    def add(self, policy: Any, name: str | None = None) -> None:
+        """Report `policy` too, as `name` (default: its own); its series start now."""
+        window = _Window(policy, self.window_s, name)
+        with self._lock:
+            window.sample(self._clock(), self.replica)  # the baseline
+            self._windows.append(window)
 
     def samples(self) -> list[dict[str, Any]]:
         with self._lock:  # two scrapes at once must not interleave their differences
