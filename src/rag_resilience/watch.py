@@ -221,12 +221,18 @@ def render(rows: list[dict[str, Any]], where: str, now: float) -> Any:
         ("calls/min", "right"),
         ("errors", "right"),
         ("degraded", "right"),
-        ("errors+degraded, last 60 s", "left"),
+        ("errors+degraded per second, last 60 s", "left"),
         ("in flight", "right"),
         ("queue", "right"),
         ("replicas", "right"),
     ):
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+        wide = header.startswith("errors+")
+        table.add_column(
+            header,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=True,
+            min_width=WINDOW_S if wide else None,
+        )
     for row in rows:
         state = row.get("state") or "-"
         table.add_row(
