@@ -32,6 +32,8 @@ def test_otel_overhead_quick_writes_json(tmp_path: Path) -> None:
     assert ("sync", "policy traced, SDK tracer") in names
     assert ("async", "policy traced, API no-op tracer") in names
     assert set(result["targets"]) == {
-        "traced_policy_adds_le_20us_over_one_sdk_span_sync",
-        "traced_policy_adds_le_20us_over_one_sdk_span_async",
+        "traced_policy_adds_le_20us_over_its_spans_sync",
+        "traced_policy_adds_le_20us_over_its_spans_async",
+        "tracing_adds_le_20us_with_noop_tracer_sync",
+        "tracing_adds_le_20us_with_noop_tracer_async",
     }

@@ -88,16 +88,18 @@ _INTERNAL = trace.SpanKind.INTERNAL
 
 
 # -- what the wrapped callable is (GenAI conventions) -------------------------------------
-def _model_of(obj: Any) -> tuple[str | None, Any]:
-    """(model name, the object that holds it), looking one level into a wrapper."""
-    for holder in (obj, getattr(obj, "model", None), getattr(obj, "llm", None)):
+def _model_path(owner: Any) -> tuple[tuple[str, ...] | None, Any]:
+    """Where the model name lives on `owner` (looking one level into a wrapper's model),
+    and the object that holds it."""
+    for first in (None, "model", "llm"):
+        holder = owner if first is None else getattr(owner, first, None)
         if holder is None:
             continue
         for attr in ("model_name", "model"):
             value = getattr(holder, attr, None)
             if isinstance(value, str) and value:
-                return value, holder
-    return None, obj
+                return ((attr,) if first is None else (first, attr)), holder
+    return None, owner
 
 
 def _provider_of(module: str) -> str | None:
@@ -107,35 +109,51 @@ def _provider_of(module: str) -> str | None:
     return None
 
 
+# (owner type, function) -> (operation, provider, where the model name is): decided once
+_KINDS: dict[tuple[type, Any], tuple[str | None, str | None, tuple[str, ...] | None]] = {}
+
+
+def _kind_of(owner: Any, method: str) -> tuple[str | None, str | None, tuple[str, ...] | None]:
+    path, holder = _model_path(owner)
+    module = type(holder).__module__
+    words = f"{method} {type(owner).__name__} {module}".lower()
+    if "embed" in words:
+        operation: str | None = "embeddings"
+    elif ".chat." in f".{module}." or "chat" in words:
+        operation = "chat"
+    elif "complet" in words:
+        operation = "text_completion"
+    elif path is not None:
+        operation = "chat"  # a model object's generate/invoke
+    else:
+        operation = None
+    return operation, _provider_of(module), path
+
+
 def genai_attributes(
     fn: Callable[..., Any], kwargs: dict[str, Any] | None = None
 ) -> dict[str, str]:
     """The GenAI attributes (`gen_ai.operation.name`, `gen_ai.provider.name`,
     `gen_ai.request.model`) that can be read off a wrapped callable and its kwargs."""
+    model = kwargs.get("model") if kwargs else None
     owner = getattr(fn, "__self__", None)
-    method = getattr(fn, "__name__", "") or ""
-    model, holder = _model_of(owner) if owner is not None else (None, None)
-    if kwargs and isinstance(kwargs.get("model"), str):
-        model = kwargs["model"]
-    module = type(holder if holder is not None else owner).__module__ if owner is not None else ""
-    words = f"{method} {type(owner).__name__ if owner is not None else ''} {module}".lower()
-    if "embed" in words:
-        operation = "embeddings"
-    elif ".chat." in f".{module}." or "chat" in words:
-        operation = "chat"
-    elif "complet" in words:
-        operation = "text_completion"
-    elif model is not None and owner is not None:
-        operation = "chat"  # a model object's generate/invoke
-    else:
-        operation = None
     out: dict[str, str] = {}
-    if operation is not None:
-        out["gen_ai.operation.name"] = operation
-    provider = _provider_of(module)
-    if provider is not None:
-        out["gen_ai.provider.name"] = provider
-    if model is not None:
+    if owner is not None:
+        key = (type(owner), getattr(fn, "__func__", None))
+        kind = _KINDS.get(key)
+        if kind is None:
+            kind = _KINDS[key] = _kind_of(owner, getattr(fn, "__name__", "") or "")
+        operation, provider, path = kind
+        if operation is not None:
+            out["gen_ai.operation.name"] = operation
+        if provider is not None:
+            out["gen_ai.provider.name"] = provider
+        if not isinstance(model, str) and path is not None:
+            holder = owner
+            for attr in path:
+                holder = getattr(holder, attr, None)
+            model = holder
+    if isinstance(model, str):
         out["gen_ai.request.model"] = model
     return out
 
@@ -165,12 +183,7 @@ class _CallSpan:
         self.attempt_token: Any = None
         self.attempt = 0
         self.breaker = policy.breaker
-        names = [policy.name, policy.retry.name]
-        if policy.breaker is not None:
-            names.append(policy.breaker.name)
-        if policy.limit is not None:
-            names.append(policy.limit.name)
-        self.names = frozenset(names)
+        self.names = _names_of(policy)
         self.tokens: list[Any] = []
         self.waits: dict[str, float] = {}
         self.terminal = False  # a success, fallback or failure event was seen
@@ -250,6 +263,25 @@ class _CallSpan:
         for kind, seconds in self.waits.items():
             span.set_attribute(f"rag_resilience.{kind}.wait_s", seconds)
         span.end()
+
+
+def _names_of(policy: ResiliencePolicy) -> frozenset[str]:
+    """The names the policy's components publish under (kept on the policy, rebuilt if a
+    component is replaced)."""
+    parts = (policy.name, policy.retry, policy.breaker, policy.limit)
+    cached = policy.__dict__.get("_rr_trace_names")
+    if cached is not None and cached[0] == parts:
+        return cached[1]  # type: ignore[no-any-return]
+    names = {policy.name}
+    if policy.retry.name:
+        names.add(policy.retry.name)
+    if policy.breaker is not None:
+        names.add(policy.breaker.name)
+    if policy.limit is not None:
+        names.add(policy.limit.name)
+    frozen = frozenset(names)
+    policy.__dict__["_rr_trace_names"] = (parts, frozen)
+    return frozen
 
 
 def _breaker_state(breaker: Any) -> str | None:
