@@ -346,3 +346,59 @@ def test_langchain_and_llama_index_models_name_their_spans(
         assert call.parent is not None
         assert call.parent.span_id == parent.get_span_context().span_id
         assert len(children(got, call)) == attempts
+
+
+async def test_async_stream_retried_before_its_first_item(
+    chaos_server: ChaosServer, clock: FakeClock, spans: Any
+) -> None:
+    """The real async SDK streaming over SSE: a 503 before the first chunk is an attempt
+    span of its own; the live attempt's span lasts until the stream ends."""
+    exporter, tracer = spans
+    client = AsyncResilientOpenAIClient(
+        api_key="sk-test",
+        base_url=chaos_server.base_url,
+        policy=ResiliencePolicy.preset("balanced", name="tr-astream"),
+    )
+    chaos_server.set_faults(fail_next=1, fail_next_status=503)
+    with tracer.start_as_current_span("outer") as outer:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MSG, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert trace.get_current_span() is outer
+    assert chunks
+    got = list(exporter.get_finished_spans())
+    (call,) = calls_of(got, "tr-astream")
+    assert call.attributes["rag_resilience.outcome"] == "success"
+    assert call.attributes["rag_resilience.attempts"] == 2
+    attempts = children(got, call)
+    assert [a.attributes["rag_resilience.outcome"] for a in attempts] == ["retry", "success"]
+
+
+def test_a_policy_inside_another_nests_under_its_attempt(spans: Any) -> None:
+    """`with_resilience` around a chain of wrapped models: the inner call's span is a child
+    of the outer call's attempt, and the events of each go to their own spans."""
+    exporter, _ = spans
+    outer = ResiliencePolicy.preset("balanced", name="tr-outer")
+    inner = ResiliencePolicy.preset("balanced", name="tr-inner", max_retries=1)
+    state = {"n": 0}
+
+    class APIError(Exception):
+        status_code = 503
+
+    def flaky() -> str:
+        state["n"] += 1
+        if state["n"] == 1:
+            raise APIError("503")
+        return "ok"
+
+    with fake_clock():
+        assert outer.call(lambda: inner.call(flaky)) == "ok"
+    got = list(exporter.get_finished_spans())
+    (outer_call,) = calls_of(got, "tr-outer")
+    (inner_call,) = calls_of(got, "tr-inner")
+    (outer_attempt,) = children(got, outer_call)
+    assert inner_call.parent is not None and inner_call.parent.span_id == _id(outer_attempt)
+    assert outer_call.attributes["rag_resilience.attempts"] == 1
+    assert inner_call.attributes["rag_resilience.attempts"] == 2
+    assert len(children(got, inner_call)) == 2
