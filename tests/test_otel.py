@@ -8,6 +8,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rag_resilience import ResiliencePolicy
+from rag_resilience.events import Event
 from rag_resilience.otel import OTelListener
 from rag_resilience.testing import fake_clock
 
@@ -64,3 +65,68 @@ def test_policy_decisions_become_metrics() -> None:
     assert total(got["rag_resilience.rejections"], reason="circuit_open") >= 1
     durations = got["rag_resilience.call.duration"]
     assert sum(p.count for p in durations) == 4
+
+
+def test_polly_style_events_genai_duration_and_gauges_over_the_chaos_server(
+    chaos_server: Any,
+) -> None:
+    """The real openai SDK over HTTP: one `rag_resilience.events` meter with Polly's names,
+    `gen_ai.client.operation.duration` with the traced call's GenAI attributes, and the
+    observed policy's breaker state, in-flight and queue depth as gauges."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from rag_resilience import ResilientOpenAIClient
+    from rag_resilience.otel_traces import trace_policy
+
+    reader = InMemoryMetricReader()
+    listener = OTelListener(MeterProvider(metric_readers=[reader]))
+    msg = [{"role": "user", "content": "hi"}]
+    with fake_clock():
+        policy = ResiliencePolicy.preset(
+            "balanced", name="om-chaos", listeners=[listener], generic_fallback=True
+        )
+        trace_policy(policy, TracerProvider())
+        listener.observe(policy)
+        client = ResilientOpenAIClient(
+            api_key="sk-test", base_url=chaos_server.base_url, policy=policy
+        )
+        chaos_server.set_faults(fail_next=1, fail_next_status=503)
+        client.chat.completions.create(model="gpt-4o-mini", messages=msg)
+        chaos_server.set_faults(outage=True)
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o-mini", messages=msg)
+        chaos_server.wait_idle()
+        got = points(reader)  # gauges read now, on the fake clock: the circuit is open
+    events = got["rag_resilience.events"]
+    assert total(events, **{"event.name": "OnRetry", "reason": "http_503"}) == 1 + 3
+    assert total(events, **{"event.name": "OnCircuitOpened"}) == 1
+    assert total(events, **{"event.name": "OnCircuitRejected"}) >= 1
+    assert total(events, **{"event.name": "OnFallback"}) == 3
+    assert total(events, **{"event.name": "ExecutionAttempt"}) == int(
+        chaos_server.stats()["requests"]
+    ) + total(events, **{"event.name": "OnCircuitRejected"})
+    genai = got["gen_ai.client.operation.duration"]
+    assert sum(p.count for p in genai) == 4
+    assert {p.attributes["gen_ai.request.model"] for p in genai} == {"gpt-4o-mini"}
+    assert {p.attributes["gen_ai.operation.name"] for p in genai} == {"chat"}
+    state = {p.attributes["state"]: p.value for p in got["rag_resilience.breaker.state"]}
+    assert state == {"open": 1, "closed": 0, "half_open": 0}
+    assert [p.value for p in got["rag_resilience.limit.in_flight"]] == [0]
+    assert [p.value for p in got["rag_resilience.limit.queue_depth"]] == [0]
+
+
+def test_unknown_kinds_are_counted_by_name_and_headroom_is_a_gauge() -> None:
+    """Kinds added later (pacing, probe wait) flow through without code here knowing them."""
+    reader = InMemoryMetricReader()
+    listener = OTelListener(MeterProvider(metric_readers=[reader]))
+
+    class Paced:
+        value = "paced"
+
+    event = Event(Paced(), "om-pace", delay=0.5, extra={"remaining": 30, "limit": 120})  # type: ignore[arg-type]
+    listener(event)
+    listener(Event(Paced(), "om-pace", extra={"remaining": 60, "limit": 120, "resource": "tokens"}))  # type: ignore[arg-type]
+    got = points(reader)
+    assert total(got["rag_resilience.events"], **{"event.name": "paced"}) == 2
+    headroom = {p.attributes["resource"]: p.value for p in got["rag_resilience.ratelimit.headroom"]}
+    assert headroom == {"requests": 0.25, "tokens": 0.5}

@@ -1,4 +1,4 @@
-"""`rag-resilience` command line: demo | serve | record | bench. Subcommands load lazily."""
+"""`rag-resilience` command line: demo | serve | record | bench | watch. Subcommands load lazily."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "chaos": ("rag_resilience.chaos.cli", "alias of serve"),
     "record": ("rag_resilience.chaos.record", "re-record the HTTP cassettes"),
     "bench": ("rag_resilience.bench", "run the chaos benchmark"),
+    "watch": ("rag_resilience.watch", "live view of circuits and limits (Redis or a stats URL)"),
 }
 
 

@@ -119,6 +119,7 @@ async def _run_all(
     progress: Any,
     real: bool,
     timeouts: tuple[float, float],
+    on_built: Callable[[ScenarioRun], None] = lambda run: None,
 ) -> list[ScenarioResult]:
     def prepare(framework: str, name: str) -> ScenarioRun:
         return ScenarioRun(
@@ -145,6 +146,7 @@ async def _run_all(
         for run in calm:
             progress.advance(0, f"{run.framework}/{run.name}: building the apps")
             await asyncio.to_thread(run.build)
+            on_built(run)
             await run.prime()
     except BaseException:
         for run in calm:
@@ -156,11 +158,28 @@ async def _run_all(
             spike = prepare(framework, "spike")
             progress.advance(0, f"{framework}/spike: building the apps")
             await asyncio.to_thread(spike.build)
+            on_built(spike)
             await spike.prime()
             progress.advance(0, f"{framework}/spike")
             results.append(await one(spike))
     order = {(f, s): i for i, (f, s) in enumerate((f, s) for f in frameworks for s in scenarios)}
     return sorted(results, key=lambda r: order[(r.framework, r.name)])
+
+
+def _watchable() -> tuple[Any, Any]:
+    """A stats endpoint for `rag-resilience watch`, and where to point it."""
+    from ..stats_endpoint import StatsReport, serve_stats
+
+    report = StatsReport(replica="demo")
+    server = serve_stats(report)
+    url = f"http://127.0.0.1:{server.server_port}/stats"
+    print(f"  Watch the circuits live in another terminal: rag-resilience watch --url {url}\n")
+    return report, server
+
+
+def _report(report: Any, run: ScenarioRun) -> None:
+    for role, policy in run.apps[0].policies().items():  # the wrapped app's
+        report.add(policy, name=f"{run.framework}/{run.name}/{role}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "spike_timeout_s": spike_timeout,
     }
     print(render_header(info), flush=True)
+    report, stats_server = _watchable()
     started = time.perf_counter()
     with _quiet_logs(args.verbose) as tally, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -226,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                     progress,
                     args.real,
                     (user_timeout, spike_timeout),
+                    lambda run: _report(report, run),
                 )
             )
         finally:
             progress.close()
+            stats_server.shutdown()
         logs = tally.summary()
     wall = time.perf_counter() - started
     counted = not args.real
