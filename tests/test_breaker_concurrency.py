@@ -363,7 +363,14 @@ async def test_tasks_half_open_probes_never_above_bound(store: bool) -> None:
 @STORES
 async def test_tasks_cancelled_probes_free_their_slots(store: bool) -> None:
     clock = FakeClock()
-    cb = breaker(store, clock, failure_threshold=1, recovery_timeout=5.0, half_open_max_calls=2)
+    cb = breaker(
+        store,
+        clock,
+        failure_threshold=1,
+        recovery_timeout=5.0,
+        half_open_max_calls=2,
+        probe_wait=0,  # reject at once (probe-wait has its own tests)
+    )
     with pytest.raises(ConnectionError):
         cb.call(lambda: (_ for _ in ()).throw(ConnectionError()))
     clock.advance(5.0)

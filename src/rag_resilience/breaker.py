@@ -33,7 +33,10 @@ from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .errors import CircuitOpenError
 from .events import EventBus, EventKind, Listener
+from .probewait import PROBE_WAIT_CAP, Signal, WaitBudget
+from .slowstart import SlowStart
 from .stores.base import Store
+from .stores.redis_notify import notifier_for
 
 __all__ = ["CircuitBreaker", "CircuitState"]
 
@@ -44,6 +47,13 @@ T = TypeVar("T")
 ADMITTED_CLEAN = 0  # closed and clean when admitted: a success only reads (the fast path)
 ADMITTED = 1  # closed, a success must be recorded (failures to reset / rate window)
 PROBE = 2  # half-open probe: every ticket >= PROBE is one, carrying the probe's own id
+RAMPED = -2  # closed, admitted by the slow-start ramp: its end frees a ramp slot
+_REJECT = -1  # internal: not admitted
+_RAMP_FULL = "ramp"  # internal state name: closed, but the slow-start ramp is full
+# Shared breakers re-read the store while waiting: verdicts of other processes come by
+# notification (Redis pub/sub) when the store has it, this is the safety net.
+_POLL_NOTIFIED_S = 1.0
+_POLL_SHARED_S = 0.1
 _PROBE_ID_BITS = 52  # ids stay exact in JSON numbers (shared stores)
 
 
@@ -174,6 +184,8 @@ class CircuitBreaker:
         window_seconds: float = 60.0,
         min_recovery_timeout: float | None = None,
         probe_timeout: float = 60.0,
+        probe_wait: float | None = None,
+        slow_start: SlowStart | None = None,
         classifier: Classifier | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
@@ -197,6 +209,11 @@ class CircuitBreaker:
                 f"got {min_recovery_timeout}"
             )
         _v.positive("probe_timeout", probe_timeout)
+        if probe_wait is not None and not 0 <= probe_wait <= probe_timeout:
+            raise ValueError(
+                f"probe_wait must be in [0, probe_timeout={probe_timeout}] seconds or None, "
+                f"got {probe_wait!r}"
+            )
         self.failure_threshold = failure_threshold
         self.recovery_timeout = float(recovery_timeout)
         self.expected_exception = expected_exception
@@ -209,6 +226,13 @@ class CircuitBreaker:
         self.window_seconds = float(window_seconds)
         self.min_recovery_timeout = min_recovery_timeout
         self.probe_timeout = probe_timeout
+        #: how long `admit` waits for a probe in flight (0: reject at once, as `before_call`)
+        self.probe_wait = (
+            float(probe_wait) if probe_wait is not None else min(probe_timeout, PROBE_WAIT_CAP)
+        )
+        self.slow_start = slow_start
+        #: published on every probe report and state change: what probe-waiters wait on
+        self.verdicts = Signal()
         self.classify: Callable[[BaseException], ErrorVerdict] = make_classifier(classifier)
         self.clock = clock
         self.events = EventBus(listeners)
@@ -223,6 +247,17 @@ class CircuitBreaker:
         self.quiet: bool = store is None and mode == "consecutive"
         self._state_listeners: list[Callable[[CircuitState, CircuitState], None]] = []
         self.rejected = 0  # calls refused while open (local count)
+        self.waited = 0  # calls that waited for a probe's verdict or the ramp (local count)
+        self._notifier = notifier_for(store, self.key, self._remote_verdict)
+        self._poll_s = (
+            None
+            if store is None or not store.shared
+            else _POLL_NOTIFIED_S
+            if self._notifier is not None
+            else _POLL_SHARED_S
+        )
+        if slow_start is not None:
+            slow_start.on_done = self._refresh_quiet
 
     # -- time ---------------------------------------------------------------------------
     def _now(self) -> float:
@@ -238,7 +273,7 @@ class CircuitBreaker:
                 rec = self._rec
                 old = rec.state
                 result = fn(rec, now)
-                self.quiet = rec.state == _CLOSED and not rec.failures and self.mode != "rate"
+                self.quiet = self._quiet(rec)
                 return result, old, rec.state
 
         def update(data: Any) -> tuple[Any, tuple[Any, str, str]]:
@@ -263,6 +298,20 @@ class CircuitBreaker:
 
         out: tuple[Any, str, str] = await self.store.aupdate(self.key, update)
         return out
+
+    def _quiet(self, rec: _Record) -> bool:
+        ramp = self.slow_start
+        return (
+            rec.state == _CLOSED
+            and not rec.failures
+            and self.mode != "rate"
+            and (ramp is None or not ramp.active)
+        )
+
+    def _refresh_quiet(self) -> None:
+        if self.store is None:
+            with self._lock:
+                self.quiet = self._quiet(self._rec)
 
     def _snapshot(self) -> _Record:
         if self.store is None:
@@ -400,11 +449,144 @@ class CircuitBreaker:
         if old != new:
             self._transition(old, new)
         if ticket < 0:
-            with self._lock:  # `+=` on an attribute is not atomic across threads
-                self.rejected += 1
-            self.events.publish(EventKind.REJECTED, self.name, reason="circuit_open", delay=wait)
-            raise CircuitOpenError(self.name, wait, new)
+            self._reject(wait, new)
         return ticket
+
+    def _reject(self, wait: float, state: str) -> None:
+        with self._lock:  # `+=` on an attribute is not atomic across threads
+            self.rejected += 1
+        self.events.publish(EventKind.REJECTED, self.name, reason="circuit_open", delay=wait)
+        raise CircuitOpenError(self.name, wait, state)
+
+    # -- admission with probe-wait and slow start (what the policy drives) ---------------
+    def _ramped(self, ticket: int, state: str) -> tuple[int, str]:
+        """A closed admission through the slow-start ramp, if one is on."""
+        ramp = self.slow_start
+        if ramp is None or ticket >= PROBE:
+            return ticket, state
+        took = ramp.try_take()
+        if took is None:
+            return ticket, state
+        return (RAMPED, state) if took else (_REJECT, _RAMP_FULL)
+
+    def _read(self, data: Any) -> tuple[int, float, str] | None:
+        """The closed fast case of a step from the record's raw data (None: not closed)."""
+        rec = self._rec if self.store is None else _Record.from_json(data)
+        if rec.state != _CLOSED:
+            return None
+        ticket = ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
+        ticket, state = self._ramped(ticket, _CLOSED)
+        return ticket, 0.0, state
+
+    def _admit_result(self, ticket: int, wait: float, old: str, new: str) -> tuple[int, float, str]:
+        if old != new:
+            self._transition(old, new)
+        if ticket < 0:
+            return ticket, wait, new
+        ticket, state = self._ramped(ticket, new)
+        return ticket, wait, state
+
+    def _step(self) -> tuple[int, float, str]:
+        """One admission attempt: (ticket or _REJECT, retry_after, state)."""
+        closed = self._read(None if self.store is None else self.store.get(self.key))
+        if closed is not None:
+            return closed
+        probe_id = _new_probe_id()
+        (ticket, wait), old, new = self._apply(lambda r, now: self._t_admit(r, now, probe_id))
+        return self._admit_result(ticket, wait, old, new)
+
+    async def _astep(self) -> tuple[int, float, str]:
+        if self.store is None:
+            return self._step()
+        closed = self._read(await self.store.aget(self.key))
+        if closed is not None:
+            return closed
+        probe_id = _new_probe_id()
+        (ticket, wait), old, new = await self._aapply(
+            lambda r, now: self._t_admit(r, now, probe_id)
+        )
+        return self._admit_result(ticket, wait, old, new)
+
+    def _wait_plan(self, state: str, budget: WaitBudget | None) -> tuple[float, WaitBudget | None]:
+        """After a rejected step: how long to wait now (0: reject) and the caller's budget.
+
+        A probe in flight (half-open) or a full ramp: wait for the next report, within
+        `probe_wait` and the caller's deadline. Open: never (see `wait_recovery`).
+        """
+        if state == _OPEN or self.probe_wait <= 0:
+            return 0.0, budget
+        if budget is None:
+            budget = WaitBudget(self.probe_wait)
+            with self._lock:
+                self.waited += 1
+        left = budget.left()
+        if self._poll_s is not None:
+            left = min(left, self._poll_s)
+        return left, budget
+
+    def _signal(self, state: str) -> Signal:
+        ramp = self.slow_start
+        return ramp.signal if state == _RAMP_FULL and ramp is not None else self.verdicts
+
+    def _epochs(self) -> tuple[int, int]:
+        ramp = self.slow_start
+        return self.verdicts.epoch, (ramp.signal.epoch if ramp is not None else 0)
+
+    def admit(self) -> int:
+        """`before_call` that waits instead of rejecting while a half-open probe is in
+        flight (for its verdict: closed -> admitted live, open again -> CircuitOpenError at
+        once) or while the slow-start ramp is full, each within `probe_wait` and the
+        caller's deadline (`rag_resilience.deadline`). Open: CircuitOpenError at once."""
+        budget: WaitBudget | None = None
+        while True:
+            epochs = self._epochs()
+            ticket, retry_after, state = self._step()
+            if ticket != _REJECT:
+                return ticket
+            left, budget = self._wait_plan(state, budget)
+            if left <= 0:
+                self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+            self._signal(state).wait(epochs[state == _RAMP_FULL], left)
+
+    async def aadmit(self) -> int:
+        """Async `admit`: waiters park on futures, never blocking the event loop."""
+        budget: WaitBudget | None = None
+        while True:
+            epochs = self._epochs()
+            ticket, retry_after, state = await self._astep()
+            if ticket != _REJECT:
+                return ticket
+            left, budget = self._wait_plan(state, budget)
+            if left <= 0:
+                self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+            await self._signal(state).await_(epochs[state == _RAMP_FULL], left)
+
+    def _recovery_wait(self, patience: float) -> float | None:
+        """For a caller with nothing to degrade to and `patience` seconds left: the sleep
+        (on the clock) until the next probe is admitted, or None when it comes too late."""
+        wait = self.retry_after()
+        if patience <= 0 or wait > patience:
+            return None
+        with self._lock:
+            self.waited += 1
+        return wait
+
+    def wait_recovery(self, patience: float) -> bool:
+        """Nothing to degrade to: sleep until the circuit admits its next probe, if that
+        is within `patience` seconds. True: try `admit` again (which then waits for the
+        probe's verdict); False: too late, serve the rejection."""
+        wait = self._recovery_wait(patience)
+        if wait is None:
+            return False
+        get_clock(self.clock).sleep(wait)
+        return True
+
+    async def await_recovery(self, patience: float) -> bool:
+        wait = self._recovery_wait(patience)
+        if wait is None:
+            return False
+        await get_clock(self.clock).asleep(wait)
+        return True
 
     def on_success(self, ticket: int = ADMITTED) -> None:
         """Report a successful call admitted with `ticket`.
@@ -423,18 +605,47 @@ class CircuitBreaker:
             if rec.state != _CLOSED or not (rec.failures or self.mode == "rate"):
                 return
             ticket = ADMITTED
+        elif ticket == RAMPED:
+            ticket = self._unramp()
         _, old, new = self._apply(lambda rec, now: self._t_success(rec, now, ticket))
-        if old != new:
-            self._transition(old, new)
+        self._reported(ticket, old, new)
 
     async def aon_success(self, ticket: int = ADMITTED) -> None:
         if ticket == ADMITTED_CLEAN:
             if self.store is not None or not self._needs_reset(self._rec):
                 return  # see on_success: one round trip per call for shared breakers
             ticket = ADMITTED
+        elif ticket == RAMPED:
+            ticket = self._unramp()
         _, old, new = await self._aapply(lambda rec, now: self._t_success(rec, now, ticket))
+        self._reported(ticket, old, new)
+
+    def _unramp(self) -> int:
+        """A ramped call ended: free its ramp slot; report it as a plain admitted call."""
+        if self.slow_start is not None:
+            self.slow_start.give()
+        return ADMITTED
+
+    def _reported(self, ticket: int, old: str, new: str) -> None:
         if old != new:
             self._transition(old, new)
+        elif ticket >= PROBE:  # a probe slot freed: a waiter may take it
+            self._wake(new)
+
+    def _wake(self, state: str) -> None:
+        """Tell probe-waiters here, and in other processes sharing the store."""
+        self.verdicts.publish()
+        if self._notifier is not None:
+            self._notifier.publish(self.key, state)
+
+    def _remote_verdict(self, state: str) -> None:
+        """Another process's probe reported (from `stores.redis_notify`)."""
+        if self.slow_start is not None:
+            if state == _CLOSED:
+                self.slow_start.begin()
+            elif state == _OPEN:
+                self.slow_start.stop()
+        self.verdicts.publish()
 
     def _needs_reset(self, rec: _Record) -> bool:
         return rec.state == _CLOSED and (rec.failures > 0 or self.mode == "rate")
@@ -448,14 +659,15 @@ class CircuitBreaker:
         self, exc: BaseException, ticket: int = ADMITTED, verdict: ErrorVerdict | None = None
     ) -> None:
         """Report a failed call; errors that say nothing about upstream health are ignored."""
+        if ticket == RAMPED:
+            ticket = self._unramp()
         if self.counts_as_failure(exc, verdict):
             _, old, new = self._apply(lambda rec, now: self._t_failure(rec, now, ticket))
         elif ticket >= PROBE:
             _, old, new = self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
         else:
             return
-        if old != new:
-            self._transition(old, new)
+        self._reported(ticket, old, new)
 
     async def aon_failure(
         self, exc: BaseException, ticket: int = ADMITTED, verdict: ErrorVerdict | None = None
@@ -463,16 +675,25 @@ class CircuitBreaker:
         if self.store is None:
             self.on_failure(exc, ticket, verdict)
             return
+        if ticket == RAMPED:
+            ticket = self._unramp()
         if self.counts_as_failure(exc, verdict):
             _, old, new = await self._aapply(lambda rec, now: self._t_failure(rec, now, ticket))
         elif ticket >= PROBE:
             _, old, new = await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
         else:
             return
-        if old != new:
-            self._transition(old, new)
+        self._reported(ticket, old, new)
 
     def _transition(self, old: str, new: str) -> None:
+        ramp = self.slow_start
+        if ramp is not None:
+            if new == _CLOSED:
+                ramp.begin()
+                self._refresh_quiet()
+            else:
+                ramp.stop()
+        self._wake(new)
         self.events.publish(EventKind.STATE_CHANGE, self.name, old_state=old, new_state=new)
         old_s, new_s = CircuitState(old), CircuitState(new)
         for listener in list(self._state_listeners):
@@ -487,16 +708,22 @@ class CircuitBreaker:
     def on_abandon(self, ticket: int) -> None:
         """A call admitted with `ticket` ended with no verdict (cancelled, interrupted, a
         stream closed early): free its probe slot now rather than at `probe_timeout`."""
-        if ticket >= PROBE:
-            self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
+        if ticket == RAMPED:
+            self._unramp()
+        elif ticket >= PROBE:
+            _, old, new = self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
+            self._reported(ticket, old, new)
 
     async def aon_abandon(self, ticket: int) -> None:
-        if ticket >= PROBE:
-            await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
+        if ticket == RAMPED:
+            self._unramp()
+        elif ticket >= PROBE:
+            _, old, new = await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
+            self._reported(ticket, old, new)
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call `func` through the breaker."""
-        ticket = self.before_call()
+        """Call `func` through the breaker (waiting for a probe in flight, see `admit`)."""
+        ticket = self.admit()
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
@@ -510,7 +737,7 @@ class CircuitBreaker:
 
     async def acall(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Async twin of `call`."""
-        ticket = await self.abefore_call()
+        ticket = await self.aadmit()
         try:
             result = await func(*args, **kwargs)
         except Exception as exc:
@@ -586,6 +813,8 @@ class CircuitBreaker:
             "retry_after_s": self.retry_after(),
             "probes_in_flight": len(rec.probes),
             "rejected": self.rejected,
+            "waited": self.waited,
+            "slow_start": self.slow_start.stats() if self.slow_start is not None else None,
             "shared": bool(self.store is not None and self.store.shared),
         }
 
@@ -601,6 +830,8 @@ class CircuitBreaker:
             "min_recovery_timeout": self.min_recovery_timeout,
             "success_threshold": self.success_threshold,
             "half_open_max_calls": self.half_open_max_calls,
+            "probe_wait": self.probe_wait,
+            "slow_start": self.slow_start.limit if self.slow_start is not None else None,
             "store": type(self.store).__name__ if self.store is not None else "local",
         }
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from . import _validate as _v
+from . import deadline as _deadline
 from ._counter import AtomicCounter
 from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
@@ -34,8 +35,10 @@ from .errors import CircuitOpenError, QueueFullError, RateLimitedError, add_note
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
+from .probewait import default_probe_wait
 from .ratelimit import PaceRequest, RateLimiter
 from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
+from .slowstart import SlowStart
 from .stores.base import Store
 from .timeouts import run_with_timeout
 
@@ -288,6 +291,12 @@ def _served_record(served: Served[Any]) -> Served[None]:
     return replace(served, value=None, degraded=True)
 
 
+def _waits_for_probe(error: BaseException) -> bool:
+    """Refused while open (not after a probe-wait ran out, nor a full ramp: those callers
+    have waited their turn already)."""
+    return isinstance(error, CircuitOpenError) and error.state == "open"
+
+
 def _items_of(value: Any) -> Iterable[Any]:
     """A degraded stream's items: a fallback's iterable, or one text as a single item."""
     return (value,) if isinstance(value, (str, bytes)) else value
@@ -404,6 +413,8 @@ class ResiliencePolicy:
                 "wait_timeout",
                 "retry_after_jitter",
                 "max_retry_after",
+                "probe_wait",
+                "slow_start",
             }
         )
         if unknown:
@@ -434,6 +445,10 @@ class ResiliencePolicy:
             ),
             half_open_max_calls=cfg.get("half_open_max_calls", 1),
             success_threshold=cfg.get("success_threshold", 1),
+            probe_wait=cfg.get("probe_wait", default_probe_wait(cfg["attempt_timeout"])),
+            slow_start=SlowStart(cfg["max_concurrency"], cfg.get("half_open_max_calls", 1))
+            if cfg.get("slow_start", True)
+            else None,
             classifier=classifier,
             name=pname,
             store=store,
@@ -506,6 +521,7 @@ class ResiliencePolicy:
                 window_seconds=b.window_seconds,
                 min_recovery_timeout=b.min_recovery_timeout,
                 probe_timeout=b.probe_timeout,
+                probe_wait=b.probe_wait,
                 classifier=self._classifier_arg,
                 store=b.store,
                 clock=b.clock,
@@ -875,11 +891,14 @@ class ResiliencePolicy:
                     ticket = ADMITTED_CLEAN
                 else:
                     try:
-                        ticket = breaker.before_call()
+                        ticket = breaker.admit()  # may wait for a probe's verdict
                     except CircuitOpenError as exc:
                         if call is None:
                             call = _Call(request, limit, True)
-                        return self._degrade(self._plan(exc, attempts - 1, started), call)
+                        served = self._refused(self._plan(exc, attempts - 1, started), call)
+                        if served is None:
+                            continue  # waited for the next probe: ask again
+                        return served
                 try:
                     value = fn(*args, **kwargs) if kwargs else fn(*args)
                 except Exception as exc:
@@ -900,8 +919,8 @@ class ResiliencePolicy:
                     if breaker is not None:
                         breaker.on_abandon(ticket)
                     raise
-                if breaker is not None and not breaker.quiet:  # else nothing to reset
-                    breaker.on_success(ticket)
+                if ticket or (breaker is not None and not breaker.quiet):  # else nothing to do
+                    breaker.on_success(ticket)  # type: ignore[union-attr]
                 return self._succeeded(value, attempts, started, clock, key, codec)
         finally:
             if call is not None:
@@ -911,6 +930,13 @@ class ResiliencePolicy:
 
     def _degrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
+        served = self._serve(plan, call)
+        if served is None:
+            self._give_up(plan)
+        return served  # type: ignore[return-value]
+
+    def _serve(self, plan: _Degrade, call: _Call) -> Served[Any] | None:
+        """The fallback chain: a degraded answer, or None when there is none to serve."""
         for index, fb in enumerate([*self.fallback_fns, *call.fallbacks]):
             try:
                 value = fb(*call.args, **call.kwargs)
@@ -921,11 +947,55 @@ class ResiliencePolicy:
         served = self._lookup(plan, call.key, call.codec)
         if served is not None:
             return served
-        served = self._generic(plan, call.generic)
+        return self._generic(plan, call.generic)
+
+    def _refused(self, plan: _Degrade, call: _Call) -> Served[Any] | None:
+        """The circuit refused the call: a degraded answer at once if there is one. With
+        nothing to degrade to, wait (permit given back) for the next probe if its verdict
+        can come within the call's deadline: None means "ask the breaker again"."""
+        served = self._serve(plan, call)
         if served is not None:
             return served
+        breaker = self.breaker
+        if breaker is not None and _waits_for_probe(plan.error):
+            call.give()
+            waited = breaker.wait_recovery(self._patience(plan.started))
+            try:
+                call.take()
+            except QueueFullError as rejected:
+                rejected = self._requeue_rejected(rejected, plan.error)
+                return self._degrade(self._plan(rejected, plan.attempts, plan.started), call)
+            if waited:
+                return None
         self._give_up(plan)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _arefused(self, plan: _Degrade, call: _Call) -> Served[Any] | None:
+        served = await self._aserve(plan, call)
+        if served is not None:
+            return served
+        breaker = self.breaker
+        if breaker is not None and _waits_for_probe(plan.error):
+            await call.agive()
+            waited = await breaker.await_recovery(self._patience(plan.started))
+            try:
+                await call.atake()
+            except QueueFullError as rejected:
+                rejected = self._requeue_rejected(rejected, plan.error)
+                return await self._adegrade(self._plan(rejected, plan.attempts, plan.started), call)
+            if waited:
+                return None
+        self._give_up(plan)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _patience(self, started: float) -> float:
+        """How long a call with nothing to degrade to may still wait for recovery: what its
+        deadline leaves (the policy's and the caller's); 0 without a deadline (no wait)."""
+        left = None
+        if self.deadline is not None:
+            left = self.deadline - (get_clock(self.retry.clock).monotonic() - started)
+        left = _deadline.bound(left)
+        return 0.0 if left is None else left
 
     # -- async driver ---------------------------------------------------------------------
     async def aexecute(
@@ -974,11 +1044,15 @@ class ResiliencePolicy:
                     ticket = ADMITTED_CLEAN
                 else:
                     try:
-                        ticket = await breaker.abefore_call()
+                        ticket = await breaker.aadmit()
                     except CircuitOpenError as exc:
                         if call is None:
                             call = _Call(request, limit, True)
-                        return await self._adegrade(self._plan(exc, attempts - 1, started), call)
+                        plan = self._plan(exc, attempts - 1, started)
+                        served = await self._arefused(plan, call)
+                        if served is None:
+                            continue
+                        return served
                 try:
                     value = await run_with_timeout(
                         fn(*args, **kwargs) if kwargs else fn(*args), timeout
@@ -1003,8 +1077,8 @@ class ResiliencePolicy:
                     if breaker is not None:
                         await breaker.aon_abandon(ticket)
                     raise
-                if breaker is not None and not breaker.quiet:
-                    await breaker.aon_success(ticket)
+                if ticket or (breaker is not None and not breaker.quiet):
+                    await breaker.aon_success(ticket)  # type: ignore[union-attr]
                 if key is not _NO_KEY:
                     await self._astore(key, value, codec)
                 return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
@@ -1016,6 +1090,12 @@ class ResiliencePolicy:
 
     async def _adegrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
+        served = await self._aserve(plan, call)
+        if served is None:
+            self._give_up(plan)
+        return served  # type: ignore[return-value]
+
+    async def _aserve(self, plan: _Degrade, call: _Call) -> Served[Any] | None:
         for index, fb in enumerate([*self.fallback_fns, *call.fallbacks]):
             try:
                 value = fb(*call.args, **call.kwargs)
@@ -1028,11 +1108,7 @@ class ResiliencePolicy:
         served = await self._alookup(plan, call.key, call.codec)
         if served is not None:
             return served
-        served = self._generic(plan, call.generic)
-        if served is not None:
-            return served
-        self._give_up(plan)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._generic(plan, call.generic)
 
     # -- streams --------------------------------------------------------------------------
     def execute_stream(
@@ -1074,7 +1150,7 @@ class ResiliencePolicy:
                 ticket = ADMITTED_CLEAN
                 try:
                     if breaker is not None:
-                        ticket = breaker.before_call()
+                        ticket = breaker.admit()
                     iterator = iter(fn(*call.args, **call.kwargs))
                     first = next(iterator)
                 except StopIteration:
@@ -1168,7 +1244,7 @@ class ResiliencePolicy:
                 ticket = ADMITTED_CLEAN
                 try:
                     if breaker is not None:
-                        ticket = await breaker.abefore_call()
+                        ticket = await breaker.aadmit()
                     stream: Any = fn(*call.args, **call.kwargs)
                     if inspect.isawaitable(stream):
                         stream = await run_with_timeout(stream, timeout)

@@ -931,6 +931,32 @@ class RedisStore(Store):
             self._health.bad_value(entry, exc)
             return None
 
+    # -- notifications (stores/redis_notify.py) ---------------------------------------
+    def channel(self, key: str) -> str:
+        """The pub/sub channel of notifications about `key` (breaker verdicts)."""
+        return f"{self.prefix}:notify:{key}"
+
+    def publish(self, key: str, message: str) -> None:
+        """Publish `message` on `key`'s channel; a Redis fault is a lost notification
+        (waiters re-read the state within their poll interval), never an error."""
+        if self._client is None or not self._health.try_remote():
+            return
+        try:
+            self._client.publish(self.channel(key), message)
+        except self._faults as exc:
+            self._fault(exc)
+
+    def subscriber_client(self) -> Any:
+        """A new sync client for a pub/sub listener: reads block (no `op_timeout`), so it
+        must never be one of the call path's clients. None without a URL or client."""
+        if self.url is not None:
+            return self._redis.Redis.from_url(self.url, socket_connect_timeout=1.0)
+        if self._client is not None:
+            kwargs = dict(self._client.connection_pool.connection_kwargs)
+            kwargs["socket_timeout"] = None
+            return self._redis.Redis(**kwargs)
+        return None
+
     # -- lifecycle -------------------------------------------------------------------
     def ping(self) -> bool:
         """True if Redis answers now (does not change degraded state)."""
