@@ -830,7 +830,7 @@ class ResiliencePolicy:
                     _leave_deadline(token)
                 raise
         try:
-            started = now if limit is None else clock.monotonic()
+            started = now  # the call's time includes its wait for a permit
             count_attempt(strategy, self.name, 1, started)
             run: RetryRun | None = None
             attempts = 1
@@ -934,14 +934,13 @@ class ResiliencePolicy:
                     _leave_deadline(token)
                 raise
         try:
-            started = now if limit is None else clock.monotonic()
+            started = now  # the call's time includes its wait for a permit
             count_attempt(strategy, self.name, 1, started)
             run: RetryRun | None = None
             attempts = 1
-            # min(attempt timeout, what the call's deadline leaves after the permit wait)
-            timeout = attempt_timeout_for(
-                self.attempt_timeout, None if left is None else left - (started - now)
-            )
+            if left is not None and limit is not None:  # what the permit wait left
+                left -= clock.monotonic() - now
+            timeout = attempt_timeout_for(self.attempt_timeout, left)
             breaker = self.breaker
             while True:
                 if breaker is None or breaker.quiet:  # as in `execute`
