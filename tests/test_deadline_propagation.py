@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,3 +184,20 @@ def test_request_timeout_is_what_the_deadline_leaves(clock: FakeClock) -> None:
         got: dict[str, Any] = {}
         timed_call(lambda **kw: got.update(kw), 30.0)(timeout=10.0)
         assert got == {"timeout": 1.5}
+
+
+def test_a_model_that_cannot_be_cut_at_the_deadline_is_warned_about_once() -> None:
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from rag_resilience.langchain import ResilientLLM
+    from rag_resilience.langchain._common import NoTimeoutWarning, reset_warnings
+
+    class TimedFake(FakeListChatModel):
+        timeout: float | None = None  # a timeout setting, but no per-request timeout
+
+    reset_warnings()
+    with pytest.warns(NoTimeoutWarning, match="not at what the call's deadline"):
+        ResilientLLM(TimedFake(responses=["hi"]), policy="balanced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoTimeoutWarning)
+        ResilientLLM(TimedFake(responses=["hi"]), policy="balanced")  # once per class

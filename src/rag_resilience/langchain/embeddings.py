@@ -56,6 +56,7 @@ class ResilientEmbeddings(Embeddings):
         self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")
+        c.warn_deadline_uncut(embeddings, self.policy)
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
         # Sync calls cannot be cancelled: models that pass `timeout=` to the SDK get what
         # the call's deadline leaves as each request's timeout.

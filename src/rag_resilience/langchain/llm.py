@@ -354,6 +354,7 @@ class ResilientLLM(BaseChatModel):
         self._policy = policy
         self._generic = generic
         c.warn_nested(inner, policy, "chat")
+        c.warn_deadline_uncut(inner, policy)
         primary = _Target(c.with_timeout(inner, policy.attempt_timeout), policy)
         self._fallbacks = []
         for index, model in enumerate(self.fallback_models):
