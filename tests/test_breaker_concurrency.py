@@ -282,7 +282,7 @@ def test_lock_is_not_held_around_the_call_or_listeners() -> None:
         with pytest.raises(ConnectionError):
             cb.call(lambda: (_ for _ in ()).throw(ConnectionError()))
         cb.reset()
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 4.0  # not held by the slow call (5 s)
     release.set()
     t.join(5)
     assert not t.is_alive()

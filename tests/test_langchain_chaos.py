@@ -68,6 +68,7 @@ def policy(name: str, **overrides: object) -> ResiliencePolicy:
 
 
 def requests(server: ChaosServer, endpoint: str = "chat") -> int:
+    assert server.wait_idle()  # counters move after the answer is written: read them idle
     return int(server.stats()["endpoints"][endpoint]["requests"])
 
 

@@ -131,7 +131,7 @@ def test_dequeue_empty_returns_none_without_waiting() -> None:
     queue: RequestQueue[int] = RequestQueue(3)
     started = time.monotonic()
     assert queue.dequeue() is None
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 1.0  # generous: a loaded machine is slow, not blocked
 
 
 def test_dequeue_timeout_waits_then_gives_none() -> None:
@@ -370,7 +370,7 @@ def test_stop_without_drain_returns_what_is_left(caplog: pytest.LogCaptureFixtur
         started = time.monotonic()
         left = worker.stop(drain=False, timeout=0.05)
         elapsed = time.monotonic() - started
-    assert elapsed < 1.0  # bounded by the timeout even though fn is stuck
+    assert elapsed < 3.0  # bounded by the timeout even though fn is stuck (for 5 s)
     assert left == [1, 2, 3, 4]  # handed back, not dropped
     assert queue.size() == 0
     assert not worker.is_running
@@ -396,7 +396,7 @@ def test_stop_with_drain_never_hangs_on_a_stuck_fn(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.WARNING, logger="rag_resilience"):
         started = time.monotonic()
         left = worker.stop(drain=True, timeout=0.05)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # fn is stuck for 5 s
     assert left == [1, 2]
     assert any("still inside fn" in r.getMessage() for r in caplog.records)
     gate.set()
@@ -534,7 +534,7 @@ def test_backpressure_rejects_at_once_when_wait_queue_full() -> None:
     started = time.monotonic()
     with pytest.raises(QueueFullError) as info:
         limit.acquire()
-    assert time.monotonic() - started < 0.5  # immediate, no waiting
+    assert time.monotonic() - started < 3.0  # immediate, no waiting (it would wait forever)
     assert not isinstance(info.value, WaitTimeoutError)
     assert (info.value.in_flight, info.value.waiting, info.value.limit) == (2, 1, 2)
     assert "max_waiting" not in str(info.value) and "llm" in str(info.value)
@@ -1180,7 +1180,7 @@ def test_release_in_the_window_before_a_caller_queues_is_not_lost() -> None:
     limit.acquire()  # the permit the other thread gives back in the window
     started = time.monotonic()
     limit.acquire()  # WaitTimeoutError after 2 s if the release were lost
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.9
     assert limit.in_flight == 1 and limit.waiting == 0
     limit.release()
     assert limit.in_flight == 0

@@ -47,6 +47,7 @@ def policy(**overrides: Any) -> ResiliencePolicy:
 
 
 def requests(server: ChaosServer) -> int:
+    assert server.wait_idle()  # counters move after the answer is written: read them idle
     return int(server.stats()["endpoints"]["embeddings"]["requests"])
 
 

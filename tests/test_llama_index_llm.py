@@ -57,6 +57,7 @@ def policy(**overrides: Any) -> ResiliencePolicy:
 
 
 def chat_requests(server: ChaosServer) -> int:
+    assert server.wait_idle()  # counters move after the answer is written: read them idle
     return int(server.stats()["endpoints"]["chat"]["requests"])
 
 
@@ -250,7 +251,9 @@ async def test_fallback_llm_serves_every_entry_point(
     assert served_by_fallback(cchunks[-1])
     assert "".join(c.delta or "" for c in cchunks) == completion.text
     assert llm.fallback_policy(0).stats()["successes"] == 6
-    # each fallback call used the fallback model's endpoint of the same kind
+    # each fallback call used the fallback model's endpoint of the same kind; the last
+    # streamed request is counted once the server has finished writing it
+    assert chaos_server.wait_idle()
     assert chaos_server.stats()["endpoints"]["chat"]["successes"] == 6
 
 
@@ -307,7 +310,7 @@ async def test_async_attempt_timeout_cancels(chaos_server: ChaosServer) -> None:
     chaos_server.set_faults(stall=True)  # never answers in time; the reset releases it
     started = time.monotonic()
     response = await llm.achat(Q)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # cancelled: the stall lasts until the reset
     assert response.additional_kwargs["resilience"]["source"] == "generic_fallback"
 
 
@@ -318,7 +321,7 @@ def test_sync_timeout_is_set_on_a_copy(chaos_server: ChaosServer) -> None:
     chaos_server.set_faults(stall=True)  # never answers in time; the reset releases it
     started = time.monotonic()
     response = llm.chat(Q)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10.0  # cut at 0.2 s, not the model's 60 s
     assert response.additional_kwargs["resilience"]["source"] == "generic_fallback"
 
 

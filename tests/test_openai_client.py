@@ -24,6 +24,7 @@ MSG = [{"role": "user", "content": "What is a circuit breaker?"}]
 
 
 def requests(server: ChaosServer) -> int:
+    assert server.wait_idle()  # counters move after the answer is written: read them idle
     return int(server.stats()["requests"])
 
 

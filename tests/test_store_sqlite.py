@@ -149,7 +149,7 @@ def test_write_gives_up_after_timeout_and_serves_locally(tmp_path: Path) -> None
     try:
         start = time.perf_counter()
         assert store.update("k", lambda v: ((v or 0) + 1, "ok")) == "ok"
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 3.0  # not sqlite's default 5 s busy wait
         assert store.counters["busy"] == 1 and not store.degraded
     finally:
         other.execute("ROLLBACK")

@@ -8,9 +8,20 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["NestedRetriesWarning", "inner_max_retries", "model_identity", "warn_nested_retries"]
+from .deadline import bound as _bound
+
+__all__ = [
+    "NestedRetriesWarning",
+    "accepts_request_timeout",
+    "inner_max_retries",
+    "model_identity",
+    "request_timeout",
+    "timed_call",
+    "warn_nested_retries",
+]
 
 logger = logging.getLogger("rag_resilience")
 
@@ -71,6 +82,43 @@ def warn_nested_retries(
     warnings.warn(message, NestedRetriesWarning, stacklevel=3)
     logger.warning(message)
     return retries
+
+
+# -- per-request timeouts: how a sync call stops at the call's deadline ---------------------
+#: Modules whose models pass a `timeout=` keyword of a call through to the openai SDK's
+#: per-request `timeout` (langchain-openai's chat models and embeddings, LlamaIndex's
+#: OpenAI LLM): a stalled sync request is cut there, as nothing else can cut it.
+_REQUEST_TIMEOUT_MODULES = ("langchain_openai.", "llama_index.llms.openai.", "openai.")
+
+
+def accepts_request_timeout(inner: Any) -> bool:
+    """Does `inner` (a model or an SDK resource) take a per-request `timeout=` keyword?"""
+    return type(inner).__module__.startswith(_REQUEST_TIMEOUT_MODULES)
+
+
+def request_timeout(attempt_timeout: float | None, given: Any = None) -> Any:
+    """The per-request timeout of a sync attempt: `attempt_timeout`, shortened to what the
+    call's deadline leaves (`deadline.bound`), and to the caller's own numeric `given`.
+    A non-numeric `given` (an `httpx.Timeout`) is the caller's and is kept."""
+    if given is not None and not isinstance(given, (int, float)):
+        return given
+    timeout = _bound(attempt_timeout)
+    if given is not None and (timeout is None or given < timeout):
+        return given
+    return timeout
+
+
+def timed_call(fn: Callable[..., Any], attempt_timeout: float | None) -> Callable[..., Any]:
+    """`fn` called with ``timeout=request_timeout(...)`` read at each attempt (so a retry
+    gets what is left of the deadline, not what was left when the call began)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        timeout = request_timeout(attempt_timeout, kwargs.get("timeout"))
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def reset_warnings() -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import NamedTuple
 
 from .clock import Clock, get_clock
 
-__all__ = ["Deadline", "bound", "current", "remaining", "scope"]
+__all__ = ["Deadline", "bound", "current", "enter", "leave", "remaining", "scope"]
 
 
 class Deadline(NamedTuple):
@@ -31,12 +31,19 @@ class Deadline(NamedTuple):
         return max(0.0, self.expires_at - self.clock.monotonic())
 
 
-_current: ContextVar[Deadline | None] = ContextVar("rag_resilience_deadline", default=None)
+# The variable holds a plain (expires_at, clock) tuple: building a NamedTuple costs about
+# as much again as setting the variable, on every call of every policy with a deadline.
+_Raw = tuple[float, Clock]
+_current: ContextVar[_Raw | None] = ContextVar("rag_resilience_deadline", default=None)
+_get = _current.get
+_set = _current.set
+_NOTHING: tuple[None, None] = (None, None)
 
 
 def current() -> Deadline | None:
     """The innermost deadline in force for this thread or task, or None."""
-    return _current.get()
+    raw = _get()
+    return None if raw is None else Deadline(*raw)
 
 
 def remaining(clock: Clock | None = None) -> float | None:
@@ -45,11 +52,11 @@ def remaining(clock: Clock | None = None) -> float | None:
     `clock` is accepted for symmetry with the other components; the answer always comes
     from the clock the scope was opened with.
     """
-    deadline = _current.get()
-    if deadline is None:
+    raw = _get()
+    if raw is None:
         return None
     del clock
-    return deadline.remaining()
+    return max(0.0, raw[0] - raw[1].monotonic())
 
 
 def bound(timeout: float | None) -> float | None:
@@ -60,25 +67,44 @@ def bound(timeout: float | None) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
+def enter(
+    seconds: float | None, clock: Clock, now: float
+) -> tuple[Token[_Raw | None] | None, float | None]:
+    """`scope` for hot paths (no generator): open a deadline `seconds` after `now` (read
+    from `clock`) unless an enclosing one ends sooner.
+
+    Returns the token to pass to `leave` (None when nothing was set) and the seconds the
+    call has left from `now` (None: no deadline at all; 0.0 or less: already expired).
+    """
+    outer = _get()
+    if outer is None:
+        if seconds is None:
+            return _NOTHING
+        return _set((now + seconds, clock)), seconds
+    expires_at, outer_clock = outer
+    left = expires_at - (now if outer_clock is clock else outer_clock.monotonic())
+    if seconds is None or left <= seconds:
+        return None, left
+    return _set((now + seconds, clock)), seconds
+
+
+#: Close what `enter` opened, in the same thread or task (only a token that is not None).
+leave = _current.reset
+
+
 @contextmanager
 def scope(seconds: float | None, clock: Clock | None = None) -> Iterator[Deadline | None]:
     """Run the body under a deadline `seconds` from now, never later than an enclosing one.
 
     `seconds=None` keeps whatever deadline is already in force (possibly none).
     """
-    outer = _current.get()
     if seconds is None:
-        yield outer
+        yield current()
         return
     clk = get_clock(clock)
-    expires_at = clk.monotonic() + seconds
-    if outer is not None:
-        left = outer.remaining()
-        if left <= seconds:
-            yield outer
-            return
-    token = _current.set(Deadline(expires_at, clk))
+    token, _ = enter(seconds, clk, clk.monotonic())
     try:
-        yield _current.get()
+        yield current()
     finally:
-        _current.reset(token)
+        if token is not None:
+            leave(token)

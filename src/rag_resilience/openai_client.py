@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from .adapters import warn_nested_retries
+from .adapters import request_timeout, timed_call, warn_nested_retries
 from .fallback import stable_key
 from .policy import Codec, ResiliencePolicy, Served
 from .ratelimit import PaceRequest, upstream_key
@@ -151,7 +151,9 @@ class _Completions:
         if kwargs.get("stream"):
             return _SyncStream(policy, inner, kwargs, model)
         served = policy.execute(
-            inner.chat.completions.create,
+            # a sync request cannot be cancelled: it gets what the deadline leaves as its
+            # per-request timeout (a passed-in client keeps its own, 600 s by default)
+            timed_call(inner.chat.completions.create, policy.attempt_timeout),
             (),
             kwargs,
             key=_key("chat", kwargs),
@@ -195,6 +197,9 @@ class _SyncStream:
         self._open: Any = None
 
         def open_stream(**kw: Any) -> Iterator[Any]:
+            timeout = request_timeout(policy.attempt_timeout, kw.get("timeout"))
+            if timeout is not None:
+                kw["timeout"] = timeout
             stream = inner.chat.completions.create(**kw)
             self._open = stream
             try:
@@ -251,7 +256,7 @@ class _Embeddings:
     def create(self, **kwargs: Any) -> Any:
         owner = self._owner
         served = owner.policy.execute(
-            owner.client.embeddings.create,
+            timed_call(owner.client.embeddings.create, owner.policy.attempt_timeout),
             (),
             kwargs,
             key=_key("embeddings", kwargs),

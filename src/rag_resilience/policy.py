@@ -31,7 +31,17 @@ from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .deadline import bound
-from .errors import CircuitOpenError, QueueFullError, RateLimitedError, add_note, mark_handled
+from .deadline import current as _current_deadline
+from .deadline import enter as _enter_deadline
+from .deadline import leave as _leave_deadline
+from .errors import (
+    CircuitOpenError,
+    DeadlineExceededError,
+    QueueFullError,
+    RateLimitedError,
+    add_note,
+    mark_handled,
+)
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
@@ -635,7 +645,7 @@ class ResiliencePolicy:
         return rejected
 
     def _new_run(self, started: float | None = None, attempts: int = 0) -> RetryRun:
-        return RetryRun(
+        run = RetryRun(
             self.retry,
             self.name,
             deadline=self.deadline,
@@ -643,6 +653,26 @@ class ResiliencePolicy:
             started=started,
             attempts=attempts,
         )
+        # The call's deadline in force (ours or an enclosing policy's sooner one) bounds
+        # every attempt and backoff sleep of this run.
+        scope = _current_deadline()
+        if scope is not None:
+            clock = run.clock
+            at = scope.expires_at if scope.clock is clock else clock.monotonic() + scope.remaining()
+            if run.deadline_at is None or at < run.deadline_at:
+                run.deadline_at = at
+                run.deadline = round(at - run.started, 3)
+        return run
+
+    def _expired(self, clock: Clock) -> _Degrade:
+        """The plan for a call whose deadline had passed before it started."""
+        error = DeadlineExceededError(
+            f"rag_resilience[{self.name}]: the call's deadline had passed before it started "
+            "(an enclosing call spent it); no attempt made",
+            timeout=0.0,
+            scope="total",
+        )
+        return self._plan(error, 0, clock.monotonic())
 
     def _failed(
         self, run: RetryRun, exc: BaseException, ticket: int
@@ -864,24 +894,45 @@ class ResiliencePolicy:
         if cache is not None:
             key = cache
         request: _Request = (args, kwargs, key, codec, fallbacks, generic, pace)
+        strategy = self.retry
+        clock = get_clock(strategy.clock)
+        # One deadline per user call (deadline.py): ours, or an enclosing policy's sooner one.
+        now = clock.monotonic()
+        token, left = _enter_deadline(self.deadline, clock, now)
+        if left is not None and left <= 0.0:  # an enclosing call spent it (token is None)
+            return self._degrade(self._expired(clock), _Call(request, None, False))
         limit = self.limit
         call: _Call | None = None
         if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
-            paced_out = self._pace(self.rate_limiter, pace)
+            try:
+                paced_out = self._pace(self.rate_limiter, pace)
+            except BaseException:
+                if token is not None:
+                    _leave_deadline(token)
+                raise
             if paced_out is not None:
-                call = _Call(request, limit, False)
-                now = get_clock(self.clock).monotonic()
-                return self._degrade(self._plan(paced_out, 0, now), call)
+                try:
+                    call = _Call(request, limit, False)
+                    return self._degrade(self._plan(paced_out, 0, clock.monotonic()), call)
+                finally:
+                    if token is not None:
+                        _leave_deadline(token)
         if limit is not None:
             try:
                 limit.acquire()
             except QueueFullError as exc:
-                call = _Call(request, limit, False)
-                return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
+                try:
+                    call = _Call(request, limit, False)
+                    return self._degrade(self._plan(exc, 0, clock.monotonic()), call)
+                finally:
+                    if token is not None:
+                        _leave_deadline(token)
+            except BaseException:
+                if token is not None:
+                    _leave_deadline(token)
+                raise
         try:
-            strategy = self.retry
-            clock = get_clock(strategy.clock)
-            started = clock.monotonic()
+            started = now  # the call's time includes its wait for a permit
             count_attempt(strategy, self.name, 1, started)
             run: RetryRun | None = None
             attempts = 1
@@ -927,6 +978,8 @@ class ResiliencePolicy:
                 call.give()
             elif limit is not None:
                 limit.release()
+            if token is not None:
+                _leave_deadline(token)
 
     def _degrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
@@ -1015,29 +1068,51 @@ class ResiliencePolicy:
         if cache is not None:
             key = cache
         request: _Request = (args, kwargs, key, codec, fallbacks, generic, pace)
+        strategy = self.retry
+        clock = get_clock(strategy.clock)
+        now = clock.monotonic()
+        token, left = _enter_deadline(self.deadline, clock, now)  # as in `execute`
+        if left is not None and left <= 0.0:
+            return await self._adegrade(self._expired(clock), _Call(request, None, False))
         limit = self.limit
         call: _Call | None = None  # built at the first failure, as in `execute`
         if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
-            paced_out = await self._apace(self.rate_limiter, pace)
+            try:
+                paced_out = await self._apace(self.rate_limiter, pace)
+            except BaseException:
+                if token is not None:
+                    _leave_deadline(token)
+                raise
             if paced_out is not None:
-                call = _Call(request, limit, False)
-                now = get_clock(self.clock).monotonic()
-                return await self._adegrade(self._plan(paced_out, 0, now), call)
+                try:
+                    call = _Call(request, limit, False)
+                    plan = self._plan(paced_out, 0, clock.monotonic())
+                    return await self._adegrade(plan, call)
+                finally:
+                    if token is not None:
+                        _leave_deadline(token)
         if limit is not None:
             try:
                 await limit.aacquire()
             except QueueFullError as exc:
-                call = _Call(request, limit, False)
-                plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
-                return await self._adegrade(plan, call)
+                try:
+                    call = _Call(request, limit, False)
+                    return await self._adegrade(self._plan(exc, 0, clock.monotonic()), call)
+                finally:
+                    if token is not None:
+                        _leave_deadline(token)
+            except BaseException:
+                if token is not None:
+                    _leave_deadline(token)
+                raise
         try:
-            strategy = self.retry
-            clock = get_clock(strategy.clock)
-            started = clock.monotonic()
+            started = now  # the call's time includes its wait for a permit
             count_attempt(strategy, self.name, 1, started)
             run: RetryRun | None = None
             attempts = 1
-            timeout = attempt_timeout_for(self.attempt_timeout, self.deadline)
+            if left is not None and limit is not None:  # what the permit wait left
+                left -= clock.monotonic() - now
+            timeout = attempt_timeout_for(self.attempt_timeout, left)
             breaker = self.breaker
             while True:
                 if breaker is None or breaker.quiet:  # as in `execute`
@@ -1087,6 +1162,8 @@ class ResiliencePolicy:
                 await call.agive()
             elif limit is not None:
                 await limit.arelease()
+            if token is not None:
+                _leave_deadline(token)
 
     async def _adegrade(self, plan: _Degrade, call: _Call) -> Served[Any]:
         self._check(plan)
@@ -1137,11 +1214,18 @@ class ResiliencePolicy:
         call = _Call((args, kwargs, key, codec, fallbacks, generic, pace), self.limit, False)
         breaker = self.breaker
         plan: _Degrade | None = None  # set when the stream is served degraded
+        # The deadline bounds the attempts until the first item; it is left before the
+        # first yield (a generator must not leave its context variable set in the caller's).
+        clock = get_clock(self.retry.clock)
+        token, left = _enter_deadline(self.deadline, clock, clock.monotonic())
         try:
             try:
-                if self.rate_limiter is not None:
-                    self.rate_limiter.acquire(pace or self._default_pace, self._left(None))
-                call.take()
+                if left is not None and left <= 0.0:
+                    plan = self._expired(clock)
+                else:
+                    if self.rate_limiter is not None:  # deadline -> pacing -> permit
+                        self.rate_limiter.acquire(pace or self._default_pace, self._left(None))
+                    call.take()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
             run = self._new_run()  # after the permit: waiting for one is not the call's time
@@ -1174,10 +1258,16 @@ class ResiliencePolicy:
                 break
             if plan is not None:
                 served = self._degrade(plan, call)
+                if token is not None:
+                    _leave_deadline(token)
+                    token = None
                 if on_served is not None:
                     on_served(_served_record(served))
                 yield from _items_of(served.value)
                 return
+            if token is not None:
+                _leave_deadline(token)
+                token = None
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
             items: list[T] | None = [] if self._remembers(key) else None
@@ -1206,6 +1296,8 @@ class ResiliencePolicy:
             self._succeeded(items, run.attempts, run.started, run.clock, key, codec)
         finally:
             call.give()
+            if token is not None:
+                _leave_deadline(token)
 
     def _remembers(self, key: Any) -> bool:
         """Will a live answer under `key` be kept (so a stream must collect its items)?"""
@@ -1231,11 +1323,18 @@ class ResiliencePolicy:
         call = _Call((args, kwargs, key, codec, fallbacks, generic, pace), self.limit, False)
         breaker = self.breaker
         plan: _Degrade | None = None  # set when the stream is served degraded
+        clock = get_clock(self.retry.clock)
+        token, left = _enter_deadline(self.deadline, clock, clock.monotonic())  # as above
         try:
             try:
-                if self.rate_limiter is not None:
-                    await self.rate_limiter.aacquire(pace or self._default_pace, self._left(None))
-                await call.atake()
+                if left is not None and left <= 0.0:
+                    plan = self._expired(clock)
+                else:
+                    if self.rate_limiter is not None:  # deadline -> pacing -> permit
+                        await self.rate_limiter.aacquire(
+                            pace or self._default_pace, self._left(None)
+                        )
+                    await call.atake()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
             run = self._new_run()  # after the permit: waiting for one is not the call's time
@@ -1271,6 +1370,9 @@ class ResiliencePolicy:
                 break
             if plan is not None:
                 served = await self._adegrade(plan, call)
+                if token is not None:
+                    _leave_deadline(token)
+                    token = None
                 if on_served is not None:
                     on_served(_served_record(served))
                 value = served.value
@@ -1281,6 +1383,9 @@ class ResiliencePolicy:
                     for item in _items_of(value):
                         yield item
                 return
+            if token is not None:
+                _leave_deadline(token)
+                token = None
             if on_served is not None:
                 on_served(Served(None, "live", run.attempts))
             items: list[T] | None = [] if self._remembers(key) else None
@@ -1310,6 +1415,8 @@ class ResiliencePolicy:
                 await self._astore(key, items, codec)
         finally:
             await call.agive()
+            if token is not None:
+                _leave_deadline(token)
 
     # -- introspection --------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from ..adapters import NestedRetriesWarning, inner_max_retries
+from ..adapters import NestedRetriesWarning, accepts_request_timeout, inner_max_retries
 from ..policy import Codec, ResiliencePolicy, Served
 
 logger = logging.getLogger("rag_resilience")
@@ -441,6 +441,30 @@ def with_timeout(inner: Any, timeout: float | None) -> Any:
         return inner.model_copy(update={name: timeout})
 
 
+def warn_deadline_uncut(inner: Any, policy: ResiliencePolicy) -> None:
+    """Warn once per class when a sync call of `inner` cannot be cut at the call's deadline:
+    it takes no per-request timeout (only langchain-openai's models pass one to the SDK),
+    so a stalled request runs to its own timeout (the attempt timeout of its copy)."""
+    if policy.deadline is None or accepts_request_timeout(inner):
+        return
+    fields = getattr(type(inner), "model_fields", None) or {}
+    if not any(f in fields for f in _TIMEOUT_FIELDS):
+        return  # `_warn_no_timeout` tells about it
+    cls = type(inner)
+    marker = (f"{cls.__module__}.{cls.__qualname__}", "deadline")
+    with _warned_lock:
+        if marker in _warned:
+            return
+        _warned.add(marker)
+    message = (
+        f"{cls.__name__} takes no per-request timeout: rag-resilience cuts its stalled sync "
+        f"calls at the attempt timeout ({policy.attempt_timeout}s), not at what the call's "
+        f"deadline ({policy.deadline}s) leaves (async calls are cancelled at the deadline)."
+    )
+    warnings.warn(message, NoTimeoutWarning, stacklevel=4)
+    logger.warning(message)
+
+
 def _warn_no_timeout(inner: Any) -> None:
     cls = type(inner)
     marker = (f"{cls.__module__}.{cls.__qualname__}", "timeout")
@@ -449,8 +473,9 @@ def _warn_no_timeout(inner: Any) -> None:
             return
         _warned.add(marker)
     message = (
-        f"{cls.__name__} has no timeout setting: rag-resilience cannot cut a stalled sync call "
-        "(async calls are cancelled at the policy's attempt_timeout)."
+        f"{cls.__name__} has no timeout setting: rag-resilience cannot cut a stalled sync call, "
+        "neither at the policy's attempt_timeout nor at the call's deadline (async calls are "
+        "cancelled at both)."
     )
     warnings.warn(message, NoTimeoutWarning, stacklevel=4)
     logger.warning(message)

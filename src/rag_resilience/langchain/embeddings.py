@@ -12,7 +12,7 @@ from typing import Any
 
 from langchain_core.embeddings import Embeddings
 
-from ..adapters import model_identity
+from ..adapters import accepts_request_timeout, model_identity, timed_call
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from ..policy import ResiliencePolicy, Served
@@ -56,7 +56,15 @@ class ResilientEmbeddings(Embeddings):
         self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")
+        c.warn_deadline_uncut(embeddings, self.policy)
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
+        # Sync calls cannot be cancelled: models that pass `timeout=` to the SDK get what
+        # the call's deadline leaves as each request's timeout.
+        self._embed_documents: Any = self._inner.embed_documents
+        self._embed_query: Any = self._inner.embed_query
+        if accepts_request_timeout(embeddings):
+            self._embed_documents = timed_call(self._embed_documents, self.policy.attempt_timeout)
+            self._embed_query = timed_call(self._embed_query, self.policy.attempt_timeout)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
         self._last: EmbeddingResult | Served[Vector] | None = None
 
@@ -95,7 +103,7 @@ class ResilientEmbeddings(Embeddings):
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         try:
-            result = self.engine.embed(texts, self._inner.embed_documents)
+            result = self.engine.embed(texts, self._embed_documents)
         except Exception as exc:
             self._failed(exc)
             raise
@@ -103,7 +111,7 @@ class ResilientEmbeddings(Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         try:
-            served = self.engine.embed_one(text, self._inner.embed_query)
+            served = self.engine.embed_one(text, self._embed_query)
         except Exception as exc:
             self._failed(exc)
             raise

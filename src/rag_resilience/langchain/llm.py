@@ -25,7 +25,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableSequence
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from ..adapters import model_identity
+from ..adapters import accepts_request_timeout, model_identity, request_timeout
 from ..degraded import note_degraded
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from . import _common as c
@@ -57,6 +57,7 @@ class _Target:
         "stream",
         "streaming_attr",
         "streaming_extra",
+        "timed",
     )
 
     def __init__(self, model: BaseChatModel, policy: ResiliencePolicy) -> None:
@@ -76,6 +77,14 @@ class _Target:
             hasattr(cls, "streaming")
         )
         self.streaming_extra = (getattr(cls, "model_config", None) or {}).get("extra") == "allow"
+        # A sync attempt cannot be cancelled: models that pass `timeout=` to the SDK get
+        # min(attempt timeout, what the call's deadline leaves) per request.
+        self.timed = accepts_request_timeout(model)
+
+    def _timed(self, kwargs: dict[str, Any]) -> None:
+        timeout = request_timeout(self.policy.attempt_timeout, kwargs.get("timeout"))
+        if timeout is not None:
+            kwargs["timeout"] = timeout
 
     # -- raw calls (one attempt each) ------------------------------------------------------
     def generate(
@@ -88,6 +97,8 @@ class _Target:
         model = self.model
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
+        if self.timed:
+            self._timed(kwargs)
         if self._streams(False, run_manager, kwargs):
             # What BaseChatModel._generate_with_cache does for a streaming model
             # (ChatOpenAI(streaming=True)'s _generate expects it): stream, emit tokens.
@@ -157,6 +168,8 @@ class _Target:
         model = self.model
         if model.rate_limiter is not None:
             model.rate_limiter.acquire(blocking=True)
+        if self.timed:
+            self._timed(kwargs)
         return iter(model._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
 
     async def astream_chunks(
@@ -341,6 +354,7 @@ class ResilientLLM(BaseChatModel):
         self._policy = policy
         self._generic = generic
         c.warn_nested(inner, policy, "chat")
+        c.warn_deadline_uncut(inner, policy)
         primary = _Target(c.with_timeout(inner, policy.attempt_timeout), policy)
         self._fallbacks = []
         for index, model in enumerate(self.fallback_models):

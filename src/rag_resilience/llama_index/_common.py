@@ -10,7 +10,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..adapters import NestedRetriesWarning, inner_max_retries
+from ..adapters import (
+    NestedRetriesWarning,
+    accepts_request_timeout,
+    inner_max_retries,
+    request_timeout,
+    timed_call,
+)
 from ..degraded import note_degraded
 from ..policy import ResiliencePolicy, Served
 from .instrumentation import BRIDGE
@@ -133,6 +139,52 @@ def timed_copy(inner: Any, attempt_timeout: float | None, what: str) -> Any:
             with contextlib.suppress(Exception):
                 setattr(copy, attr, client.with_options(timeout=float(attempt_timeout)))
     return copy
+
+
+SYNC_METHODS = ("chat", "complete", "stream_chat", "stream_complete")
+
+
+def sync_calls(sync_llm: Any, attempt_timeout: float | None) -> dict[str, Callable[..., Any]]:
+    """The sync entry points of `sync_llm` (its `timed_copy`) by name. A model that passes
+    `timeout=` to the SDK (LlamaIndex's OpenAI) gets min(attempt timeout, what the call's
+    deadline leaves) as each request's timeout: nothing else can cut a sync call."""
+    timed = accepts_request_timeout(sync_llm)
+    calls = {}
+    for method in SYNC_METHODS:
+        fn = getattr(sync_llm, method)
+        calls[method] = timed_call(fn, attempt_timeout) if timed else fn
+    return calls
+
+
+EMBEDDING_METHODS = ("_get_query_embedding", "_get_text_embedding", "_get_text_embeddings")
+
+
+def sync_embedding_calls(
+    sync_model: Any, attempt_timeout: float | None
+) -> dict[str, Callable[..., Any]]:
+    """The sync hooks of an embedding model (its `timed_copy`) by name. LlamaIndex's
+    OpenAIEmbedding takes no per-call keywords but sends its `additional_kwargs` with each
+    request: a per-call copy carrying ``timeout=`` min(attempt timeout, what the deadline
+    leaves) cuts a stalled request there (the copy shares the model's SDK client)."""
+    calls: dict[str, Callable[..., Any]] = {}
+    timed = type(sync_model).__module__.startswith("llama_index.embeddings.openai.")
+    for method in EMBEDDING_METHODS:
+        fn = getattr(sync_model, method)
+        calls[method] = _timed_embedding(sync_model, method, attempt_timeout) if timed else fn
+    return calls
+
+
+def _timed_embedding(model: Any, method: str, attempt_timeout: float | None) -> Any:
+    def call(arg: Any) -> Any:
+        timeout = request_timeout(attempt_timeout)
+        if timeout is None:
+            return getattr(model, method)(arg)
+        if getattr(model, "reuse_client", False):
+            model._get_client()  # built once on the model, so every copy shares it
+        extra = {**(model.additional_kwargs or {}), "timeout": timeout}
+        return getattr(model.model_copy(update={"additional_kwargs": extra}), method)(arg)
+
+    return call
 
 
 def generic_text(spec: GenericSpec, error: BaseException, policy: ResiliencePolicy) -> Any:

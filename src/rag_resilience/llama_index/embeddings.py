@@ -22,7 +22,13 @@ from llama_index.core.callbacks import CallbackManager
 from ..adapters import model_identity
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult
 from ..policy import ResiliencePolicy
-from ._common import record_degraded, resolve_policy, timed_copy, warn_nested
+from ._common import (
+    record_degraded,
+    resolve_policy,
+    sync_embedding_calls,
+    timed_copy,
+    warn_nested,
+)
 from .callbacks import CallbackForwarder
 
 __all__ = ["ResilientEmbedding", "ResilientEmbeddings"]
@@ -41,6 +47,7 @@ class ResilientEmbedding(BaseEmbedding):
 
     _inner: BaseEmbedding = PrivateAttr()
     _sync_inner: BaseEmbedding = PrivateAttr()
+    _sync: dict[str, Any] = PrivateAttr(default_factory=dict)
     _policy: ResiliencePolicy = PrivateAttr()
     _text_engine: EmbeddingEngine = PrivateAttr()
     _query_engine: EmbeddingEngine = PrivateAttr()
@@ -83,6 +90,7 @@ class ResilientEmbedding(BaseEmbedding):
         self._inner = embed_model
         self._policy = resolved
         self._sync_inner = timed_copy(embed_model, resolved.attempt_timeout, "embedding")
+        self._sync = sync_embedding_calls(self._sync_inner, resolved.attempt_timeout)
         # Query and document vectors of the same string may differ (instructions, modes).
         self._text_engine = EmbeddingEngine(resolved, model_id=model_id, batch_size=batch)
         self._query_engine = EmbeddingEngine(resolved, model_id=f"{model_id}:query", batch_size=1)
@@ -130,7 +138,7 @@ class ResilientEmbedding(BaseEmbedding):
 
     # -- the hooks BaseEmbedding calls ---------------------------------------------------------
     def _get_query_embedding(self, query: str) -> Embedding:
-        result = self._query_engine.embed_one(query, self._sync_inner._get_query_embedding)
+        result = self._query_engine.embed_one(query, self._sync["_get_query_embedding"])
         return self._done(EmbeddingResult.of_one(result))[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
@@ -138,7 +146,7 @@ class ResilientEmbedding(BaseEmbedding):
         return self._done(EmbeddingResult.of_one(result))[0]
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        result = self._batch_engine().embed_one(text, self._sync_inner._get_text_embedding)
+        result = self._batch_engine().embed_one(text, self._sync["_get_text_embedding"])
         return self._done(EmbeddingResult.of_one(result))[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
@@ -146,8 +154,8 @@ class ResilientEmbedding(BaseEmbedding):
         return self._done(EmbeddingResult.of_one(result))[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        inner = self._sync_inner
-        return self._done(self._batch_engine().embed(texts, inner._get_text_embeddings))
+        embed = self._sync["_get_text_embeddings"]
+        return self._done(self._batch_engine().embed(texts, embed))
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return self._done(

@@ -42,6 +42,7 @@ from ._common import (
     jsonable,
     record_degraded,
     resolve_policy,
+    sync_calls,
     timed_copy,
     warn_nested,
 )
@@ -173,18 +174,19 @@ async def _aprime(iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
 class _Fallback:
     """A fallback LLM with its own breaker (`policy.derive`) and sync-timeout copy."""
 
-    __slots__ = ("llm", "policy", "sync_llm")
+    __slots__ = ("llm", "policy", "sync_calls", "sync_llm")
 
     def __init__(self, llm: LLM, policy: ResiliencePolicy) -> None:
         self.llm = llm
         self.policy = policy
         self.sync_llm = timed_copy(llm, policy.attempt_timeout, "LLM")
+        self.sync_calls = sync_calls(self.sync_llm, policy.attempt_timeout)
 
 
 # How a fallback LLM runs `method` for the primary's fallback chain: under its own policy
 # (own breaker), never with a generic answer; streams start before they are handed over.
 def _fallback_call(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Any:
-    return fb.policy.execute(getattr(fb.sync_llm, method), args, kwargs, generic=False).value
+    return fb.policy.execute(fb.sync_calls[method], args, kwargs, generic=False).value
 
 
 async def _fallback_acall(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -192,7 +194,7 @@ async def _fallback_acall(fb: _Fallback, method: str, *args: Any, **kwargs: Any)
 
 
 def _fallback_stream(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
-    fn = getattr(fb.sync_llm, method)
+    fn = fb.sync_calls[method]
     return _prime(fb.policy.execute_stream(fn, args, kwargs, generic=False))
 
 
@@ -231,6 +233,7 @@ class ResilientLLM(FunctionCallingLLM):
 
     _inner: LLM = PrivateAttr()
     _sync_inner: LLM = PrivateAttr()
+    _sync: dict[str, Callable[..., Any]] = PrivateAttr(default_factory=dict)
     _policy: ResiliencePolicy = PrivateAttr()
     _fallbacks: list[_Fallback] = PrivateAttr(default_factory=list)
     _generic: GenericSpec = PrivateAttr(default=True)
@@ -271,6 +274,7 @@ class ResilientLLM(FunctionCallingLLM):
         self._inner = llm
         self._policy = resolved
         self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
+        self._sync = sync_calls(self._sync_inner, resolved.attempt_timeout)
         self._generic = generic_fallback
         self._identity = model_identity(llm)
         self._params = {
@@ -418,7 +422,7 @@ class ResilientLLM(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         self._sync_callbacks()
         served = self._policy.execute(
-            self._sync_inner.chat, (messages,), kwargs, **self._request("chat", messages, kwargs)
+            self._sync["chat"], (messages,), kwargs, **self._request("chat", messages, kwargs)
         )
         result: ChatResponse = self._finish(served)
         return result
@@ -427,7 +431,7 @@ class ResilientLLM(FunctionCallingLLM):
         self._sync_callbacks()
         call_kwargs = {"formatted": formatted, **kwargs}
         request = self._request("complete", prompt, call_kwargs)
-        served = self._policy.execute(self._sync_inner.complete, (prompt,), call_kwargs, **request)
+        served = self._policy.execute(self._sync["complete"], (prompt,), call_kwargs, **request)
         result: CompletionResponse = self._finish(served)
         return result
 
@@ -435,7 +439,7 @@ class ResilientLLM(FunctionCallingLLM):
         self._sync_callbacks()
         state: dict[str, Served[None]] = {}
         stream = self._policy.execute_stream(
-            self._sync_inner.stream_chat,
+            self._sync["stream_chat"],
             (messages,),
             kwargs,
             on_served=lambda served: state.__setitem__("served", served),
@@ -450,7 +454,7 @@ class ResilientLLM(FunctionCallingLLM):
         call_kwargs = {"formatted": formatted, **kwargs}
         state: dict[str, Served[None]] = {}
         stream = self._policy.execute_stream(
-            self._sync_inner.stream_complete,
+            self._sync["stream_complete"],
             (prompt,),
             call_kwargs,
             on_served=lambda served: state.__setitem__("served", served),
