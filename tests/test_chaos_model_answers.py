@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 import openai
-import pytest
 
 from rag_resilience.chaos import ChaosServer
 from rag_resilience.chaos.model_answers import instance_of
@@ -145,7 +144,9 @@ def test_response_format_gets_valid_json(chaos_server: ChaosServer) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}}
     messages = [{"role": "user", "content": "About 'Lyon', 513000 people"}]
     reply = sync.chat.completions.create(
-        model="gpt-4o-mini", messages=messages, response_format=fmt  # type: ignore[arg-type]
+        model="gpt-4o-mini",
+        messages=messages,
+        response_format=fmt,  # type: ignore[arg-type]
     )
     parsed = json.loads(reply.choices[0].message.content or "")
     assert parsed["name"] == "Lyon" and parsed["population"] == 513000
