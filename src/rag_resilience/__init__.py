@@ -20,6 +20,7 @@ from .errors import (
     QueueFullError,
     ResilienceError,
     RetryBudgetExceededError,
+    UpstreamUnavailableError,
     WaitTimeoutError,
 )
 from .events import (
@@ -70,6 +71,7 @@ __all__ = [
     "ResilientOpenAIClient",
     "RetryBudget",
     "RetryBudgetExceededError",
+    "UpstreamUnavailableError",
     "RetryStrategy",
     "SQLiteStore",
     "Served",

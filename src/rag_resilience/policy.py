@@ -28,7 +28,7 @@ from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
+from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled, set_attempts
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
@@ -751,6 +751,7 @@ class ResiliencePolicy:
     def _give_up(self, plan: _Degrade) -> None:
         self._publish_failure(plan)
         mark_handled(plan.error)
+        set_attempts(plan.error, plan.attempts)
         raise plan.error
 
     def _plan(

@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..adapters import model_identity
 from ..degraded import note_degraded
+from ..errors import add_note, mark_handled
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from . import _common as c
 
@@ -41,6 +42,19 @@ def _accepts_run_manager(fn: Callable[..., Any]) -> bool:
     return "run_manager" in params or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
     )
+
+
+def _emitted_then_failed(exc: BaseException, chunks: list[Any], run_manager: Any) -> None:
+    """A stream failed after its tokens reached the callbacks: they cannot be taken back,
+    so this call is not retried (a retry would show the handlers a second answer). Marked
+    handled: the policy degrades (fallback model, cache, generic) or raises at once."""
+    if chunks and run_manager is not None and run_manager.handlers:
+        add_note(
+            exc,
+            f"rag_resilience: the stream failed after {len(chunks)} chunk(s) reached the "
+            "callbacks; not retried",
+        )
+        mark_handled(exc)
 
 
 class _Target:
@@ -91,11 +105,17 @@ class _Target:
         if self._streams(False, run_manager, kwargs):
             # What BaseChatModel._generate_with_cache does for a streaming model
             # (ChatOpenAI(streaming=True)'s _generate expects it): stream, emit tokens.
-            chunks = []
-            for chunk in model._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-                chunks.append(chunk)
+            # The inner `_stream` gets no run manager (as in LangChain's own path): the
+            # tokens reach the callbacks once, from here.
+            chunks: list[ChatGenerationChunk] = []
+            try:
+                for chunk in model._stream(messages, stop=stop, **kwargs):
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+                    chunks.append(chunk)
+            except Exception as exc:
+                _emitted_then_failed(exc, chunks, run_manager)
+                raise
             return generate_from_stream(iter(chunks))
         if self.gen_rm:
             return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
@@ -133,13 +153,15 @@ class _Target:
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
         if self._streams(True, run_manager, kwargs):
-            chunks = []
-            async for chunk in model._astream(
-                messages, stop=stop, run_manager=run_manager, **kwargs
-            ):
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-                chunks.append(chunk)
+            chunks: list[ChatGenerationChunk] = []
+            try:
+                async for chunk in model._astream(messages, stop=stop, **kwargs):
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+                    chunks.append(chunk)
+            except Exception as exc:
+                _emitted_then_failed(exc, chunks, run_manager)
+                raise
             return generate_from_stream(iter(chunks))
         if self.agen_rm:
             return await model._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
