@@ -359,6 +359,12 @@ class StatsCollector:
                 if event.new_state is not None:
                     self.last_state[event.name] = event.new_state
 
+    def note_parse_failure(self) -> None:
+        """Count a model answer that did not parse, outside any policy attempt (a parser
+        step after the model); inside one, the FAILURE event counts it."""
+        with self._lock:
+            self.parse_failures += 1
+
     def _routine(self, kind: EventKind, duration: float | None) -> None:
         """Count an attempt or a live success (no `Event` needed: see `EventBus.publish`)."""
         with self._lock:

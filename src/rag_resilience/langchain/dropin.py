@@ -1,0 +1,99 @@
+"""What makes a LangChain wrapper a drop-in for the model it wraps.
+
+- the inner model's attributes stay readable on the wrapper (`inner_attribute`);
+- the inner model's callbacks, tags, metadata, verbosity and cache keep working
+  (`adopt_run_settings`: the wrapper takes the ones it was not given itself; the inner
+  model's rate limiter is applied per attempt by the wrapper's call path);
+- constructor keywords are checked: unknown ones and wrong types fail at construction;
+- wrapping a wrapper warns once (the outer one unwraps: one policy, not two multiplied).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from typing import Any
+
+logger = logging.getLogger("rag_resilience")
+
+__all__ = [
+    "RewrappedWarning",
+    "adopt_run_settings",
+    "check_model",
+    "field_names",
+    "inner_attribute",
+    "warn_rewrapped",
+]
+
+_RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose", "cache")
+_warned: set[str] = set()
+_lock = threading.Lock()
+
+
+class RewrappedWarning(UserWarning):
+    """A resilient wrapper was wrapped again: the outer one uses the inner model directly."""
+
+
+def field_names(cls: type) -> set[str]:
+    """The constructor keywords of a pydantic model class: field names and aliases."""
+    names: set[str] = set()
+    for name, info in (getattr(cls, "model_fields", None) or {}).items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return names
+
+
+def check_model(owner: str, name: str, value: Any, base: type) -> None:
+    """TypeError at construction when `value` is not a `base` instance."""
+    if not isinstance(value, base):
+        raise TypeError(
+            f"{owner}: {name} must be a {base.__module__}.{base.__qualname__} instance, got "
+            f"{type(value).__module__}.{type(value).__qualname__}"
+        )
+
+
+def warn_rewrapped(inner: Any, kind: str) -> None:
+    """Warn once per process and kind when a wrapper is wrapped again."""
+    with _lock:
+        if kind in _warned:
+            return
+        _warned.add(kind)
+    message = (
+        f"{kind} wraps a {type(inner).__name__} that is already resilient: the outer one "
+        "wraps its inner model directly, so attempts are not multiplied (the inner "
+        "wrapper's policy is not used)"
+    )
+    warnings.warn(message, RewrappedWarning, stacklevel=5)
+    logger.warning(message)
+
+
+def reset_warnings() -> None:
+    with _lock:
+        _warned.clear()
+
+
+def adopt_run_settings(wrapper: Any, inner: Any) -> None:
+    """The wrapper takes the inner model's callbacks, tags, metadata, verbose and cache
+    where it was not given its own: LangChain runs the wrapper, not the inner model, so
+    settings left on the inner model would otherwise be dropped."""
+    given = wrapper.model_fields_set
+    for name in _RUN_SETTINGS:
+        if name in given:
+            continue
+        value = getattr(inner, name, None)
+        if value is None or (name == "verbose" and value is False):
+            continue
+        object.__setattr__(wrapper, name, value)
+
+
+def inner_attribute(inner: Any, name: str) -> Any:
+    """`inner.<name>`, also for a field's alias (`ChatOpenAI.model` is `model_name`)."""
+    try:
+        return getattr(inner, name)
+    except AttributeError:
+        for field, info in (getattr(type(inner), "model_fields", None) or {}).items():
+            if info.alias == name:
+                return getattr(inner, field)
+        raise
