@@ -97,3 +97,102 @@ def inner_attribute(inner: Any, name: str) -> Any:
             if info.alias == name:
                 return getattr(inner, field)
         raise
+
+
+# -- models inside a wrapped chain that retry by themselves ---------------------------------
+_CHILDREN = (
+    "steps",
+    "steps__",
+    "bound",
+    "first",
+    "middle",
+    "last",
+    "runnable",
+    "runnables",
+    "default",
+    "branches",
+    "retriever",
+    "vectorstore",
+    "embeddings",
+    "embedding",
+    "_embedding_function",
+    "llm",
+    "mapper",
+)
+
+
+def _children(node: Any) -> list[Any]:
+    out: list[Any] = []
+    for attr in _CHILDREN:
+        try:
+            value = node.__dict__.get(attr) if hasattr(node, "__dict__") else None
+            if value is None and attr in ("first", "last", "middle", "steps"):
+                value = getattr(node, attr, None)
+        except Exception:  # a property that fails: nothing to see there
+            continue
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            out.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                out.extend(item if isinstance(item, tuple) else (item,))
+        else:
+            out.append(value)
+    return out
+
+
+def self_retrying(root: Any, limit: int = 256) -> list[tuple[Any, int]]:
+    """The models inside a chain that retry by themselves, with their max_retries.
+
+    Our own wrappers are skipped (they warn for their inner model themselves)."""
+    from ._common import effective_max_retries
+
+    found: list[tuple[Any, int]] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if id(node) in seen or isinstance(node, (str, bytes, int, float)):
+            continue
+        seen.add(id(node))
+        if getattr(type(node), "__module__", "").startswith("rag_resilience.") and node is not root:
+            continue
+        if _is_model(node):
+            retries = effective_max_retries(node)
+            if retries > 0:
+                found.append((node, retries))
+            continue
+        stack.extend(_children(node))
+    return found
+
+
+def _is_model(node: Any) -> bool:
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.language_models import BaseLanguageModel
+
+    return isinstance(node, (BaseLanguageModel, Embeddings))
+
+
+def warn_self_retrying(root: Any, policy: Any, owner: str) -> None:
+    """Warn once per model class when a model inside the wrapped chain retries by itself:
+    each attempt of the chain then makes up to max_retries + 1 requests to it."""
+    ours = policy.retry.max_retries + 1 if policy.retry is not None else 1
+    for model, retries in self_retrying(root):
+        cls = type(model)
+        marker = f"chain:{owner}:{cls.__module__}.{cls.__qualname__}"
+        with _lock:
+            if marker in _warned:
+                continue
+            _warned.add(marker)
+        from ..adapters import NestedRetriesWarning
+
+        message = (
+            f"{cls.__name__} inside the chain wrapped by {owner} retries by itself "
+            f"(max_retries={retries}): each of the {ours} attempts of the chain can make "
+            f"{retries + 1} requests to it, up to {ours * (retries + 1)} per call during an "
+            f"outage. Build it with max_retries=0, e.g. {cls.__name__}(..., max_retries=0), "
+            "or wrap it in a Resilient wrapper."
+        )
+        warnings.warn(message, NestedRetriesWarning, stacklevel=4)
+        logger.warning(message)
