@@ -116,6 +116,7 @@ class UpstreamUnavailableError(ResilienceError):
         self.attempts = attempts
         self.breaker_state = breaker_state
         self.policy = policy
+        self.hint = hint
         tried = f" after {attempts} attempt(s)" if attempts is not None else ""
         state = f", circuit {breaker_state}" if breaker_state else ""
         where = f"[{policy}] " if policy else ""

@@ -26,7 +26,6 @@ __all__ = [
     "warn_rewrapped",
 ]
 
-_RUN_SETTINGS = ("callbacks", "tags", "metadata", "verbose", "cache")
 _warned: set[str] = set()
 _lock = threading.Lock()
 
@@ -79,13 +78,18 @@ def adopt_run_settings(wrapper: Any, inner: Any) -> None:
     where it was not given its own: LangChain runs the wrapper, not the inner model, so
     settings left on the inner model would otherwise be dropped."""
     given = wrapper.model_fields_set
-    for name in _RUN_SETTINGS:
-        if name in given:
-            continue
+    for name in ("callbacks", "verbose", "cache"):
         value = getattr(inner, name, None)
-        if value is None or (name == "verbose" and value is False):
+        if name in given or value is None or (name == "verbose" and value is False):
             continue
         object.__setattr__(wrapper, name, value)
+    inner_tags = getattr(inner, "tags", None)
+    if inner_tags:
+        own = list(wrapper.tags or [])
+        object.__setattr__(wrapper, "tags", [*own, *(t for t in inner_tags if t not in own)])
+    inner_meta = getattr(inner, "metadata", None)
+    if inner_meta:
+        object.__setattr__(wrapper, "metadata", {**inner_meta, **(wrapper.metadata or {})})
 
 
 def inner_attribute(inner: Any, name: str) -> Any:

@@ -157,6 +157,18 @@ class TypedOutput(RunnableSerializable[Any, Any]):
             if self.parse_retries:
                 add_note(exc, f"rag_resilience[{policy.name}]: {tries + 1} answer(s) did not parse")
             raise exc
+        if isinstance(exc, UpstreamUnavailableError) and exc.expected != self.expected:
+            # function_calling sends tools: the model step saw a "tool call" request
+            renamed = UpstreamUnavailableError(
+                self.expected,
+                attempts=exc.attempts,
+                breaker_state=exc.breaker_state,
+                policy=exc.policy,
+                hint=exc.hint,
+            )
+            renamed.__cause__ = exc.__cause__
+            renamed.__traceback__ = exc.__traceback__
+            exc = renamed
         if isinstance(exc, UpstreamUnavailableError) and self.generic is not None:
             cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
             value = self.generic(input, cause)
