@@ -27,8 +27,13 @@ from pydantic import BaseModel, field_validator
 from rag_resilience import CircuitBreaker, ResiliencePolicy, RetryStrategy, UpstreamUnavailableError
 from rag_resilience.adapters import NestedRetriesWarning
 from rag_resilience.chaos import ChaosServer
-from rag_resilience.langchain import ResilienceCallbackHandler, ResilientLLM, with_resilience
-from rag_resilience.langchain import _common, dropin
+from rag_resilience.langchain import (
+    ResilienceCallbackHandler,
+    ResilientLLM,
+    _common,
+    dropin,
+    with_resilience,
+)
 from rag_resilience.testing import FakeClock, fake_clock
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -321,7 +326,7 @@ def test_policy_knobs_are_keywords_and_unknown_ones_fail(
     chaos_server.set_faults(outage=True)
     llm.invoke("hi")
     assert chat_requests(chaos_server) == 2  # max_retries=1 honoured, not the preset's 3
-    with pytest.raises(TypeError, match="max_retires.*accepted:.*max_retries"):
+    with pytest.raises(TypeError, match=r"max_retires.*accepted:.*max_retries"):
         ResilientLLM(chat(chaos_server), max_retires=1)
     with pytest.raises(TypeError, match="max_retries must be an int"):
         ResilientLLM(chat(chaos_server), max_retries="3")
