@@ -15,31 +15,36 @@ otherwise raises `UpstreamUnavailableError` from the upstream error.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict
 
-from ..classify import is_parse_failure
 from ..degraded import note_degraded
-from ..errors import (
-    CircuitOpenError,
-    QueueFullError,
-    UpstreamUnavailableError,
-    add_note,
-    attempts_of,
-)
+from ..errors import UpstreamUnavailableError, add_note
 from ..policy import ResiliencePolicy
+from ..typed_answers import (
+    count_parse_failure,
+    generic_arity,
+    mark_counted,
+    parse_failure_in,
+    unavailable,
+)
 
-__all__ = ["TypedOutput", "expected_type", "generic_arity", "parse_failure_in", "unavailable"]
+__all__ = [
+    "TypedOutput",
+    "count_parse_failure",
+    "expected_type",
+    "generic_arity",
+    "mark_counted",
+    "parse_failure_in",
+    "unavailable",
+]
 
 logger = logging.getLogger("rag_resilience")
 
-_COUNTED = "__rag_resilience_parse_counted__"
 _RETRY: Any = object()
 
 
@@ -51,68 +56,6 @@ def expected_type(kwargs: dict[str, Any]) -> str | None:
     if (kwargs.get("tools") or kwargs.get("functions")) and kwargs.get("tool_choice") != "none":
         return "tool call"
     return None
-
-
-def unavailable(
-    exc: BaseException, policy: ResiliencePolicy, expected: str
-) -> UpstreamUnavailableError | None:
-    """The error to raise ``from exc`` when an upstream failure left nothing of the
-    `expected` type to serve; None when `exc` is not an upstream failure (the caller's own
-    error or a parse failure is raised as it is)."""
-    if isinstance(exc, UpstreamUnavailableError):
-        return None
-    verdict = policy.classify(exc)
-    if not verdict.fallback_ok or verdict.reason == "parse_failure":
-        return None
-    attempts = attempts_of(exc)
-    if attempts is None and isinstance(exc, (CircuitOpenError, QueueFullError)):
-        attempts = 0
-    breaker = policy.breaker
-    return UpstreamUnavailableError(
-        expected,
-        attempts=attempts,
-        breaker_state=breaker.get_state().value if breaker is not None else None,
-        policy=policy.name,
-        hint="generic_fallback=callable(input, error) can supply one of the right type",
-    )
-
-
-def mark_counted(exc: BaseException) -> None:
-    """The policy already counted this parse failure (it happened inside an attempt)."""
-    with contextlib.suppress(Exception):  # exceptions that refuse attributes
-        setattr(exc, _COUNTED, True)
-
-
-def count_parse_failure(policy: ResiliencePolicy, exc: BaseException) -> None:
-    if getattr(exc, _COUNTED, False):
-        return
-    mark_counted(exc)
-    note = getattr(policy.collector, "note_parse_failure", None)
-    if callable(note):
-        note()
-
-
-def generic_arity(fn: Callable[..., Any]) -> int:
-    """1 for ``fn(error)``, 2 for ``fn(input, error)``."""
-    try:
-        params = [
-            p
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return 1
-    return 2 if len(params) >= 2 else 1
-
-
-def parse_failure_in(exc: BaseException) -> bool:
-    seen = 0
-    link: BaseException | None = exc
-    while link is not None and seen < 8:
-        if is_parse_failure(link):
-            return True
-        link, seen = link.__cause__, seen + 1
-    return False
 
 
 class TypedOutput(RunnableSerializable[Any, Any]):
