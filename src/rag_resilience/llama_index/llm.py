@@ -654,6 +654,15 @@ class ResilientLLM(FunctionCallingLLM):
             request=request,
         )
 
+    def _structured_impl(self, name: str) -> Callable[..., Any]:
+        """The inner model's own structured prediction (LlamaIndex's OpenAI asks for a
+        json_schema response_format, then validates), run on this wrapper so its chat calls
+        go through the policy; the base class's (a function-calling program) otherwise."""
+        impl = getattr(type(self._inner), name, None)
+        if impl is None or impl in (getattr(LLM, name), getattr(FunctionCallingLLM, name)):
+            return partial(getattr(super(), name))
+        return partial(impl, self)
+
     def structured_predict(
         self, output_cls: Any, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **args: Any
     ) -> Any:
@@ -661,7 +670,9 @@ class ResilientLLM(FunctionCallingLLM):
         tries = 0
         while True:
             try:
-                return super().structured_predict(output_cls, prompt, llm_kwargs, **args)
+                return self._structured_impl("structured_predict")(
+                    output_cls, prompt, llm_kwargs, **args
+                )
             except Exception as exc:
                 out = self._typed_failure(exc, tries, "structured output", request)
                 if out is lt.RETRY:
@@ -676,7 +687,9 @@ class ResilientLLM(FunctionCallingLLM):
         tries = 0
         while True:
             try:
-                return await super().astructured_predict(output_cls, prompt, llm_kwargs, **args)
+                return await self._structured_impl("astructured_predict")(
+                    output_cls, prompt, llm_kwargs, **args
+                )
             except Exception as exc:
                 out = self._typed_failure(exc, tries, "structured output", request)
                 if out is lt.RETRY:
