@@ -253,7 +253,7 @@ def test_bind_tools_and_structured_output_stay_resilient() -> None:
     bound = llm.bind_tools([Answer])
     assert getattr(bound, "bound", None) is llm and "tools" in bound.kwargs  # type: ignore[attr-defined]
     structured = llm.with_structured_output(Answer)
-    first = structured.first  # type: ignore[attr-defined]
+    first = structured.bound.first  # type: ignore[attr-defined]  # under TypedOutput
     assert first.bound is llm
 
 

@@ -20,6 +20,7 @@ from .errors import (
     QueueFullError,
     ResilienceError,
     RetryBudgetExceededError,
+    UpstreamUnavailableError,
     WaitTimeoutError,
 )
 from .events import (
@@ -76,6 +77,7 @@ __all__ = [
     "StatsCollector",
     "Store",
     "SystemClock",
+    "UpstreamUnavailableError",
     "WaitTimeoutError",
     "__version__",
     "add_listener",

@@ -38,6 +38,7 @@ __all__ = [
     "classify_error",
     "error_code_of",
     "headers_of",
+    "is_parse_failure",
     "make_classifier",
     "parse_retry_after",
     "retry_after_hint",
@@ -64,6 +65,25 @@ class ErrorVerdict:
 
 
 Classifier = Callable[[BaseException], ErrorVerdict | bool | None]
+
+# The model answered (a 200) but its answer does not parse or validate: the model's answer,
+# not an upstream failure. Recognised by class name in the MRO, so nothing is imported.
+_PARSE_FAILURE_NAMES = frozenset(
+    {
+        "ValidationError",  # pydantic (v2 and v1)
+        "JSONDecodeError",
+        "OutputParserException",  # LangChain
+        "LengthFinishReasonError",  # openai: parse() cut by max_tokens
+        "ContentFilterFinishReasonError",
+    }
+)
+
+
+def is_parse_failure(exc: BaseException) -> bool:
+    """True when `exc` says a model's answer did not parse or validate (verdict
+    "parse_failure": not retried unless asked, not a breaker failure, never masked)."""
+    return any(klass.__name__ in _PARSE_FAILURE_NAMES for klass in type(exc).__mro__)
+
 
 # Builtin exception families whose meaning is "the code is wrong", not "the upstream is sick".
 # Only when the exception carries no HTTP status: some SDK errors subclass ValueError.
@@ -604,6 +624,8 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
     if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, CancelledError...
         name = "cancelled" if type(exc).__name__ in _CANCELLED_NAMES else "interrupted"
         return ErrorVerdict(False, False, False, name)
+    if is_parse_failure(exc):  # checked before the status: the SDK attaches the 200 response
+        return ErrorVerdict(False, False, False, "parse_failure", status_of(exc))
 
     status = status_of(exc)
     if status is not None:

@@ -12,7 +12,10 @@ Hierarchy::
         │   └── RateLimitedError        pacing to the upstream's rate limit would wait past the
         │                               call's deadline (or the pacing queue is full): no call made
         ├── RetryBudgetExceededError    never raised alone: noted on the original error
-        └── DeadlineExceededError       (also a TimeoutError) attempt or total deadline passed
+        ├── DeadlineExceededError       (also a TimeoutError) attempt or total deadline passed
+        └── UpstreamUnavailableError    the upstream failed and no degraded answer of the
+                                        requested type exists (structured output, tool call,
+                                        dict chain); the upstream error is its __cause__
 
 Upstream errors are never replaced by ours: when retries are exhausted the caller gets
 the original exception, with the attempt history added as a note (PEP 678), and marked
@@ -31,10 +34,13 @@ __all__ = [
     "RateLimitedError",
     "ResilienceError",
     "RetryBudgetExceededError",
+    "UpstreamUnavailableError",
     "WaitTimeoutError",
     "add_note",
+    "attempts_of",
     "is_handled",
     "mark_handled",
+    "set_attempts",
 ]
 
 _HANDLED_ATTR = "__rag_resilience_handled__"
@@ -111,6 +117,55 @@ class DeadlineExceededError(ResilienceError, TimeoutError):
         #: "attempt" (one attempt ran too long: retryable) or "total" (the call's deadline: final)
         self.scope = scope
         super().__init__(message)
+
+
+class UpstreamUnavailableError(ResilienceError):
+    """The upstream failed and nothing of the requested type can be served instead.
+
+    Raised where a plain-text generic answer would be the wrong type (structured output,
+    tool calls, dict outputs of a chain) and there is no cached answer of the same call,
+    no fallback model answer and no typed `generic_fallback`. Always raised ``from`` the
+    upstream error (its ``__cause__``). `attempts` is how many upstream attempts were made
+    (0: rejected by the breaker or the limit), `breaker_state` the circuit's state then,
+    `expected` what the caller asked for ("structured output", "tool call", ...).
+    """
+
+    def __init__(
+        self,
+        expected: str,
+        *,
+        attempts: int | None = None,
+        breaker_state: str | None = None,
+        policy: str | None = None,
+        hint: str = "",
+    ) -> None:
+        self.expected = expected
+        self.attempts = attempts
+        self.breaker_state = breaker_state
+        self.policy = policy
+        self.hint = hint
+        tried = f" after {attempts} attempt(s)" if attempts is not None else ""
+        state = f", circuit {breaker_state}" if breaker_state else ""
+        where = f"[{policy}] " if policy else ""
+        super().__init__(
+            f"{where}upstream unavailable{tried}{state}: no cached answer of this call and no "
+            f"degraded answer that is a valid {expected}" + (f"; {hint}" if hint else "")
+        )
+
+
+_ATTEMPTS_ATTR = "__rag_resilience_attempts__"
+
+
+def set_attempts(exc: BaseException, attempts: int) -> None:
+    """Record how many attempts a policy made before giving up on `exc`."""
+    with contextlib.suppress(Exception):
+        setattr(exc, _ATTEMPTS_ATTR, attempts)
+
+
+def attempts_of(exc: BaseException) -> int | None:
+    """The attempts a policy recorded on `exc` (None if no policy gave up on it)."""
+    value = getattr(exc, _ATTEMPTS_ATTR, None)
+    return value if isinstance(value, int) else None
 
 
 def add_note(exc: BaseException, note: str) -> None:

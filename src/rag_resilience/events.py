@@ -316,6 +316,7 @@ class StatsCollector:
             self.retries = 0
             self.rejections = 0
             self.degraded = 0
+            self.parse_failures = 0
             self.errors_by_class: Counter[str] = Counter()
             self.retry_reasons: Counter[str] = Counter()
             self.rejections_by_reason: Counter[str] = Counter()
@@ -344,6 +345,8 @@ class StatsCollector:
             elif kind is _FAILURE:
                 self.calls += 1
                 self.failures += 1
+                if event.reason == "parse_failure":
+                    self.parse_failures += 1
                 if event.error is not None:
                     self.errors_by_class[type(event.error).__name__] += 1
                 if event.duration is not None:
@@ -355,6 +358,12 @@ class StatsCollector:
                 self.transitions[f"{event.old_state}->{event.new_state}"] += 1
                 if event.new_state is not None:
                     self.last_state[event.name] = event.new_state
+
+    def note_parse_failure(self) -> None:
+        """Count a model answer that did not parse, outside any policy attempt (a parser
+        step after the model); inside one, the FAILURE event counts it."""
+        with self._lock:
+            self.parse_failures += 1
 
     def _routine(self, kind: EventKind, duration: float | None) -> None:
         """Count an attempt or a live success (no `Event` needed: see `EventBus.publish`)."""
@@ -383,6 +392,7 @@ class StatsCollector:
                 "retries": self.retries,
                 "retry_reasons": dict(self.retry_reasons),
                 "errors_by_class": dict(self.errors_by_class),
+                "parse_failures": self.parse_failures,
                 "rejections": self.rejections,
                 "rejections_by_reason": dict(self.rejections_by_reason),
                 "fallbacks_by_source": dict(self.fallbacks_by_source),

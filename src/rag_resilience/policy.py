@@ -41,6 +41,7 @@ from .errors import (
     RateLimitedError,
     add_note,
     mark_handled,
+    set_attempts,
 )
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
@@ -861,6 +862,7 @@ class ResiliencePolicy:
     def _give_up(self, plan: _Degrade) -> None:
         self._publish_failure(plan)
         mark_handled(plan.error)
+        set_attempts(plan.error, plan.attempts)
         raise plan.error
 
     def _plan(

@@ -52,9 +52,10 @@ def request_cost(endpoint: str, body: bytes) -> int:
                 ),
             )
         if endpoint == "chat":
-            _, pieces, _, prompt = responses._prepare(payload)
+            reply = responses._Reply(payload)
             n = payload.get("n") or 1
-            return max(1, prompt + len(pieces) * (n if isinstance(n, int) else 1))
+            completion = reply.completion_tokens * (n if isinstance(n, int) else 1)
+            return max(1, reply.prompt_tokens + completion)
     except Exception:
         return 1
     return 1

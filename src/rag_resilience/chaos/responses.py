@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .model_answers import ToolCall, json_content, tool_call_for
+
 __all__ = [
     "MODELS",
     "chat_answer",
@@ -147,6 +149,9 @@ def chat_answer(messages: Any) -> str:
     texts = [(str(m.get("role", "")), _text_of(m.get("content"))) for m in messages]
     user = [t for r, t in texts if r == "user"]
     question = user[-1] if user else texts[-1][1]
+    if texts[-1][0] in ("tool", "function"):  # an agent's tool result: answer from it
+        q = _one_line(question, 200) or "(empty question)"
+        return f'Answer to "{q}": the tool returned {_one_line(texts[-1][1], 300)}'
     context = " ".join(t for r, t in texts if r in ("system", "developer"))
     match = re.search(
         r"(?is)context\s*(?:information)?[^:\n]*:\s*(.*?)(?:\n\s*(?:question|query)\s*:|$)",
@@ -178,39 +183,78 @@ def _usage(prompt: int, completion: int) -> dict[str, Any]:
     }
 
 
-def _prepare(payload: dict[str, Any]) -> tuple[str, list[str], str, int]:
-    answer = chat_answer(payload.get("messages"))
-    words = answer.split(" ")
-    limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
-    finish = "stop"
-    if isinstance(limit, int) and limit > 0 and len(words) > limit:
-        words, finish = words[:limit], "length"
-    pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
-    prompt_tokens = sum(
-        estimate_tokens(_text_of(m.get("content"))) + 4
-        for m in payload.get("messages", [])
-        if isinstance(m, dict)
-    )
-    return "".join(pieces), pieces, finish, prompt_tokens
+def _question(messages: Any) -> str:
+    if not isinstance(messages, list):
+        return ""
+    texts = [
+        _text_of(m.get("content"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "user"
+    ]
+    return texts[-1] if texts else ""
+
+
+def _pieces(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+class _Reply:
+    """One answer: text (or JSON text) in pieces, or a tool call; its finish reason."""
+
+    __slots__ = ("content", "finish", "pieces", "prompt_tokens", "tool_call")
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        answer = chat_answer(payload.get("messages"))
+        question = _question(payload.get("messages"))
+        self.tool_call: ToolCall | None = tool_call_for(payload, question)
+        structured = json_content(payload, question, answer)
+        pieces = _pieces(structured if structured is not None else answer)
+        limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        finish = "tool_calls" if self.tool_call is not None else "stop"
+        if self.tool_call is not None:
+            pieces = []
+        elif isinstance(limit, int) and limit > 0 and len(pieces) > limit:
+            pieces, finish = pieces[:limit], "length"
+        self.pieces = pieces
+        self.content: str | None = "".join(pieces) if self.tool_call is None else None
+        self.finish = finish
+        self.prompt_tokens = sum(
+            estimate_tokens(_text_of(m.get("content"))) + 4
+            for m in payload.get("messages", [])
+            if isinstance(m, dict)
+        )
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.tool_call is not None:
+            return estimate_tokens(self.tool_call.name + self.tool_call.arguments)
+        return len(self.pieces)
+
+    def message(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "role": "assistant",
+            "content": self.content,
+            "refusal": None,
+            "annotations": [],
+        }
+        if self.tool_call is not None:
+            out["tool_calls"] = [self.tool_call.message_entry()]
+        return out
 
 
 def chat_completion(payload: dict[str, Any], completion_id: str) -> dict[str, Any]:
     """The non-streaming /v1/chat/completions body (``n`` choices, identical content)."""
-    content, pieces, finish, prompt_tokens = _prepare(payload)
+    reply = _Reply(payload)
     n = payload.get("n") or 1
     if not isinstance(n, int) or not 1 <= n <= 128:
         raise ValueError("'n' must be an integer between 1 and 128")
     choices: list[dict[str, Any]] = [
         {
             "index": i,
-            "message": {
-                "role": "assistant",
-                "content": content,
-                "refusal": None,
-                "annotations": [],
-            },
+            "message": reply.message(),
             "logprobs": None,
-            "finish_reason": finish,
+            "finish_reason": reply.finish,
         }
         for i in range(n)
     ]
@@ -220,7 +264,7 @@ def chat_completion(payload: dict[str, Any], completion_id: str) -> dict[str, An
         "created": int(time.time()),
         "model": str(payload.get("model") or "gpt-4o-mini"),
         "choices": choices,
-        "usage": _usage(prompt_tokens, len(pieces) * n),
+        "usage": _usage(reply.prompt_tokens, reply.completion_tokens * n),
         "service_tier": "default",
         "system_fingerprint": "fp_chaos",
     }
@@ -228,8 +272,7 @@ def chat_completion(payload: dict[str, Any], completion_id: str) -> dict[str, An
 
 def chat_stream_events(payload: dict[str, Any], completion_id: str) -> list[dict[str, Any]]:
     """The `chat.completion.chunk` objects of a streamed answer (without ``[DONE]``)."""
-    content, pieces, finish, prompt_tokens = _prepare(payload)
-    del content
+    reply = _Reply(payload)
     options = payload.get("stream_options")
     include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     base = {
@@ -252,11 +295,22 @@ def chat_stream_events(payload: dict[str, Any], completion_id: str) -> list[dict
             out["usage"] = None
         return out
 
-    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    events += [chunk({"content": p}) for p in pieces]
-    events.append(chunk({}, finish))
+    call = reply.tool_call
+    if call is None:
+        events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        events += [chunk({"content": p}) for p in reply.pieces]
+    else:  # the call's name and id first, then its arguments in pieces, as OpenAI streams them
+        head = {"index": 0, "id": call.id, "type": "function"}
+        head["function"] = {"name": call.name, "arguments": ""}
+        events = [chunk({"role": "assistant", "content": None, "tool_calls": [head]})]
+        events += [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+            for p in _pieces(call.arguments)
+        ]
+    events.append(chunk({}, reply.finish))
     if include_usage:
-        events.append({**base, "choices": [], "usage": _usage(prompt_tokens, len(pieces))})
+        usage = _usage(reply.prompt_tokens, reply.completion_tokens)
+        events.append({**base, "choices": [], "usage": usage})
     return events
 
 

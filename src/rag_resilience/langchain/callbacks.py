@@ -67,6 +67,17 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
     ) -> None:
         if latency_window < 1:
             raise ValueError(f"latency_window must be >= 1, got {latency_window}")
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(
+                "ResilienceCallbackHandler: breaker must be a rag_resilience CircuitBreaker "
+                f"or None, got {type(breaker).__name__} (to watch a wrapper's policy, use "
+                "handler.watch(wrapper))"
+            )
+        if fallbacks is not None and not isinstance(fallbacks, GracefulFallbacks):
+            raise TypeError(
+                "ResilienceCallbackHandler: fallbacks must be a GracefulFallbacks or None, "
+                f"got {type(fallbacks).__name__}"
+            )
         self.breaker = breaker
         self.fallbacks = fallbacks
         # Only a guard must propagate its CircuitOpenError; metrics never break a call.

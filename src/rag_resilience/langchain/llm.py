@@ -27,8 +27,19 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..adapters import accepts_request_timeout, model_identity, request_timeout
 from ..degraded import note_degraded
+from ..errors import add_note, mark_handled
+from ..knobs import check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from . import _common as c
+from . import dropin
+from .typed import (
+    TypedOutput,
+    expected_type,
+    generic_arity,
+    mark_counted,
+    parse_failure_in,
+    unavailable,
+)
 
 __all__ = ["ResilientChatModel", "ResilientLLM"]
 
@@ -41,6 +52,19 @@ def _accepts_run_manager(fn: Callable[..., Any]) -> bool:
     return "run_manager" in params or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
     )
+
+
+def _emitted_then_failed(exc: BaseException, chunks: list[Any], run_manager: Any) -> None:
+    """A stream failed after its tokens reached the callbacks: they cannot be taken back,
+    so this call is not retried (a retry would show the handlers a second answer). Marked
+    handled: the policy degrades (fallback model, cache, generic) or raises at once."""
+    if chunks and run_manager is not None and run_manager.handlers:
+        add_note(
+            exc,
+            f"rag_resilience: the stream failed after {len(chunks)} chunk(s) reached the "
+            "callbacks; not retried",
+        )
+        mark_handled(exc)
 
 
 class _Target:
@@ -102,11 +126,17 @@ class _Target:
         if self._streams(False, run_manager, kwargs):
             # What BaseChatModel._generate_with_cache does for a streaming model
             # (ChatOpenAI(streaming=True)'s _generate expects it): stream, emit tokens.
-            chunks = []
-            for chunk in model._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-                chunks.append(chunk)
+            # The inner `_stream` gets no run manager (as in LangChain's own path): the
+            # tokens reach the callbacks once, from here.
+            chunks: list[ChatGenerationChunk] = []
+            try:
+                for chunk in model._stream(messages, stop=stop, **kwargs):
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+                    chunks.append(chunk)
+            except Exception as exc:
+                _emitted_then_failed(exc, chunks, run_manager)
+                raise
             return generate_from_stream(iter(chunks))
         if self.gen_rm:
             return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
@@ -144,13 +174,15 @@ class _Target:
         if model.rate_limiter is not None:
             await model.rate_limiter.aacquire(blocking=True)
         if self._streams(True, run_manager, kwargs):
-            chunks = []
-            async for chunk in model._astream(
-                messages, stop=stop, run_manager=run_manager, **kwargs
-            ):
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
-                chunks.append(chunk)
+            chunks: list[ChatGenerationChunk] = []
+            try:
+                async for chunk in model._astream(messages, stop=stop, **kwargs):
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
+                    chunks.append(chunk)
+            except Exception as exc:
+                _emitted_then_failed(exc, chunks, run_manager)
+                raise
             return generate_from_stream(iter(chunks))
         if self.agen_rm:
             return await model._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
@@ -242,6 +274,7 @@ class _Target:
 
 class _Runtime:
     __slots__ = (
+        "by_input",
         "fb_astream",
         "fb_async",
         "fb_stream",
@@ -263,6 +296,8 @@ class _Runtime:
         self.fb_async: list[Any] = []
         self.fb_stream: list[Any] = []
         self.fb_astream: list[Any] = []
+        # the user's generic_fallback(input, error): built per call with the messages
+        self.by_input: Callable[..., Any] | None = None
 
 
 def _chunks_of(result: ChatResult) -> list[ChatGenerationChunk]:
@@ -290,6 +325,33 @@ def _chunks_of(result: ChatResult) -> list[ChatGenerationChunk]:
     return out
 
 
+def _generic_for(rt: _Runtime, messages: list[BaseMessage], kind: str | None, chunks: bool) -> Any:
+    """The generic answer for this call: none for a typed request (`kind`), the user's
+    generic_fallback(input, error) bound to these messages, else the prepared one."""
+    if kind is not None:
+        return False
+    by_input = rt.by_input
+    if by_input is None:
+        return rt.gen_chunks if chunks else rt.gen_result
+
+    def make(error: BaseException) -> Any:
+        value = by_input(messages, error)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = AIMessage(content=value)
+        if not isinstance(value, BaseMessage):
+            raise TypeError(
+                "generic_fallback(input, error) must return a str or an AIMessage for a chat "
+                f"model call, got {type(value).__name__}"
+            )
+        if chunks:
+            return _chunks_of(ChatResult(generations=[ChatGeneration(message=value)]))
+        return ChatResult(generations=[ChatGeneration(message=value)])
+
+    return make
+
+
 def _json(value: Any) -> str:
     import json
 
@@ -311,14 +373,19 @@ class ResilientLLM(BaseChatModel):
     llm: BaseChatModel
     policy: Any = None
     fallback_models: list[BaseChatModel] = Field(default_factory=list)
-    generic_fallback: bool | str | None = True
+    generic_fallback: bool | str | Callable[..., Any] | None = True
     cache_answers: bool = True
     """Remember live answers as last-known-good (served, with their age, on failure)."""
+    parse_retries: int = 0
+    """Structured output: ask again this many times when the model's answer does not
+    parse (default 0: a parse failure is the model's answer, raised as it is)."""
+    policy_overrides: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+    """Policy knobs given as keyword arguments (``max_retries=1``...), applied to the preset."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _policy: ResiliencePolicy = PrivateAttr()
-    _generic: bool | str | None = PrivateAttr(default=None)
+    _generic: Any = PrivateAttr(default=None)
     _fallbacks: list[_Target] = PrivateAttr(default_factory=list)
     # Everything the hot path needs, in one object: pydantic private attributes are
     # looked up through __getattr__, so each one read per call costs ~1 µs.
@@ -329,13 +396,26 @@ class ResilientLLM(BaseChatModel):
             if "llm" in data:
                 raise TypeError("ResilientLLM got `llm` both positionally and by keyword")
             data["llm"] = llm
+        if "llm" in data:  # (a subclass may build `llm` from other keywords in a validator)
+            knobs = pop_knobs(type(self).__name__, data)
+            if knobs:
+                data["policy_overrides"] = {**data.get("policy_overrides", {}), **knobs}
+            check_unknown(type(self).__name__, data, dropin.field_names(type(self)))
+            dropin.check_model(type(self).__name__, "llm", data["llm"], BaseChatModel)
+            for index, model in enumerate(data.get("fallback_models") or ()):
+                dropin.check_model(
+                    type(self).__name__, f"fallback_models[{index}]", model, BaseChatModel
+                )
         super().__init__(**data)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         inner = self.llm
         if isinstance(inner, ResilientLLM):
-            raise ValueError("llm is already a ResilientLLM; wrap the underlying model once")
+            # wrapping a wrapper: one policy, not attempts times attempts
+            dropin.warn_rewrapped(inner, "ResilientLLM")
+            inner = inner.llm
+            self.llm = inner
         identity = model_identity(inner)
         given = isinstance(self.policy, ResiliencePolicy)
         generic = self.generic_fallback
@@ -346,11 +426,17 @@ class ResilientLLM(BaseChatModel):
                 "policy must be a ResiliencePolicy, a preset name or None, got "
                 f"{type(self.policy).__name__}"
             )
-        policy = ResiliencePolicy.resolve(
+        if not isinstance(self.parse_retries, int) or self.parse_retries < 0:
+            raise ValueError(f"parse_retries must be an int >= 0, got {self.parse_retries!r}")
+        by_input = generic if callable(generic) and generic_arity(generic) == 2 else None
+        policy = resolve_policy(
+            type(self).__name__,
             self.policy,
+            self.policy_overrides,
             name=f"langchain:{identity}",
-            generic_fallback=generic if generic is not None else False,
+            generic_fallback=(False if generic is None or by_input is not None else generic),
         )
+        dropin.adopt_run_settings(self, inner)
         self._policy = policy
         self._generic = generic
         c.warn_nested(inner, policy, "chat")
@@ -370,11 +456,24 @@ class ResilientLLM(BaseChatModel):
         rt.fb_async = [t.as_afallback() for t in self._fallbacks]
         rt.fb_stream = [t.as_stream_fallback() for t in self._fallbacks]
         rt.fb_astream = [t.as_astream_fallback() for t in self._fallbacks]
+        if by_input is not None:
+            rt.by_input = by_input
         self._rt = rt
         if "output_version" not in self.model_fields_set:
             self.output_version = inner.output_version
 
     # -- what the model is ------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper does not have are the inner model's (``model_name``,
+        ``temperature``...): the wrapper stands where the model stood."""
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            inner = self.__dict__.get("llm")
+            if inner is None or name.startswith("__"):
+                raise
+            return dropin.inner_attribute(inner, name)
+
     @property
     def _llm_type(self) -> str:
         return self.llm._llm_type
@@ -417,7 +516,7 @@ class ResilientLLM(BaseChatModel):
                     generations=[ChatGeneration(message=AIMessage(content=text))]
                 )
             )
-        if setting is False:
+        if setting is False or self._rt_by_input():
             return False
         policy = self._policy
 
@@ -433,7 +532,7 @@ class ResilientLLM(BaseChatModel):
             return self._policy_generic(
                 lambda text: [ChatGenerationChunk(message=AIMessageChunk(content=text))]
             )
-        if setting is False:
+        if setting is False or self._rt_by_input():
             return False
         policy = self._policy
 
@@ -442,6 +541,10 @@ class ResilientLLM(BaseChatModel):
             return [ChatGenerationChunk(message=AIMessageChunk(content=text))]
 
         return make
+
+    def _rt_by_input(self) -> bool:
+        setting = self._generic
+        return callable(setting) and generic_arity(setting) == 2
 
     def _policy_generic(self, wrap: Callable[[str], Any]) -> Callable[[BaseException], Any] | bool:
         """The policy's own `generic_fallback`, wrapped into LangChain objects."""
@@ -466,6 +569,21 @@ class ResilientLLM(BaseChatModel):
         return result
 
     # -- the four hooks -----------------------------------------------------------------------
+    # A request for tools or a response_format (`kind`) is never answered with generic
+    # text: a cached answer of the same call or a fallback model's, else
+    # UpstreamUnavailableError from the upstream error.
+    def _failed(self, exc: Exception, kind: str | None) -> Exception:
+        """The exception to raise for a failed call (parse failures counted once)."""
+        if parse_failure_in(exc):
+            mark_counted(exc)
+            return exc
+        if kind is not None:
+            typed = unavailable(exc, self._rt.policy, kind)
+            if typed is not None:
+                typed.__cause__ = exc
+                return typed
+        return exc
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -475,6 +593,7 @@ class ResilientLLM(BaseChatModel):
     ) -> ChatResult:
         rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
         policy = rt.policy
+        kind = expected_type(kwargs) if kwargs else None
         try:
             served = policy.execute(
                 rt.primary.generate,
@@ -483,11 +602,14 @@ class ResilientLLM(BaseChatModel):
                 key=self._key(rt, messages, stop, kwargs),
                 codec=c.CHAT_RESULT_CODEC,
                 fallbacks=rt.fb_sync,
-                generic=rt.gen_result,
+                generic=_generic_for(rt, messages, kind, False),
             )
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chat_model", policy, None, exc))
-            raise
+            raised = self._failed(exc, kind)
+            if raised is exc:
+                raise
+            raise raised from exc
         if run_manager is not None and run_manager.handlers:
             c.dispatch(run_manager, c.event_data("chat_model", policy, served))
         return self._annotate(served.value, served)
@@ -501,6 +623,7 @@ class ResilientLLM(BaseChatModel):
     ) -> ChatResult:
         rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
         policy = rt.policy
+        kind = expected_type(kwargs) if kwargs else None
         try:
             served = await policy.aexecute(
                 rt.primary.agenerate,
@@ -509,11 +632,14 @@ class ResilientLLM(BaseChatModel):
                 key=self._key(rt, messages, stop, kwargs),
                 codec=c.CHAT_RESULT_CODEC,
                 fallbacks=rt.fb_async,
-                generic=rt.gen_result,
+                generic=_generic_for(rt, messages, kind, False),
             )
         except Exception as exc:
             await c.adispatch(run_manager, c.event_data("chat_model", policy, None, exc))
-            raise
+            raised = self._failed(exc, kind)
+            if raised is exc:
+                raise
+            raise raised from exc
         if run_manager is not None and run_manager.handlers:
             await c.adispatch(run_manager, c.event_data("chat_model", policy, served))
         return self._annotate(served.value, served)
@@ -527,6 +653,7 @@ class ResilientLLM(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
         policy = rt.policy
+        kind = expected_type(kwargs) if kwargs else None
         box: list[Served[None]] = []
         stream = policy.execute_stream(
             rt.primary.stream_chunks,
@@ -535,7 +662,7 @@ class ResilientLLM(BaseChatModel):
             key=self._key(rt, messages, stop, kwargs),
             codec=c.CHUNKS_CODEC,
             fallbacks=rt.fb_stream,
-            generic=rt.gen_chunks,
+            generic=_generic_for(rt, messages, kind, True),
             on_served=box.append,
         )
         first = True
@@ -549,7 +676,10 @@ class ResilientLLM(BaseChatModel):
             c.dispatch(
                 run_manager, c.event_data("chat_model", policy, None, exc, streamed=not first)
             )
-            raise
+            raised = self._failed(exc, kind if first else None)
+            if raised is exc:
+                raise
+            raise raised from exc
 
     async def _astream(
         self,
@@ -560,6 +690,7 @@ class ResilientLLM(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         rt: _Runtime = self.__pydantic_private__["_rt"]  # type: ignore[index]
         policy = rt.policy
+        kind = expected_type(kwargs) if kwargs else None
         box: list[Served[None]] = []
         stream = policy.aexecute_stream(
             rt.primary.astream_chunks,
@@ -568,7 +699,7 @@ class ResilientLLM(BaseChatModel):
             key=self._key(rt, messages, stop, kwargs),
             codec=c.CHUNKS_CODEC,
             fallbacks=rt.fb_astream,
-            generic=rt.gen_chunks,
+            generic=_generic_for(rt, messages, kind, True),
             on_served=box.append,
         )
         first = True
@@ -584,7 +715,10 @@ class ResilientLLM(BaseChatModel):
             await c.adispatch(
                 run_manager, c.event_data("chat_model", policy, None, exc, streamed=not first)
             )
-            raise
+            raised = self._failed(exc, kind if first else None)
+            if raised is exc:
+                raise
+            raise raised from exc
 
     def _mark_chunk(
         self,
@@ -630,27 +764,49 @@ class ResilientLLM(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         bound = self.llm.bind_tools(tools, **kwargs)
         rebound = self._rebind(bound)
-        if rebound is not None:
-            return rebound
-        from .runnable import with_resilience
+        if rebound is None:
+            from .runnable import with_resilience
 
-        return with_resilience(bound, policy=self._policy, generic_fallback=False)
+            rebound = with_resilience(bound, policy=self._policy, generic_fallback=False)
+        if not self._rt_by_input():  # the binding itself, as the inner model returns it
+            return rebound
+        return self._typed(rebound, "tool call", 0)
 
     def with_structured_output(
         self,
         schema: dict[str, Any] | type,
         *,
         include_raw: bool = False,
+        parse_retries: int | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
-        """The inner model's structured-output pipeline, its model step replaced by this one."""
+        """The inner model's structured-output pipeline, its model step replaced by this one.
+
+        A parse or validation failure is the model's answer: raised as the inner model's
+        pipeline raises it (retried `parse_retries` times if asked; default: this wrapper's
+        `parse_retries`). In an outage: a cached answer of the same call, a fallback
+        model's, the typed `generic_fallback(input, error)`, else UpstreamUnavailableError.
+        """
         pipeline = self.llm.with_structured_output(schema, include_raw=include_raw, **kwargs)
         rebuilt = self._rebuild(pipeline)
-        if rebuilt is not None:
-            return rebuilt
-        from .runnable import with_resilience
+        if rebuilt is None:
+            from .runnable import with_resilience
 
-        return with_resilience(pipeline, policy=self._policy, generic_fallback=False)
+            rebuilt = with_resilience(pipeline, policy=self._policy, generic_fallback=False)
+        retries = self.parse_retries if parse_retries is None else parse_retries
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"parse_retries must be an int >= 0, got {retries!r}")
+        return self._typed(rebuilt, "structured output", retries)
+
+    def _typed(self, runnable: Runnable[Any, Any], expected: str, retries: int) -> TypedOutput:
+        generic = self._generic if self._rt_by_input() else None
+        return TypedOutput(
+            bound=runnable,
+            policy=self._policy,
+            parse_retries=retries,
+            generic=generic,
+            expected=expected,
+        )
 
     def _rebuild(self, runnable: Runnable[Any, Any]) -> Runnable[Any, Any] | None:
         rebound = self._rebind(runnable)

@@ -6,7 +6,14 @@ last-known-good cache keyed on the chain input: a known question gets its last a
 (with age), a new one the generic message, as in the seed's ProductionRAG.
 
 An output that inner wrappers produced degraded (a cached or generic LLM answer inside
-a chain that "succeeded") is reported as degraded and never stored as last-known-good.
+a chain that "succeeded") is reported as degraded and never stored as last-known-good;
+when an inner wrapper answered with its generic text and this wrapper holds a real answer
+for the input, the real (cached) answer is served instead.
+
+The degraded answer keeps the chain's output type: a cached output, the user's
+``generic_fallback(input, error)``, the generic text for a text (or message) output, and
+for a dict output the same keys with the generic text under ``answer_key``. Anything else
+raises `UpstreamUnavailableError` from the upstream error.
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
-from pydantic import ConfigDict, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..degraded import DegradedScope, enter_scope, exit_scope
 from ..fallback import stable_key
+from ..knobs import check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, CacheHooks, Codec, ResiliencePolicy, Served
 from . import _common as c
+from . import dropin
+from .typed import generic_arity, unavailable
 
 __all__ = ["ResilientRunnable", "with_resilience"]
 
@@ -33,21 +43,37 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
     bound: Runnable[Any, Any]
     policy: Any = None
-    generic_fallback: bool | str | None = True
+    generic_fallback: bool | str | Callable[..., Any] | None = True
     cache_answers: bool = True
+    answer_key: str | None = None
+    """For a chain returning a dict: the key that holds the answer text. A new input
+    during an outage then gets the same keys, the generic text under this one."""
+    policy_overrides: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _policy: ResiliencePolicy = PrivateAttr()
-    _generic: bool | str | None = PrivateAttr(default=True)
+    _generic: Any = PrivateAttr(default=True)
     _prefix: str = PrivateAttr(default="")
     # Output types are often unannotated (Any): remember whether live outputs were
     # messages so the generic answer has the same shape.
     _msg_out: list[bool] = PrivateAttr(default_factory=lambda: [False])
+    # ... and the shape of the last live output: "text", "message", "dict" or "other",
+    # with a dict's keys and the kind of each value (to build a generic dict)
+    _shape: list[Any] = PrivateAttr(default_factory=lambda: [None, None])
 
     def __init__(self, bound: Runnable[Any, Any] | None = None, /, **data: Any) -> None:
         if bound is not None:
             data["bound"] = bound
+        owner = type(self).__name__
+        knobs = pop_knobs(owner, data)
+        if knobs:
+            data["policy_overrides"] = {**data.get("policy_overrides", {}), **knobs}
+        check_unknown(owner, data, dropin.field_names(type(self)))
+        if "bound" in data and not isinstance(data["bound"], Runnable):
+            raise TypeError(
+                f"{owner}: expected a LangChain Runnable to wrap, got {type(data['bound']).__name__}"
+            )
         super().__init__(**data)
 
     def model_post_init(self, context: Any, /) -> None:
@@ -62,13 +88,21 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         if generic is None and not given:
             generic = True
         name = self.name or self.bound.get_name()
-        self._policy = ResiliencePolicy.resolve(
+        self._policy = resolve_policy(
+            type(self).__name__,
             self.policy,
+            self.policy_overrides,
             name=f"langchain-chain:{name}",
-            generic_fallback=generic if generic is not None else False,
+            generic_fallback=(
+                False
+                if generic is None or (callable(generic) and not isinstance(generic, str))
+                else generic
+            ),
         )
         self._generic = generic
         self._prefix = f"{self._policy.name}:{name}"
+        self._shape[0] = _shape_of_type(self.bound.OutputType)
+        dropin.warn_self_retrying(self.bound, self._policy, type(self).__name__)
 
     @property
     def InputType(self) -> Any:
@@ -86,7 +120,12 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         return self._policy.stats()
 
     # -- helpers -------------------------------------------------------------------------
-    def _generic_value(self) -> Callable[[BaseException], Any] | bool:
+    def _generic_value(
+        self, input: Any, mismatch: list[str]
+    ) -> Callable[[BaseException], Any] | bool:
+        """The generic answer for `input`, of the chain's output type; when the type has no
+        generic form, it returns None (nothing to serve) and notes what was expected in
+        `mismatch`, so the call raises UpstreamUnavailableError."""
         setting = self._generic
         policy = self._policy
         if setting is None:
@@ -100,18 +139,62 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             setting_any = setting
         typed = _is_message_type(self.bound.OutputType)
         seen = self._msg_out
+        shape, template = self._shape
+        answer_key = self.answer_key
+        by_input = callable(setting_any) and generic_arity(setting_any) == 2
 
         def make(error: BaseException) -> Any:
+            if by_input:
+                return setting_any(input, error)
+            if shape == "other":
+                mismatch.append("output of this chain (not text)")
+                return None
+            if shape == "dict" and answer_key is None:
+                mismatch.append("dict output of this chain (name its answer_key for a generic)")
+                return None
             wants_message = typed or seen[0]
             if callable(setting_any):
                 value = setting_any(error)
             else:
                 value = c.generic_text(setting_any, error, policy)
+            if shape == "dict" and isinstance(value, str):
+                assert answer_key is not None
+                return _generic_dict(template, input, answer_key, value)
             if wants_message and isinstance(value, str):
                 return AIMessage(content=value)
             return value
 
         return make
+
+    def _raise_typed(self, exc: Exception, mismatch: list[str]) -> None:
+        if not mismatch:
+            return
+        typed = unavailable(exc, self._policy, mismatch[0])
+        if typed is not None:
+            raise typed from exc
+
+    def _prefer_cached(self, served: Served[Any], scope: DegradedScope, key: str) -> Served[Any]:
+        """An inner wrapper's generic answer must not beat a real answer held here."""
+        if served.degraded or not scope.degraded or not self._cache_on():
+            return served
+        if not any(m.get("source") in _GENERIC_SOURCES for m in scope.snapshot()):
+            return served
+        fallbacks = self._policy.fallbacks
+        assert fallbacks is not None
+        found = fallbacks.get_last_known_good(key)
+        return served if found is None else _from_cache(served, found)
+
+    async def _aprefer_cached(
+        self, served: Served[Any], scope: DegradedScope, key: str
+    ) -> Served[Any]:
+        if served.degraded or not scope.degraded or not self._cache_on():
+            return served
+        if not any(m.get("source") in _GENERIC_SOURCES for m in scope.snapshot()):
+            return served
+        fallbacks = self._policy.fallbacks
+        assert fallbacks is not None
+        found = await fallbacks.aget_last_known_good(key)
+        return served if found is None else _from_cache(served, found)
 
     def _key(self, value: Any) -> str:
         return c.input_key(self._prefix, value)
@@ -160,6 +243,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     def _finish(self, output: Any, meta: dict[str, Any], run_manager: Any) -> Any:
         if not meta["degraded"]:
             self._msg_out[0] = isinstance(output, BaseMessage)
+            self._remember_shape(output)
         if meta["degraded"]:
             output = _annotate(output, meta)
         if run_manager is not None:
@@ -167,6 +251,16 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             data.update(meta)
             c.dispatch(run_manager, data)
         return output
+
+    def _remember_shape(self, output: Any) -> None:
+        if isinstance(output, dict):
+            self._shape[:] = ["dict", {str(k): type(v) for k, v in output.items()}]
+        elif isinstance(output, BaseMessage):
+            self._shape[:] = ["message", None]
+        elif isinstance(output, str):
+            self._shape[:] = ["text", None]
+        elif output is not None:
+            self._shape[:] = ["other", None]
 
     # -- invoke ----------------------------------------------------------------------------
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -179,18 +273,22 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     def _invoke(self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Any:
         child = config  # LangChain already bound the child callbacks
         scope, token = enter_scope()
+        mismatch: list[str] = []
+        key = self._key(input)
         try:
             served = self._policy.execute(
                 lambda x: self.bound.invoke(x, child, **kwargs),
                 (input,),
-                cache=self._hooks(self._key(input), scope) if self._cache_on() else None,
-                generic=self._generic_value(),
+                cache=self._hooks(key, scope) if self._cache_on() else None,
+                generic=self._generic_value(input, mismatch),
             )
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chain", self._policy, None, exc))
+            self._raise_typed(exc, mismatch)
             raise
         finally:
             exit_scope(token)
+        served = self._prefer_cached(served, scope, key)
         return self._finish(served.value, self._meta(served, scope), run_manager)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -205,18 +303,22 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
     ) -> Any:
         child = config  # LangChain already bound the child callbacks
         scope, token = enter_scope()
+        mismatch: list[str] = []
+        key = self._key(input)
         try:
             served = await self._policy.aexecute(
                 lambda x: self.bound.ainvoke(x, child, **kwargs),
                 (input,),
-                cache=self._ahooks(self._key(input), scope) if self._cache_on() else None,
-                generic=self._generic_value(),
+                cache=self._ahooks(key, scope) if self._cache_on() else None,
+                generic=self._generic_value(input, mismatch),
             )
         except Exception as exc:
             await c.adispatch(run_manager, c.event_data("chain", self._policy, None, exc))
+            self._raise_typed(exc, mismatch)
             raise
         finally:
             exit_scope(token)
+        served = await self._aprefer_cached(served, scope, key)
         data = c.event_data("chain", self._policy, None)
         meta = self._meta(served, scope)
         data.update(meta)
@@ -246,18 +348,19 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
-        generic = self._generic_value()
+        mismatch: list[str] = []
         try:
             yield from self._policy.execute_stream(
                 lambda x: self.bound.stream(x, child, **kwargs),
                 (input,),
                 key=key if self._cache_on() else _NO_KEY,
                 codec=_STREAM_CODEC,
-                generic=(lambda e: [generic(e)]) if callable(generic) else False,
+                generic=_as_items(self._generic_value(input, mismatch)),
                 on_served=box.append,
             )
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chain", self._policy, None, exc))
+            self._raise_typed(exc, mismatch)
             raise
         finally:
             exit_scope(token)
@@ -294,19 +397,20 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
-        generic = self._generic_value()
+        mismatch: list[str] = []
         try:
             async for item in self._policy.aexecute_stream(
                 lambda x: self.bound.astream(x, child, **kwargs),
                 (input,),
                 key=key if self._cache_on() else _NO_KEY,
                 codec=_STREAM_CODEC,
-                generic=(lambda e: [generic(e)]) if callable(generic) else False,
+                generic=_as_items(self._generic_value(input, mismatch)),
                 on_served=box.append,
             ):
                 yield item
         except Exception as exc:
             await c.adispatch(run_manager, c.event_data("chain", self._policy, None, exc))
+            self._raise_typed(exc, mismatch)
             raise
         finally:
             exit_scope(token)
@@ -344,6 +448,70 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             ttl=fallbacks.ttl,
             max_entries=fallbacks.max_entries,
         )
+
+
+_GENERIC_SOURCES = frozenset({"generic_fallback", "rejected"})
+
+
+def _from_cache(served: Served[Any], found: tuple[Any, float]) -> Served[Any]:
+    value, age = found
+    return Served(c.decode_output(value), "cache", served.attempts, age, True)
+
+
+def _as_items(generic: Callable[[BaseException], Any] | bool) -> Any:
+    """A stream's generic: the one generic value as a list of items (None: nothing)."""
+    if not callable(generic):
+        return False
+
+    def items(error: BaseException) -> list[Any] | None:
+        value = generic(error)
+        return None if value is None else [value]
+
+    return items
+
+
+_EMPTY: dict[type, Any] = {list: list, dict: dict, str: str, tuple: tuple}
+
+
+def _generic_dict(
+    template: dict[str, type] | None, input: Any, answer_key: str, text: str
+) -> dict[str, Any]:
+    """The keys of the chain's last live dict: the generic text under `answer_key`, the
+    input's values under the input's keys, empty values of the same kind elsewhere."""
+    given = input if isinstance(input, dict) else {}
+    keys = list(template) if template else [*given, answer_key]
+    if answer_key not in keys:
+        keys.append(answer_key)
+    out: dict[str, Any] = {}
+    for k in keys:
+        if k == answer_key:
+            out[k] = text
+        elif k in given:
+            out[k] = given[k]
+        else:
+            kind = template.get(k) if template else None
+            factory = _EMPTY.get(kind) if kind is not None else None
+            out[k] = factory() if factory is not None else None
+    return out
+
+
+def _shape_of_type(tp: Any) -> str | None:
+    """The output shape a Runnable's OutputType promises, when it says: None if unknown."""
+    if _is_message_type(tp):
+        return "message"
+    if tp is str:
+        return "text"
+    origin = typing.get_origin(tp) or tp
+    if origin is dict or (isinstance(tp, type) and typing.is_typeddict(tp)):
+        return "dict"
+    try:
+        from pydantic import BaseModel
+
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and not _is_message_type(tp):
+            return "other"
+    except TypeError:  # pragma: no cover
+        pass
+    return None
 
 
 def _combine(items: list[Any]) -> Any:
@@ -392,15 +560,26 @@ def with_resilience(
     runnable: Runnable[Any, Any],
     policy: ResiliencePolicy | str | None = None,
     *,
-    generic_fallback: bool | str | None = True,
+    generic_fallback: bool | str | Callable[..., Any] | None = True,
     cache_answers: bool = True,
     name: str | None = None,
+    answer_key: str | None = None,
+    **knobs: Any,
 ) -> ResilientRunnable:
-    """Wrap any Runnable (e.g. a whole ``retriever | prompt | llm | parser`` chain)."""
+    """Wrap any Runnable (e.g. a whole ``retriever | prompt | llm | parser`` chain).
+
+    `answer_key`: for a chain returning a dict (``create_retrieval_chain``), the key of the
+    answer text; a new input during an outage then gets the same keys with the generic
+    text there (without it: UpstreamUnavailableError). `generic_fallback` may be a
+    callable ``(input, error)`` returning an output of the chain's type. Policy knobs
+    (``max_retries=1``...) override the preset.
+    """
     return ResilientRunnable(
         runnable,
         policy=policy,
         generic_fallback=generic_fallback,
         cache_answers=cache_answers,
         name=name,
+        answer_key=answer_key,
+        **knobs,
     )

@@ -217,3 +217,58 @@ def record_degraded(component: str, served: Served[Any]) -> None:
     """Tell an enclosing resilient engine (or chain) that `component` answered degraded."""
     if served.degraded:
         note_degraded({**served.metadata(), "component": component})
+
+
+# -- models inside a wrapped engine that retry by themselves --------------------------------
+def _inside(node: Any) -> list[Any]:
+    """The attributes of a LlamaIndex object worth looking into (pydantic fields, private
+    attributes and plain attributes), without calling properties."""
+    values: list[Any] = []
+    for source in (
+        getattr(node, "__dict__", None),
+        getattr(node, "__pydantic_private__", None),
+    ):
+        if isinstance(source, dict):
+            values.extend(source.values())
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            out.extend(value)
+        elif isinstance(value, dict):
+            out.extend(value.values())
+        else:
+            out.append(value)
+    return [v for v in out if type(v).__module__.startswith(("llama_index", "rag_resilience"))]
+
+
+def warn_self_retrying(root: Any, policy: ResiliencePolicy, owner: str, limit: int = 400) -> None:
+    """Warn once per model class, with numbers, when an LLM or embedding model inside the
+    wrapped engine retries by itself (our own wrappers are skipped: they warn themselves)."""
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.core.llms.llm import LLM
+
+    ours = policy.retry.max_retries + 1 if policy.retry is not None else 1
+    seen: set[int] = set()
+    stack = [root]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node is not root and type(node).__module__.startswith("rag_resilience."):
+            continue
+        if isinstance(node, (LLM, BaseEmbedding)):
+            per_call = inner_attempts_per_call(node)
+            if per_call > 1:
+                cls = type(node).__name__
+                warn_once(
+                    (_class_path(node), f"inside:{owner}"),
+                    f"{cls} inside the engine wrapped by {owner} retries by itself "
+                    f"(max_retries={inner_max_retries(node)}): each of the {ours} attempts of "
+                    f"the engine can make {per_call} requests to it, up to {ours * per_call} "
+                    f"per question during an outage. Build it with {cls}(..., max_retries=0) "
+                    "or wrap it in a Resilient wrapper.",
+                    NestedRetriesWarning,
+                )
+            continue
+        stack.extend(_inside(node))

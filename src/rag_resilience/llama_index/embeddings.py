@@ -21,6 +21,8 @@ from llama_index.core.callbacks import CallbackManager
 
 from ..adapters import model_identity
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult
+from ..knobs import check_unknown, pop_knobs
+from ..knobs import resolve_policy as resolve_knobs
 from ..policy import ResiliencePolicy
 from ._common import (
     record_degraded,
@@ -30,6 +32,7 @@ from ._common import (
     warn_nested,
 )
 from .callbacks import CallbackForwarder
+from .typed import warn_rewrapped
 
 __all__ = ["ResilientEmbedding", "ResilientEmbeddings"]
 
@@ -64,6 +67,11 @@ class ResilientEmbedding(BaseEmbedding):
         warn_nested_retries: bool = True,
         **kwargs: Any,
     ) -> None:
+        knobs = pop_knobs("ResilientEmbedding", kwargs)
+        check_unknown("ResilientEmbedding", kwargs, type(self).model_fields)
+        if isinstance(embed_model, ResilientEmbedding):  # one policy, not two multiplied
+            warn_rewrapped(embed_model, "ResilientEmbedding")
+            embed_model = embed_model.embed_model
         if embed_model is None:
             raise ValueError("embed_model must be a llama_index BaseEmbedding, got None")
         if not isinstance(embed_model, BaseEmbedding):
@@ -83,6 +91,13 @@ class ResilientEmbedding(BaseEmbedding):
             **kwargs,
         )
         model_id = model_identity(embed_model)
+        if knobs:
+            policy = resolve_knobs(
+                "ResilientEmbedding",
+                policy,
+                knobs,
+                name=name or f"llama_index.embeddings:{embed_model.model_name}",
+            )
         resolved = resolve_policy(
             policy, name=name or f"llama_index.embeddings:{embed_model.model_name}"
         )
@@ -100,6 +115,17 @@ class ResilientEmbedding(BaseEmbedding):
     @classmethod
     def class_name(cls) -> str:
         return "ResilientEmbedding"
+
+    def __getattr__(self, name: str) -> Any:
+        """The inner model's attributes (``dimensions``...) stay readable on the wrapper."""
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            private = self.__pydantic_private__ or {}
+            inner = private.get("_inner") if isinstance(private, dict) else None
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
 
     # -- introspection -------------------------------------------------------------------
     @property

@@ -35,7 +35,7 @@ from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 from ..degraded import DegradedScope, track_degraded
 from ..errors import ResilienceError, mark_handled
 from ..policy import CacheHooks, ResiliencePolicy, Served
-from ._common import GenericSpec, generic_text, jsonable, resolve_policy
+from ._common import GenericSpec, generic_text, jsonable, resolve_policy, warn_self_retrying
 
 __all__ = ["ResilientChatEngine", "ResilientQueryEngine"]
 
@@ -154,6 +154,7 @@ class ResilientQueryEngine(BaseQueryEngine):
             raise ValueError("generic_fallback must be a bool, a string or a callable error -> str")
         self._inner = query_engine
         self._policy = resolve_policy(policy, name=name or "llama_index.query_engine")
+        warn_self_retrying(query_engine, self._policy, "ResilientQueryEngine")
         self._generic = generic_fallback
         self._cache = _AnswerCache(self._policy, f"llama_index.query:{self._policy.name}")
         super().__init__(
@@ -318,6 +319,7 @@ class ResilientChatEngine(BaseChatEngine):
             raise ValueError("generic_fallback must be a bool, a string or a callable error -> str")
         self._inner = chat_engine
         self._policy = resolve_policy(policy, name=name or "llama_index.chat_engine")
+        warn_self_retrying(chat_engine, self._policy, "ResilientChatEngine")
         self._generic = generic_fallback
         self._cache = _AnswerCache(self._policy, f"llama_index.chat:{self._policy.name}")
 

@@ -35,7 +35,11 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 
 from ..adapters import model_identity
+from ..knobs import check_unknown, pop_knobs
+from ..knobs import resolve_policy as resolve_knobs
 from ..policy import Codec, ResiliencePolicy, Served
+from ..typed_answers import generic_arity, unavailable
+from . import typed as lt
 from ._common import (
     GenericSpec,
     generic_text,
@@ -239,6 +243,7 @@ class ResilientLLM(FunctionCallingLLM):
     _generic: GenericSpec = PrivateAttr(default=True)
     _params: dict[str, Any] = PrivateAttr(default_factory=dict)
     _identity: str = PrivateAttr(default="")
+    _parse_retries: int = PrivateAttr(default=0)
 
     def __init__(
         self,
@@ -250,10 +255,22 @@ class ResilientLLM(FunctionCallingLLM):
         name: str | None = None,
         callback_manager: CallbackManager | None = None,
         warn_nested_retries: bool = True,
+        parse_retries: int = 0,
         **kwargs: Any,
     ) -> None:
+        knobs = pop_knobs("ResilientLLM", kwargs)
+        check_unknown("ResilientLLM", kwargs, type(self).model_fields)
+        if isinstance(llm, ResilientLLM):  # wrapping a wrapper: one policy, not two multiplied
+            lt.warn_rewrapped(llm, "ResilientLLM")
+            llm = llm.llm
         if not isinstance(llm, LLM):
             raise ValueError(f"llm must be a llama_index LLM, got {type(llm).__name__}")
+        if (
+            not isinstance(parse_retries, int)
+            or isinstance(parse_retries, bool)
+            or parse_retries < 0
+        ):
+            raise ValueError(f"parse_retries must be an int >= 0, got {parse_retries!r}")
         for fb in fallback_llms:
             if not isinstance(fb, LLM):
                 raise ValueError(
@@ -269,8 +286,13 @@ class ResilientLLM(FunctionCallingLLM):
                 kwargs[field] = getattr(llm, field)
         super().__init__(callback_manager=callback_manager or llm.callback_manager, **kwargs)
         model = getattr(llm, "model", None) or llm.metadata.model_name
+        if knobs:  # max_retries=1 ... override the preset
+            policy = resolve_knobs(
+                "ResilientLLM", policy, knobs, name=name or f"llama_index.llm:{model}"
+            )
         resolved = resolve_policy(policy, name=name or f"llama_index.llm:{model}")
         resolved.add_listener(CallbackForwarder(self))
+        self._parse_retries = parse_retries
         self._inner = llm
         self._policy = resolved
         self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
@@ -349,68 +371,112 @@ class ResilientLLM(FunctionCallingLLM):
             record_degraded(self._policy.name, served)
         return served.value
 
-    def _text(self, error: BaseException) -> str:
+    def _by_input(self) -> Callable[..., Any] | None:
+        """The user's typed generic ``generic_fallback(input, error)``, if that is what it is."""
+        spec = self._generic
+        if callable(spec) and not isinstance(spec, (bool, str)) and generic_arity(spec) == 2:
+            return spec
+        return None
+
+    def _text(self, error: BaseException, payload: Any = None) -> Any:
+        by_input = self._by_input()
+        if by_input is not None:
+            return by_input(payload, error)
         return str(generic_text(self._generic, error, self._policy))
 
-    def _generic_chat(self) -> Callable[[BaseException], ChatResponse] | bool:
+    def _generic_chat(self, payload: Any = None) -> Callable[[BaseException], Any] | bool:
         if self._generic is False:
             return False
 
-        def make(error: BaseException) -> ChatResponse:
-            text = self._text(error)
+        def make(error: BaseException) -> Any:
+            text = self._text(error, payload)
+            if text is None or isinstance(text, ChatResponse):
+                return text
             return ChatResponse(
-                message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text
+                message=ChatMessage(role=MessageRole.ASSISTANT, content=str(text)), delta=text
             )
 
         return make
 
-    def _generic_completion(self) -> Callable[[BaseException], CompletionResponse] | bool:
+    def _generic_completion(self, payload: Any = None) -> Callable[[BaseException], Any] | bool:
         if self._generic is False:
             return False
 
-        def make(error: BaseException) -> CompletionResponse:
-            text = self._text(error)
-            return CompletionResponse(text=text, delta=text)
+        def make(error: BaseException) -> Any:
+            text = self._text(error, payload)
+            if text is None or isinstance(text, CompletionResponse):
+                return text
+            return CompletionResponse(text=str(text), delta=str(text))
 
         return make
 
     def _generic_stream(self, make: Callable[[BaseException], Any] | bool) -> Any:
         if make is False or make is True:
             return make
-        return lambda error: [make(error)]
+
+        def items(error: BaseException) -> list[Any] | None:
+            value = make(error)
+            return None if value is None else [value]
+
+        return items
 
     def _annotated(
-        self, stream: Iterator[Any], state: dict[str, Served[None]]
+        self, stream: Iterator[Any], state: dict[str, Served[None]], expected: str | None = None
     ) -> Generator[Any, None, None]:
         recorded = False
-        for item in stream:
-            served = state.get("served")
-            if served is not None and served.degraded:
-                _annotate(item, served)
-                if not recorded:
-                    record_degraded(self._policy.name, served)
-                    recorded = True
-            yield item
+        try:
+            for item in stream:
+                served = state.get("served")
+                if served is not None and served.degraded:
+                    _annotate(item, served)
+                    if not recorded:
+                        record_degraded(self._policy.name, served)
+                        recorded = True
+                yield item
+        except Exception as exc:
+            self._raise_typed(exc, expected if "served" not in state else None)
+            raise
 
     async def _aannotated(
-        self, stream: AsyncIterator[Any], state: dict[str, Served[None]]
+        self,
+        stream: AsyncIterator[Any],
+        state: dict[str, Served[None]],
+        expected: str | None = None,
     ) -> AsyncGenerator[Any, None]:
         recorded = False
-        async for item in stream:
-            served = state.get("served")
-            if served is not None and served.degraded:
-                _annotate(item, served)
-                if not recorded:
-                    record_degraded(self._policy.name, served)
-                    recorded = True
-            yield item
+        try:
+            async for item in stream:
+                served = state.get("served")
+                if served is not None and served.degraded:
+                    _annotate(item, served)
+                    if not recorded:
+                        record_degraded(self._policy.name, served)
+                        recorded = True
+                yield item
+        except Exception as exc:
+            self._raise_typed(exc, expected if "served" not in state else None)
+            raise
+
+    def _raise_typed(self, exc: Exception, expected: str | None) -> None:
+        """A typed request (tools, response_format) that failed upstream with nothing of
+        its type to serve: UpstreamUnavailableError from the upstream error."""
+        if expected is None:
+            return
+        typed = unavailable(exc, self._policy, expected)
+        if typed is not None:
+            raise typed from exc
 
     # -- how a call goes through the policy ------------------------------------------------
     def _request(self, method: str, payload: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         """`execute`'s keyword arguments for a call of `method` ("chat", "astream_complete",
         ...) on `payload` (the messages or the prompt)."""
         kind, codec, run_fallback = _METHODS[method]
-        generic = self._generic_chat() if kind == "chat" else self._generic_completion()
+        if lt.expected_type(kwargs) is not None:
+            generic: Any = False  # a text answer is not a tool call or structured output
+        elif kind == "chat":
+            generic = self._generic_chat(payload)
+        else:
+            generic = self._generic_completion(payload)
         return {
             "key": self._key(kind, payload, kwargs),
             "codec": codec,
@@ -421,9 +487,16 @@ class ResilientLLM(FunctionCallingLLM):
     # -- sync --------------------------------------------------------------------------------
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         self._sync_callbacks()
-        served = self._policy.execute(
-            self._sync["chat"], (messages,), kwargs, **self._request("chat", messages, kwargs)
-        )
+        try:
+            served = self._policy.execute(
+                self._sync["chat"],
+                (messages,),
+                kwargs,
+                **self._request("chat", messages, kwargs),
+            )
+        except Exception as exc:
+            self._raise_typed(exc, lt.expected_type(kwargs))
+            raise
         result: ChatResponse = self._finish(served)
         return result
 
@@ -445,7 +518,7 @@ class ResilientLLM(FunctionCallingLLM):
             on_served=lambda served: state.__setitem__("served", served),
             **self._request("stream_chat", messages, kwargs),
         )
-        return self._annotated(stream, state)
+        return self._annotated(stream, state, lt.expected_type(kwargs))
 
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
@@ -465,9 +538,13 @@ class ResilientLLM(FunctionCallingLLM):
     # -- async -------------------------------------------------------------------------------
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         self._sync_callbacks()
-        served = await self._policy.aexecute(
-            self._inner.achat, (messages,), kwargs, **self._request("achat", messages, kwargs)
-        )
+        try:
+            served = await self._policy.aexecute(
+                self._inner.achat, (messages,), kwargs, **self._request("achat", messages, kwargs)
+            )
+        except Exception as exc:
+            self._raise_typed(exc, lt.expected_type(kwargs))
+            raise
         result: ChatResponse = self._finish(served)
         return result
 
@@ -496,7 +573,7 @@ class ResilientLLM(FunctionCallingLLM):
             on_served=lambda served: state.__setitem__("served", served),
             **self._request("astream_chat", messages, kwargs),
         )
-        return self._aannotated(stream, state)
+        return self._aannotated(stream, state, lt.expected_type(kwargs))
 
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
@@ -566,3 +643,133 @@ class ResilientLLM(FunctionCallingLLM):
             response, error_on_no_tool_call=error_on_no_tool_call, **kwargs
         )
         return result
+
+    # -- typed entry points: parse failures are the model's answer ---------------------------
+    def _typed_failure(self, exc: Exception, tries: int, expected: str, request: Any) -> Any:
+        """Retry a parse failure (`parse_retries`), serve the typed generic for an upstream
+        failure, or raise; returns lt.RETRY to go again."""
+        return lt.on_typed_failure(
+            exc,
+            policy=self._policy,
+            tries=tries,
+            parse_retries=self._parse_retries,
+            expected=expected,
+            generic=self._by_input(),
+            request=request,
+        )
+
+    def _structured_impl(self, name: str) -> Callable[..., Any]:
+        """The inner model's own structured prediction (LlamaIndex's OpenAI asks for a
+        json_schema response_format, then validates), run on this wrapper so its chat calls
+        go through the policy; the base class's (a function-calling program) otherwise."""
+        impl = getattr(type(self._inner), name, None)
+        if impl is None or impl in (getattr(LLM, name), getattr(FunctionCallingLLM, name)):
+            return partial(getattr(super(), name))
+        return partial(impl, self)
+
+    def structured_predict(
+        self, output_cls: Any, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **args: Any
+    ) -> Any:
+        request = {"output_cls": output_cls, **args}
+        tries = 0
+        while True:
+            try:
+                return self._structured_impl("structured_predict")(
+                    output_cls, prompt, llm_kwargs, **args
+                )
+            except Exception as exc:
+                out = self._typed_failure(exc, tries, "structured output", request)
+                if out is lt.RETRY:
+                    tries += 1
+                    continue
+                return out
+
+    async def astructured_predict(
+        self, output_cls: Any, prompt: Any, llm_kwargs: dict[str, Any] | None = None, **args: Any
+    ) -> Any:
+        request = {"output_cls": output_cls, **args}
+        tries = 0
+        while True:
+            try:
+                return await self._structured_impl("astructured_predict")(
+                    output_cls, prompt, llm_kwargs, **args
+                )
+            except Exception as exc:
+                out = self._typed_failure(exc, tries, "structured output", request)
+                if out is lt.RETRY:
+                    tries += 1
+                    continue
+                return out
+
+    def predict_and_call(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        error_on_no_tool_call: bool = True,
+        error_on_tool_error: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        tries = 0
+        while True:
+            try:
+                return super().predict_and_call(
+                    tools,
+                    user_msg=user_msg,
+                    chat_history=chat_history,
+                    verbose=verbose,
+                    allow_parallel_tool_calls=allow_parallel_tool_calls,
+                    error_on_no_tool_call=error_on_no_tool_call,
+                    error_on_tool_error=error_on_tool_error,
+                    **kwargs,
+                )
+            except Exception as exc:
+                out = self._typed_failure(exc, tries, "tool call", user_msg)
+                if out is lt.RETRY:
+                    tries += 1
+                    continue
+                return out
+
+    async def apredict_and_call(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        error_on_no_tool_call: bool = True,
+        error_on_tool_error: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        tries = 0
+        while True:
+            try:
+                return await super().apredict_and_call(
+                    tools,
+                    user_msg=user_msg,
+                    chat_history=chat_history,
+                    verbose=verbose,
+                    allow_parallel_tool_calls=allow_parallel_tool_calls,
+                    error_on_no_tool_call=error_on_no_tool_call,
+                    error_on_tool_error=error_on_tool_error,
+                    **kwargs,
+                )
+            except Exception as exc:
+                out = self._typed_failure(exc, tries, "tool call", user_msg)
+                if out is lt.RETRY:
+                    tries += 1
+                    continue
+                return out
+
+    # -- the inner model's attributes stay readable ------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            private = self.__pydantic_private__ or {}
+            inner = private.get("_inner") if isinstance(private, dict) else None
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
