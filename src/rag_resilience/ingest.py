@@ -196,7 +196,7 @@ class _ProgressSink:
             return
         tqdm = _tqdm()
         if tqdm is not None:
-            self.bar = tqdm(total=total, desc=desc, unit="text", leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit="text")
 
     def update(self, done: int) -> None:
         if self.callback is not None:
