@@ -30,6 +30,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from . import responses
 from .faults import ERROR_KINDS, ErrorKind, Faults, error_body, format_reset, resolve_kind
+from .tokenbucket import TOKENS_KIND, TokenRateLimit
 
 __all__ = ["ChaosServer", "FaultEvent"]
 
@@ -135,6 +136,8 @@ class ChaosServer:
         self.embedding_dim = embedding_dim
         self.on_fault = on_fault
         self._clock = clock if clock is not None else SYSTEM_CLOCK
+        #: Optional tokens-per-minute limit (`chaos.tokenbucket.TokenRateLimit`).
+        self.token_limit: TokenRateLimit | None = None
 
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -559,13 +562,20 @@ class ChaosServer:
             limit_r, remaining_r, reset_r = str(cap), str(remaining), format_reset(reset)
         else:
             limit_r, remaining_r, reset_r = "10000", "9999", "6ms"
+        tokens = (
+            self.token_limit.headers()
+            if self.token_limit is not None
+            else [
+                ("x-ratelimit-limit-tokens", "200000"),
+                ("x-ratelimit-remaining-tokens", "199950"),
+                ("x-ratelimit-reset-tokens", "15ms"),
+            ]
+        )
         return [
             ("x-ratelimit-limit-requests", limit_r),
-            ("x-ratelimit-limit-tokens", "200000"),
             ("x-ratelimit-remaining-requests", remaining_r),
-            ("x-ratelimit-remaining-tokens", "199950"),
             ("x-ratelimit-reset-requests", reset_r),
-            ("x-ratelimit-reset-tokens", "15ms"),
+            *tokens,
         ]
 
     def _record(
@@ -620,6 +630,10 @@ class ChaosServer:
     async def _api(self, req: _Request, endpoint: str, writer: asyncio.StreamWriter) -> bool:
         started = time.perf_counter()
         request_id, faults, decision = self._decide(endpoint)
+        if decision.action == "ok" and self.token_limit is not None:
+            wait = self.token_limit.charge(endpoint, req.body)
+            if wait > 0:
+                decision = _Decision("rate_limited", TOKENS_KIND, "rate_limited", wait)
         applies = faults.applies_to(endpoint)
         limit = faults.max_concurrency if applies else None
         if not await self._acquire(limit, faults.concurrency_mode):
