@@ -9,7 +9,9 @@
   for `embed`, tasks for `aembed`; both drive the same `_Ingestion` state machine, so
   scheduling, results, progress and failure rules exist once;
 * each batch is **one policy call** (pacing, retry, breaker, per-text cached vectors
-  all apply), exactly what `EmbeddingEngine.run_batch` does for a sub-batch;
+  all apply), exactly what `EmbeddingEngine.run_batch` does for a sub-batch; a batch
+  whose call ends on a rate-limit 429 was only told "not yet": after the server's delay
+  it runs again (`throttle_rounds` times at most) instead of failing;
 * a **failed batch never loses the others**: the rest go on, and the caller gets
   `PartialEmbeddingError` with every vector that was obtained (`None` where none
   was) and exactly which inputs failed; the first upstream error is its `__cause__`.
@@ -41,6 +43,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from . import deadline
+from .clock import get_clock
 from .embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from .errors import QueueFullError, ResilienceError, add_note
 from .policy import Served
@@ -71,6 +75,11 @@ BatchHook = Callable[[list[str], list[Vector]], None]
 
 # Statuses that say the same about every batch: the key, the account or the URL is wrong.
 _STOP_STATUSES = frozenset({401, 403, 404})
+# A 429 that only asks us to slow down (not "insufficient_quota"): "handled" is how the
+# classifier labels it once a policy has spent its attempts on it.
+_THROTTLED = frozenset({"rate_limited", "handled"})
+#: Seconds to wait before re-running a throttled batch when the server did not say.
+_THROTTLE_WAIT = 1.0
 
 
 def estimate_tokens(text: str) -> int:
@@ -154,6 +163,7 @@ class IngestStats:
         "batches",
         "batches_failed",
         "partial_errors",
+        "throttled",
     )
 
     def __init__(self) -> None:
@@ -283,6 +293,10 @@ class _Ingestion:
             if stops and self.stop is None:
                 self.stop = error
 
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None
+
     def abort(self, error: BaseException) -> None:
         """The caller was interrupted: workers take no new batch."""
         with self.lock:
@@ -305,7 +319,9 @@ class Ingestor:
     `batch_tokens`: estimated tokens per batch; `concurrency`: batches in flight;
     `progress`: None (a tqdm bar when stderr is a terminal), True (a bar), False
     (nothing) or a callable ``(done, total)``; `resume`: skip texts whose vector is
-    kept in the engine's cache.
+    kept in the engine's cache; `throttle_rounds`: how many more times a batch whose
+    policy call ended on a rate-limit 429 (the server asked to slow down, not to stop)
+    is run again, after the server's delay, before it counts as failed.
     """
 
     def __init__(
@@ -318,8 +334,10 @@ class Ingestor:
         progress: Progress | bool | None = None,
         resume: bool = False,
         count_tokens: Callable[[str], int] = estimate_tokens,
+        throttle_rounds: int = 10,
     ) -> None:
         _check_int("max_inputs", max_inputs, 1, 1_000_000)
+        _check_int("throttle_rounds", throttle_rounds, 0, 1000)
         _check_int("batch_tokens", batch_tokens, 1, 10_000_000)
         _check_int("concurrency", concurrency, 1, 256)
         if not (progress is None or isinstance(progress, bool) or callable(progress)):
@@ -336,6 +354,7 @@ class Ingestor:
         self.progress = progress
         self.resume = bool(resume)
         self.count_tokens = count_tokens
+        self.throttle_rounds = throttle_rounds
         self.stats = IngestStats()
         self._warned_capacity = False
 
@@ -399,14 +418,29 @@ class Ingestor:
         sink = _ProgressSink(setting, len(texts), len(batches), "embedding")
         return _Ingestion(texts, vectors, batches, sink, hook), resumed
 
-    def _stops(self, error: BaseException) -> bool:
-        """Would every other batch fail the same way? (bad key, no quota, our own bug)"""
+    def _failed(
+        self, run: _Ingestion, batch: list[int], error: BaseException, rounds: int
+    ) -> float | None:
+        """After a batch's policy call failed: seconds to wait before running it again
+        (the server only asked us to slow down), or None once it is recorded as failed.
+        Shared by the thread and task workers."""
         if isinstance(error, QueueFullError):
-            return False
+            run.failed_with(batch, error, False)
+            return None
         verdict = self.engine.policy.classify(error)
-        if verdict.status in _STOP_STATUSES or verdict.reason == "insufficient_quota":
-            return True
-        return verdict.status is None and not verdict.fallback_ok and not verdict.retryable
+        if verdict.status == 429 and verdict.reason in _THROTTLED and not run.stopping:
+            wait = verdict.retry_after if verdict.retry_after is not None else _THROTTLE_WAIT
+            left = deadline.remaining()
+            if rounds < self.throttle_rounds and (left is None or wait < left):
+                self.stats.add(throttled=1)
+                return wait
+        # Would every other batch fail the same way? (bad key, no quota, our own bug)
+        stops = verdict.status in _STOP_STATUSES or verdict.reason == "insufficient_quota"
+        stops = stops or (
+            verdict.status is None and not verdict.fallback_ok and not verdict.retryable
+        )
+        run.failed_with(batch, error, stops)
+        return None
 
     def _finish(self, run: _Ingestion, resumed: int, total: int) -> EmbeddingResult:
         run.progress.close()
@@ -469,15 +503,24 @@ class Ingestor:
                 vectors[i] = self.engine.kept_vector(text)
         run, resumed = self._start(texts, vectors, hook, progress)
 
+        clock = get_clock(self.engine.policy.clock)
+
         def worker() -> None:
             while (item := run.take()) is not None:
                 batch, chunk = item
-                try:
-                    served = self.engine.run_batch(chunk, embed_batch)
-                except Exception as exc:
-                    run.failed_with(batch, exc, self._stops(exc))
-                    continue
-                run.succeeded(batch, chunk, served)
+                rounds = 0
+                while True:
+                    try:
+                        served = self.engine.run_batch(chunk, embed_batch)
+                    except Exception as exc:
+                        wait = self._failed(run, batch, exc, rounds)
+                        if wait is None:
+                            break
+                        rounds += 1
+                        clock.sleep(wait)
+                        continue
+                    run.succeeded(batch, chunk, served)
+                    break
 
         workers = min(self.concurrency, len(run.queue))
         if workers <= 1:
@@ -522,15 +565,24 @@ class Ingestor:
                 vectors[i] = await self.engine.akept_vector(text)
         run, resumed = self._start(texts, vectors, hook, progress)
 
+        clock = get_clock(self.engine.policy.clock)
+
         async def worker() -> None:
             while (item := run.take()) is not None:
                 batch, chunk = item
-                try:
-                    served = await self.engine.arun_batch(chunk, aembed_batch)
-                except Exception as exc:
-                    run.failed_with(batch, exc, self._stops(exc))
-                    continue
-                run.succeeded(batch, chunk, served)
+                rounds = 0
+                while True:
+                    try:
+                        served = await self.engine.arun_batch(chunk, aembed_batch)
+                    except Exception as exc:
+                        wait = self._failed(run, batch, exc, rounds)
+                        if wait is None:
+                            break
+                        rounds += 1
+                        await clock.asleep(wait)
+                        continue
+                    run.succeeded(batch, chunk, served)
+                    break
 
         workers = min(self.concurrency, len(run.queue))
         tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
