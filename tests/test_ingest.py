@@ -22,6 +22,7 @@ from langchain_openai import OpenAIEmbeddings
 
 from rag_resilience import ResiliencePolicy
 from rag_resilience.chaos import ChaosServer
+from rag_resilience.chaos.tokenbucket import TokenRateLimit
 from rag_resilience.ingest import (
     Ingestor,
     PartialEmbeddingError,
@@ -426,3 +427,57 @@ def test_a_progress_bar_when_asked_and_none_when_stderr_is_not_a_terminal(
     emb.embed_documents(texts(40, "bar"))
     err = capsys.readouterr().err
     assert "embedding" in err and "40/40" in err
+
+
+# -- rate limits: "not yet" is not a failure -------------------------------------------------
+def token_limited(server: ChaosServer, clock: FakeClock) -> TokenRateLimit:
+    """10 tokens/s, 100 at once; a batch of 10 texts is 90 tokens by the server's count."""
+    limit = TokenRateLimit(600, burst=100, clock=clock, endpoints=("embeddings",))
+    server.token_limit = limit
+    return limit
+
+
+def test_throttled_batches_wait_their_turn_and_none_is_lost(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(60, "tpm")
+    expected = truth(server, items)
+    limit = token_limited(server, clock)
+    emb = wrap(server, policy("t-tpm", max_retries=0), batch_size=10, concurrency=2)
+    vectors = emb.embed_documents(items)
+    assert same(vectors, expected)
+    stats = embedding_stats(server)
+    # The bucket holds one batch; each later one is paid for by a wait after a 429.
+    assert stats["successes"] == 6 and stats["statuses"][429] >= 5
+    assert limit.admitted_tokens == 6 * 90
+    snap = emb.stats()["ingest"]
+    assert snap["failed"] == 0 and snap["throttled"] == stats["statuses"][429]
+
+
+async def test_throttled_llama_index_tasks_wait_their_turn(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(60, "atpm")
+    expected = truth(server, items)
+    token_limited(server, clock)
+    model = llama_embedding(
+        server, policy=policy("t-atpm", max_retries=0), embed_batch_size=10, concurrency=3
+    )
+    vectors = await model.aget_text_embedding_batch(items)
+    assert same(vectors, expected)
+    assert embedding_stats(server)["successes"] == 6
+    assert model.stats()["ingest"]["throttled"] == embedding_stats(server)["statuses"][429]
+
+
+async def test_without_throttle_rounds_a_throttled_batch_fails_alone(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(30, "norounds")
+    token_limited(server, clock)
+    emb = wrap(server, policy("t-norounds", max_retries=0), batch_size=10, concurrency=1)
+    emb.ingestor.throttle_rounds = 0
+    with pytest.raises(PartialEmbeddingError) as info:
+        await emb.aembed_documents(items)
+    assert info.value.failed_indices == list(range(10, 30))  # the bucket held one batch
+    assert isinstance(info.value.__cause__, openai.RateLimitError)
+    assert emb.stats()["ingest"]["throttled"] == 0
