@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import struct
 import sys
 from array import array
@@ -30,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _validate as _v
+from .clock import get_clock
 from .errors import add_note
-from .fallback import GracefulFallbacks
+from .fallback import GracefulFallbacks, stable_key
 from .policy import CacheHooks, ResiliencePolicy, Served
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 Vector = list[float]
+
+_logger = logging.getLogger("rag_resilience")
 
 
 _STRUCTS: dict[tuple[str, int], struct.Struct] = {}
@@ -272,6 +276,52 @@ class EmbeddingEngine:
         self, text: str, aembed_text: Callable[[str], Awaitable[Vector]]
     ) -> Served[Vector]:
         return await self._arun(aembed_text, text, [text], _TextVector)
+
+    def run_batch(
+        self, texts: list[str], embed_batch: Callable[[list[str]], list[Vector]]
+    ) -> Served[list[Vector]]:
+        """One sub-batch as one policy call (what `embed` does for each); the `Served`
+        record holds the vectors: move them out with `take_vectors`."""
+        return self._run(embed_batch, texts, texts)
+
+    async def arun_batch(
+        self, texts: list[str], aembed_batch: Callable[[list[str]], Awaitable[list[Vector]]]
+    ) -> Served[list[Vector]]:
+        return await self._arun(aembed_batch, texts, texts)
+
+    def kept_vector(self, text: str) -> Vector | None:
+        """The vector kept for `text` (not expired), or None; not counted as a fallback
+        hit. An unreadable store or value counts as absent (logged)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        try:
+            found = cache.store.cache_get(cache.namespace, stable_key(text), self._now())
+            return None if found is None else decode_vector(found[0])
+        except Exception:
+            self._unreadable()
+            return None
+
+    async def akept_vector(self, text: str) -> Vector | None:
+        cache = self.cache
+        if cache is None:
+            return None
+        try:
+            found = await cache.store.acache_get(cache.namespace, stable_key(text), self._now())
+            return None if found is None else decode_vector(found[0])
+        except Exception:
+            self._unreadable()
+            return None
+
+    def _now(self) -> float:
+        return get_clock(self.cache.clock if self.cache is not None else None).time()
+
+    def _unreadable(self) -> None:
+        _logger.warning(
+            "[%s] a kept vector could not be read; the text is embedded again",
+            self.policy.name,
+            exc_info=True,
+        )
 
     def _missing_note(self, exc: BaseException, batch: list[str]) -> None:
         if self.cache is None:

@@ -31,6 +31,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from . import responses
 from .faults import ERROR_KINDS, ErrorKind, Faults, error_body, resolve_kind
 from .ratelimits import RateLimits, request_cost
+from .tokenbucket import TOKENS_KIND, TokenRateLimit
 
 __all__ = ["ChaosServer", "FaultEvent"]
 
@@ -136,6 +137,8 @@ class ChaosServer:
         self.embedding_dim = embedding_dim
         self.on_fault = on_fault
         self._clock = clock if clock is not None else SYSTEM_CLOCK
+        #: Optional tokens-per-minute limit (`chaos.tokenbucket.TokenRateLimit`).
+        self.token_limit: TokenRateLimit | None = None
 
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -594,6 +597,10 @@ class ChaosServer:
     async def _api(self, req: _Request, endpoint: str, writer: asyncio.StreamWriter) -> bool:
         started = time.perf_counter()
         request_id, faults, decision = self._decide(endpoint, req)
+        if decision.action == "ok" and self.token_limit is not None:
+            wait = self.token_limit.charge(endpoint, req.body)
+            if wait > 0:
+                decision = _Decision("rate_limited", TOKENS_KIND, "rate_limited", wait)
         applies = faults.applies_to(endpoint)
         limit = faults.max_concurrency if applies else None
         if not await self._acquire(limit, faults.concurrency_mode):

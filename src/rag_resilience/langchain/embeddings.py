@@ -15,6 +15,7 @@ from langchain_core.embeddings import Embeddings
 from ..adapters import accepts_request_timeout, model_identity, timed_call
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
+from ..ingest import OPENAI_MAX_REQUEST_TOKENS, Ingestor, Progress
 from ..policy import ResiliencePolicy, Served
 from . import _common as c
 
@@ -27,6 +28,14 @@ class ResilientEmbeddings(Embeddings):
     >>> embeddings = ResilientEmbeddings(OpenAIEmbeddings(max_retries=0), policy="balanced")
 
     `batch_size`: texts per upstream call; a failing sub-batch is retried alone.
+
+    Bulk loads (`embed_documents` over thousands of texts, see `rag_resilience.ingest`):
+    batches of at most `batch_size` texts and `batch_tokens` estimated tokens run
+    `concurrency` at a time; a failed batch does not lose the others
+    (`PartialEmbeddingError` carries every vector obtained and the failed indices);
+    `resume=True` skips texts whose vector is already kept in the policy's cache (use a
+    SQLite or Redis store to resume after a restart); `progress` is a callable
+    ``(done, total)``, True/False, or None (a tqdm bar when stderr is a terminal).
     """
 
     def __init__(
@@ -35,6 +44,10 @@ class ResilientEmbeddings(Embeddings):
         policy: ResiliencePolicy | str | None = None,
         *,
         batch_size: int = 64,
+        batch_tokens: int = OPENAI_MAX_REQUEST_TOKENS,
+        concurrency: int = 4,
+        progress: Progress | bool | None = None,
+        resume: bool = False,
     ) -> None:
         if embeddings is None:
             raise TypeError(
@@ -66,6 +79,15 @@ class ResilientEmbeddings(Embeddings):
             self._embed_documents = timed_call(self._embed_documents, self.policy.attempt_timeout)
             self._embed_query = timed_call(self._embed_query, self.policy.attempt_timeout)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
+        self.ingestor = Ingestor(
+            self.engine,
+            max_inputs=batch_size,
+            batch_tokens=batch_tokens,
+            concurrency=concurrency,
+            progress=progress,
+            resume=resume,
+        )
+        self.policy.collector.gauges["ingest"] = self.ingestor.stats.snapshot
         self._last: EmbeddingResult | Served[Vector] | None = None
 
     @property
@@ -103,7 +125,7 @@ class ResilientEmbeddings(Embeddings):
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         try:
-            result = self.engine.embed(texts, self._embed_documents)
+            result = self.ingestor.embed(texts, self._embed_documents)
         except Exception as exc:
             self._failed(exc)
             raise
@@ -119,7 +141,7 @@ class ResilientEmbeddings(Embeddings):
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         try:
-            result = await self.engine.aembed(texts, self._inner.aembed_documents)
+            result = await self.ingestor.aembed(texts, self._inner.aembed_documents)
         except Exception as exc:
             self._failed(exc)
             raise

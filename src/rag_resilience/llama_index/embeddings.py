@@ -15,12 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import llama_index.core.instrumentation as instrument
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.callbacks import CallbackManager
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+from llama_index.core.instrumentation.events.embedding import (
+    EmbeddingEndEvent,
+    EmbeddingStartEvent,
+)
 
 from ..adapters import model_identity
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult
+from ..ingest import OPENAI_MAX_REQUEST_TOKENS, BatchHook, Ingestor, Progress
 from ..knobs import check_unknown, pop_knobs
 from ..knobs import resolve_policy as resolve_knobs
 from ..policy import ResiliencePolicy
@@ -35,6 +42,9 @@ from .callbacks import CallbackForwarder
 from .typed import warn_rewrapped
 
 __all__ = ["ResilientEmbedding", "ResilientEmbeddings"]
+
+# The base class's dispatcher: our batch events come from where LlamaIndex's would.
+dispatcher = instrument.get_dispatcher("llama_index.core.base.embeddings.base")  # type: ignore[attr-defined]
 
 
 class ResilientEmbedding(BaseEmbedding):
@@ -55,6 +65,7 @@ class ResilientEmbedding(BaseEmbedding):
     _text_engine: EmbeddingEngine = PrivateAttr()
     _query_engine: EmbeddingEngine = PrivateAttr()
     _last: EmbeddingResult | None = PrivateAttr(default=None)
+    _ingestor: Ingestor = PrivateAttr()
 
     def __init__(
         self,
@@ -65,6 +76,10 @@ class ResilientEmbedding(BaseEmbedding):
         embed_batch_size: int | None = None,
         callback_manager: CallbackManager | None = None,
         warn_nested_retries: bool = True,
+        batch_tokens: int = OPENAI_MAX_REQUEST_TOKENS,
+        concurrency: int = 4,
+        progress: Progress | bool | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> None:
         knobs = pop_knobs("ResilientEmbedding", kwargs)
@@ -109,6 +124,15 @@ class ResilientEmbedding(BaseEmbedding):
         # Query and document vectors of the same string may differ (instructions, modes).
         self._text_engine = EmbeddingEngine(resolved, model_id=model_id, batch_size=batch)
         self._query_engine = EmbeddingEngine(resolved, model_id=f"{model_id}:query", batch_size=1)
+        self._ingestor = Ingestor(
+            self._text_engine,
+            max_inputs=batch,
+            batch_tokens=batch_tokens,
+            concurrency=concurrency,
+            progress=progress,
+            resume=resume,
+        )
+        resolved.collector.gauges["ingest"] = self._ingestor.stats.snapshot
         if warn_nested_retries:
             warn_nested(embed_model, resolved, "embedding batch")
 
@@ -161,6 +185,71 @@ class ResilientEmbedding(BaseEmbedding):
         engine = self._text_engine
         engine.batch_size = self.embed_batch_size  # follow later changes of the field
         return engine
+
+    @property
+    def ingestor(self) -> Ingestor:
+        """The bulk-ingestion settings and counts (`rag_resilience.ingest.Ingestor`)."""
+        ingestor = self._ingestor
+        ingestor.max_inputs = self._batch_engine().batch_size
+        return ingestor
+
+    def _ingests(self, texts: list[str], show_progress: bool) -> bool:
+        """Does this load take the bulk path? Not when it is one batch nobody watches
+        (the base class's path, unchanged), nor when LlamaIndex's own embeddings cache or
+        rate limiter is set on the wrapper (the base class applies those)."""
+        if self.embeddings_cache is not None or self.rate_limiter is not None:
+            return False
+        return show_progress or not self.ingestor.plain(texts)
+
+    def _batch_events(self) -> BatchHook:
+        """LlamaIndex's events for one embedded batch, as the base class emits them
+        (start and end together, when the batch is done: concurrent batches would
+        interleave them otherwise)."""
+        model_dict = self.to_payload()
+        manager = self.callback_manager
+
+        def emit(chunks: list[str], vectors: list[Embedding]) -> None:
+            dispatcher.event(EmbeddingStartEvent(model_dict=model_dict))
+            event_id = manager.on_event_start(
+                CBEventType.EMBEDDING, payload={EventPayload.SERIALIZED: model_dict}
+            )
+            manager.on_event_end(
+                CBEventType.EMBEDDING,
+                payload={EventPayload.CHUNKS: chunks, EventPayload.EMBEDDINGS: vectors},
+                event_id=event_id,
+            )
+            dispatcher.event(EmbeddingEndEvent(chunks=chunks, embeddings=vectors))
+
+        return emit
+
+    # -- bulk loads ----------------------------------------------------------------------------
+    def get_text_embedding_batch(
+        self, texts: list[str], show_progress: bool = False, **kwargs: Any
+    ) -> list[Embedding]:
+        """Bulk path for loads of more than one batch (see `rag_resilience.ingest`):
+        concurrent batches, partial results (`PartialEmbeddingError`), resume, progress."""
+        if not self._ingests(texts, show_progress):
+            return super().get_text_embedding_batch(texts, show_progress, **kwargs)
+        result = self._ingestor.embed(
+            texts,
+            self._sync_inner._get_text_embeddings,
+            hook=self._batch_events(),
+            progress=True if show_progress else None,
+        )
+        return self._done(result)
+
+    async def aget_text_embedding_batch(
+        self, texts: list[str], show_progress: bool = False, **kwargs: Any
+    ) -> list[Embedding]:
+        if not self._ingests(texts, show_progress):
+            return await super().aget_text_embedding_batch(texts, show_progress, **kwargs)
+        result = await self._ingestor.aembed(
+            texts,
+            self._inner._aget_text_embeddings,
+            hook=self._batch_events(),
+            progress=True if show_progress else None,
+        )
+        return self._done(result)
 
     # -- the hooks BaseEmbedding calls ---------------------------------------------------------
     def _get_query_embedding(self, query: str) -> Embedding:

@@ -1,0 +1,483 @@
+"""Bulk ingestion (`rag_resilience.ingest`) through the real LangChain OpenAIEmbeddings and
+LlamaIndex OpenAIEmbedding over real HTTP to the chaos server.
+
+Counts come from the server (after `wait_idle`), waits from the fake clock. Faults are set
+from the progress callback, which runs after a batch is counted done: with one worker that
+makes "the 4th batch fails" exact; with several workers the tests check what must hold
+whatever the arrival order (each failed input is reported, every other vector is right).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from langchain_openai import OpenAIEmbeddings
+
+from rag_resilience import ResiliencePolicy
+from rag_resilience.chaos import ChaosServer
+from rag_resilience.chaos.tokenbucket import TokenRateLimit
+from rag_resilience.ingest import (
+    Ingestor,
+    PartialEmbeddingError,
+    estimate_tokens,
+    plan_batches,
+)
+from rag_resilience.langchain import ResilientEmbeddings
+from rag_resilience.stores.sqlite import SQLiteStore
+from rag_resilience.testing import FakeClock, fake_clock
+
+DIM = 16
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    with fake_clock() as fake:
+        yield fake
+
+
+@pytest.fixture
+def server(chaos_server_factory: Any) -> ChaosServer:
+    srv: ChaosServer = chaos_server_factory(seed=5, embedding_dim=DIM)
+    return srv
+
+
+def openai_embeddings(server: ChaosServer) -> OpenAIEmbeddings:
+    return OpenAIEmbeddings(
+        model="text-embedding-3-small",
+        max_retries=0,
+        base_url=server.base_url,
+        api_key="sk-test",
+        check_embedding_ctx_length=False,
+    )
+
+
+def policy(name: str, **overrides: Any) -> ResiliencePolicy:
+    return ResiliencePolicy.preset("balanced", name=name, **overrides)
+
+
+def wrap(server: ChaosServer, pol: ResiliencePolicy, **kw: Any) -> ResilientEmbeddings:
+    return ResilientEmbeddings(openai_embeddings(server), pol, **kw)
+
+
+def texts(n: int, tag: str = "chunk") -> list[str]:
+    return [f"{tag} {i:04d} about resilient retrieval" for i in range(n)]
+
+
+def embedding_stats(server: ChaosServer) -> dict[str, Any]:
+    assert server.wait_idle()
+    stats: dict[str, Any] = server.stats()["endpoints"]["embeddings"]
+    return stats
+
+
+def truth(server: ChaosServer, items: list[str]) -> list[list[float]]:
+    """What the bare model returns for `items` (then the server's counters are reset)."""
+    vectors = openai_embeddings(server).embed_documents(items)
+    assert server.wait_idle()
+    server.reset()
+    return vectors
+
+
+def close(a: list[float], b: list[float]) -> bool:
+    return a == pytest.approx(b, abs=1e-6)
+
+
+def same(got: list[list[float]] | list[list[float] | None], want: list[list[float]]) -> bool:
+    """Every vector obtained is the bare model's (None: failed, checked elsewhere)."""
+    return all(g is None or close(g, w) for g, w in zip(got, want, strict=True))
+
+
+# -- planning -----------------------------------------------------------------------------
+def test_batches_respect_the_input_and_token_limits() -> None:
+    items = ["x" * 30, "y" * 30, "z" * 300, "w" * 3, "v" * 3, "u" * 3, "t" * 3000]
+    plan = plan_batches(items, range(len(items)), max_inputs=2, max_tokens=100)
+    # 10 + 10 tokens; 100 alone; 1 + 1; 1; 1000 alone (over the budget: its own batch)
+    assert plan == [[0, 1], [2], [3, 4], [5], [6]]
+    assert estimate_tokens("") == 1 and estimate_tokens("abcd") == 2
+
+
+def test_bad_settings_name_the_parameter(server: ChaosServer) -> None:
+    for kwargs, name in [
+        ({"concurrency": 0}, "concurrency"),
+        ({"batch_tokens": 0}, "batch_tokens"),
+        ({"concurrency": 1.5}, "concurrency"),
+        ({"progress": "yes"}, "progress"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            wrap(server, policy("t-bad"), **kwargs)
+    with pytest.raises(ValueError, match=r"max_inputs must be an integer in 1\.\."):
+        Ingestor(wrap(server, policy("t-bad")).engine, max_inputs=0)
+
+
+def test_token_budget_splits_batches_on_the_wire(server: ChaosServer, clock: FakeClock) -> None:
+    items = texts(40)  # 36 characters: 12 estimated tokens each
+    emb = wrap(server, policy("t-tokens"), batch_size=64, batch_tokens=120, concurrency=3)
+    vectors = emb.embed_documents(items)
+    assert len(vectors) == 40
+    stats = embedding_stats(server)
+    assert stats["requests"] == stats["successes"] == 4  # 10 texts of 12 tokens per batch
+    assert emb.ingestor.stats.snapshot()["batches"] == 4
+
+
+# -- a failed batch never loses the others --------------------------------------------------
+def test_the_fourth_batch_fails_and_exactly_its_inputs_are_reported(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(50)
+    expected = truth(server, items)
+    seen: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done == 30:  # three batches of 10 done: the next request fails
+            server.set_faults(fail_next=1, fail_next_status=500)
+
+    emb = wrap(
+        server,
+        policy("t-fourth", max_retries=0),
+        batch_size=10,
+        concurrency=1,
+        progress=progress,
+    )
+    with pytest.raises(PartialEmbeddingError) as info:
+        emb.embed_documents(items)
+    err = info.value
+    assert err.failed_indices == list(range(30, 40))
+    assert isinstance(err.__cause__, openai.InternalServerError)
+    assert [i for i, v in enumerate(err.vectors) if v is None] == err.failed_indices
+    assert same(err.vectors, expected)
+    assert seen == [(0, 50), (10, 50), (20, 50), (30, 50), (40, 50)]
+    stats = embedding_stats(server)
+    assert (stats["requests"], stats["successes"]) == (5, 4)
+    snap = emb.stats()["ingest"]
+    assert (snap["failed"], snap["embedded"], snap["batches_failed"]) == (10, 40, 1)
+
+
+def test_every_failing_batch_is_reported_under_concurrency(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """Four threads, a server failing 30% of requests at random, no retries: whatever
+    the arrival order, each input is either right or listed as failed."""
+    items = texts(200)
+    expected = truth(server, items)
+    server.set_faults(error_rate=0.3, status=502)
+    emb = wrap(server, policy("t-crowd", max_retries=0, failure_threshold=1000), batch_size=8)
+    with pytest.raises(PartialEmbeddingError) as info:
+        emb.embed_documents(items)
+    err = info.value
+    stats = embedding_stats(server)
+    assert stats["requests"] == 25  # each batch sent once
+    failed_batches = stats["requests"] - stats["successes"]
+    assert failed_batches > 0 and len(err.errors) == failed_batches
+    assert len(err.failed_indices) == 8 * failed_batches
+    assert {i for i, v in enumerate(err.vectors) if v is None} == set(err.failed_indices)
+    assert same(err.vectors, expected)
+    for batch, exc in err.errors:
+        assert isinstance(exc, openai.InternalServerError) and len(batch) == 8
+
+
+def test_a_failed_batch_with_every_vector_kept_is_served_from_cache(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """What the engine did before stays: a batch that fails with all its texts cached is
+    served degraded, so the load is complete (and says it is degraded)."""
+    items = texts(30)
+    emb = wrap(server, policy("t-kept", max_retries=0), batch_size=10, concurrency=2)
+    first = emb.embed_documents(items)
+    server.set_faults(fail_next=1, fail_next_status=503)
+    again = emb.embed_documents(items)
+    assert same(again, first)
+    result = emb.last_result
+    assert result is not None and result.degraded and result.sources == {"live": 2, "cache": 1}
+
+
+def test_a_bad_key_stops_scheduling_instead_of_failing_every_batch(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    server.set_faults(fail_next=1000, fail_next_status="invalid_api_key")
+    emb = wrap(server, policy("t-key"), batch_size=5, concurrency=3)
+    with pytest.raises(openai.AuthenticationError) as info:
+        emb.embed_documents(texts(100))
+    assert any("all 100 texts" in n for n in getattr(info.value, "__notes__", []))
+    assert embedding_stats(server)["requests"] <= 3  # at most one per worker, not 20
+
+
+# -- resume: the vector cache is the checkpoint ---------------------------------------------
+def test_outage_mid_way_then_resume_embeds_only_the_missing(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(100)
+    expected = truth(server, items)
+
+    def progress(done: int, total: int) -> None:
+        if done == 60:
+            server.set_faults(outage=True)
+
+    pol = policy("t-outage", max_retries=1)
+    emb = wrap(server, pol, batch_size=10, concurrency=1, progress=progress, resume=True)
+    with pytest.raises(PartialEmbeddingError) as info:
+        emb.embed_documents(items)
+    assert info.value.failed_indices == list(range(60, 100))
+    assert pol.breaker is not None and pol.breaker.get_state().value == "open"
+    before = embedding_stats(server)
+    # 6 live batches; then 2 + 2 + 1 failed attempts open the circuit (threshold 5) and
+    # the last batch is rejected without a request
+    assert (before["requests"], before["successes"]) == (6 + 5, 6)
+    assert [type(e).__name__ for _, e in info.value.errors].count("CircuitOpenError") == 1
+
+    server.set_faults(outage=False)
+    server.reset()
+    clock.advance(600)  # past the breaker's recovery
+    done: list[int] = []
+    emb.ingestor.progress = lambda d, t: done.append(d)
+    vectors = emb.embed_documents(items)
+    assert same(vectors, expected)
+    stats = embedding_stats(server)
+    assert (stats["requests"], stats["successes"]) == (4, 4)  # the 40 missing texts only
+    assert done[0] == 60 and done[-1] == 100
+    assert emb.last_result is not None and emb.last_result.sources == {"checkpoint": 1, "live": 4}
+    assert emb.stats()["ingest"]["resumed"] == 60
+
+
+def test_sqlite_checkpoint_survives_a_restart(
+    server: ChaosServer, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A crash after 90 of 120 texts (the process is gone: a fresh store, policy and
+    wrapper on the same file): the re-run embeds the last 30 only."""
+    path = tmp_path / "vectors.db"
+    items = texts(120)
+    expected = truth(server, items)
+
+    class Crash(BaseException):
+        """The process dies in the middle of the 7th batch's upstream call."""
+
+    def build(store: SQLiteStore, **kw: Any) -> ResilientEmbeddings:
+        pol = ResiliencePolicy.preset("balanced", name="t-restart", store=store)
+        return wrap(server, pol, batch_size=15, concurrency=1, resume=True, **kw)
+
+    store = SQLiteStore(path)
+    emb = build(store)
+    calls = 0
+    inner = emb._inner.embed_documents
+
+    def dying(batch: list[str]) -> list[list[float]]:
+        nonlocal calls
+        calls += 1
+        if calls == 7:  # six batches of 15 are done and stored
+            raise Crash
+        return inner(batch)
+
+    with pytest.raises(Crash):
+        emb.ingestor.embed(items, dying)
+    store.close()
+    assert embedding_stats(server)["successes"] == 6
+    server.reset()
+
+    restarted = build(SQLiteStore(path))
+    vectors = restarted.embed_documents(items)
+    assert same(vectors, expected)
+    assert embedding_stats(server)["successes"] == 2  # 30 missing texts, two batches
+    assert restarted.stats()["ingest"]["resumed"] == 90
+
+
+# -- async, and threads and tasks together --------------------------------------------------
+async def test_async_ingestion_with_failures_keeps_the_others(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(120, "async")
+    expected = truth(server, items)
+    server.set_faults(error_rate=0.25, status=500)
+    emb = wrap(server, policy("t-async", max_retries=0, failure_threshold=1000), batch_size=10)
+    with pytest.raises(PartialEmbeddingError) as info:
+        await emb.aembed_documents(items)
+    err = info.value
+    stats = embedding_stats(server)
+    assert stats["requests"] == 12 and len(err.errors) == 12 - stats["successes"]
+    assert same(err.vectors, expected)
+    # The checkpoint is the cache even without resume=True on the wrapper:
+    server.clear_faults()
+    server.reset()
+    emb.ingestor.resume = True
+    vectors = await emb.aembed_documents(items)
+    assert same(vectors, expected)
+    assert embedding_stats(server)["requests"] == len(err.errors)
+
+
+async def test_threads_and_tasks_ingest_at_once_through_one_policy(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """Two sync loads in threads and two async loads in tasks share one policy and a
+    server failing 10% of requests; retries recover every batch."""
+    server.set_faults(error_rate=0.1, status=503)
+    pol = policy("t-mixed", max_retries=6, failure_threshold=1000, retry_budget=None)
+    emb = wrap(server, pol, batch_size=7, concurrency=3)
+    loads = {name: texts(70, name) for name in ("t1", "t2", "a1", "a2")}
+    results: dict[str, list[list[float]]] = {}
+
+    def sync_load(name: str) -> None:
+        results[name] = emb.embed_documents(loads[name])
+
+    threads = [threading.Thread(target=sync_load, args=(n,)) for n in ("t1", "t2")]
+    for t in threads:
+        t.start()
+    a1, a2 = await asyncio.gather(
+        emb.aembed_documents(loads["a1"]), emb.aembed_documents(loads["a2"])
+    )
+    for t in threads:
+        t.join()
+    results.update(a1=a1, a2=a2)
+    stats = embedding_stats(server)
+    assert stats["successes"] == 40  # 4 loads x 10 batches, each once
+    server.clear_faults()
+    for name, items in loads.items():
+        assert same(results[name], truth(server, items))
+
+
+# -- LlamaIndex -----------------------------------------------------------------------------
+def llama_embedding(server: ChaosServer, **kw: Any) -> Any:
+    pytest.importorskip("llama_index.embeddings.openai")
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    from rag_resilience.llama_index import ResilientEmbedding
+
+    pol = kw.pop("policy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner = OpenAIEmbedding(api_base=server.base_url, api_key="sk-test", max_retries=0)
+        return ResilientEmbedding(inner, pol, **kw)
+
+
+def test_llama_index_partial_failure_then_resume(server: ChaosServer, clock: FakeClock) -> None:
+    import llama_index.core.instrumentation as instrument
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+
+    class Ends(BaseEventHandler):
+        count: int = 0
+
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if type(event).__name__ == "EmbeddingEndEvent":
+                self.count += 1
+
+    items = texts(60, "llama")
+    expected = truth(server, items)
+
+    def progress(done: int, total: int) -> None:
+        if done == 20:
+            server.set_faults(fail_next=2, fail_next_status=500)
+
+    model = llama_embedding(
+        server,
+        policy=policy("t-llama", max_retries=1),
+        embed_batch_size=10,
+        concurrency=1,
+        progress=progress,
+        resume=True,
+    )
+    ends = Ends()
+    root = instrument.get_dispatcher()
+    root.add_event_handler(ends)
+    try:
+        with pytest.raises(PartialEmbeddingError) as info:
+            model.get_text_embedding_batch(items)
+        assert info.value.failed_indices == list(range(20, 30))
+        assert ends.count == 5  # one per embedded batch, as LlamaIndex itself emits
+        server.reset()
+        vectors = model.get_text_embedding_batch(items)
+    finally:
+        root.event_handlers.remove(ends)
+    assert same(vectors, expected)
+    assert embedding_stats(server)["requests"] == 1
+
+
+async def test_llama_index_async_bulk_is_concurrent_and_complete(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(300, "allama")
+    expected = truth(server, items)
+    server.set_faults(error_rate=0.1, status=503)
+    model = llama_embedding(
+        server,
+        policy=policy("t-allama", max_retries=6, failure_threshold=1000, retry_budget=None),
+        embed_batch_size=20,
+        concurrency=4,
+    )
+    seen: list[int] = []
+    model.ingestor.progress = lambda done, total: seen.append(done)
+    vectors = await model.aget_text_embedding_batch(items)
+    assert same(vectors, expected)
+    assert embedding_stats(server)["successes"] == 15
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] == 300 and len(seen) == 16
+    assert 1 <= server.stats()["max_in_flight"] <= 4
+
+
+def test_a_progress_bar_when_asked_and_none_when_stderr_is_not_a_terminal(
+    server: ChaosServer, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tqdm")
+    emb = wrap(server, policy("t-bar"), batch_size=10, concurrency=2)
+    emb.embed_documents(texts(40))  # progress=None, and pytest's stderr is no terminal
+    assert capsys.readouterr().err == ""
+    emb.ingestor.progress = True
+    emb.embed_documents(texts(40, "bar"))
+    err = capsys.readouterr().err
+    assert "embedding" in err and "40/40" in err
+
+
+# -- rate limits: "not yet" is not a failure -------------------------------------------------
+def token_limited(server: ChaosServer, clock: FakeClock) -> TokenRateLimit:
+    """10 tokens/s, 100 at once; a batch of 10 texts is 90 tokens by the server's count."""
+    limit = TokenRateLimit(600, burst=100, clock=clock, endpoints=("embeddings",))
+    server.token_limit = limit
+    return limit
+
+
+def test_throttled_batches_wait_their_turn_and_none_is_lost(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(60, "tpm")
+    expected = truth(server, items)
+    limit = token_limited(server, clock)
+    emb = wrap(server, policy("t-tpm", max_retries=0), batch_size=10, concurrency=2)
+    vectors = emb.embed_documents(items)
+    assert same(vectors, expected)
+    stats = embedding_stats(server)
+    # The bucket holds one batch; each later one is paid for by a wait after a 429.
+    assert stats["successes"] == 6 and stats["statuses"][429] >= 5
+    assert limit.admitted_tokens == 6 * 90
+    snap = emb.stats()["ingest"]
+    assert snap["failed"] == 0 and snap["throttled"] == stats["statuses"][429]
+
+
+async def test_throttled_llama_index_tasks_wait_their_turn(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(60, "atpm")
+    expected = truth(server, items)
+    token_limited(server, clock)
+    model = llama_embedding(
+        server, policy=policy("t-atpm", max_retries=0), embed_batch_size=10, concurrency=3
+    )
+    vectors = await model.aget_text_embedding_batch(items)
+    assert same(vectors, expected)
+    assert embedding_stats(server)["successes"] == 6
+    assert model.stats()["ingest"]["throttled"] == embedding_stats(server)["statuses"][429]
+
+
+async def test_without_throttle_rounds_a_throttled_batch_fails_alone(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    items = texts(30, "norounds")
+    token_limited(server, clock)
+    emb = wrap(server, policy("t-norounds", max_retries=0), batch_size=10, concurrency=1)
+    emb.ingestor.throttle_rounds = 0
+    with pytest.raises(PartialEmbeddingError) as info:
+        await emb.aembed_documents(items)
+    assert info.value.failed_indices == list(range(10, 30))  # the bucket held one batch
+    assert isinstance(info.value.__cause__, openai.RateLimitError)
+    assert emb.stats()["ingest"]["throttled"] == 0
