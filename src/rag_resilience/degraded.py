@@ -23,6 +23,7 @@ __all__ = [
     "DegradedScope",
     "enter_scope",
     "exit_scope",
+    "in_outer_call",
     "note_degraded",
     "track_degraded",
 ]
@@ -96,6 +97,11 @@ def track_degraded() -> Iterator[DegradedScope]:
         yield scope
     finally:
         exit_scope(token)
+
+
+def in_outer_call() -> bool:
+    """True inside an outer resilient wrapper's call (it has its own degraded answer)."""
+    return _scope.get() is not None
 
 
 def note_degraded(meta: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from .deadline import bound
 from .deadline import current as _current_deadline
 from .deadline import enter as _enter_deadline
 from .deadline import leave as _leave_deadline
+from .degraded import in_outer_call
 from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
@@ -304,8 +305,10 @@ def _served_record(served: Served[Any]) -> Served[None]:
 
 def _waits_for_probe(error: BaseException) -> bool:
     """Refused while open (not after a probe-wait ran out, nor a full ramp: those callers
-    have waited their turn already)."""
-    return isinstance(error, CircuitOpenError) and error.state == "open"
+    have waited their turn already), and not inside an outer resilient wrapper: that one
+    has a degraded answer of its own to serve at once (its cache or generic answer), so
+    waiting here would only send a probe on its behalf."""
+    return isinstance(error, CircuitOpenError) and error.state == "open" and not in_outer_call()
 
 
 def _items_of(value: Any) -> Iterable[Any]:
@@ -433,6 +436,7 @@ class ResiliencePolicy:
         _v.positive("recovery_timeout", cfg["recovery_timeout"])
         _v.positive("cache_ttl", cfg.get("cache_ttl"), none_ok=True)
         _v.integer("cache_max_entries", cfg.get("cache_max_entries"), 1, none_ok=True)
+        _v.integer("max_concurrency", cfg["max_concurrency"], 1)  # the ramp is built from it
         pname = name or preset
         retry = RetryStrategy(
             max_retries=cfg["max_retries"],
