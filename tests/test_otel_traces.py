@@ -402,3 +402,28 @@ def test_a_policy_inside_another_nests_under_its_attempt(spans: Any) -> None:
     assert outer_call.attributes["rag_resilience.attempts"] == 1
     assert inner_call.attributes["rag_resilience.attempts"] == 2
     assert len(children(got, inner_call)) == 2
+
+
+def test_a_fallback_runs_under_the_call_not_under_the_failed_attempt(spans: Any) -> None:
+    """A fallback model under its own policy: its span is the primary call's child, beside
+    the attempts, not inside the attempt that failed."""
+    exporter, _ = spans
+    backup = ResiliencePolicy.preset("balanced", name="tr-backup")
+
+    class APIError(Exception):
+        status_code = 503
+
+    def down() -> str:
+        raise APIError("503")
+
+    primary = ResiliencePolicy.preset("balanced", name="tr-primary", max_retries=1)
+    primary.fallback_fns = [lambda: backup.call(lambda: "from the backup")]
+    with fake_clock():
+        assert primary.call(down) == "from the backup"
+    got = list(exporter.get_finished_spans())
+    (call,) = calls_of(got, "tr-primary")
+    (fallback,) = calls_of(got, "tr-backup")
+    assert fallback.parent is not None and fallback.parent.span_id == _id(call)
+    attempts = [s for s in children(got, call) if s.name == ATTEMPT_SPAN]
+    assert [a.attributes["rag_resilience.outcome"] for a in attempts] == ["retry", "failure"]
+    assert call.attributes["rag_resilience.source"] == "fallback"

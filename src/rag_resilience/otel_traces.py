@@ -222,6 +222,13 @@ class _CallSpan:
         if self.tokens:  # inside the call's context (always, but for a stream between items)
             self._attach_attempt()
 
+    def attempt_failed(self) -> None:
+        """The attempt's callable raised: its span stops being current (what runs next, the
+        backoff or the fallback chain, is the call's), and stays open for the verdict."""
+        token, self.attempt_token = self.attempt_token, None
+        if token is not None and self.tokens and self.tokens[-1] is token:
+            otel_context.detach(self.tokens.pop())
+
     def end_attempt(self, outcome: str, error: BaseException | None = None) -> None:
         span = self.attempt_span
         if span is None:
@@ -502,8 +509,16 @@ def _wrap_execute(original: Any, inst: _Instrumentation) -> Any:
         token = _current.set(call)
         call.enter()
         error: BaseException | None = None
+
+        def attempt(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            except BaseException:
+                call.attempt_failed()
+                raise
+
         try:
-            return original(self, fn, args, kwargs, **options)
+            return original(self, attempt, args, kwargs, **options)
         except BaseException as exc:
             error = exc
             raise
@@ -527,8 +542,16 @@ def _wrap_aexecute(original: Any, inst: _Instrumentation) -> Any:
         token = _current.set(call)
         call.enter()
         error: BaseException | None = None
+
+        async def attempt(*a: Any, **k: Any) -> Any:
+            try:
+                return await fn(*a, **k)
+            except BaseException:
+                call.attempt_failed()
+                raise
+
         try:
-            return await original(self, fn, args, kwargs, **options)
+            return await original(self, attempt, args, kwargs, **options)
         except BaseException as exc:
             error = exc
             raise
