@@ -206,6 +206,18 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.0f}%"
 
 
+def _headroom(rate_limit: Any) -> str:
+    """`remaining/limit` pairs of a replica's learned rate limits, e.g. ``req 40/500``."""
+    if not isinstance(rate_limit, dict):
+        return "-"
+    parts = []
+    for resource in ("requests", "tokens"):
+        entry = rate_limit.get(resource)
+        if isinstance(entry, dict) and entry.get("limit"):
+            parts.append(f"{resource[:3]} {entry.get('remaining', '?')}/{entry['limit']}")
+    return " ".join(parts) or "-"
+
+
 def render(rows: list[dict[str, Any]], where: str, now: float) -> Any:
     """A rich Table of the rows (rich is imported here: the `[watch]` extra)."""
     from rich.table import Table
@@ -225,6 +237,7 @@ def render(rows: list[dict[str, Any]], where: str, now: float) -> Any:
         ("in flight", "right"),
         ("queue", "right"),
         ("replicas", "right"),
+        *((("rate limit left", "right"),) if any(r.get("rate_limit") for r in rows) else ()),
     ):
         wide = header.startswith("errors+")
         table.add_column(
@@ -250,6 +263,7 @@ def render(rows: list[dict[str, Any]], where: str, now: float) -> Any:
             "-" if row.get("in_flight") is None else str(row["in_flight"]),
             "-" if row.get("queue_depth") is None else str(row["queue_depth"]),
             str(row.get("replicas", 0)),
+            *((_headroom(row.get("rate_limit")),) if len(table.columns) > 11 else ()),
         )
     return table
 
