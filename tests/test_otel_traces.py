@@ -427,3 +427,35 @@ def test_a_fallback_runs_under_the_call_not_under_the_failed_attempt(spans: Any)
     attempts = [s for s in children(got, call) if s.name == ATTEMPT_SPAN]
     assert [a.attributes["rag_resilience.outcome"] for a in attempts] == ["retry", "failure"]
     assert call.attributes["rag_resilience.source"] == "fallback"
+
+
+def test_http_client_spans_nest_under_the_attempt_that_sent_them(
+    chaos_server: ChaosServer, clock: FakeClock, spans: Any
+) -> None:
+    """OpenTelemetry's own httpx instrumentation under the openai SDK: each attempt's span has
+    exactly the HTTP request it sent as its child (503, then 200)."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    exporter, _ = spans
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = HTTPXClientInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        client = make(chaos_server, "tr-httpx")  # built after instrumenting: traced transport
+        chaos_server.set_faults(fail_next=1, fail_next_status=503)
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    finally:
+        instrumentor.uninstrument()
+    got = list(exporter.get_finished_spans())
+    (call,) = calls_of(got, "tr-httpx")
+    statuses = []
+    for attempt in children(got, call):
+        (http,) = children(got, attempt)
+        assert http.name.startswith("POST")
+        statuses.append(
+            http.attributes.get(
+                "http.response.status_code", http.attributes.get("http.status_code")
+            )
+        )
+    assert statuses == [503, 200]
