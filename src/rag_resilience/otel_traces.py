@@ -517,6 +517,8 @@ def _wrap_execute(original: Any, inst: _Instrumentation) -> Any:
                 call.attempt_failed()
                 raise
 
+        attempt.__wrapped__ = fn  # type: ignore[attr-defined]  # what the policy was given
+
         try:
             return original(self, attempt, args, kwargs, **options)
         except BaseException as exc:
@@ -549,6 +551,8 @@ def _wrap_aexecute(original: Any, inst: _Instrumentation) -> Any:
             except BaseException:
                 call.attempt_failed()
                 raise
+
+        attempt.__wrapped__ = fn  # type: ignore[attr-defined]
 
         try:
             return await original(self, attempt, args, kwargs, **options)
