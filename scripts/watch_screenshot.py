@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rag_resilience").setLevel(logging.CRITICAL)  # the picture says it
     frameworks = ["langchain", "llama-index"] if args.framework == "both" else [args.framework]
     rows, now = asyncio.run(record(frameworks))
-    console = Console(record=True, width=200, file=io.StringIO())
-    console.print(render(rows, "http://127.0.0.1:PORT/stats (make demo, outage)", now))
+    console = Console(record=True, width=175, file=io.StringIO())
+    console.print(render(rows, "http://127.0.0.1:PORT/stats (make demo, outage)", now, 175))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     console.save_svg(str(args.out), title="rag-resilience watch")
     print(f"wrote {args.out}")
