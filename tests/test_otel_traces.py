@@ -459,3 +459,15 @@ def test_http_client_spans_nest_under_the_attempt_that_sent_them(
             )
         )
     assert statuses == [503, 200]
+
+
+def test_embeddings_calls_are_named_by_the_genai_conventions(
+    chaos_server: ChaosServer, clock: FakeClock, spans: Any
+) -> None:
+    exporter, _ = spans
+    client = make(chaos_server, "tr-embed")
+    client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    (call,) = calls_of(list(exporter.get_finished_spans()), "tr-embed")
+    assert call.name == "embeddings text-embedding-3-small"
+    assert call.attributes["gen_ai.operation.name"] == "embeddings"
+    assert call.attributes["gen_ai.provider.name"] == "openai"
