@@ -1,9 +1,9 @@
 """Record `rag-resilience watch` during the demo's outage scenario as an SVG (docs/).
 
-Usage: python scripts/watch_screenshot.py [--out docs/watch-outage.svg] [--framework langchain]
+Usage: python scripts/watch_screenshot.py [--out docs/watch-outage.svg]
 
 Runs the outage scenario (embedded chaos server: the API answers 500 from the second
-question on) on the wrapped app, samples its policies as `watch` does through a stats
+question on) on the wrapped LangChain and LlamaIndex apps at once, samples its policies as `watch` does through a stats
 endpoint, and saves the frame where the most circuits are open (then the most degraded
 traffic) with rich's ``Console(record=True).save_svg``.
 """
@@ -34,13 +34,16 @@ def _score(rows: list[dict[str, Any]]) -> tuple[int, int]:
     return opened, degraded
 
 
-async def record(framework: str) -> tuple[list[dict[str, Any]], float]:
-    run = ScenarioRun("outage", framework, _app_factory(framework, "sk-demo"), seed=8)
-    await asyncio.to_thread(run.build)
+async def record(frameworks: list[str]) -> tuple[list[dict[str, Any]], float]:
     report = StatsReport(replica="demo")
-    for role, policy in run.apps[0].policies().items():
-        report.add(policy, name=f"{framework}/outage/{role}")
-    await run.prime()
+    runs = []
+    for framework in frameworks:
+        run = ScenarioRun("outage", framework, _app_factory(framework, "sk-demo"), seed=8)
+        await asyncio.to_thread(run.build)
+        for role, policy in run.apps[0].policies().items():
+            report.add(policy, name=f"{framework}/outage/{role}")
+        await run.prime()
+        runs.append(run)
     best: tuple[tuple[int, int], list[dict[str, Any]], float] | None = None
     done = asyncio.Event()
 
@@ -57,7 +60,7 @@ async def record(framework: str) -> tuple[list[dict[str, Any]], float]:
 
     sampler = asyncio.create_task(sample())
     try:
-        await run.run(lambda n: None)
+        await asyncio.gather(*(run.run(lambda n: None) for run in runs))
     finally:
         done.set()
         await sampler
@@ -68,12 +71,13 @@ async def record(framework: str) -> tuple[list[dict[str, Any]], float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "watch-outage.svg")
-    parser.add_argument("--framework", choices=("langchain", "llama-index"), default="langchain")
+    parser.add_argument("--framework", choices=("langchain", "llama-index", "both"), default="both")
     args = parser.parse_args(argv)
     logging.getLogger("rag_resilience").setLevel(logging.CRITICAL)  # the picture says it
-    rows, now = asyncio.run(record(args.framework))
-    console = Console(record=True, width=190, file=io.StringIO())
-    console.print(render(rows, "http://127.0.0.1:PORT/stats (make demo, outage)", now))
+    frameworks = ["langchain", "llama-index"] if args.framework == "both" else [args.framework]
+    rows, now = asyncio.run(record(frameworks))
+    console = Console(record=True, width=175, file=io.StringIO())
+    console.print(render(rows, "http://127.0.0.1:PORT/stats (make demo, outage)", now, 175))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     console.save_svg(str(args.out), title="rag-resilience watch")
     print(f"wrote {args.out}")

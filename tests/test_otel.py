@@ -130,3 +130,40 @@ def test_unknown_kinds_are_counted_by_name_and_headroom_is_a_gauge() -> None:
     assert total(got["rag_resilience.events"], **{"event.name": "paced"}) == 2
     headroom = {p.attributes["resource"]: p.value for p in got["rag_resilience.ratelimit.headroom"]}
     assert headroom == {"requests": 0.25, "tokens": 0.5}
+
+
+def test_a_full_queue_is_a_rate_limiter_rejection() -> None:
+    """One caller holds the only permit; the next is refused at once (no queue): Polly's
+    OnRateLimiterRejected, a rejection by reason, and a degraded call served generic."""
+    import threading
+
+    from rag_resilience import ConcurrencyLimit
+
+    reader = InMemoryMetricReader()
+    listener = OTelListener(MeterProvider(metric_readers=[reader]))
+    policy = ResiliencePolicy(
+        limit=ConcurrencyLimit(1, max_waiting=0, name="om-full"),
+        name="om-full",
+        listeners=[listener],
+        generic_fallback=True,
+    )
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> str:
+        inside.set()
+        release.wait()
+        return "held"
+
+    holder = threading.Thread(target=lambda: policy.call(hold))
+    holder.start()
+    inside.wait()
+    try:
+        served = policy.run(lambda: "never")
+    finally:
+        release.set()
+        holder.join()
+    assert served.source == "rejected"
+    got = points(reader)
+    assert total(got["rag_resilience.events"], **{"event.name": "OnRateLimiterRejected"}) == 1
+    assert total(got["rag_resilience.rejections"], reason="queue_full") == 1
+    assert total(got["rag_resilience.calls"], outcome="fallback", source="rejected") == 1

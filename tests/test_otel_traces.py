@@ -402,3 +402,72 @@ def test_a_policy_inside_another_nests_under_its_attempt(spans: Any) -> None:
     assert outer_call.attributes["rag_resilience.attempts"] == 1
     assert inner_call.attributes["rag_resilience.attempts"] == 2
     assert len(children(got, inner_call)) == 2
+
+
+def test_a_fallback_runs_under_the_call_not_under_the_failed_attempt(spans: Any) -> None:
+    """A fallback model under its own policy: its span is the primary call's child, beside
+    the attempts, not inside the attempt that failed."""
+    exporter, _ = spans
+    backup = ResiliencePolicy.preset("balanced", name="tr-backup")
+
+    class APIError(Exception):
+        status_code = 503
+
+    def down() -> str:
+        raise APIError("503")
+
+    primary = ResiliencePolicy.preset("balanced", name="tr-primary", max_retries=1)
+    primary.fallback_fns = [lambda: backup.call(lambda: "from the backup")]
+    with fake_clock():
+        assert primary.call(down) == "from the backup"
+    got = list(exporter.get_finished_spans())
+    (call,) = calls_of(got, "tr-primary")
+    (fallback,) = calls_of(got, "tr-backup")
+    assert fallback.parent is not None and fallback.parent.span_id == _id(call)
+    attempts = [s for s in children(got, call) if s.name == ATTEMPT_SPAN]
+    assert [a.attributes["rag_resilience.outcome"] for a in attempts] == ["retry", "failure"]
+    assert call.attributes["rag_resilience.source"] == "fallback"
+
+
+def test_http_client_spans_nest_under_the_attempt_that_sent_them(
+    chaos_server: ChaosServer, clock: FakeClock, spans: Any
+) -> None:
+    """OpenTelemetry's own httpx instrumentation under the openai SDK: each attempt's span has
+    exactly the HTTP request it sent as its child (503, then 200)."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    exporter, _ = spans
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = HTTPXClientInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        client = make(chaos_server, "tr-httpx")  # built after instrumenting: traced transport
+        chaos_server.set_faults(fail_next=1, fail_next_status=503)
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    finally:
+        instrumentor.uninstrument()
+    got = list(exporter.get_finished_spans())
+    (call,) = calls_of(got, "tr-httpx")
+    statuses = []
+    for attempt in children(got, call):
+        (http,) = children(got, attempt)
+        assert http.name.startswith("POST")
+        statuses.append(
+            http.attributes.get(
+                "http.response.status_code", http.attributes.get("http.status_code")
+            )
+        )
+    assert statuses == [503, 200]
+
+
+def test_embeddings_calls_are_named_by_the_genai_conventions(
+    chaos_server: ChaosServer, clock: FakeClock, spans: Any
+) -> None:
+    exporter, _ = spans
+    client = make(chaos_server, "tr-embed")
+    client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    (call,) = calls_of(list(exporter.get_finished_spans()), "tr-embed")
+    assert call.name == "embeddings text-embedding-3-small"
+    assert call.attributes["gen_ai.operation.name"] == "embeddings"
+    assert call.attributes["gen_ai.provider.name"] == "openai"

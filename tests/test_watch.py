@@ -215,3 +215,23 @@ def test_demo_says_where_to_watch_and_serves_its_policies(
     assert re.search(r"rag-resilience watch --url http://127\.0\.0\.1:\d+/stats", out)
     names = {sample["name"] for sample in seen[0].samples()}
     assert names and all(name.startswith("langchain/normal/") for name in names)
+
+
+def test_learned_rate_limits_show_when_a_replica_reports_them() -> None:
+    """Pacing (when a policy's stats() carries `rate_limit`) flows through to the view."""
+    from rich.console import Console
+
+    sample = {
+        "name": "paced",
+        "replica": "r1",
+        "time": 1000.0,
+        "breaker": None,
+        "limit": None,
+        "series": [],
+        "rate_limit": {"requests": {"remaining": 40, "limit": 500}},
+    }
+    rows = build_rows({"time": 1000.0, "breakers": {}, "limits": {}, "samples": [sample]})
+    assert rows[0]["rate_limit"] == {"requests": {"remaining": 40, "limit": 500}}
+    console = Console(record=True, width=200)
+    console.print(render(rows, "http://x", 1000.0))
+    assert "req 40/500" in console.export_text()

@@ -62,6 +62,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from .events import Event, EventKind, add_listener, remove_listener
+from .genai import genai_attributes
 from .policy import ResiliencePolicy
 from .telemetry import CALL_ATTRIBUTE_HOOKS
 
@@ -85,77 +86,6 @@ __all__ = [
 
 ATTEMPT_SPAN = "rag_resilience.attempt"
 _INTERNAL = trace.SpanKind.INTERNAL
-
-
-# -- what the wrapped callable is (GenAI conventions) -------------------------------------
-def _model_path(owner: Any) -> tuple[tuple[str, ...] | None, Any]:
-    """Where the model name lives on `owner` (looking one level into a wrapper's model),
-    and the object that holds it."""
-    for first in (None, "model", "llm"):
-        holder = owner if first is None else getattr(owner, first, None)
-        if holder is None:
-            continue
-        for attr in ("model_name", "model"):
-            value = getattr(holder, attr, None)
-            if isinstance(value, str) and value:
-                return ((attr,) if first is None else (first, attr)), holder
-    return None, owner
-
-
-def _provider_of(module: str) -> str | None:
-    for provider in ("azure", "openai", "anthropic", "mistral", "cohere", "groq", "ollama"):
-        if provider in module:
-            return "azure.ai.openai" if provider == "azure" else provider
-    return None
-
-
-# (owner type, function) -> (operation, provider, where the model name is): decided once
-_KINDS: dict[tuple[type, Any], tuple[str | None, str | None, tuple[str, ...] | None]] = {}
-
-
-def _kind_of(owner: Any, method: str) -> tuple[str | None, str | None, tuple[str, ...] | None]:
-    path, holder = _model_path(owner)
-    module = type(holder).__module__
-    words = f"{method} {type(owner).__name__} {module}".lower()
-    if "embed" in words:
-        operation: str | None = "embeddings"
-    elif ".chat." in f".{module}." or "chat" in words:
-        operation = "chat"
-    elif "complet" in words:
-        operation = "text_completion"
-    elif path is not None:
-        operation = "chat"  # a model object's generate/invoke
-    else:
-        operation = None
-    return operation, _provider_of(module), path
-
-
-def genai_attributes(
-    fn: Callable[..., Any], kwargs: dict[str, Any] | None = None
-) -> dict[str, str]:
-    """The GenAI attributes (`gen_ai.operation.name`, `gen_ai.provider.name`,
-    `gen_ai.request.model`) that can be read off a wrapped callable and its kwargs."""
-    model = kwargs.get("model") if kwargs else None
-    owner = getattr(fn, "__self__", None)
-    out: dict[str, str] = {}
-    if owner is not None:
-        key = (type(owner), getattr(fn, "__func__", None))
-        kind = _KINDS.get(key)
-        if kind is None:
-            kind = _KINDS[key] = _kind_of(owner, getattr(fn, "__name__", "") or "")
-        operation, provider, path = kind
-        if operation is not None:
-            out["gen_ai.operation.name"] = operation
-        if provider is not None:
-            out["gen_ai.provider.name"] = provider
-        if not isinstance(model, str) and path is not None:
-            holder = owner
-            for attr in path:
-                holder = getattr(holder, attr, None)
-            model = holder
-    if isinstance(model, str):
-        out["gen_ai.request.model"] = model
-    return out
 
 
 # -- one call in flight --------------------------------------------------------------------
@@ -221,6 +151,13 @@ class _CallSpan:
         )
         if self.tokens:  # inside the call's context (always, but for a stream between items)
             self._attach_attempt()
+
+    def attempt_failed(self) -> None:
+        """The attempt's callable raised: its span stops being current (what runs next, the
+        backoff or the fallback chain, is the call's), and stays open for the verdict."""
+        token, self.attempt_token = self.attempt_token, None
+        if token is not None and self.tokens and self.tokens[-1] is token:
+            otel_context.detach(self.tokens.pop())
 
     def end_attempt(self, outcome: str, error: BaseException | None = None) -> None:
         span = self.attempt_span
@@ -502,8 +439,18 @@ def _wrap_execute(original: Any, inst: _Instrumentation) -> Any:
         token = _current.set(call)
         call.enter()
         error: BaseException | None = None
+
+        def attempt(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            except BaseException:
+                call.attempt_failed()
+                raise
+
+        attempt.__wrapped__ = fn  # type: ignore[attr-defined]  # what the policy was given
+
         try:
-            return original(self, fn, args, kwargs, **options)
+            return original(self, attempt, args, kwargs, **options)
         except BaseException as exc:
             error = exc
             raise
@@ -527,8 +474,18 @@ def _wrap_aexecute(original: Any, inst: _Instrumentation) -> Any:
         token = _current.set(call)
         call.enter()
         error: BaseException | None = None
+
+        async def attempt(*a: Any, **k: Any) -> Any:
+            try:
+                return await fn(*a, **k)
+            except BaseException:
+                call.attempt_failed()
+                raise
+
+        attempt.__wrapped__ = fn  # type: ignore[attr-defined]
+
         try:
-            return await original(self, fn, args, kwargs, **options)
+            return await original(self, attempt, args, kwargs, **options)
         except BaseException as exc:
             error = exc
             raise

@@ -11,7 +11,8 @@ A sample (one per policy, JSON) is::
      "breaker": {"name", "state", "failures", "open_for_s", "next_probe_s"} | null,
      "limit": {"name", "in_flight", "waiting", "max_concurrency"} | null,
      "totals": {"calls", "failures", "degraded", "retries", "rejections"},
-     "series": [[unix second, calls, failures, degraded], ...]}   # the last `window_s`
+     "series": [[unix second, calls, failures, degraded], ...],   # the last `window_s`
+     "rate_limit": {...}}   # only if the policy's stats() has one (learned limits, headroom)
 
 `series` holds the calls finished in each wall-clock second (from the differences of the
 policy's `stats()` between samples), so samples of several replicas add up second by
@@ -87,7 +88,7 @@ class _Window:
         self.previous = current
         while self.series and self.series[0][0] <= now - self.window_s:
             self.series.popleft()
-        return {
+        sample = {
             "name": self.name,
             "replica": replica,
             "time": now,
@@ -96,6 +97,10 @@ class _Window:
             "totals": totals,
             "series": [list(row) for row in self.series],
         }
+        rate_limit = stats.get("rate_limit")  # what pacing learned, when a policy reports it
+        if isinstance(rate_limit, dict):
+            sample["rate_limit"] = rate_limit
+        return sample
 
 
 def _breaker(breaker: Any) -> dict[str, Any] | None:

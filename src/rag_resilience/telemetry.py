@@ -12,7 +12,8 @@ metric                                      kind       attributes
 ``rag_resilience.events``                   counter    ``event.name`` (Polly's names: OnRetry,
                                                        OnFallback, OnCircuitOpened, OnCircuitClosed,
                                                        OnCircuitHalfOpened, OnCircuitRejected,
-                                                       OnRateLimiterRejected, ExecutionAttempt,
+                                                       OnRateLimiterRejected, OnRejected (other
+                                                       reasons), ExecutionAttempt,
                                                        OnFailure; a kind we do not know is counted
                                                        under its own name), ``reason``
 ``rag_resilience.calls``                    counter    ``outcome`` (success|fallback|failure),
@@ -164,6 +165,14 @@ _TRANSITION_NAMES = {
 }
 
 
+_REJECTION_NAMES = {
+    "circuit_open": "OnCircuitRejected",
+    "queue_full": "OnRateLimiterRejected",  # Polly's concurrency limiter is a rate limiter
+    "wait_timeout": "OnRateLimiterRejected",
+    "rate_limited": "OnRateLimiterRejected",
+}
+
+
 def polly_event_name(event: Event) -> str | None:
     """The Polly-style name of a resilience event; None for a live success (not an event)."""
     kind = event.kind
@@ -180,7 +189,7 @@ def polly_event_name(event: Event) -> str | None:
     if kind is EventKind.STATE_CHANGE:
         return _TRANSITION_NAMES.get(event.new_state or "", "OnCircuitStateChange")
     if kind is EventKind.REJECTED:
-        return "OnCircuitRejected" if event.reason == "circuit_open" else "OnRateLimiterRejected"
+        return _REJECTION_NAMES.get(event.reason or "", "OnRejected")
     return str(getattr(kind, "value", kind))  # a kind added later: counted by its name
 
 

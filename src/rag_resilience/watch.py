@@ -206,32 +206,56 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.0f}%"
 
 
-def render(rows: list[dict[str, Any]], where: str, now: float) -> Any:
-    """A rich Table of the rows (rich is imported here: the `[watch]` extra)."""
+def _headroom(rate_limit: Any) -> str:
+    """`remaining/limit` pairs of a replica's learned rate limits, e.g. ``req 40/500``."""
+    if not isinstance(rate_limit, dict):
+        return "-"
+    parts = []
+    for resource in ("requests", "tokens"):
+        entry = rate_limit.get(resource)
+        if isinstance(entry, dict) and entry.get("limit"):
+            parts.append(f"{resource[:3]} {entry.get('remaining', '?')}/{entry['limit']}")
+    return " ".join(parts) or "-"
+
+
+def render(rows: list[dict[str, Any]], where: str, now: float, width: int = 200) -> Any:
+    """A rich Table of the rows for a terminal `width` columns wide (the sparkline shows as
+    many of the last 60 seconds as fit). rich is imported here: the `[watch]` extra."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
+    names = max((len(r["name"]) for r in rows), default=8)
+    seconds = max(10, min(WINDOW_S, width - 86 - min(names, 30)))
     stamp = time.strftime("%H:%M:%S", time.gmtime(now))
-    table = Table(title=f"rag-resilience watch · {where} · {stamp} UTC", title_justify="left")
+    table = Table(
+        title=f"rag-resilience watch · {where} · {stamp} UTC",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    spark_header = f"err+degr, last {seconds} s" if seconds >= 22 else f"last {seconds} s"
     for header, justify in (
         ("circuit", "left"),
         ("state", "left"),
-        ("open for", "right"),
-        ("next probe", "right"),
-        ("calls/min", "right"),
-        ("errors", "right"),
-        ("degraded", "right"),
-        ("errors+degraded per second, last 60 s", "left"),
-        ("in flight", "right"),
+        ("open", "right"),
+        ("probe", "right"),
+        ("calls", "right"),
+        ("err", "right"),
+        ("degr", "right"),
+        (spark_header, "left"),
+        ("flight", "right"),
         ("queue", "right"),
-        ("replicas", "right"),
+        ("repl", "right"),
+        *((("rate limit left", "right"),) if any(r.get("rate_limit") for r in rows) else ()),
     ):
-        wide = header.startswith("errors+")
+        wide = header == spark_header
         table.add_column(
             header,
             justify=justify,  # type: ignore[arg-type]
             no_wrap=True,
-            min_width=WINDOW_S if wide else None,
+            min_width=seconds if wide else None,
+            max_width=seconds if wide else None,
         )
     for row in rows:
         state = row.get("state") or "-"
@@ -244,12 +268,13 @@ def render(rows: list[dict[str, Any]], where: str, now: float) -> Any:
             _pct(row.get("error_rate_1m")),
             _pct(row.get("degraded_rate_1m")),
             Text(
-                row.get("spark", ""),
+                row.get("spark", "")[-seconds:],
                 style="red" if (row.get("degraded_rate_1m") or 0) > 0.1 else "cyan",
             ),
             "-" if row.get("in_flight") is None else str(row["in_flight"]),
             "-" if row.get("queue_depth") is None else str(row["queue_depth"]),
             str(row.get("replicas", 0)),
+            *((_headroom(row.get("rate_limit")),) if len(table.columns) > 11 else ()),
         )
     return table
 
@@ -328,7 +353,8 @@ def _live(source: Any, interval: float, count: int | None, sleep: Callable[[floa
                 if reading is None:
                     live.update(Text(f"{source.where}: {error}", style="red"))
                 else:
-                    live.update(render(build_rows(reading), source.where, reading["time"]))
+                    rows = build_rows(reading)
+                    live.update(render(rows, source.where, reading["time"], console.width))
                 done += 1
                 if count is None or done < count:
                     sleep(interval)
