@@ -118,6 +118,7 @@ def timed_call(fn: Callable[..., Any], attempt_timeout: float | None) -> Callabl
             kwargs["timeout"] = timeout
         return fn(*args, **kwargs)
 
+    call.__wrapped__ = fn  # type: ignore[attr-defined]  # what it calls (telemetry reads it)
     return call
 
 

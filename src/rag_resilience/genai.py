@@ -65,6 +65,9 @@ def genai_attributes(
     `gen_ai.request.model`) that can be read off a wrapped callable and its kwargs."""
     model = kwargs.get("model") if kwargs else None
     owner = getattr(fn, "__self__", None)
+    while owner is None and hasattr(fn, "__wrapped__"):  # our per-request-timeout wrappers
+        fn = fn.__wrapped__
+        owner = getattr(fn, "__self__", None)
     out: dict[str, str] = {}
     if owner is not None:
         key = (type(owner), getattr(fn, "__func__", None))

@@ -184,6 +184,7 @@ def _timed_embedding(model: Any, method: str, attempt_timeout: float | None) -> 
         extra = {**(model.additional_kwargs or {}), "timeout": timeout}
         return getattr(model.model_copy(update={"additional_kwargs": extra}), method)(arg)
 
+    call.__wrapped__ = getattr(model, method)  # type: ignore[attr-defined]  # (telemetry)
     return call
 
 
