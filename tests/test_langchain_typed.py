@@ -253,6 +253,16 @@ def test_tool_calls_in_an_outage_are_cached_or_a_clear_error(
     assert caught.value.__cause__ is not None
     # the same messages without tools are a text request: the generic text is fine there
     assert llm.invoke("add 4 and 5").response_metadata["resilience"]["degraded"] is True
+    # an agent that must keep answering: a typed generic, a final text answer marked degraded
+    agentic = ResilientLLM(
+        chat(chaos_server),
+        policy=policy("tools-generic", max_retries=0),
+        generic_fallback=lambda input, error: "I cannot use my tools right now.",
+    ).bind_tools([add])
+    final = asyncio.run(agentic.ainvoke("add 6 and 7"))
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    assert final.content == "I cannot use my tools right now."
+    assert final.response_metadata["resilience"]["source"] == "generic_fallback"
 
 
 # -- item 3: streaming callbacks see each token once ----------------------------------------
