@@ -462,3 +462,30 @@ def test_generic_text_for_plain_text_is_unchanged(
     chaos_server.set_faults(outage=True)
     answer = llm.invoke("hello there")
     assert isinstance(answer, AIMessage) and answer.response_metadata["resilience"]["degraded"]
+
+
+def test_embeddings_drop_in(chaos_server: ChaosServer, clock: FakeClock) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    from rag_resilience.langchain import ResilientEmbeddings
+
+    inner = OpenAIEmbeddings(
+        model="text-embedding-3-small",
+        dimensions=64,
+        base_url=chaos_server.base_url,
+        api_key="sk-test",
+        max_retries=0,
+        check_embedding_ctx_length=False,
+    )
+    wrapped = ResilientEmbeddings(inner, max_retries=1)
+    assert (wrapped.model, wrapped.dimensions) == ("text-embedding-3-small", 64)
+    assert len(wrapped.embed_query("hello")) == 64
+    chaos_server.set_faults(outage=True)
+    with pytest.raises(openai.APIStatusError):
+        wrapped.embed_query("never seen")
+    assert chaos_server.wait_idle()
+    assert chaos_server.stats()["endpoints"]["embeddings"]["requests"] == 3  # 1 + 2 attempts
+    with pytest.raises(TypeError, match="accepted"):
+        ResilientEmbeddings(inner, batchsize=3)
+    with pytest.warns(dropin.RewrappedWarning):
+        assert ResilientEmbeddings(wrapped).embeddings is inner

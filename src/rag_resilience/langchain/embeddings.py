@@ -15,8 +15,10 @@ from langchain_core.embeddings import Embeddings
 from ..adapters import model_identity
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
+from ..knobs import check_unknown, pop_knobs, resolve_policy
 from ..policy import ResiliencePolicy, Served
 from . import _common as c
+from . import dropin
 
 __all__ = ["ResilientEmbeddings"]
 
@@ -29,13 +31,20 @@ class ResilientEmbeddings(Embeddings):
     `batch_size`: texts per upstream call; a failing sub-batch is retried alone.
     """
 
+    embeddings: Embeddings
+    policy: ResiliencePolicy
+
     def __init__(
         self,
         embeddings: Embeddings | None = None,
         policy: ResiliencePolicy | str | None = None,
         *,
         batch_size: int = 64,
+        **knobs: Any,
     ) -> None:
+        unknown = {k: v for k, v in knobs.items()}
+        knobs = pop_knobs("ResilientEmbeddings", unknown)
+        check_unknown("ResilientEmbeddings", unknown, ("embeddings", "policy", "batch_size"))
         if embeddings is None:
             raise TypeError(
                 "ResilientEmbeddings needs the embeddings to wrap: "
@@ -45,20 +54,30 @@ class ResilientEmbeddings(Embeddings):
             raise TypeError(
                 f"embeddings must be a LangChain Embeddings, got {type(embeddings).__name__}"
             )
-        if isinstance(embeddings, ResilientEmbeddings):
-            raise ValueError("embeddings is already a ResilientEmbeddings; wrap the model once")
+        if isinstance(embeddings, ResilientEmbeddings):  # one policy, not two multiplied
+            dropin.warn_rewrapped(embeddings, "ResilientEmbeddings")
+            embeddings = embeddings.embeddings
         if policy is not None and not isinstance(policy, (str, ResiliencePolicy)):
             raise ValueError(
                 "policy must be a ResiliencePolicy, a preset name or None, got "
                 f"{type(policy).__name__}"
             )
         identity = model_identity(embeddings)
-        self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
+        self.policy = resolve_policy(
+            "ResilientEmbeddings", policy, knobs, name=f"langchain-embeddings:{identity}"
+        )
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
         self._last: EmbeddingResult | Served[Vector] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The inner model's attributes (``model``, ``dimensions``...) stay readable."""
+        inner = self.__dict__.get("embeddings")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     @property
     def batch_size(self) -> int:
