@@ -840,7 +840,9 @@ def test_stream_degraded_paths_and_permit(clock: FakeClock) -> None:
     # a fallback stream, and the generic answer for a question never answered
     fb = list(policy.execute_stream(failing, fallbacks=[lambda: iter(["f"])]))
     assert fb == ["f"]
-    assert list(policy.execute_stream(failing, on_served=served.append)) == [DEFAULT_GENERIC_ANSWER]
+    assert list(policy.execute_stream(failing, on_served=served.append)) == [
+        DEFAULT_GENERIC_ANSWER
+    ]
     assert served[-1].source == "generic_fallback"
     assert limit.in_flight == 0
 
