@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..degraded import DegradedScope, enter_scope, exit_scope
 from ..fallback import stable_key
-from ..knobs import check_unknown, pop_knobs, resolve_policy
+from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, CacheHooks, Codec, ResiliencePolicy, Served
 from . import _common as c
 from . import dropin
@@ -67,6 +67,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             data["bound"] = bound
         owner = type(self).__name__
         knobs = pop_knobs(owner, data)
+        check_given_policy(owner, data.get("policy"), knobs)
         if knobs:
             data["policy_overrides"] = {**data.get("policy_overrides", {}), **knobs}
         check_unknown(owner, data, dropin.field_names(type(self)))
