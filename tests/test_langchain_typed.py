@@ -436,6 +436,12 @@ def test_outer_cached_answer_beats_an_inner_generic_answer(
     chaos_server.set_faults(outage=True)
     assert chain.invoke({"q": "What is RAG?"}) == live
     assert asyncio.run(chain.ainvoke({"q": "What is RAG?"})) == live
+    assert "".join(chain.stream({"q": "What is RAG?"})) == live  # streamed too
+
+    async def astreamed() -> str:
+        return "".join([part async for part in chain.astream({"q": "What is RAG?"})])
+
+    assert asyncio.run(astreamed()) == live
     other = chain.invoke({"q": "Something new"})
     assert other != live and isinstance(other, str)  # the generic text, for a new question
 
