@@ -495,3 +495,27 @@ def test_embeddings_drop_in(chaos_server: ChaosServer, clock: FakeClock) -> None
         ResilientEmbeddings(inner, batchsize=3)
     with pytest.warns(dropin.RewrappedWarning):
         assert ResilientEmbeddings(wrapped).embeddings is inner
+
+
+def test_a_crowd_in_an_outage_gets_its_type_or_the_clear_error(
+    chaos_server: ChaosServer, clock: FakeClock
+) -> None:
+    llm = ResilientLLM(chat(chaos_server), policy=policy("so-crowd", failure_threshold=3))
+    structured = llm.with_structured_output(City, method="function_calling")
+    known = "About 'Lyon', 513000 people"
+    live = structured.invoke(known)
+    chaos_server.set_faults(outage=True)
+
+    def question(i: int) -> str:
+        return known if i % 2 == 0 else f"About 'Paris' {i}"
+
+    results = crowd(
+        lambda i: structured.invoke(question(i)), lambda i: structured.ainvoke(question(i))
+    )
+    assert len(results) == 12
+    for result in results:  # never None, never a str where a City is expected
+        assert result == live or isinstance(result, UpstreamUnavailableError), result
+        if isinstance(result, UpstreamUnavailableError):
+            assert result.__cause__ is not None
+    assert sum(r == live for r in results) == 6
+    assert llm.stats()["breaker_state"] == "open"
