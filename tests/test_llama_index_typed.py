@@ -298,3 +298,15 @@ def test_engines_warn_once_with_numbers_when_an_inner_model_retries(
     with warnings.catch_warnings():
         warnings.simplefilter("error", NestedRetriesWarning)
         ResilientQueryEngine(engine, policy("li-engine-2"))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_function_agent_in_an_outage_gets_the_clear_error(
+    chaos_server: ChaosServer, clock: FakeClock, streaming: bool
+) -> None:
+    llm = ResilientLLM(openai_llm(chaos_server), policy(f"li-agent-down-{streaming}"))
+    agent = FunctionAgent(tools=[add], llm=llm, streaming=streaming)
+    chaos_server.set_faults(outage=True)
+    with pytest.raises(UpstreamUnavailableError, match="tool call") as caught:
+        await agent.run("add 2 and 3")
+    assert isinstance(caught.value.__cause__, openai.APIStatusError)
