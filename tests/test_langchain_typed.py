@@ -253,6 +253,16 @@ def test_tool_calls_in_an_outage_are_cached_or_a_clear_error(
     assert caught.value.__cause__ is not None
     # the same messages without tools are a text request: the generic text is fine there
     assert llm.invoke("add 4 and 5").response_metadata["resilience"]["degraded"] is True
+    # an agent that must keep answering: a typed generic, a final text answer marked degraded
+    agentic = ResilientLLM(
+        chat(chaos_server),
+        policy=policy("tools-generic", max_retries=0),
+        generic_fallback=lambda input, error: "I cannot use my tools right now.",
+    ).bind_tools([add])
+    final = asyncio.run(agentic.ainvoke("add 6 and 7"))
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    assert final.content == "I cannot use my tools right now."
+    assert final.response_metadata["resilience"]["source"] == "generic_fallback"
 
 
 # -- item 3: streaming callbacks see each token once ----------------------------------------
@@ -426,6 +436,12 @@ def test_outer_cached_answer_beats_an_inner_generic_answer(
     chaos_server.set_faults(outage=True)
     assert chain.invoke({"q": "What is RAG?"}) == live
     assert asyncio.run(chain.ainvoke({"q": "What is RAG?"})) == live
+    assert "".join(chain.stream({"q": "What is RAG?"})) == live  # streamed too
+
+    async def astreamed() -> str:
+        return "".join([part async for part in chain.astream({"q": "What is RAG?"})])
+
+    assert asyncio.run(astreamed()) == live
     other = chain.invoke({"q": "Something new"})
     assert other != live and isinstance(other, str)  # the generic text, for a new question
 
@@ -452,3 +468,54 @@ def test_generic_text_for_plain_text_is_unchanged(
     chaos_server.set_faults(outage=True)
     answer = llm.invoke("hello there")
     assert isinstance(answer, AIMessage) and answer.response_metadata["resilience"]["degraded"]
+
+
+def test_embeddings_drop_in(chaos_server: ChaosServer, clock: FakeClock) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    from rag_resilience.langchain import ResilientEmbeddings
+
+    inner = OpenAIEmbeddings(
+        model="text-embedding-3-small",
+        dimensions=64,
+        base_url=chaos_server.base_url,
+        api_key="sk-test",
+        max_retries=0,
+        check_embedding_ctx_length=False,
+    )
+    wrapped = ResilientEmbeddings(inner, max_retries=1)
+    assert (wrapped.model, wrapped.dimensions) == ("text-embedding-3-small", 64)
+    assert len(wrapped.embed_query("hello")) == 64
+    chaos_server.set_faults(outage=True)
+    with pytest.raises(openai.APIStatusError):
+        wrapped.embed_query("never seen")
+    assert chaos_server.wait_idle()
+    assert chaos_server.stats()["endpoints"]["embeddings"]["requests"] == 3  # 1 + 2 attempts
+    with pytest.raises(TypeError, match="accepted"):
+        ResilientEmbeddings(inner, batchsize=3)
+    with pytest.warns(dropin.RewrappedWarning):
+        assert ResilientEmbeddings(wrapped).embeddings is inner
+
+
+def test_a_crowd_in_an_outage_gets_its_type_or_the_clear_error(
+    chaos_server: ChaosServer, clock: FakeClock
+) -> None:
+    llm = ResilientLLM(chat(chaos_server), policy=policy("so-crowd", failure_threshold=3))
+    structured = llm.with_structured_output(City, method="function_calling")
+    known = "About 'Lyon', 513000 people"
+    live = structured.invoke(known)
+    chaos_server.set_faults(outage=True)
+
+    def question(i: int) -> str:
+        return known if i % 2 == 0 else f"About 'Paris' {i}"
+
+    results = crowd(
+        lambda i: structured.invoke(question(i)), lambda i: structured.ainvoke(question(i))
+    )
+    assert len(results) == 12
+    for result in results:  # never None, never a str where a City is expected
+        assert result == live or isinstance(result, UpstreamUnavailableError), result
+        if isinstance(result, UpstreamUnavailableError):
+            assert result.__cause__ is not None
+    assert sum(r == live for r in results) == 6
+    assert llm.stats()["breaker_state"] == "open"

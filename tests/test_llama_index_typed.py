@@ -215,14 +215,31 @@ async def test_function_agent_with_a_tool_runs_to_completion(
 async def test_a_stream_cut_after_tokens_is_not_retried(
     chaos_server: ChaosServer, clock: FakeClock
 ) -> None:
+    import llama_index.core.instrumentation as instrument
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMChatInProgressEvent
+
+    class Tokens(BaseEventHandler):
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if isinstance(event, LLMChatInProgressEvent):
+                seen.append(event.response.delta or "")
+
+    seen: list[str] = []
+    handler = Tokens()
+    root = instrument.get_dispatcher()
+    root.add_event_handler(handler)
     llm = ResilientLLM(openai_llm(chaos_server), policy("li-cut", failure_threshold=50))
     chaos_server.set_faults(stream_break_after=3)  # role chunk + 2 tokens, then cut
     messages = [ChatMessage(role=MessageRole.USER, content="hi")]
     deltas: list[str] = []
-    with pytest.raises(Exception):  # noqa: B017 - the transport's own error, as bare
-        for chunk in llm.stream_chat(messages):
-            deltas.append(chunk.delta or "")
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - the transport's own error, as bare
+            for chunk in llm.stream_chat(messages):
+                deltas.append(chunk.delta or "")
+    finally:
+        root.event_handlers.remove(handler)
     assert "".join(deltas) == "Answer to"
+    assert "".join(seen) == "Answer to"  # the events saw each token once
     adeltas: list[str] = []
     with pytest.raises(Exception):  # noqa: B017
         async for chunk in await llm.astream_chat(messages):
@@ -281,3 +298,15 @@ def test_engines_warn_once_with_numbers_when_an_inner_model_retries(
     with warnings.catch_warnings():
         warnings.simplefilter("error", NestedRetriesWarning)
         ResilientQueryEngine(engine, policy("li-engine-2"))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_function_agent_in_an_outage_gets_the_clear_error(
+    chaos_server: ChaosServer, clock: FakeClock, streaming: bool
+) -> None:
+    llm = ResilientLLM(openai_llm(chaos_server), policy(f"li-agent-down-{streaming}"))
+    agent = FunctionAgent(tools=[add], llm=llm, streaming=streaming)
+    chaos_server.set_faults(outage=True)
+    with pytest.raises(UpstreamUnavailableError, match="tool call") as caught:
+        await agent.run("add 2 and 3")
+    assert isinstance(caught.value.__cause__, openai.APIStatusError)

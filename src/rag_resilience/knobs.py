@@ -11,7 +11,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["POLICY_KNOBS", "check_unknown", "pop_knobs", "resolve_policy"]
+__all__ = [
+    "POLICY_KNOBS",
+    "ArgumentTypeError",
+    "check_given_policy",
+    "check_unknown",
+    "pop_knobs",
+    "resolve_policy",
+]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A constructor argument of the wrong type: a TypeError (Python's convention) that is
+    also a ValueError (the project's "bad config" error), so either ``except`` catches it."""
+
 
 _INTS = (
     "max_retries",
@@ -41,13 +54,15 @@ POLICY_KNOBS: frozenset[str] = frozenset(_INTS + _NUMBERS + _OPTIONAL_NUMBERS + 
 def _check_type(owner: str, name: str, value: Any) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if name in _INTS and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
     if name in _NUMBERS and not number:
-        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
     if name in _OPTIONAL_NUMBERS and value is not None and not number:
-        raise TypeError(f"{owner}: {name} must be a number or None, got {type(value).__name__}")
+        raise ArgumentTypeError(
+            f"{owner}: {name} must be a number or None, got {type(value).__name__}"
+        )
     if name == "jitter" and not isinstance(value, bool):
-        raise TypeError(f"{owner}: jitter must be a bool, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{owner}: jitter must be a bool, got {type(value).__name__}")
 
 
 def pop_knobs(owner: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +71,17 @@ def pop_knobs(owner: str, data: dict[str, Any]) -> dict[str, Any]:
     for name, value in knobs.items():
         _check_type(owner, name, value)
     return knobs
+
+
+def check_given_policy(owner: str, policy: Any, knobs: dict[str, Any]) -> None:
+    """Knobs override a preset: with a ResiliencePolicy object they have nothing to override."""
+    from .policy import ResiliencePolicy
+
+    if knobs and isinstance(policy, ResiliencePolicy):
+        raise ArgumentTypeError(
+            f"{owner}: {sorted(knobs)} override a preset; got a ResiliencePolicy object "
+            "(set them when you build it, or pass policy='balanced' etc.)"
+        )
 
 
 def check_unknown(owner: str, given: Iterable[str], accepted: Iterable[str]) -> None:
@@ -73,12 +99,8 @@ def resolve_policy(owner: str, policy: Any, knobs: dict[str, Any], **preset_kwar
     """`ResiliencePolicy.resolve` with the knobs applied to the preset."""
     from .policy import ResiliencePolicy
 
+    check_given_policy(owner, policy, knobs)
     if isinstance(policy, ResiliencePolicy):
-        if knobs:
-            raise TypeError(
-                f"{owner}: {sorted(knobs)} override a preset; got a ResiliencePolicy object "
-                "(set them when you build it, or pass policy='balanced' etc.)"
-            )
         return policy
     extra = {k: v for k, v in knobs.items() if k in ("store", "clock", "listeners", "classifier")}
     overrides = {k: v for k, v in knobs.items() if k not in extra}

@@ -163,6 +163,12 @@ class _Completions:
         )
         return _annotate(served.value, served)
 
+    def parse(self, **kwargs: Any) -> Any:
+        """Parsed structured output; a parse failure is the model's answer (not retried)."""
+        from .openai_parse import parse
+
+        return parse(self._owner.policy, self._owner.client, kwargs)
+
 
 def _pace(policy: ResiliencePolicy, inner: Any, kwargs: dict[str, Any]) -> PaceRequest | None:
     """Where and how much a request spends of the upstream's rate limit (None: no limiter)."""
@@ -272,6 +278,18 @@ class _Chat:
         self.completions = completions
 
 
+class _Beta:
+    """`beta.chat.completions.parse` is the protected `chat.completions.parse`; the rest of
+    `beta` is the SDK's own."""
+
+    def __init__(self, chat: _Chat, sdk_beta: Any) -> None:
+        self.chat = chat
+        self._sdk = sdk_beta
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_sdk"], name)
+
+
 class _ClientBase:
     """What the sync and async clients share: the policy, the inner SDK client built (or
     copied) with max_retries=0, the protected `chat.completions` and `embeddings` (of the
@@ -300,6 +318,7 @@ class _ClientBase:
             instrument(self.client, self.policy.rate_limiter)
         self.chat = _Chat(self._completions_class(self))
         self.embeddings = self._embeddings_class(self)
+        self.beta = _Beta(self.chat, getattr(self.client, "beta", None))
 
     def stats(self) -> dict[str, Any]:
         return self.policy.stats()
@@ -336,6 +355,11 @@ class _AsyncCompletions:
             pace=_pace(policy, inner, kwargs),
         )
         return _annotate(served.value, served)
+
+    async def parse(self, **kwargs: Any) -> Any:
+        from .openai_parse import aparse
+
+        return await aparse(self._owner.policy, self._owner.client, kwargs)
 
 
 class _AsyncStream:

@@ -38,6 +38,7 @@ from ..clock import get_clock
 from ..errors import CircuitOpenError, QueueFullError
 from ..events import StatsCollector, _percentile
 from ..fallback import GracefulFallbacks
+from ..knobs import ArgumentTypeError
 from ..policy import ResiliencePolicy
 from ._common import EVENT_NAME, chat_key
 
@@ -68,13 +69,13 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         if latency_window < 1:
             raise ValueError(f"latency_window must be >= 1, got {latency_window}")
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "ResilienceCallbackHandler: breaker must be a rag_resilience CircuitBreaker "
                 f"or None, got {type(breaker).__name__} (to watch a wrapper's policy, use "
                 "handler.watch(wrapper))"
             )
         if fallbacks is not None and not isinstance(fallbacks, GracefulFallbacks):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "ResilienceCallbackHandler: fallbacks must be a GracefulFallbacks or None, "
                 f"got {type(fallbacks).__name__}"
             )

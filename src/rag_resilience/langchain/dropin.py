@@ -47,7 +47,9 @@ def field_names(cls: type) -> set[str]:
 def check_model(owner: str, name: str, value: Any, base: type) -> None:
     """TypeError at construction when `value` is not a `base` instance."""
     if not isinstance(value, base):
-        raise TypeError(
+        from ..knobs import ArgumentTypeError
+
+        raise ArgumentTypeError(
             f"{owner}: {name} must be a {base.__module__}.{base.__qualname__} instance, got "
             f"{type(value).__module__}.{type(value).__qualname__}"
         )

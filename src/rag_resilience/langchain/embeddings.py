@@ -16,8 +16,10 @@ from ..adapters import accepts_request_timeout, model_identity, timed_call
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from ..ingest import OPENAI_MAX_REQUEST_TOKENS, Ingestor, Progress
+from ..knobs import check_unknown, pop_knobs, resolve_policy
 from ..policy import ResiliencePolicy, Served
 from . import _common as c
+from . import dropin
 
 __all__ = ["ResilientEmbeddings"]
 
@@ -38,6 +40,9 @@ class ResilientEmbeddings(Embeddings):
     ``(done, total)``, True/False, or None (a tqdm bar when stderr is a terminal).
     """
 
+    embeddings: Embeddings
+    policy: ResiliencePolicy
+
     def __init__(
         self,
         embeddings: Embeddings | None = None,
@@ -48,7 +53,23 @@ class ResilientEmbeddings(Embeddings):
         concurrency: int = 4,
         progress: Progress | bool | None = None,
         resume: bool = False,
+        **knobs: Any,
     ) -> None:
+        unknown = {k: v for k, v in knobs.items()}
+        knobs = pop_knobs("ResilientEmbeddings", unknown)
+        check_unknown(
+            "ResilientEmbeddings",
+            unknown,
+            (
+                "embeddings",
+                "policy",
+                "batch_size",
+                "batch_tokens",
+                "concurrency",
+                "progress",
+                "resume",
+            ),
+        )
         if embeddings is None:
             raise TypeError(
                 "ResilientEmbeddings needs the embeddings to wrap: "
@@ -58,15 +79,18 @@ class ResilientEmbeddings(Embeddings):
             raise TypeError(
                 f"embeddings must be a LangChain Embeddings, got {type(embeddings).__name__}"
             )
-        if isinstance(embeddings, ResilientEmbeddings):
-            raise ValueError("embeddings is already a ResilientEmbeddings; wrap the model once")
+        if isinstance(embeddings, ResilientEmbeddings):  # one policy, not two multiplied
+            dropin.warn_rewrapped(embeddings, "ResilientEmbeddings")
+            embeddings = embeddings.embeddings
         if policy is not None and not isinstance(policy, (str, ResiliencePolicy)):
             raise ValueError(
                 "policy must be a ResiliencePolicy, a preset name or None, got "
                 f"{type(policy).__name__}"
             )
         identity = model_identity(embeddings)
-        self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
+        self.policy = resolve_policy(
+            "ResilientEmbeddings", policy, knobs, name=f"langchain-embeddings:{identity}"
+        )
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")
         c.warn_deadline_uncut(embeddings, self.policy)
@@ -89,6 +113,13 @@ class ResilientEmbeddings(Embeddings):
         )
         self.policy.collector.gauges["ingest"] = self.ingestor.stats.snapshot
         self._last: EmbeddingResult | Served[Vector] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """The inner model's attributes (``model``, ``dimensions``...) stay readable."""
+        inner = self.__dict__.get("embeddings")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     @property
     def batch_size(self) -> int:

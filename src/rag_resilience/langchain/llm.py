@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from ..adapters import accepts_request_timeout, model_identity, request_timeout
 from ..degraded import note_degraded
 from ..errors import add_note, mark_handled
-from ..knobs import check_unknown, pop_knobs, resolve_policy
+from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from . import _common as c
 from . import dropin
@@ -398,6 +398,7 @@ class ResilientLLM(BaseChatModel):
             data["llm"] = llm
         if "llm" in data:  # (a subclass may build `llm` from other keywords in a validator)
             knobs = pop_knobs(type(self).__name__, data)
+            check_given_policy(type(self).__name__, data.get("policy"), knobs)
             if knobs:
                 data["policy_overrides"] = {**data.get("policy_overrides", {}), **knobs}
             check_unknown(type(self).__name__, data, dropin.field_names(type(self)))

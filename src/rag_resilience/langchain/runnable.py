@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..degraded import DegradedScope, enter_scope, exit_scope
 from ..fallback import stable_key
-from ..knobs import check_unknown, pop_knobs, resolve_policy
+from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, CacheHooks, Codec, ResiliencePolicy, Served
 from . import _common as c
 from . import dropin
@@ -67,6 +67,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             data["bound"] = bound
         owner = type(self).__name__
         knobs = pop_knobs(owner, data)
+        check_given_policy(owner, data.get("policy"), knobs)
         if knobs:
             data["policy_overrides"] = {**data.get("policy_overrides", {}), **knobs}
         check_unknown(owner, data, dropin.field_names(type(self)))
@@ -349,15 +350,27 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         key = self._key(input)
         prev = self._peek(key)
         mismatch: list[str] = []
+        stream = self._policy.execute_stream(
+            lambda x: self.bound.stream(x, child, **kwargs),
+            (input,),
+            key=key if self._cache_on() else _NO_KEY,
+            codec=_STREAM_CODEC,
+            generic=_as_items(self._generic_value(input, mismatch)),
+            on_served=box.append,
+        )
         try:
-            yield from self._policy.execute_stream(
-                lambda x: self.bound.stream(x, child, **kwargs),
-                (input,),
-                key=key if self._cache_on() else _NO_KEY,
-                codec=_STREAM_CODEC,
-                generic=_as_items(self._generic_value(input, mismatch)),
-                on_served=box.append,
-            )
+            first = True
+            for item in stream:
+                if first:
+                    first = False
+                    cached = self._cached_instead(scope, prev, box)
+                    if cached is not None:  # an inner generic answer: ours is real
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()
+                        yield from cached
+                        break
+                yield item
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chain", self._policy, None, exc))
             self._raise_typed(exc, mismatch)
@@ -398,15 +411,27 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         key = self._key(input)
         prev = self._peek(key)
         mismatch: list[str] = []
+        stream = self._policy.aexecute_stream(
+            lambda x: self.bound.astream(x, child, **kwargs),
+            (input,),
+            key=key if self._cache_on() else _NO_KEY,
+            codec=_STREAM_CODEC,
+            generic=_as_items(self._generic_value(input, mismatch)),
+            on_served=box.append,
+        )
         try:
-            async for item in self._policy.aexecute_stream(
-                lambda x: self.bound.astream(x, child, **kwargs),
-                (input,),
-                key=key if self._cache_on() else _NO_KEY,
-                codec=_STREAM_CODEC,
-                generic=_as_items(self._generic_value(input, mismatch)),
-                on_served=box.append,
-            ):
+            first = True
+            async for item in stream:
+                if first:
+                    first = False
+                    cached = self._cached_instead(scope, prev, box)
+                    if cached is not None:  # an inner generic answer: ours is real
+                        aclose = getattr(stream, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                        for value in cached:
+                            yield value
+                        break
                 yield item
         except Exception as exc:
             await c.adispatch(run_manager, c.event_data("chain", self._policy, None, exc))
@@ -420,6 +445,27 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
             data = c.event_data("chain", self._policy, None)
             data.update(self._meta(box[0], scope))
             await c.adispatch(run_manager, data)
+
+    def _cached_instead(
+        self, scope: DegradedScope, prev: tuple[Any, float] | None, box: list[Served[None]]
+    ) -> list[Any] | None:
+        """A stream whose first item came from an inner wrapper's generic answer, while
+        this wrapper holds a real answer for the input: that answer (decoded), and `box`
+        says it was served from the cache."""
+        if prev is None or not scope.degraded or (box and box[0].degraded):
+            return None
+        if not any(m.get("source") in _GENERIC_SOURCES for m in scope.snapshot()):
+            return None
+        fallbacks = self._policy.fallbacks
+        if fallbacks is None:
+            return None
+        from ..clock import get_clock
+
+        age = max(0.0, get_clock(fallbacks.clock).time() - prev[1])
+        attempts = box[0].attempts if box else 1
+        box[:] = [Served(None, "cache", attempts, round(age, 3), True)]
+        items: list[Any] = _STREAM_CODEC.decode(prev[0])
+        return items
 
     def _peek(self, key: str) -> tuple[Any, float] | None:
         """The raw cache entry (value, stored_at), to restore it if a stream turns out degraded:

@@ -115,6 +115,10 @@ class TypedOutput(RunnableSerializable[Any, Any]):
         if isinstance(exc, UpstreamUnavailableError) and self.generic is not None:
             cause = exc.__cause__ if isinstance(exc.__cause__, BaseException) else exc
             value = self.generic(input, cause)
+            if self.expected == "tool call" and isinstance(value, str):
+                from langchain_core.messages import AIMessage
+
+                value = AIMessage(content=value)  # a final answer: the agent loop ends
             meta = {
                 "source": "generic_fallback",
                 "degraded": True,
