@@ -16,6 +16,7 @@ from ..adapters import model_identity
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from ..policy import ResiliencePolicy, Served
+from ..ratelimit_instrument import instrument
 from . import _common as c
 
 __all__ = ["ResilientEmbeddings"]
@@ -57,6 +58,8 @@ class ResilientEmbeddings(Embeddings):
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)
+        if self.policy.rate_limiter is not None:  # learn the limits from its responses
+            instrument(self._inner, self.policy.rate_limiter)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
         self._last: EmbeddingResult | Served[Vector] | None = None
 

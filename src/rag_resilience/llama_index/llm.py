@@ -36,6 +36,9 @@ from llama_index.core.llms.llm import LLM, ToolSelection
 
 from ..adapters import model_identity
 from ..policy import Codec, ResiliencePolicy, Served
+from ..ratelimit import PaceRequest
+from ..ratelimit_instrument import instrument, model_upstream
+from ..ratelimit_tokens import estimate_request_tokens
 from ._common import (
     GenericSpec,
     generic_text,
@@ -236,6 +239,7 @@ class ResilientLLM(FunctionCallingLLM):
     _generic: GenericSpec = PrivateAttr(default=True)
     _params: dict[str, Any] = PrivateAttr(default_factory=dict)
     _identity: str = PrivateAttr(default="")
+    _upstream: str | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -273,6 +277,10 @@ class ResilientLLM(FunctionCallingLLM):
         self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
         self._generic = generic_fallback
         self._identity = model_identity(llm)
+        if resolved.rate_limiter is not None:  # pace to the limits its responses report
+            instrument(self._sync_inner, resolved.rate_limiter)
+            instrument(llm, resolved.rate_limiter)
+            self._upstream = model_upstream(llm)
         self._params = {
             f: jsonable(getattr(llm, f)) for f in _OUTPUT_FIELDS if f in type(llm).model_fields
         }
@@ -407,11 +415,21 @@ class ResilientLLM(FunctionCallingLLM):
         ...) on `payload` (the messages or the prompt)."""
         kind, codec, run_fallback = _METHODS[method]
         generic = self._generic_chat() if kind == "chat" else self._generic_completion()
+        upstream = self._upstream
         return {
             "key": self._key(kind, payload, kwargs),
             "codec": codec,
             "fallbacks": [partial(run_fallback, fb, method) for fb in self._fallbacks],
             "generic": self._generic_stream(generic) if "stream" in method else generic,
+            "pace": None
+            if upstream is None
+            else PaceRequest(
+                upstream,
+                estimate_request_tokens(
+                    {"max_tokens": getattr(self._inner, "max_tokens", None), **kwargs},
+                    payload if isinstance(payload, (list, tuple)) else [payload],
+                ),
+            ),
         }
 
     # -- sync --------------------------------------------------------------------------------
