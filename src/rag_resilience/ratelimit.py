@@ -160,6 +160,10 @@ class _RateEstimate:
         self.lows.clear()
         self.highs.clear()
 
+    def upper(self) -> float | None:
+        """The tightest upper bound on the rate reported so far (None: none)."""
+        return min(self.highs) if self.highs else None
+
     def rate(self) -> float | None:
         """A refill rate that does not exceed the server's once any report bounded it
         from below (None: nothing known yet)."""
@@ -315,7 +319,11 @@ class Pacer:
             if bucket is None:
                 bucket = _Bucket(1.0 / rate, capacity, now)
             elif configured:
-                bucket.interval = max(bucket.interval, 1.0 / rate)
+                # what we were told stands unless the server proves its limit is lower
+                told = cfg.requests_per_second if kind == "requests" else cfg.tokens_per_second
+                upper = estimate.upper()
+                if told is not None and upper is not None:
+                    bucket.interval = max(1.0 / told, 1.0 / (upper * cfg.safety))
             else:
                 bucket.interval = 1.0 / rate
                 bucket.capacity = capacity
