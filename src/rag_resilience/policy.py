@@ -28,7 +28,6 @@ from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .deadline import bound
 from .errors import CircuitOpenError, QueueFullError, RateLimitedError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
@@ -585,27 +584,20 @@ class ResiliencePolicy:
         return None
 
     def _left(self, run: RetryRun | None) -> float | None:
-        """How long pacing may wait: the call's deadline (outer scopes included)."""
-        left = bound(self.deadline if run is None else run.remaining())
-        return None if left is None else max(0.0, left)
+        """How long pacing may wait: the call's own deadline (the limiter shortens it to
+        any deadline in force around the call, only when it has to wait)."""
+        return self.deadline if run is None else run.remaining()
 
-    def _pace(self, limiter: RateLimiter, pace: PaceRequest | None) -> RateLimitedError | None:
-        """Wait for the call's turn at the upstream's rate limit; the rejection if its turn
-        comes after the deadline (then nothing was sent and nothing is retried)."""
-        try:
-            limiter.acquire(pace or self._default_pace, self._left(None))
-        except RateLimitedError as exc:
-            return exc
-        return None
-
-    async def _apace(
+    def _pace(
         self, limiter: RateLimiter, pace: PaceRequest | None
-    ) -> RateLimitedError | None:
+    ) -> RateLimitedError | tuple[float, Clock]:
+        """The call's turn at the upstream's rate limit: (seconds to wait for it, clock),
+        or the rejection if it comes after the deadline (then nothing is sent and
+        nothing is retried). The drivers sleep; no coroutine frame when there is room."""
         try:
-            await limiter.aacquire(pace or self._default_pace, self._left(None))
+            return limiter.reserve(pace or self._default_pace, self._left(None))
         except RateLimitedError as exc:
             return exc
-        return None
 
     def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
         rejected.__context__ = cause
@@ -848,12 +840,15 @@ class ResiliencePolicy:
         request: _Request = (args, kwargs, key, codec, fallbacks, generic, pace)
         limit = self.limit
         call: _Call | None = None
-        if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
-            paced_out = self._pace(self.rate_limiter, pace)
-            if paced_out is not None:
+        limiter = self.rate_limiter
+        if limiter is not None:  # deadline -> pacing -> permit -> breaker
+            turn = self._pace(limiter, pace)
+            if isinstance(turn, RateLimitedError):
                 call = _Call(request, limit, False)
                 now = get_clock(self.clock).monotonic()
-                return self._degrade(self._plan(paced_out, 0, now), call)
+                return self._degrade(self._plan(turn, 0, now), call)
+            if turn[0] > 0.0:
+                limiter.wait(pace or self._default_pace, *turn)
         if limit is not None:
             try:
                 limit.acquire()
@@ -945,12 +940,15 @@ class ResiliencePolicy:
         request: _Request = (args, kwargs, key, codec, fallbacks, generic, pace)
         limit = self.limit
         call: _Call | None = None  # built at the first failure, as in `execute`
-        if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
-            paced_out = await self._apace(self.rate_limiter, pace)
-            if paced_out is not None:
+        limiter = self.rate_limiter
+        if limiter is not None:  # deadline -> pacing -> permit -> breaker
+            turn = self._pace(limiter, pace)
+            if isinstance(turn, RateLimitedError):
                 call = _Call(request, limit, False)
                 now = get_clock(self.clock).monotonic()
-                return await self._adegrade(self._plan(paced_out, 0, now), call)
+                return await self._adegrade(self._plan(turn, 0, now), call)
+            if turn[0] > 0.0:
+                await limiter.await_(pace or self._default_pace, *turn)
         if limit is not None:
             try:
                 await limit.aacquire()

@@ -34,7 +34,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._counter import AtomicCounter
 from .clock import Clock, get_clock
+from .deadline import bound
 from .errors import RateLimitedError
 from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
 
@@ -201,7 +203,8 @@ class Pacer:
         self._admitted: collections.deque[float] = collections.deque(maxlen=64)
         self.waiting = 0
         # counters (read by stats())
-        self.calls = 0
+        self._free = AtomicCounter()  # calls admitted on the lock-free path
+        self._calls = 0
         self.paced = 0
         self.paced_seconds = 0.0
         self.rejected = 0
@@ -209,10 +212,19 @@ class Pacer:
         self.responses = 0
 
     # -- the decision --------------------------------------------------------------------
+    @property
+    def calls(self) -> int:
+        return self._calls + self._free.value
+
     def reserve(self, now: float, tokens: int, max_wait: float | None) -> float:
         """Grant the next slot and return its time (monotonic), or raise
-        `RateLimitedError` (nothing reserved) if it comes later than `max_wait` allows
-        or the wait queue is full."""
+        `RateLimitedError` (nothing reserved) if it comes later than the call's deadline
+        (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full."""
+        if self.requests is None and self.tokens is None and self._blocked_until <= now:
+            # Nothing known about this upstream: admit at once, without the lock.
+            self._free.add()
+            self._admitted.append(now)  # deque.append is atomic
+            return now
         with self._lock:
             self._grow_aimd(now)
             at = self._blocked_until if self._blocked_until > now else now
@@ -223,6 +235,7 @@ class Pacer:
                 at = max(at, token_bucket.allowed_at(now, float(tokens)))
             wait = at - now
             if wait > 0.0:
+                max_wait = self.limiter._max_wait(bound(max_wait))
                 if max_wait is not None and wait > max_wait:
                     self.rejected += 1
                     raise RateLimitedError(
@@ -249,7 +262,7 @@ class Pacer:
                 requests.take(at, 1.0)
             if token_bucket is not None and tokens > 0:
                 token_bucket.take(at, float(tokens))
-            self.calls += 1
+            self._calls += 1
             self._admitted.append(at)
             return at
 
@@ -503,36 +516,46 @@ class RateLimiter:
         own = self.max_wait
         if max_wait is None:
             return own
+        max_wait = max(0.0, max_wait)
         return max_wait if own is None else min(own, max_wait)
 
     def reserve(self, request: PaceRequest, max_wait: float | None = None) -> tuple[float, Clock]:
         """Grant `request` its slot: (seconds to wait, the clock to wait on). Raises
-        `RateLimitedError` if the slot comes after `max_wait` (the caller's deadline)."""
+        `RateLimitedError` if the slot comes after `max_wait` seconds or after the
+        deadline in force (`rag_resilience.deadline`), whichever is sooner."""
         clock = get_clock(self.clock)
-        pacer = self.pacer(request.upstream)
+        pacer = self._pacers.get(request.upstream) or self.pacer(request.upstream)
         now = clock.monotonic()
-        at = pacer.reserve(now, request.tokens, self._max_wait(max_wait))
+        at = pacer.reserve(now, request.tokens, max_wait)
         _current.set(Reservation(pacer, request.tokens, at))
         return at - now, clock
+
+    def wait(self, request: PaceRequest, wait: float, clock: Clock) -> None:
+        """Sleep until a slot `reserve` granted with a `wait` > 0."""
+        try:
+            clock.sleep(wait)
+        finally:
+            self.pacer(request.upstream).done_waiting()
+
+    async def await_(self, request: PaceRequest, wait: float, clock: Clock) -> None:
+        """`wait`, asynchronously."""
+        try:
+            await clock.asleep(wait)
+        finally:
+            self.pacer(request.upstream).done_waiting()
 
     def acquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
         """Wait (sync) for `request`'s slot; returns the seconds waited."""
         wait, clock = self.reserve(request, max_wait)
         if wait > 0.0:
-            try:
-                clock.sleep(wait)
-            finally:
-                self.pacer(request.upstream).done_waiting()
+            self.wait(request, wait, clock)
         return wait
 
     async def aacquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
         """Wait (async) for `request`'s slot; returns the seconds waited."""
         wait, clock = self.reserve(request, max_wait)
         if wait > 0.0:
-            try:
-                await clock.asleep(wait)
-            finally:
-                self.pacer(request.upstream).done_waiting()
+            await self.await_(request, wait, clock)
         return wait
 
     # -- learning ------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 from langchain_core.rate_limiters import BaseRateLimiter
 
-from ..deadline import bound
 from ..errors import RateLimitedError
 from ..ratelimit import PaceRequest, RateLimiter
 from ..ratelimit_instrument import instrument, model_upstream
@@ -73,13 +72,13 @@ class PacingRateLimiter(BaseRateLimiter):
             except RateLimitedError:
                 return False
             return True
-        self.limiter.acquire(self._request(), bound(None))
+        self.limiter.acquire(self._request())
         return True
 
     async def aacquire(self, *, blocking: bool = True) -> bool:
         if not blocking:
             return self.acquire(blocking=False)
-        await self.limiter.aacquire(self._request(), bound(None))
+        await self.limiter.aacquire(self._request())
         return True
 
     def stats(self) -> dict[str, Any]:
