@@ -17,10 +17,10 @@ finds `max_queue` callers already waiting.
 
 Learning the rate: a server bucket of capacity L that reports R left and S seconds until
 full refills at ``(L - R_exact) / S`` per second, with R_exact in [R, R + 1) since R is
-rounded down: each response bounds the rate to [(L - R - 1) / S, (L - R) / S]. The pacer
-keeps the tightest lower bound of its last responses (it converges to the true rate from
-below, so pacing never outruns the server) times `safety`, and never keeps more burst
-than half the server's capacity, so network jitter is absorbed by the server's bucket.
+rounded down (and S rounded to its resolution): each response bounds the rate. The pacer
+keeps the tightest bounds of its last responses, paces at their middle times `safety`,
+never keeps more burst than half the server's capacity (network jitter is absorbed by the
+server's bucket) and never believes more is left than the server says.
 """
 
 from __future__ import annotations
@@ -167,11 +167,17 @@ class _RateEstimate:
         return min(self.highs) if self.highs else None
 
     def rate(self) -> float | None:
-        """A refill rate that does not exceed the server's once any report bounded it
-        from below (None: nothing known yet)."""
-        if self.lows:
-            return max(self.lows)
-        return min(self.highs) if self.highs else None
+        """The middle of the tightest bounds [max lower, min upper] of the recent reports
+        (None: nothing known yet). The lower bound alone would settle below the real rate:
+        paced below it, the server's bucket stays full and its reports stop bounding the
+        rate from below; `safety` and the remaining-count sync keep the middle safe."""
+        if not self.highs:
+            return None
+        hi = min(self.highs)
+        if not self.lows:
+            return hi
+        lo = max(self.lows)
+        return lo + 0.5 * max(0.0, hi - lo)
 
 
 class Pacer:
