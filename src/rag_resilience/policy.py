@@ -454,7 +454,9 @@ class ResiliencePolicy:
         if isinstance(rate_limit, RateLimiter):
             limiter: RateLimiter | None = rate_limit
         elif rate_limit is True:
-            limiter = RateLimiter(name=pname, max_queue=cfg["max_waiting"], clock=clock)
+            limiter = RateLimiter(
+                name=pname, max_queue=cfg["max_waiting"], clock=clock, store=store
+            )
         elif rate_limit is False or rate_limit is None:
             limiter = None
         else:

@@ -39,6 +39,7 @@ from .clock import Clock, get_clock
 from .deadline import bound
 from .errors import RateLimitedError
 from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
+from .ratelimit_redis import SharedBuckets
 
 __all__ = [
     "PaceRequest",
@@ -208,6 +209,9 @@ class Pacer:
         self._aimd_quiet_until = -math.inf
         self._admitted: collections.deque[float] = collections.deque(maxlen=64)
         self.waiting = 0
+        self._shared: SharedBuckets | None = None
+        if limiter.store is not None:
+            self._shared = SharedBuckets(limiter.store, upstream)
         # counters (read by stats())
         self._free = AtomicCounter()  # calls admitted on the lock-free path
         self._calls = 0
@@ -231,6 +235,10 @@ class Pacer:
             self._free.add()
             self._admitted.append(now)  # deque.append is atomic
             return now
+        if self._shared is not None:
+            at = self._reserve_shared(now, tokens, max_wait)
+            if at is not None:
+                return at
         with self._lock:
             self._grow_aimd(now)
             at = self._blocked_until if self._blocked_until > now else now
@@ -272,6 +280,54 @@ class Pacer:
             self._admitted.append(at)
             return at
 
+    def _reserve_shared(self, now: float, tokens: int, max_wait: float | None) -> float | None:
+        """`reserve` on the buckets shared in Redis; None when Redis is unreachable."""
+        assert self._shared is not None
+        with self._lock:
+            self._grow_aimd(now)
+            if self.waiting >= self.limiter.max_queue:
+                self.rejected += 1
+                raise RateLimitedError(
+                    f"rate limit of {self.upstream_label}: {self.waiting} calls already "
+                    f"wait for a slot (max_queue={self.limiter.max_queue})",
+                    upstream=self.upstream,
+                    waiting=self.waiting,
+                )
+            req, tok = self.requests, self.tokens
+            req_p = (req.interval, req.capacity) if req is not None else None
+            tok_p = (tok.interval, tok.capacity) if tok is not None and tokens > 0 else None
+            not_before = self._blocked_until - now
+        limit = self.limiter._max_wait(bound(max_wait))
+        result = self._shared.reserve(req_p, tok_p, tokens, limit, not_before)
+        if result is None:
+            return None
+        granted, wait = result
+        with self._lock:
+            if not granted:
+                self.rejected += 1
+                raise RateLimitedError(
+                    f"rate limit of {self.upstream_label}: the next slot is in {wait:.3f}s, "
+                    f"after the call's deadline ({limit or 0.0:.3f}s left)",
+                    upstream=self.upstream,
+                    wait=wait,
+                    max_wait=limit,
+                    waiting=self.waiting,
+                )
+            wait = max(0.0, wait)
+            at = now + wait
+            if wait > 0.0:
+                self.waiting += 1
+                self.paced += 1
+                self.paced_seconds += wait
+            # keep the local buckets close, for when Redis goes away
+            if req is not None:
+                req.take(at, 1.0)
+            if tok is not None and tokens > 0:
+                tok.take(at, float(tokens))
+            self._calls += 1
+            self._admitted.append(at)
+        return at
+
     def done_waiting(self) -> None:
         with self._lock:
             self.waiting -= 1
@@ -285,6 +341,29 @@ class Pacer:
     # -- learning ------------------------------------------------------------------------
     def observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
         """Learn from one response's rate-limit headers and status."""
+        self._observe(info, status, now)
+        shared = self._shared
+        if shared is None:
+            return
+        # what the response taught, applied to the buckets every process shares
+        with self._lock:
+            req, tok = self.requests, self.tokens
+            adjust: list[tuple[int, float]] = []
+            retry_after = info.retry_after if status == 429 else None
+            if req is not None:
+                if retry_after is not None and retry_after > 0:
+                    ahead = min(retry_after, self.limiter.max_retry_after)
+                    adjust.append((0, ahead + (req.capacity - 1.0) * req.interval))
+                elif info.requests is not None and info.requests.remaining is not None:
+                    left = min(info.requests.remaining, req.capacity)
+                    adjust.append((0, (req.capacity - left) * req.interval))
+            if tok is not None and info.tokens is not None and info.tokens.remaining is not None:
+                left = min(info.tokens.remaining, tok.capacity)
+                adjust.append((1, (tok.capacity - left) * tok.interval))
+        for which, ahead in adjust:
+            shared.adjust(which, "atleast", ahead)
+
+    def _observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
         cfg = self.limiter
         with self._lock:
             self.responses += 1
@@ -399,8 +478,12 @@ class Pacer:
         """Correct the token bucket with what the response says was really used."""
         with self._lock:
             bucket = self.tokens
-            if bucket is not None and used >= 0:
-                bucket.tat += (used - reserved) * bucket.interval
+            if bucket is None or used < 0:
+                return
+            delta = (used - reserved) * bucket.interval
+            bucket.tat += delta
+        if self._shared is not None and delta:
+            self._shared.adjust(1, "add", delta)
 
     # -- introspection -------------------------------------------------------------------
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -433,7 +516,10 @@ class RateLimiter:
     deadline; `safety`: fraction of a learned rate to use; `burst_fraction`: share of the
     server's reported capacity we may burst into; `aimd_decrease` / `aimd_increase`: the
     cut per 429 and the linear regrowth per second when the server sends no headers;
-    `max_retry_after`: the longest Retry-After we honour in pacing.
+    `max_retry_after`: the longest Retry-After we honour in pacing. `store`: a
+    `RedisStore` to share the buckets with every process pacing the same upstream (the
+    store's fail-open rules apply: while Redis is unreachable each process paces alone);
+    other stores are ignored.
     """
 
     def __init__(
@@ -453,6 +539,7 @@ class RateLimiter:
         max_retry_after: float = 60.0,
         name: str = "ratelimit",
         clock: Clock | None = None,
+        store: Any = None,
     ) -> None:
         def positive(param: str, value: float | None, allow_none: bool = True) -> None:
             if value is None and allow_none:
@@ -501,6 +588,11 @@ class RateLimiter:
         self.aimd_increase = float(aimd_increase)
         self.aimd_min_rate = float(aimd_min_rate)
         self.max_retry_after = float(max_retry_after)
+        if store is not None and getattr(store, "_redis", None) is None:
+            store = None  # only Redis shares buckets; other stores: the in-process buckets
+        if store is not None:
+            SharedBuckets(store, "probe")  # fails early, naming the problem, if unusable
+        self.store = store
         self.name = name
         self.clock = clock
         self._pacers: dict[str, Pacer] = {}
