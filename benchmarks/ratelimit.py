@@ -328,12 +328,17 @@ def _targets(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ several processes
-def _process_main(base_url: str, key: str, calls: int, threads: int, out: Any) -> None:
+def _process_main(
+    base_url: str, key: str, calls: int, threads: int, out: Any, redis: str | None, prefix: str
+) -> None:
     logging.disable(logging.WARNING)
     from rag_resilience.openai_client import ResilientOpenAIClient
+    from rag_resilience.stores.redis import RedisStore
 
-    ours = ResilientOpenAIClient(api_key=key, base_url=base_url, policy="balanced")
-    counts = {"live": 0, "degraded": 0, "errors": 0}
+    store = RedisStore(redis, prefix=prefix) if redis else None
+    policy = ResiliencePolicy.preset("balanced", name="bench-procs", store=store)
+    ours = ResilientOpenAIClient(api_key=key, base_url=base_url, policy=policy)
+    counts: dict[str, Any] = {"live": 0, "degraded": 0, "errors": 0, "done_at": []}
     lock = threading.Lock()
     todo = iter(range(calls))
 
@@ -349,6 +354,8 @@ def _process_main(base_url: str, key: str, calls: int, threads: int, out: Any) -
                 how = "errors"
             with lock:
                 counts[how] += 1
+                if how == "live":  # CLOCK_MONOTONIC: comparable across processes
+                    counts["done_at"].append(time.monotonic())
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     for t in pool:
@@ -359,7 +366,14 @@ def _process_main(base_url: str, key: str, calls: int, threads: int, out: Any) -
 
 
 def run_processes(
-    server: ChaosServer, faults: _Faults, n: int, *, calls: int, threads: int, rps: float
+    server: ChaosServer,
+    faults: _Faults,
+    n: int,
+    *,
+    calls: int,
+    threads: int,
+    rps: float,
+    redis: str | None,
 ) -> dict[str, Any]:
     key = f"sk-bench-procs-{time.monotonic_ns()}"
     server.reset()
@@ -369,7 +383,8 @@ def run_processes(
     queue = ctx.Queue()
     procs = [
         ctx.Process(
-            target=_process_main, args=(server.base_url, key, calls // n, threads // n or 1, queue)
+            target=_process_main,
+            args=(server.base_url, key, calls // n, threads // n or 1, queue, redis, key),
         )
         for _ in range(n)
     ]
@@ -383,8 +398,11 @@ def run_processes(
     timer = threading.Timer(1.0, lambda: first_second.append(server.stats()["requests"]))
     timer.start()
     totals = {"live": 0, "degraded": 0, "errors": 0}
+    done_at: list[float] = []
     for _ in procs:
-        for k, v in queue.get().items():
+        got = queue.get()
+        done_at += got.pop("done_at")
+        for k, v in got.items():
             totals[k] += v
     elapsed = time.monotonic() - started
     for p in procs:
@@ -397,7 +415,8 @@ def run_processes(
     late_requests = requests - (first_second[0] if first_second else requests)
     late_429 = sum(1 for t in faults.times if t > started + 1.0)
     return {
-        "contender": f"ours-openai x{n} processes",
+        "contender": f"ours-openai x{n} processes, "
+        + ("buckets shared in Redis" if redis else "no shared store"),
         "calls": calls,
         **totals,
         "error_types": {},
@@ -410,7 +429,9 @@ def run_processes(
         "elapsed_s": round(elapsed, 3),
         "answered": totals["live"] + totals["degraded"],
         "goodput": totals["live"] / elapsed / rps,
-        "steady_goodput": totals["live"] / elapsed / rps,  # per-answer times stay in the workers
+        "steady_goodput": sum(1 for t in done_at if t > started + 1.0) / (elapsed - 1.0) / rps
+        if elapsed > 1.5
+        else totals["live"] / elapsed / rps,
     }
 
 
@@ -423,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rps", type=float, default=40.0)
     parser.add_argument("--tpm", type=float, default=60 * 8000.0)
     parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="'' to skip")
     parser.add_argument("--only", default="", help="comma-separated contender names")
+    parser.add_argument("--redis-only", action="store_true", help="skip the unshared run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # the contenders' retry warnings are not the point
@@ -450,13 +473,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threads} threads, one process:\n")  # fmt: skip
         print(markdown_table(HEADERS, [_row(r) for r in rows]))
         if args.processes > 1:
-            procs = run_processes(
-                server, faults, args.processes, calls=args.calls, threads=args.threads,
-                rps=args.rps,
-            )  # fmt: skip
-            report["processes"] = [procs]
-            print(f"\n{args.processes} processes, one key, no shared store:\n")
-            print(markdown_table(HEADERS, [_row(procs)]))
+            report["processes"] = [
+                run_processes(
+                    server, faults, args.processes, calls=args.calls, threads=args.threads,
+                    rps=args.rps, redis=redis,
+                )
+                for redis in (None, args.redis or None)
+                if redis is not None or not args.redis_only
+            ]  # fmt: skip
+            print(f"\n{args.processes} processes, one API key, one server limit:\n")
+            print(markdown_table(HEADERS, [_row(r) for r in report["processes"]]))
     # tokens: long prompts against a tokens-per-minute bucket (requests unlimited)
     from rag_resilience.chaos.ratelimits import request_cost
 
@@ -477,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(HEADERS, [_row(r) for r in tok_rows]))
     targets = _targets(rows, "requests") | _targets(tok_rows, "tokens")
     if "processes" in report:
-        targets |= _targets(report["processes"], "processes")
+        shared = [r for r in report["processes"] if "Redis" in r["contender"]]
+        targets |= _targets(shared, "processes")
     report["targets"] = targets
     print()
     for label, checks in targets.items():
