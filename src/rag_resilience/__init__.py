@@ -18,6 +18,7 @@ from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
     QueueFullError,
+    RateLimitedError,
     ResilienceError,
     RetryBudgetExceededError,
     WaitTimeoutError,
@@ -34,6 +35,7 @@ from .events import (
 from .fallback import GracefulFallbacks, stable_key
 from .limits import ConcurrencyLimit, QueueWorker, RequestQueue
 from .policy import PRESETS, Codec, ResiliencePolicy, Served
+from .ratelimit import RateLimiter
 from .retry import RetryStrategy, with_retry
 from .stores import MemoryStore, Store
 
@@ -63,6 +65,8 @@ __all__ = [
     "MemoryStore",
     "QueueFullError",
     "QueueWorker",
+    "RateLimitedError",
+    "RateLimiter",
     "RedisStore",
     "RequestQueue",
     "ResilienceError",
