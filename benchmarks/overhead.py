@@ -68,6 +68,11 @@ CASES: list[tuple[str, str, str]] = [
     ("sync", "ConcurrencyLimit.slot", "with limit.slot():\n    noop()"),
     ("sync", "ResiliencePolicy.call (balanced, no key)", "policy.call(noop)"),
     ("sync", POLICY, "policy.call(noop, key='q')"),
+    (
+        "sync",
+        "ResiliencePolicy.call (balanced, key, rate_limit=False)",
+        "unpaced.call(noop, key='q')",
+    ),
     ("sync", TENACITY, "tenacity_noop()"),
     ("sync", "tenacity @retry + pybreaker", "tenacity_pybreaker_noop()"),
     ("sync", "stamina.retry", "stamina_noop()"),
@@ -77,6 +82,11 @@ CASES: list[tuple[str, str, str]] = [
     ("async", "ConcurrencyLimit.aslot", "async with limit.aslot():\n    await anoop()"),
     ("async", "ResiliencePolicy.acall (balanced, no key)", "await policy.acall(anoop)"),
     ("async", POLICY.replace(".call", ".acall"), "await policy.acall(anoop, key='q')"),
+    (
+        "async",
+        "ResiliencePolicy.acall (balanced, key, rate_limit=False)",
+        "await unpaced.acall(anoop, key='q')",
+    ),
     ("async", TENACITY, "await tenacity_anoop()"),
     ("async", "tenacity @retry + pybreaker.calling()", "await tenacity_pybreaker_anoop()"),
     ("async", "stamina.retry", "await stamina_anoop()"),
@@ -97,7 +107,8 @@ def build_namespace() -> dict[str, Any]:
     retry = RetryStrategy(max_retries=3, initial_delay=1.0, max_delay=30.0)
     breaker = CircuitBreaker(failure_threshold=5, recovery_timeout=60.0, name="bench")
     limit = ConcurrencyLimit(64, max_waiting=1000, name="bench")
-    policy = ResiliencePolicy.preset("balanced")
+    policy = ResiliencePolicy.preset("balanced")  # paces (rate limits) by default
+    unpaced = ResiliencePolicy.preset("balanced", rate_limit=False)
 
     stop, wait = tenacity.stop_after_attempt(4), tenacity.wait_exponential_jitter()
     pb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
@@ -138,6 +149,7 @@ def build_namespace() -> dict[str, Any]:
         "breaker": breaker,
         "limit": limit,
         "policy": policy,
+        "unpaced": unpaced,
         "tenacity_noop": tenacity_noop,
         "tenacity_pybreaker_noop": tenacity_pybreaker_noop,
         "stamina_noop": stamina_noop,

@@ -211,3 +211,30 @@ def test_429_is_retried_after_exactly_retry_after_ms_and_is_no_breaker_failure(
     }
     assert clock.sleeps == [pytest.approx(0.25)]  # retry-after-ms, and no extra pacing wait
     assert policy.breaker is not None and policy.breaker.get_state().value == "closed"
+
+
+def test_the_recorded_429_cassette_teaches_the_pacer() -> None:
+    """The committed cassette of a 429 from the server's request bucket carries what the
+    pacer learns from: x-ratelimit-* on both answers, retry-after-ms on the 429."""
+    import yaml
+
+    from rag_resilience.chaos.cassettes import cassette_path
+    from rag_resilience.ratelimit import PaceRequest, RateLimiter
+
+    data = yaml.safe_load(cassette_path("openai_chat/429_rate_limit_headers").read_text())
+    responses = [i["response"] for i in data["interactions"]]
+    assert [r["status"]["code"] for r in responses] == [200, 429]
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock)
+    up = "cassette|gpt-4o-mini|-"
+    limiter.reserve(PaceRequest(up))
+    for r in responses:
+        headers = {k.lower(): v[0] for k, v in r["headers"].items()}
+        limiter.observe(headers, status=r["status"]["code"], upstream=up)
+    learned = limiter.stats()["upstreams"][up]
+    assert learned["requests_source"] == "headers"
+    assert 0.45 <= learned["requests_per_s"] <= 0.52  # the bucket refills every 2 s
+    retry_after = float(responses[1]["headers"]["retry-after-ms"][0]) / 1000
+    # no sooner than the 429 said; no later than one learned interval after the 200
+    wait = limiter.reserve(PaceRequest(up))[0]
+    assert retry_after <= wait <= 1 / learned["requests_per_s"] + 1e-3

@@ -18,6 +18,7 @@ from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
     QueueFullError,
+    RateLimitedError,
     ResilienceError,
     RetryBudgetExceededError,
     UpstreamUnavailableError,
@@ -35,6 +36,7 @@ from .events import (
 from .fallback import GracefulFallbacks, stable_key
 from .limits import ConcurrencyLimit, QueueWorker, RequestQueue
 from .policy import PRESETS, Codec, ResiliencePolicy, Served
+from .ratelimit import RateLimiter
 from .retry import RetryStrategy, with_retry
 from .stores import MemoryStore, Store
 
@@ -64,6 +66,8 @@ __all__ = [
     "MemoryStore",
     "QueueFullError",
     "QueueWorker",
+    "RateLimitedError",
+    "RateLimiter",
     "RedisStore",
     "RequestQueue",
     "ResilienceError",

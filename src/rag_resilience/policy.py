@@ -30,7 +30,6 @@ from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .deadline import bound
 from .deadline import current as _current_deadline
 from .deadline import enter as _enter_deadline
 from .deadline import leave as _leave_deadline
@@ -487,7 +486,9 @@ class ResiliencePolicy:
         if isinstance(rate_limit, RateLimiter):
             limiter: RateLimiter | None = rate_limit
         elif rate_limit is True:
-            limiter = RateLimiter(name=pname, max_queue=cfg["max_waiting"], clock=clock)
+            limiter = RateLimiter(
+                name=pname, max_queue=cfg["max_waiting"], clock=clock, store=store
+            )
         elif rate_limit is False or rate_limit is None:
             limiter = None
         else:
@@ -618,27 +619,20 @@ class ResiliencePolicy:
         return None
 
     def _left(self, run: RetryRun | None) -> float | None:
-        """How long pacing may wait: the call's deadline (outer scopes included)."""
-        left = bound(self.deadline if run is None else run.remaining())
-        return None if left is None else max(0.0, left)
+        """How long pacing may wait: the call's own deadline (the limiter shortens it to
+        any deadline in force around the call, only when it has to wait)."""
+        return self.deadline if run is None else run.remaining()
 
-    def _pace(self, limiter: RateLimiter, pace: PaceRequest | None) -> RateLimitedError | None:
-        """Wait for the call's turn at the upstream's rate limit; the rejection if its turn
-        comes after the deadline (then nothing was sent and nothing is retried)."""
-        try:
-            limiter.acquire(pace or self._default_pace, self._left(None))
-        except RateLimitedError as exc:
-            return exc
-        return None
-
-    async def _apace(
+    def _pace(
         self, limiter: RateLimiter, pace: PaceRequest | None
-    ) -> RateLimitedError | None:
+    ) -> RateLimitedError | tuple[float, Clock]:
+        """The call's turn at the upstream's rate limit: (seconds to wait for it, clock),
+        or the rejection if it comes after the deadline (then nothing is sent and
+        nothing is retried). The drivers sleep; no coroutine frame when there is room."""
         try:
-            await limiter.aacquire(pace or self._default_pace, self._left(None))
+            return limiter.reserve(pace or self._default_pace, self._left(None))
         except RateLimitedError as exc:
             return exc
-        return None
 
     def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
         rejected.__context__ = cause
@@ -909,17 +903,20 @@ class ResiliencePolicy:
             return self._degrade(self._expired(clock), _Call(request, None, False))
         limit = self.limit
         call: _Call | None = None
-        if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
+        limiter = self.rate_limiter
+        if limiter is not None:  # deadline -> pacing -> permit -> breaker
             try:
-                paced_out = self._pace(self.rate_limiter, pace)
+                turn = self._pace(limiter, pace)
+                if not isinstance(turn, RateLimitedError) and turn[0] > 0.0:
+                    limiter.wait(pace or self._default_pace, *turn)
             except BaseException:
                 if token is not None:
                     _leave_deadline(token)
                 raise
-            if paced_out is not None:
+            if isinstance(turn, RateLimitedError):
                 try:
                     call = _Call(request, limit, False)
-                    return self._degrade(self._plan(paced_out, 0, clock.monotonic()), call)
+                    return self._degrade(self._plan(turn, 0, clock.monotonic()), call)
                 finally:
                     if token is not None:
                         _leave_deadline(token)
@@ -1082,18 +1079,20 @@ class ResiliencePolicy:
             return await self._adegrade(self._expired(clock), _Call(request, None, False))
         limit = self.limit
         call: _Call | None = None  # built at the first failure, as in `execute`
-        if self.rate_limiter is not None:  # deadline -> pacing -> permit -> breaker
+        limiter = self.rate_limiter
+        if limiter is not None:  # deadline -> pacing -> permit -> breaker
             try:
-                paced_out = await self._apace(self.rate_limiter, pace)
+                turn = self._pace(limiter, pace)
+                if not isinstance(turn, RateLimitedError) and turn[0] > 0.0:
+                    await limiter.await_(pace or self._default_pace, *turn)
             except BaseException:
                 if token is not None:
                     _leave_deadline(token)
                 raise
-            if paced_out is not None:
+            if isinstance(turn, RateLimitedError):
                 try:
                     call = _Call(request, limit, False)
-                    plan = self._plan(paced_out, 0, clock.monotonic())
-                    return await self._adegrade(plan, call)
+                    return await self._adegrade(self._plan(turn, 0, clock.monotonic()), call)
                 finally:
                     if token is not None:
                         _leave_deadline(token)

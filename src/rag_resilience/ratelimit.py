@@ -17,10 +17,10 @@ finds `max_queue` callers already waiting.
 
 Learning the rate: a server bucket of capacity L that reports R left and S seconds until
 full refills at ``(L - R_exact) / S`` per second, with R_exact in [R, R + 1) since R is
-rounded down: each response bounds the rate to [(L - R - 1) / S, (L - R) / S]. The pacer
-keeps the tightest lower bound of its last responses (it converges to the true rate from
-below, so pacing never outruns the server) times `safety`, and never keeps more burst
-than half the server's capacity, so network jitter is absorbed by the server's bucket.
+rounded down (and S rounded to its resolution): each response bounds the rate. The pacer
+keeps the tightest bounds of its last responses, paces at their middle times `safety`,
+never keeps more burst than half the server's capacity (network jitter is absorbed by the
+server's bucket) and never believes more is left than the server says.
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._counter import AtomicCounter
 from .clock import Clock, get_clock
+from .deadline import bound
 from .errors import RateLimitedError
 from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
+from .ratelimit_redis import SharedBuckets
 
 __all__ = [
     "PaceRequest",
@@ -160,12 +163,22 @@ class _RateEstimate:
         self.lows.clear()
         self.highs.clear()
 
-    def rate(self) -> float | None:
-        """A refill rate that does not exceed the server's once any report bounded it
-        from below (None: nothing known yet)."""
-        if self.lows:
-            return max(self.lows)
+    def upper(self) -> float | None:
+        """The tightest upper bound on the rate reported so far (None: none)."""
         return min(self.highs) if self.highs else None
+
+    def rate(self) -> float | None:
+        """The middle of the tightest bounds [max lower, min upper] of the recent reports
+        (None: nothing known yet). The lower bound alone would settle below the real rate:
+        paced below it, the server's bucket stays full and its reports stop bounding the
+        rate from below; `safety` and the remaining-count sync keep the middle safe."""
+        if not self.highs:
+            return None
+        hi = min(self.highs)
+        if not self.lows:
+            return hi
+        lo = max(self.lows)
+        return lo + 0.5 * max(0.0, hi - lo)
 
 
 class Pacer:
@@ -196,8 +209,12 @@ class Pacer:
         self._aimd_quiet_until = -math.inf
         self._admitted: collections.deque[float] = collections.deque(maxlen=64)
         self.waiting = 0
+        self._shared: SharedBuckets | None = None
+        if limiter.store is not None:
+            self._shared = SharedBuckets(limiter.store, upstream)
         # counters (read by stats())
-        self.calls = 0
+        self._free = AtomicCounter()  # calls admitted on the lock-free path
+        self._calls = 0
         self.paced = 0
         self.paced_seconds = 0.0
         self.rejected = 0
@@ -205,10 +222,23 @@ class Pacer:
         self.responses = 0
 
     # -- the decision --------------------------------------------------------------------
+    @property
+    def calls(self) -> int:
+        return self._calls + self._free.value
+
     def reserve(self, now: float, tokens: int, max_wait: float | None) -> float:
         """Grant the next slot and return its time (monotonic), or raise
-        `RateLimitedError` (nothing reserved) if it comes later than `max_wait` allows
-        or the wait queue is full."""
+        `RateLimitedError` (nothing reserved) if it comes later than the call's deadline
+        (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full."""
+        if self.requests is None and self.tokens is None and self._blocked_until <= now:
+            # Nothing known about this upstream: admit at once, without the lock.
+            self._free.add()
+            self._admitted.append(now)  # deque.append is atomic
+            return now
+        if self._shared is not None:
+            at = self._reserve_shared(now, tokens, max_wait)
+            if at is not None:
+                return at
         with self._lock:
             self._grow_aimd(now)
             at = self._blocked_until if self._blocked_until > now else now
@@ -219,6 +249,7 @@ class Pacer:
                 at = max(at, token_bucket.allowed_at(now, float(tokens)))
             wait = at - now
             if wait > 0.0:
+                max_wait = self.limiter._max_wait(bound(max_wait))
                 if max_wait is not None and wait > max_wait:
                     self.rejected += 1
                     raise RateLimitedError(
@@ -245,9 +276,57 @@ class Pacer:
                 requests.take(at, 1.0)
             if token_bucket is not None and tokens > 0:
                 token_bucket.take(at, float(tokens))
-            self.calls += 1
+            self._calls += 1
             self._admitted.append(at)
             return at
+
+    def _reserve_shared(self, now: float, tokens: int, max_wait: float | None) -> float | None:
+        """`reserve` on the buckets shared in Redis; None when Redis is unreachable."""
+        assert self._shared is not None
+        with self._lock:
+            self._grow_aimd(now)
+            if self.waiting >= self.limiter.max_queue:
+                self.rejected += 1
+                raise RateLimitedError(
+                    f"rate limit of {self.upstream_label}: {self.waiting} calls already "
+                    f"wait for a slot (max_queue={self.limiter.max_queue})",
+                    upstream=self.upstream,
+                    waiting=self.waiting,
+                )
+            req, tok = self.requests, self.tokens
+            req_p = (req.interval, req.capacity) if req is not None else None
+            tok_p = (tok.interval, tok.capacity) if tok is not None and tokens > 0 else None
+            not_before = self._blocked_until - now
+        limit = self.limiter._max_wait(bound(max_wait))
+        result = self._shared.reserve(req_p, tok_p, tokens, limit, not_before)
+        if result is None:
+            return None
+        granted, wait = result
+        with self._lock:
+            if not granted:
+                self.rejected += 1
+                raise RateLimitedError(
+                    f"rate limit of {self.upstream_label}: the next slot is in {wait:.3f}s, "
+                    f"after the call's deadline ({limit or 0.0:.3f}s left)",
+                    upstream=self.upstream,
+                    wait=wait,
+                    max_wait=limit,
+                    waiting=self.waiting,
+                )
+            wait = max(0.0, wait)
+            at = now + wait
+            if wait > 0.0:
+                self.waiting += 1
+                self.paced += 1
+                self.paced_seconds += wait
+            # keep the local buckets close, for when Redis goes away
+            if req is not None:
+                req.take(at, 1.0)
+            if tok is not None and tokens > 0:
+                tok.take(at, float(tokens))
+            self._calls += 1
+            self._admitted.append(at)
+        return at
 
     def done_waiting(self) -> None:
         with self._lock:
@@ -262,6 +341,29 @@ class Pacer:
     # -- learning ------------------------------------------------------------------------
     def observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
         """Learn from one response's rate-limit headers and status."""
+        self._observe(info, status, now)
+        shared = self._shared
+        if shared is None:
+            return
+        # what the response taught, applied to the buckets every process shares
+        with self._lock:
+            req, tok = self.requests, self.tokens
+            adjust: list[tuple[int, float]] = []
+            retry_after = info.retry_after if status == 429 else None
+            if req is not None:
+                if retry_after is not None and retry_after > 0:
+                    ahead = min(retry_after, self.limiter.max_retry_after)
+                    adjust.append((0, ahead + (req.capacity - 1.0) * req.interval))
+                elif info.requests is not None and info.requests.remaining is not None:
+                    left = min(info.requests.remaining, req.capacity)
+                    adjust.append((0, (req.capacity - left) * req.interval))
+            if tok is not None and info.tokens is not None and info.tokens.remaining is not None:
+                left = min(info.tokens.remaining, tok.capacity)
+                adjust.append((1, (tok.capacity - left) * tok.interval))
+        for which, ahead in adjust:
+            shared.adjust(which, "atleast", ahead)
+
+    def _observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
         cfg = self.limiter
         with self._lock:
             self.responses += 1
@@ -315,7 +417,11 @@ class Pacer:
             if bucket is None:
                 bucket = _Bucket(1.0 / rate, capacity, now)
             elif configured:
-                bucket.interval = max(bucket.interval, 1.0 / rate)
+                # what we were told stands unless the server proves its limit is lower
+                told = cfg.requests_per_second if kind == "requests" else cfg.tokens_per_second
+                upper = estimate.upper()
+                if told is not None and upper is not None:
+                    bucket.interval = max(1.0 / told, 1.0 / (upper * cfg.safety))
             else:
                 bucket.interval = 1.0 / rate
                 bucket.capacity = capacity
@@ -372,8 +478,12 @@ class Pacer:
         """Correct the token bucket with what the response says was really used."""
         with self._lock:
             bucket = self.tokens
-            if bucket is not None and used >= 0:
-                bucket.tat += (used - reserved) * bucket.interval
+            if bucket is None or used < 0:
+                return
+            delta = (used - reserved) * bucket.interval
+            bucket.tat += delta
+        if self._shared is not None and delta:
+            self._shared.adjust(1, "add", delta)
 
     # -- introspection -------------------------------------------------------------------
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -406,7 +516,10 @@ class RateLimiter:
     deadline; `safety`: fraction of a learned rate to use; `burst_fraction`: share of the
     server's reported capacity we may burst into; `aimd_decrease` / `aimd_increase`: the
     cut per 429 and the linear regrowth per second when the server sends no headers;
-    `max_retry_after`: the longest Retry-After we honour in pacing.
+    `max_retry_after`: the longest Retry-After we honour in pacing. `store`: a
+    `RedisStore` to share the buckets with every process pacing the same upstream (the
+    store's fail-open rules apply: while Redis is unreachable each process paces alone);
+    other stores are ignored.
     """
 
     def __init__(
@@ -426,6 +539,7 @@ class RateLimiter:
         max_retry_after: float = 60.0,
         name: str = "ratelimit",
         clock: Clock | None = None,
+        store: Any = None,
     ) -> None:
         def positive(param: str, value: float | None, allow_none: bool = True) -> None:
             if value is None and allow_none:
@@ -474,6 +588,11 @@ class RateLimiter:
         self.aimd_increase = float(aimd_increase)
         self.aimd_min_rate = float(aimd_min_rate)
         self.max_retry_after = float(max_retry_after)
+        if store is not None and getattr(store, "_redis", None) is None:
+            store = None  # only Redis shares buckets; other stores: the in-process buckets
+        if store is not None:
+            SharedBuckets(store, "probe")  # fails early, naming the problem, if unusable
+        self.store = store
         self.name = name
         self.clock = clock
         self._pacers: dict[str, Pacer] = {}
@@ -495,36 +614,46 @@ class RateLimiter:
         own = self.max_wait
         if max_wait is None:
             return own
+        max_wait = max(0.0, max_wait)
         return max_wait if own is None else min(own, max_wait)
 
     def reserve(self, request: PaceRequest, max_wait: float | None = None) -> tuple[float, Clock]:
         """Grant `request` its slot: (seconds to wait, the clock to wait on). Raises
-        `RateLimitedError` if the slot comes after `max_wait` (the caller's deadline)."""
+        `RateLimitedError` if the slot comes after `max_wait` seconds or after the
+        deadline in force (`rag_resilience.deadline`), whichever is sooner."""
         clock = get_clock(self.clock)
-        pacer = self.pacer(request.upstream)
+        pacer = self._pacers.get(request.upstream) or self.pacer(request.upstream)
         now = clock.monotonic()
-        at = pacer.reserve(now, request.tokens, self._max_wait(max_wait))
+        at = pacer.reserve(now, request.tokens, max_wait)
         _current.set(Reservation(pacer, request.tokens, at))
         return at - now, clock
+
+    def wait(self, request: PaceRequest, wait: float, clock: Clock) -> None:
+        """Sleep until a slot `reserve` granted with a `wait` > 0."""
+        try:
+            clock.sleep(wait)
+        finally:
+            self.pacer(request.upstream).done_waiting()
+
+    async def await_(self, request: PaceRequest, wait: float, clock: Clock) -> None:
+        """`wait`, asynchronously."""
+        try:
+            await clock.asleep(wait)
+        finally:
+            self.pacer(request.upstream).done_waiting()
 
     def acquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
         """Wait (sync) for `request`'s slot; returns the seconds waited."""
         wait, clock = self.reserve(request, max_wait)
         if wait > 0.0:
-            try:
-                clock.sleep(wait)
-            finally:
-                self.pacer(request.upstream).done_waiting()
+            self.wait(request, wait, clock)
         return wait
 
     async def aacquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
         """Wait (async) for `request`'s slot; returns the seconds waited."""
         wait, clock = self.reserve(request, max_wait)
         if wait > 0.0:
-            try:
-                await clock.asleep(wait)
-            finally:
-                self.pacer(request.upstream).done_waiting()
+            await self.await_(request, wait, clock)
         return wait
 
     # -- learning ------------------------------------------------------------------------

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--rate-limit-rps", type=float, default=None, help="server-side limit, req/s")
     f.add_argument("--rate-limit-burst", type=int, default=None)
+    f.add_argument("--rate-limit-tpm", type=float, default=None, help="tokens per minute per key")
+    f.add_argument("--rate-limit-token-burst", type=int, default=None)
+    f.add_argument(
+        "--rate-limit-headers", choices=("openai", "anthropic", "none"), default="openai"
+    )
     f.add_argument("--max-concurrency", type=int, default=None)
     f.add_argument("--concurrency-mode", choices=["reject", "queue"], default="reject")
     f.add_argument(
@@ -78,7 +83,8 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
             "error_rate", "status", "error_rates", "retry_after", "retry_after_header",
             "outage", "outage_status", "fail_next", "fail_next_status", "latency",
             "latency_jitter", "stall", "stall_rate", "drop_rate", "drop_next",
-            "stream_break_after", "rate_limit_rps", "rate_limit_burst", "max_concurrency",
+            "stream_break_after", "rate_limit_rps", "rate_limit_burst", "rate_limit_tpm",
+            "rate_limit_token_burst", "rate_limit_headers", "max_concurrency",
             "concurrency_mode",
         )
     }  # fmt: skip

@@ -65,6 +65,13 @@ SCENARIOS: dict[str, Scenario] = {
             {"fail_next": 1, "fail_next_status": "context_length_exceeded"},
         ),
         Scenario("outage", ("503", "503", "503", "503"), {"outage": True, "retry_after": 2.0}),
+        # the server's request bucket (1 request, refilled every 2 s): the first call
+        # empties it, the second gets 429 with retry-after-ms and x-ratelimit-* headers
+        Scenario(
+            "429_rate_limit_headers",
+            ("ok", "429"),
+            {"rate_limit_rps": 0.5, "rate_limit_burst": 1},
+        ),
     )
 }
 

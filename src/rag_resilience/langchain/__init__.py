@@ -17,11 +17,13 @@ from ._common import EVENT_NAME, NoTimeoutWarning
 from .callbacks import ResilienceCallbackHandler
 from .embeddings import ResilientEmbeddings
 from .llm import ResilientChatModel, ResilientLLM
+from .ratelimiter import PacingRateLimiter
 from .runnable import ResilientRunnable, with_resilience
 
 __all__ = [
     "EVENT_NAME",
     "NoTimeoutWarning",
+    "PacingRateLimiter",
     "ResilienceCallbackHandler",
     "ResilientChatModel",
     "ResilientEmbeddings",

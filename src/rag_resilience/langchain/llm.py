@@ -30,6 +30,9 @@ from ..degraded import note_degraded
 from ..errors import add_note, mark_handled
 from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, ResiliencePolicy, Served
+from ..ratelimit import PaceRequest
+from ..ratelimit_instrument import instrument, model_upstream
+from ..ratelimit_tokens import estimate_request_tokens
 from . import _common as c
 from . import dropin
 from .typed import (
@@ -282,14 +285,18 @@ class _Runtime:
         "gen_chunks",
         "gen_result",
         "keyed",
+        "max_tokens",
         "policy",
         "primary",
+        "upstream",
     )
 
     def __init__(self, policy: ResiliencePolicy, primary: _Target, keyed: bool) -> None:
         self.policy = policy
         self.primary = primary
         self.keyed = keyed
+        self.upstream: str | None = None  # the pacer key, when the policy paces
+        self.max_tokens: int | None = None
         self.gen_result: Any = False
         self.gen_chunks: Any = False
         self.fb_sync: list[Any] = []
@@ -451,6 +458,10 @@ class ResilientLLM(BaseChatModel):
                 _Target(c.with_timeout(model, policy.attempt_timeout), policy.derive(name))
             )
         rt = _Runtime(policy, primary, self.cache_answers and policy.fallbacks is not None)
+        if policy.rate_limiter is not None:  # pace to the limits its responses report
+            instrument(primary.model, policy.rate_limiter)
+            rt.upstream = model_upstream(inner)
+            rt.max_tokens = getattr(inner, "max_tokens", None)
         rt.gen_result = self._generic_result()
         rt.gen_chunks = self._generic_chunks()
         rt.fb_sync = [t.as_fallback() for t in self._fallbacks]
@@ -508,6 +519,13 @@ class ResilientLLM(BaseChatModel):
         if not rt.keyed:
             return _NO_KEY
         return c.chat_key(rt.primary.identity, messages, stop, kwargs)
+
+    @staticmethod
+    def _pace(rt: _Runtime, messages: list[BaseMessage], kwargs: dict[str, Any]) -> Any:
+        if rt.upstream is None:
+            return None
+        payload = {"max_tokens": rt.max_tokens, **kwargs}
+        return PaceRequest(rt.upstream, estimate_request_tokens(payload, messages))
 
     def _generic_result(self) -> Callable[[BaseException], ChatResult] | bool:
         setting = self._generic
@@ -604,6 +622,7 @@ class ResilientLLM(BaseChatModel):
                 codec=c.CHAT_RESULT_CODEC,
                 fallbacks=rt.fb_sync,
                 generic=_generic_for(rt, messages, kind, False),
+                pace=self._pace(rt, messages, kwargs),
             )
         except Exception as exc:
             c.dispatch(run_manager, c.event_data("chat_model", policy, None, exc))
@@ -634,6 +653,7 @@ class ResilientLLM(BaseChatModel):
                 codec=c.CHAT_RESULT_CODEC,
                 fallbacks=rt.fb_async,
                 generic=_generic_for(rt, messages, kind, False),
+                pace=self._pace(rt, messages, kwargs),
             )
         except Exception as exc:
             await c.adispatch(run_manager, c.event_data("chat_model", policy, None, exc))
@@ -665,6 +685,7 @@ class ResilientLLM(BaseChatModel):
             fallbacks=rt.fb_stream,
             generic=_generic_for(rt, messages, kind, True),
             on_served=box.append,
+            pace=self._pace(rt, messages, kwargs),
         )
         first = True
         try:
@@ -702,6 +723,7 @@ class ResilientLLM(BaseChatModel):
             fallbacks=rt.fb_astream,
             generic=_generic_for(rt, messages, kind, True),
             on_served=box.append,
+            pace=self._pace(rt, messages, kwargs),
         )
         first = True
         try:

@@ -38,6 +38,9 @@ from ..adapters import model_identity
 from ..knobs import check_unknown, pop_knobs
 from ..knobs import resolve_policy as resolve_knobs
 from ..policy import Codec, ResiliencePolicy, Served
+from ..ratelimit import PaceRequest
+from ..ratelimit_instrument import instrument, model_upstream
+from ..ratelimit_tokens import estimate_request_tokens
 from ..typed_answers import generic_arity, unavailable
 from . import typed as lt
 from ._common import (
@@ -244,6 +247,7 @@ class ResilientLLM(FunctionCallingLLM):
     _params: dict[str, Any] = PrivateAttr(default_factory=dict)
     _identity: str = PrivateAttr(default="")
     _parse_retries: int = PrivateAttr(default=0)
+    _upstream: str | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -299,6 +303,10 @@ class ResilientLLM(FunctionCallingLLM):
         self._sync = sync_calls(self._sync_inner, resolved.attempt_timeout)
         self._generic = generic_fallback
         self._identity = model_identity(llm)
+        if resolved.rate_limiter is not None:  # pace to the limits its responses report
+            instrument(self._sync_inner, resolved.rate_limiter)
+            instrument(llm, resolved.rate_limiter)
+            self._upstream = model_upstream(llm)
         self._params = {
             f: jsonable(getattr(llm, f)) for f in _OUTPUT_FIELDS if f in type(llm).model_fields
         }
@@ -477,11 +485,21 @@ class ResilientLLM(FunctionCallingLLM):
             generic = self._generic_chat(payload)
         else:
             generic = self._generic_completion(payload)
+        upstream = self._upstream
         return {
             "key": self._key(kind, payload, kwargs),
             "codec": codec,
             "fallbacks": [partial(run_fallback, fb, method) for fb in self._fallbacks],
             "generic": self._generic_stream(generic) if "stream" in method else generic,
+            "pace": None
+            if upstream is None
+            else PaceRequest(
+                upstream,
+                estimate_request_tokens(
+                    {"max_tokens": getattr(self._inner, "max_tokens", None), **kwargs},
+                    payload if isinstance(payload, (list, tuple)) else [payload],
+                ),
+            ),
         }
 
     # -- sync --------------------------------------------------------------------------------
