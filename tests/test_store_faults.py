@@ -270,3 +270,89 @@ async def test_one_second_stall_leaves_no_permit_held(redis_server: RedisServer,
     await _until(lambda: raw.zcard(LEASE) == 0, "no lease held in Redis")
     assert store.local.lease_count("rag_resilience:llm:limit", 0.0) == 0
     await store.aclose()
+
+
+# -- item 3: a burst on a healthy Redis is load, not an outage --------------------------
+
+
+async def test_burst_of_300_tasks_and_threads_keeps_both_bounds(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """300 tasks and 20 threads at once on a healthy Redis, default op_timeout. Before:
+    the pool ran dry, the store switched to local state, a half-open breaker with
+    half_open_max_calls=1 let 215 of 300 through and a shared limit of 10 peaked at 15-20."""
+    import threading
+    import time
+
+    from rag_resilience.errors import CircuitOpenError
+
+    store = RedisStore(redis_server.url, prefix="p")
+    breaker = CircuitBreaker(3, 30.0, name="chat", store=store, half_open_max_calls=1)
+    limit = ConcurrencyLimit(10, max_waiting=400, wait_timeout=30.0, name="llm", store=store)
+    now = time.time()
+    raw.set(KEY, json.dumps({"s": "open", "oa": now - 60, "ou": now - 1, "oc": 1}))
+    lock = threading.Lock()
+    upstream = {"in": 0, "peak": 0, "probes": 0}
+    in_limit = {"in": 0, "peak": 0}
+    probe_may_finish = threading.Event()
+
+    def enter(counter: dict[str, int]) -> None:
+        with lock:
+            counter["in"] += 1
+            counter["peak"] = max(counter["peak"], counter["in"])
+
+    def leave(counter: dict[str, int]) -> None:
+        with lock:
+            counter["in"] -= 1
+
+    def upstream_call() -> str:  # a probe to the recovering upstream: held until the end
+        with lock:
+            upstream["probes"] += 1
+        probe_may_finish.wait(30.0)
+        return "ok"
+
+    async def probe_call() -> str:
+        return await asyncio.to_thread(upstream_call)
+
+    rejected: list[int] = []
+
+    async def task_call() -> str:
+        async with limit.aslot():
+            enter(in_limit)
+            await asyncio.sleep(0.001)
+            leave(in_limit)
+        try:
+            return await breaker.acall(probe_call)
+        except CircuitOpenError:
+            rejected.append(1)
+            return "rejected"
+
+    def thread_call(out: list[str]) -> None:
+        with limit.slot():
+            enter(in_limit)
+            time.sleep(0.001)
+            leave(in_limit)
+        try:
+            out.append(breaker.call(upstream_call))
+        except CircuitOpenError:
+            rejected.append(1)
+            out.append("rejected")
+
+    thread_out: list[str] = []
+    threads = [threading.Thread(target=thread_call, args=(thread_out,)) for _ in range(20)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(task_call()) for _ in range(300)]
+    # every caller has been rejected or is inside the upstream (the probe never ends
+    # before the burst does, so the circuit stays half-open throughout)
+    await _until(lambda: len(rejected) + upstream["probes"] >= 320, "burst done")
+    probe_may_finish.set()
+    results = await asyncio.gather(*tasks)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert in_limit["peak"] <= 10, (store.counters, limit.stats())
+    assert limit.stats()["peak_in_flight"] <= 10
+    assert results.count("ok") + thread_out.count("ok") == 1  # the one probe
+    assert upstream["probes"] == 1
+    assert not store.degraded and store.counters["outages"] == 0, repr(store.last_error)
+    assert raw.zcard(LEASE) == 0
+    await store.aclose()

@@ -235,6 +235,12 @@ def _import_redis() -> Any:
     return redis
 
 
+def _not_granted() -> bool:
+    """A lease request Redis was too busy to answer: not granted, the caller waits and
+    asks again (a local grant here would let a burst exceed the shared limit)."""
+    return False
+
+
 def _text(raw: Any) -> str | None:
     """Redis replies are bytes unless the client decodes responses."""
     if raw is None or raw is False:
@@ -303,8 +309,13 @@ class RedisStore(Store):
         self._owns_client = client is None and url is not None
         self._client: Any = client if client is not None else None
         if self._client is None and url is not None:
+            # Waiting for a pooled connection is load, not an outage: bounded by op_timeout
+            # and served locally (counters["busy"]) when it runs out.
             pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, **self._client_options(sync=True)
+                url,
+                max_connections=max_connections,
+                timeout=self.op_timeout,
+                **self._client_options(sync=True),
             )
             self._client = redis.Redis(connection_pool=pool)
         self._async_client: Any = async_client
@@ -312,6 +323,7 @@ class RedisStore(Store):
             weakref.WeakKeyDictionary()
         )
         self._health = Failover("redis", self, self.retry_interval)
+        self._checker: Any = None  # one dedicated connection for stall checks
         self._local = self._health.local
         self._lock = threading.Lock()
         self._warned_no_sync = False
@@ -334,9 +346,6 @@ class RedisStore(Store):
             "socket_timeout": self.op_timeout,
             "socket_connect_timeout": self.op_timeout,
             "retry": retry,
-            # Waiting for a pooled connection is load, not an outage: bounded by op_timeout
-            # and served locally (counters["busy"]) when it runs out.
-            "timeout": self.op_timeout,
         }
 
     # -- health ----------------------------------------------------------------------
@@ -360,11 +369,34 @@ class RedisStore(Store):
         """The in-process store used while Redis is unreachable."""
         return self._local
 
-    def _fault(self, exc: BaseException) -> None:
+    def _fault(self, exc: BaseException) -> bool:
+        """Record a failed operation; True if it was load (pool exhausted, a first
+        timeout), False if it was an outage."""
         if isinstance(exc, self._redis.exceptions.ConnectionError) and _POOL_EMPTY in str(exc):
             self._health.on_busy(exc)
+            return True
+        if isinstance(exc, (self._redis.exceptions.TimeoutError, asyncio.TimeoutError)):
+            return self._health.on_timeout(exc, self._answers)
+        self._health.on_fault(exc)
+        return False
+
+    def _answers(self) -> bool:
+        """Whether Redis answers a PING within op_timeout on a connection of its own (not
+        the pool a burst may have exhausted, not an event loop a burst may starve)."""
+        if self.url is None:
+            client = self._client
+            if client is None:
+                return False
         else:
-            self._health.on_fault(exc)
+            if self._checker is None:
+                self._checker = self._redis.Redis.from_url(
+                    self.url, single_connection_client=True, **self._client_options(sync=True)
+                )
+            client = self._checker
+        try:
+            return bool(client.ping())
+        except self._faults:
+            return False
 
     def _wrongtype(self, exc: BaseException) -> bool:
         return isinstance(exc, self._redis.exceptions.ResponseError) and str(exc).startswith(
@@ -392,7 +424,11 @@ class RedisStore(Store):
         return None if offset is None else now + offset
 
     def _run(
-        self, remote: Callable[[Any], T], local: Callable[[], T], keys: tuple[str, ...] = ()
+        self,
+        remote: Callable[[Any], T],
+        local: Callable[[], T],
+        keys: tuple[str, ...] = (),
+        busy: Callable[[], T] | None = None,
     ) -> T:
         if self._client is None:
             self._no_sync_client()
@@ -412,7 +448,8 @@ class RedisStore(Store):
         except _CallerError as wrapped:
             error: Exception = wrapped.error
         except self._faults as exc:
-            self._fault(exc)
+            if self._fault(exc) and busy is not None:
+                return busy()
             return local()
         else:
             self._health.on_success()
@@ -478,6 +515,7 @@ class RedisStore(Store):
                     pool = self._redis.asyncio.BlockingConnectionPool.from_url(
                         self.url,
                         max_connections=self.max_connections,
+                        timeout=self.op_timeout,
                         **self._client_options(sync=False),
                     )
                     client = self._redis.asyncio.Redis(connection_pool=pool)
@@ -490,10 +528,11 @@ class RedisStore(Store):
         sync_remote: Callable[[Any], T],
         local: Callable[[], T],
         keys: tuple[str, ...] = (),
+        busy: Callable[[], T] | None = None,
     ) -> T:
         client = self._aclient()
         if client is None:
-            return self._run(sync_remote, local, keys)
+            return self._run(sync_remote, local, keys, busy)
         if not self._health.try_remote():
             return local()
         try:
@@ -508,7 +547,8 @@ class RedisStore(Store):
         except _CallerError as wrapped:
             error: Exception = wrapped.error
         except self._faults as exc:
-            self._fault(exc)
+            if self._fault(exc) and busy is not None:
+                return busy()
             return local()
         else:
             self._health.on_success()
@@ -856,6 +896,7 @@ class RedisStore(Store):
             lambda c: int(run(c)) == 1,
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
             tuple(keys),
+            _not_granted,
         )
 
     async def alease_acquire(
@@ -873,6 +914,7 @@ class RedisStore(Store):
             lambda c: int(run(c)) == 1,
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
             tuple(keys),
+            _not_granted,
         )
 
     # A release goes to both places: the lease may have been granted by Redis (even by a
@@ -945,6 +987,8 @@ class RedisStore(Store):
         """Close the clients this store built (clients passed in belong to the caller)."""
         if self._owns_client and self._client is not None:
             self._client.close()
+        if self._checker is not None:
+            self._checker.close()
         self._async_clients = weakref.WeakKeyDictionary()
 
     async def aclose(self) -> None:
