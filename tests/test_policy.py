@@ -414,6 +414,25 @@ def test_nested_policies_do_not_multiply_attempts(clock: FakeClock) -> None:
     assert outer.stats()["retries"] == 0 and inner.stats()["retries"] == 2
 
 
+def test_nested_policies_through_raise_from_none_do_not_multiply(clock: FakeClock) -> None:
+    """Code between the policies re-raises ``RuntimeError(...) from None``: before, the
+    outer policy retried it (16 requests instead of 4)."""
+    inner = make(clock, retries=3, threshold=100, cache=False, name="inner")
+    outer = make(clock, retries=3, threshold=100, cache=False, name="outer")
+    down = Upstream(APIError(503), forever=True)
+
+    def middle() -> None:
+        try:
+            inner.call(down)
+        except APIError:
+            raise RuntimeError("retrieval failed") from None
+
+    with pytest.raises(RuntimeError):
+        outer.call(middle)
+    assert down.calls == 4
+    assert outer.stats()["retries"] == 0
+
+
 def test_nested_outer_may_still_serve_its_own_fallback(clock: FakeClock) -> None:
     inner = make(clock, retries=1, threshold=100, cache=False, name="inner")
     outer = make(clock, retries=3, threshold=100, generic_fallback="outer says sorry", name="outer")

@@ -312,7 +312,7 @@ class QueueWorker(Generic[T]):
             try:
                 self.fn(item)
                 ok = True
-            except Exception:
+            except BaseException:  # SystemExit too: it would end this thread silently
                 logger.exception("[%s] fn raised on item %r; worker continues", self.name, item)
             finally:
                 with self._cond:
