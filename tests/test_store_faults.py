@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import socket
+import time as _time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from _redis_server import RedisServer, own_redis
 from rag_resilience import breaker as breaker_mod
 from rag_resilience.breaker import CircuitBreaker
+from rag_resilience.clock import SystemClock
 from rag_resilience.limits import ConcurrencyLimit
 from rag_resilience.stores.redis import RedisStore
 
@@ -356,3 +358,66 @@ async def test_burst_of_300_tasks_and_threads_keeps_both_bounds(
     assert not store.degraded and store.counters["outages"] == 0, repr(store.last_error)
     assert raw.zcard(LEASE) == 0
     await store.aclose()
+
+
+# -- item 6: one clock for shared deadlines ---------------------------------------------
+
+
+class _SkewedClock(SystemClock):
+    """A real clock on a host whose wall clock is `skew` seconds off."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:  # type: ignore[override]
+        return _time.time() + self.skew
+
+
+def test_host_clock_ahead_does_not_evict_other_hosts_leases(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Before: a host whose clock ran 120 s ahead saw every other host's lease as
+    expired and took permits over the limit (8 in flight under a limit of 4)."""
+    a = ConcurrencyLimit(4, name="llm", store=RedisStore(redis_server.url, prefix="p"))
+    ahead = ConcurrencyLimit(
+        4,
+        name="llm",
+        store=RedisStore(redis_server.url, prefix="p"),
+        clock=_SkewedClock(120.0),
+    )
+    for _ in range(4):
+        a.acquire()
+    assert not ahead.try_acquire()
+    assert raw.zcard(LEASE) == 4
+    for _ in range(4):
+        a.release()
+    assert ahead.try_acquire()  # and its lease is on the same clock: not already expired
+    assert a.stats()["global_in_flight"] == 1
+    ahead.release()
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_clock_stepped_back_an_hour_does_not_keep_the_circuit_open(
+    redis_server: RedisServer, tmp_path: Path, kind: str
+) -> None:
+    """Before: a replica whose wall clock was an hour behind read retry_after=3599 s for a
+    circuit another replica opened for 30 s. Redis: both read the server's clock. SQLite
+    (no shared clock): the open period is capped at recovery_timeout."""
+    from rag_resilience.errors import CircuitOpenError
+    from rag_resilience.stores.base import Store
+    from rag_resilience.stores.sqlite import SQLiteStore
+
+    def store() -> Store:
+        if kind == "redis":
+            return RedisStore(redis_server.url, prefix="p")
+        return SQLiteStore(tmp_path / "s.db")
+
+    now = CircuitBreaker(1, 30.0, name="chat", store=store())
+    behind = CircuitBreaker(1, 30.0, name="chat", store=store(), clock=_SkewedClock(-3600.0))
+    with pytest.raises(ConnectionError):
+        now.call(_boom)
+    assert now.get_state().value == "open"
+    assert 0 < behind.retry_after() <= 30.0
+    with pytest.raises(CircuitOpenError) as info:
+        behind.call(lambda: "answer")
+    assert 0 < info.value.retry_after <= 30.0

@@ -33,7 +33,7 @@ from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
-from .stores.base import Store
+from .stores.base import Store, shared_time
 
 __all__ = ["ConcurrencyLimit", "QueueWorker", "RequestQueue"]
 
@@ -490,7 +490,7 @@ class ConcurrencyLimit:
             }
         if self._store is not None:
             try:
-                now = get_clock(self._clock).time()
+                now = self._now()
                 snapshot["global_in_flight"] = self._store.lease_count(self.key, now)
             except Exception as exc:
                 snapshot["global_in_flight"] = f"unavailable: {exc!r}"
@@ -748,9 +748,14 @@ class ConcurrencyLimit:
             return True
         return False
 
+    def _now(self) -> float:
+        """Lease times on the store's clock when it has one: a host whose clock runs ahead
+        must not expire other hosts' live leases."""
+        return shared_time(self._store, get_clock(self._clock))
+
     def _lease_once(self, token: str) -> bool:
         assert self._store is not None
-        now = get_clock(self._clock).time()
+        now = self._now()
         try:
             ok = self._store.lease_acquire(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
@@ -762,7 +767,7 @@ class ConcurrencyLimit:
 
     async def _alease_once(self, token: str) -> bool:
         assert self._store is not None
-        now = get_clock(self._clock).time()
+        now = self._now()
         try:
             ok = await self._store.alease_acquire(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
@@ -900,7 +905,7 @@ class ConcurrencyLimit:
                 if not held:
                     self._renewer = None
                     return
-            now = get_clock(self._clock).time()
+            now = self._now()
             for token in held:
                 try:
                     ok = store.lease_acquire(self.key, token, self._max, self.lease_s, now)

@@ -23,7 +23,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["JSON", "Store", "UpdateFn"]
+from ..clock import Clock, SystemClock
+
+__all__ = ["JSON", "Store", "UpdateFn", "shared_time"]
 
 JSON = Any  # JSON-serialisable value
 R = TypeVar("R")
@@ -104,6 +106,12 @@ class Store(ABC):
     def lease_count(self, key: str, now: float) -> int:
         """Permits currently held (unexpired) at `key`."""
 
+    # -- time ------------------------------------------------------------------------
+    def server_time(self) -> float | None:
+        """The store's own wall clock in seconds, the same for every process that shares
+        it (Redis: its `TIME`), or None when the store has none (memory, SQLite)."""
+        return None
+
     # -- async twins -----------------------------------------------------------------
     async def aget(self, key: str) -> JSON | None:
         return self.get(key)
@@ -145,3 +153,15 @@ class Store(ABC):
 
     async def aclose(self) -> None:
         self.close()
+
+
+def shared_time(store: Store | None, clock: Clock) -> float:
+    """Wall time for state shared through `store`: the store's clock when it has one and
+    `clock` is a real one (a host whose clock is off by minutes must not expire other
+    hosts' leases or keep a circuit open for an hour), else `clock.time()` (fake clocks in
+    tests, stores without a clock)."""
+    if store is not None and isinstance(clock, SystemClock):
+        now = store.server_time()
+        if now is not None:
+            return now
+    return clock.time()
