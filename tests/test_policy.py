@@ -892,3 +892,66 @@ async def test_astream_degraded_paths_and_permit(clock: FakeClock) -> None:
     assert fallback == ["f"]  # an async iterator from the fallback is iterated as such
     assert await collect(policy.aexecute_stream(failing)) == [DEFAULT_GENERIC_ANSWER]
     assert limit.in_flight == 0
+
+
+async def test_early_closed_async_stream_closes_upstream_before_its_permit_is_reused() -> None:
+    """Before: after aclose() the permit went to the next caller while the upstream
+    stream was still open (upstream in flight peaked above the limit)."""
+    from rag_resilience.limits import ConcurrencyLimit
+
+    policy = ResiliencePolicy(limit=ConcurrencyLimit(1, max_waiting=10, wait_timeout=5.0))
+    open_now = 0
+    peak = 0
+
+    async def upstream() -> Any:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            for i in range(100):
+                yield f"tok{i}"
+                await asyncio.sleep(0)
+        finally:
+            open_now -= 1
+
+    async def read_one() -> str:
+        stream = policy.aexecute_stream(upstream)
+        first = await stream.__anext__()
+        await stream.aclose()  # the reader stops early
+        return str(first)
+
+    results = await asyncio.gather(*(read_one() for _ in range(8)))
+    assert results == ["tok0"] * 8
+    assert peak == 1 and open_now == 0
+
+
+def test_early_closed_sync_stream_closes_upstream_before_its_permit_is_reused() -> None:
+    import threading
+
+    from rag_resilience.limits import ConcurrencyLimit
+
+    policy = ResiliencePolicy(limit=ConcurrencyLimit(1, max_waiting=10, wait_timeout=5.0))
+    lock = threading.Lock()
+    state = {"open": 0, "peak": 0}
+
+    def upstream() -> Any:
+        with lock:
+            state["open"] += 1
+            state["peak"] = max(state["peak"], state["open"])
+        try:
+            yield from (f"tok{i}" for i in range(100))
+        finally:
+            with lock:
+                state["open"] -= 1
+
+    def read_one() -> None:
+        stream = policy.execute_stream(upstream)
+        next(stream)
+        stream.close()
+
+    threads = [threading.Thread(target=read_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["peak"] == 1 and state["open"] == 0

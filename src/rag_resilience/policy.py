@@ -35,6 +35,7 @@ from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
 from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
 from .stores.base import Store
+from .streams import aclose_upstream, close_upstream
 from .timeouts import run_with_timeout
 
 _logger = logging.getLogger("rag_resilience")
@@ -1042,6 +1043,7 @@ class ResiliencePolicy:
                 self._publish_failure(self._plan(exc, run.attempts, run.started, verdict))
                 raise
             except BaseException:  # closed early (GeneratorExit) or interrupted
+                close_upstream(iterator)  # before `finally` hands the permit on
                 if breaker is not None:
                     breaker.on_abandon(ticket)
                 raise
@@ -1142,6 +1144,7 @@ class ResiliencePolicy:
                 self._publish_failure(self._plan(exc, run.attempts, run.started, verdict))
                 raise
             except BaseException:  # closed early (GeneratorExit), cancelled or interrupted
+                await aclose_upstream(iterator)  # before `finally` hands the permit on
                 if breaker is not None:
                     await breaker.aon_abandon(ticket)
                 raise
