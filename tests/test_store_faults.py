@@ -421,3 +421,57 @@ def test_clock_stepped_back_an_hour_does_not_keep_the_circuit_open(
     with pytest.raises(CircuitOpenError) as info:
         behind.call(lambda: "answer")
     assert 0 < info.value.retry_after <= 30.0
+
+
+# -- item 7: distributed waiters are served first come, first served --------------------
+
+
+async def test_distributed_waiters_are_served_in_arrival_order(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Threads on one replica and tasks on another wait for a limit of 1. Before, waiters
+    polled with backoff and a late arrival polling at 5 ms overtook early ones polling at
+    50 ms (p50 5.7 ms, max ~1 s). Now the store queues them: grants follow arrival."""
+    import threading
+
+    a = ConcurrencyLimit(
+        1,
+        max_waiting=10,
+        wait_timeout=20.0,
+        name="llm",
+        store=RedisStore(redis_server.url, prefix="p"),
+    )
+    b = ConcurrencyLimit(
+        1,
+        max_waiting=10,
+        wait_timeout=20.0,
+        name="llm",
+        store=RedisStore(redis_server.url, prefix="p"),
+    )
+    order: list[int] = []
+    a.acquire()  # the holder
+
+    def thread_waiter(i: int) -> None:
+        a.acquire()
+        order.append(i)
+        a.release()
+
+    async def task_waiter(i: int) -> None:
+        await b.aacquire()
+        order.append(i)
+        await b.arelease()
+
+    threads: list[threading.Thread] = []
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(8):
+        if i % 2:
+            tasks.append(asyncio.create_task(task_waiter(i)))
+        else:
+            threads.append(threading.Thread(target=thread_waiter, args=(i,)))
+            threads[-1].start()
+        await _until(lambda n=i + 1: raw.zcard(f"{LEASE}:q") == n, f"waiter {i} queued")
+    a.release()
+    await asyncio.gather(*tasks)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert order == list(range(8))
+    assert raw.zcard(LEASE) == 0 and raw.zcard(f"{LEASE}:q") == 0

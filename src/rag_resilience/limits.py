@@ -753,11 +753,12 @@ class ConcurrencyLimit:
         must not expire other hosts' live leases."""
         return shared_time(self._store, get_clock(self._clock))
 
-    def _lease_once(self, token: str) -> bool:
+    def _lease_once(self, token: str, wait: bool = False) -> bool:
         assert self._store is not None
         now = self._now()
+        ask = self._store.lease_wait if wait else self._store.lease_acquire
         try:
-            ok = self._store.lease_acquire(self.key, token, self._max, self.lease_s, now)
+            ok = ask(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
         except BaseException:  # interrupted mid-request: the store may have granted it
@@ -765,11 +766,12 @@ class ConcurrencyLimit:
             raise
         return self._after_lease(token, ok, None)
 
-    async def _alease_once(self, token: str) -> bool:
+    async def _alease_once(self, token: str, wait: bool = False) -> bool:
         assert self._store is not None
         now = self._now()
+        ask = self._store.alease_wait if wait else self._store.alease_acquire
         try:
-            ok = await self._store.alease_acquire(self.key, token, self._max, self.lease_s, now)
+            ok = await ask(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
         except BaseException:  # cancelled mid-request: the store may have granted it
@@ -841,18 +843,22 @@ class ConcurrencyLimit:
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
         try:
-            while True:
+            # Queue at once (stores that can serve waiters in arrival order), then poll.
+            acquired = self._lease_once(token, wait=True)
+            while not acquired:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
                 clock.sleep(pause)
-                if self._lease_once(token):
-                    acquired = True
-                    break
+                acquired = self._lease_once(token, wait=True)
                 delay = min(delay * 2, _POLL_MAX_S)
         except BaseException:  # cancelled / interrupted while polling
+            if not acquired:
+                self._forget_lease(token)  # leave the queue; release a grant we never saw
             self._leave_wait(acquired, wait_for, cancelled=True)
             raise
+        if not acquired:
+            self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for)
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
@@ -865,18 +871,21 @@ class ConcurrencyLimit:
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
         try:
-            while True:
+            acquired = await self._alease_once(token, wait=True)  # queue at once, then poll
+            while not acquired:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
                 await clock.asleep(pause)
-                if await self._alease_once(token):
-                    acquired = True
-                    break
+                acquired = await self._alease_once(token, wait=True)
                 delay = min(delay * 2, _POLL_MAX_S)
         except BaseException:  # cancelled / interrupted while polling
+            if not acquired:
+                self._forget_lease(token)  # leave the queue; release a grant we never saw
             self._leave_wait(acquired, wait_for, cancelled=True)
             raise
+        if not acquired:
+            self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for)
 
     def _new_token(self) -> str:

@@ -98,6 +98,13 @@ class Store(ABC):
         Returns False (without blocking) when all permits are held.
         """
 
+    def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        """`lease_acquire` for a caller that keeps asking until granted: stores that can
+        (Redis) queue `token` on its first call and grant in arrival order, so waiters of
+        every process are served first come, first served. A waiter that gives up calls
+        `lease_release` with its token to leave the queue. Default: `lease_acquire`."""
+        return self.lease_acquire(key, token, limit, lease_s, now)
+
     @abstractmethod
     def lease_release(self, key: str, token: str) -> None:
         """Give back the permit held by `token` (no error if it already expired)."""
@@ -144,6 +151,11 @@ class Store(ABC):
         self, key: str, token: str, limit: int, lease_s: float, now: float
     ) -> bool:
         return self.lease_acquire(key, token, limit, lease_s, now)
+
+    async def alease_wait(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        return await self.alease_acquire(key, token, limit, lease_s, now)
 
     async def alease_release(self, key: str, token: str) -> None:
         self.lease_release(key, token)

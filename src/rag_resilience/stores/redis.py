@@ -52,7 +52,8 @@ R = TypeVar("R")
 _MAX_CAS_ATTEMPTS = 1000
 _LEASE_GC_GRACE_S = 60.0  # a lease key whose every holder died disappears this long after
 _TIME_REFRESH_S = 5.0  # how often server_time() re-measures the Redis clock
-_POOL_EMPTY = "No connection available"  # redis-py's BlockingConnectionPool timed out
+_POOL_EMPTY = "No connection available"
+_WAITER_GONE_S = 2.0  # a queued waiter that has not asked again for this long left  # redis-py's BlockingConnectionPool timed out
 
 # KEYS[1]=key; ARGV: 1 expect_absent ('1'/'0'), 2 expected text, 3 delete ('1'/'0'),
 # 4 new text, 5 ttl in ms (0 = none). Returns {1} when applied, {0, current} otherwise.
@@ -150,25 +151,55 @@ end
 return n
 """
 
-# KEYS: 1 lease zset (token -> expiry), 2 the token's tombstone; ARGV: 1 token, 2 limit,
-# 3 expiry, 4 now, 5 gc ms. A released token's tombstone refuses a grant that arrives
-# late (a script whose caller was cancelled or timed out, executed after the release).
+# KEYS: 1 lease zset (token -> expiry), 2 the token's tombstone, 3 waiter queue (token ->
+# ticket), 4 waiter heartbeats (token -> last ask), 5 ticket counter; ARGV: 1 token,
+# 2 limit, 3 expiry, 4 now, 5 gc ms, 6 wait ('1': queue this token), 7 waiters last seen
+# before this are gone. A released token's tombstone refuses a grant that arrives late (a
+# script whose caller was cancelled or timed out, run after the release). Free permits go
+# to the oldest waiters first; a newcomer takes one only if more are free than wait.
 _LEASE_ACQUIRE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 local px = tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
-return 1
+local function grant()
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 1
+end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return grant() end
+local free = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1])
+local waiting = redis.call('ZCARD', KEYS[3])
+if waiting == 0 then
+  if free > 0 then return grant() end
+  if ARGV[6] ~= '1' then return 0 end
+else
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])) do
+    redis.call('ZREM', KEYS[3], t)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])
+end
+local rank = redis.call('ZRANK', KEYS[3], ARGV[1])
+if not rank then
+  if free > redis.call('ZCARD', KEYS[3]) then return grant() end
+  if ARGV[6] ~= '1' then return 0 end
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+  rank = redis.call('ZRANK', KEYS[3], ARGV[1])
+end
+if rank < free then return grant() end
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], px) end
+return 0
 """
 
 
-# KEYS: 1 lease zset, 2 the token's tombstone; ARGV: 1 token, 2 tombstone ms.
+# KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
+# ARGV: 1 token, 2 tombstone ms. Also how a waiter that gives up leaves the queue.
 _LEASE_RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
@@ -573,7 +604,7 @@ class RedisStore(Store):
     def _release_call(self, k: str, token: str) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
         and args; the tombstone shares the zset's hash slot."""
-        return [k, f"{k}:gone:{token}"], [token, _ms(_LEASE_GC_GRACE_S)]
+        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, _ms(_LEASE_GC_GRACE_S)]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -883,14 +914,44 @@ class RedisStore(Store):
 
     # -- leases ----------------------------------------------------------------------
     def _lease_args(
-        self, key: str, token: str, limit: int, lease_s: float, now: float
+        self, key: str, token: str, limit: int, lease_s: float, now: float, wait: bool = False
     ) -> tuple[list[str], list[Any]]:
         gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
         k = self._lease_key(key)
-        return [k, f"{k}:gone:{token}"], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+        keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb", f"{k}:seq"]
+        args = [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+        return keys, [*args, "1" if wait else "0", _num(now - _WAITER_GONE_S)]
+
+    def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now, wait=True)
+        return self._lease_call(key, token, limit, lease_s, now, keys, args)
+
+    async def alease_wait(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now, wait=True)
+        return await self._alease_call(key, token, limit, lease_s, now, keys, args)
 
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now)
+        return self._lease_call(key, token, limit, lease_s, now, keys, args)
+
+    async def alease_acquire(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now)
+        return await self._alease_call(key, token, limit, lease_s, now, keys, args)
+
+    def _lease_call(
+        self,
+        key: str,
+        token: str,
+        limit: int,
+        lease_s: float,
+        now: float,
+        keys: list[str],
+        args: list[Any],
+    ) -> bool:
         run = self._script("lease_acquire", keys, args)
         return self._run(
             lambda c: int(run(c)) == 1,
@@ -899,10 +960,16 @@ class RedisStore(Store):
             _not_granted,
         )
 
-    async def alease_acquire(
-        self, key: str, token: str, limit: int, lease_s: float, now: float
+    async def _alease_call(
+        self,
+        key: str,
+        token: str,
+        limit: int,
+        lease_s: float,
+        now: float,
+        keys: list[str],
+        args: list[Any],
     ) -> bool:
-        keys, args = self._lease_args(key, token, limit, lease_s, now)
         arun = self._ascript("lease_acquire", keys, args)
         run = self._script("lease_acquire", keys, args)
 
