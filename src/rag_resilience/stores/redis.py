@@ -314,12 +314,14 @@ class RedisStore(Store):
         op_timeout: float = 0.05,
         retry_interval: float = 1.0,
         max_connections: int = 64,
+        view_ttl: float | None = 0.1,
     ) -> None:
         if url is None and client is None and async_client is None:
             raise ValueError("RedisStore needs url= or client= (and/or async_client=)")
         _v.positive("op_timeout", op_timeout)
         _v.at_least("retry_interval", retry_interval, 0)
         _v.integer("max_connections", max_connections, 1)
+        _v.positive("view_ttl", view_ttl, none_ok=True)
         if not prefix:
             raise ValueError("prefix must be a non-empty string")
         redis = _import_redis()
@@ -337,6 +339,15 @@ class RedisStore(Store):
         self.op_timeout = float(op_timeout)
         self.retry_interval = float(retry_interval)
         self.max_connections = max_connections
+        self.view_ttl = view_ttl
+        # The local view of kv values (`get`): key -> (fresh until, monotonic; value).
+        # One read per key per view_ttl goes to Redis (single flight: concurrent readers
+        # of an expired entry keep the old value while one refreshes it).
+        # Only values Redis answered are viewed (never local fallback state), and never
+        # keys this store wrote with a TTL (their expiry must be seen at once).
+        self._view: dict[str, tuple[float, Any]] = {}
+        self._refreshing: set[str] = set()
+        self._ttl_keys: set[str] = set()
         self._owns_client = client is None and url is not None
         self._client: Any = client if client is not None else None
         if self._client is None and url is not None:
@@ -626,19 +637,82 @@ class RedisStore(Store):
             self._health.bad_value(self._kv_key(key), exc)
             return None
 
+    def _viewed(self, key: str) -> tuple[bool, Any]:
+        """(True, value) if `get` may answer from the local view; else (False, None) and
+        the caller must read Redis (it is then this key's single refresher)."""
+        if self.view_ttl is None or key in self._ttl_keys:
+            return False, None
+        hit = self._view.get(key)
+        if hit is not None and time.monotonic() < hit[0]:
+            return True, hit[1]
+        with self._lock:
+            if key in self._refreshing and hit is not None:
+                return True, hit[1]  # another caller is refreshing it: the old view stands
+            self._refreshing.add(key)
+        return False, None
+
+    def _seen(self, key: str, value: Any, remote: bool) -> Any:
+        if self.view_ttl is not None:
+            with self._lock:
+                self._refreshing.discard(key)
+                if remote:
+                    self._view[key] = (time.monotonic() + self.view_ttl, value)
+        return value
+
+    def _unview(self, key: str, ttl: float | None = None) -> None:
+        """A write through this store: the next `get` reads Redis."""
+        if ttl is not None and self.view_ttl is not None:
+            with self._lock:
+                if len(self._ttl_keys) < 100_000:
+                    self._ttl_keys.add(key)
+        if self._view:
+            self._view.pop(key, None)
+
     def get(self, key: str) -> JSON | None:
+        """The value at `key`, from a local view at most `view_ttl` old (written through
+        by this store's own writes), so a shared breaker's closed-path check costs one
+        Redis read per process per `view_ttl`, not one per call."""
+        viewed, value = self._viewed(key)
+        if viewed:
+            return value
         k = self._kv_key(key)
-        return self._run(lambda c: self._value(key, c.get(k)), lambda: self._local.get(key), (k,))
+        answered: list[bool] = []
+
+        def remote(c: Any) -> Any:
+            value = self._value(key, c.get(k))
+            answered.append(True)
+            return value
+
+        try:
+            value = self._run(remote, lambda: self._local.get(key), (k,))
+        except BaseException:
+            self._refreshing.discard(key)
+            raise
+        return self._seen(key, value, bool(answered))
 
     async def aget(self, key: str) -> JSON | None:
+        viewed, value = self._viewed(key)
+        if viewed:
+            return value
         k = self._kv_key(key)
+        answered: list[bool] = []
 
         async def remote(c: Any) -> Any:
-            return self._value(key, await c.get(k))
+            value = self._value(key, await c.get(k))
+            answered.append(True)
+            return value
 
-        return await self._arun(
-            remote, lambda c: self._value(key, c.get(k)), lambda: self._local.get(key), (k,)
-        )
+        def sync_remote(c: Any) -> Any:
+            value = self._value(key, c.get(k))
+            answered.append(True)
+            return value
+
+        try:
+            value = await self._arun(remote, sync_remote, lambda: self._local.get(key), (k,))
+        except BaseException:
+            self._refreshing.discard(key)
+            raise
+        return self._seen(key, value, bool(answered))
 
     def _set_args(self, key: str, value: JSON, ttl: float | None) -> tuple[str, str, int | None]:
         text = dumps(value)
@@ -646,6 +720,7 @@ class RedisStore(Store):
 
     def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
         k, text, px = self._set_args(key, value, ttl)
+        self._unview(key, ttl)
 
         def remote(c: Any) -> None:
             if px == 0:  # already expired
@@ -657,6 +732,7 @@ class RedisStore(Store):
 
     async def aset(self, key: str, value: JSON, ttl: float | None = None) -> None:
         k, text, px = self._set_args(key, value, ttl)
+        self._unview(key, ttl)
 
         async def remote(c: Any) -> None:
             if px == 0:
@@ -674,10 +750,12 @@ class RedisStore(Store):
 
     def delete(self, key: str) -> None:
         k = self._kv_key(key)
+        self._unview(key)
         self._run(lambda c: c.delete(k), lambda: self._local.delete(key))
 
     async def adelete(self, key: str) -> None:
         k = self._kv_key(key)
+        self._unview(key)
 
         async def remote(c: Any) -> Any:
             return await c.delete(k)
@@ -698,6 +776,7 @@ class RedisStore(Store):
         except Exception as exc:  # the caller's error, even an OSError, is no Redis fault
             raise _CallerError(exc) from None
         new_text = None if new is None else dumps(new)
+        self._unview(key, ttl)
         if new is None:
             self._local.delete(key)
         else:
