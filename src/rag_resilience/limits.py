@@ -18,6 +18,7 @@ shortly"). Three pieces:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -30,7 +31,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from . import _validate as _v
 from ._counter import AtomicCounter
-from .clock import Clock, get_clock
+from .clock import Clock, SystemClock, get_clock
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
 from .stores.base import Store, shared_time
@@ -440,6 +441,10 @@ class ConcurrencyLimit:
         self.key = f"rag_resilience:{name}:limit"
         self._tokens: deque[str | None] = deque()  # None: admitted by the local fallback
         self._dist_waiting = 0
+        # Distributed waiters of this process asleep between polls, oldest first: a
+        # release here wakes the oldest to ask the store at once (it is likely next in
+        # the store's queue), instead of leaving the permit idle until its next poll.
+        self._sleepers: deque[_ThreadWaiter | _AsyncWaiter] = deque()
         # token = random per-instance prefix + counter: unique across processes, and
         # ~10x cheaper than a uuid4 (an os.urandom syscall) per acquisition
         self._token_prefix = uuid.uuid4().hex
@@ -599,6 +604,8 @@ class ConcurrencyLimit:
                     self._store.lease_release(self.key, token)
                 except Exception as exc:
                     self._warn_store(exc, "release")
+            if self._sleepers:
+                self._wake_sleeper()
             return
         free = self._free
         free.append(None)
@@ -622,6 +629,8 @@ class ConcurrencyLimit:
                     await self._store.alease_release(self.key, token)
                 except Exception as exc:
                     self._warn_store(exc, "release")
+            if self._sleepers:
+                self._wake_sleeper()
             return
         self.release()
 
@@ -849,7 +858,7 @@ class ConcurrencyLimit:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
-                clock.sleep(pause)
+                self._doze(clock, pause)
                 acquired = self._lease_once(token, wait=True)
                 delay = min(delay * 2, _POLL_MAX_S)
         except BaseException:  # cancelled / interrupted while polling
@@ -876,7 +885,7 @@ class ConcurrencyLimit:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
-                await clock.asleep(pause)
+                await self._adoze(clock, pause)
                 acquired = await self._alease_once(token, wait=True)
                 delay = min(delay * 2, _POLL_MAX_S)
         except BaseException:  # cancelled / interrupted while polling
@@ -887,6 +896,41 @@ class ConcurrencyLimit:
         if not acquired:
             self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for)
+
+    def _wake_sleeper(self) -> None:
+        with self._lock:
+            while self._sleepers:
+                if self._sleepers.popleft().wake():
+                    return
+
+    def _doze(self, clock: Clock, pause: float) -> None:
+        """Sleep between polls: on a real clock, until `pause` or a local release."""
+        if not isinstance(clock, SystemClock):
+            clock.sleep(pause)
+            return
+        sleeper = _ThreadWaiter()
+        with self._lock:
+            self._sleepers.append(sleeper)
+        try:
+            sleeper.wait(pause)
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._sleepers.remove(sleeper)
+
+    async def _adoze(self, clock: Clock, pause: float) -> None:
+        if not isinstance(clock, SystemClock):
+            await clock.asleep(pause)
+            return
+        sleeper = _AsyncWaiter(asyncio.get_running_loop())
+        timer = sleeper.loop.call_later(pause, _resolve, sleeper.future)
+        with self._lock:
+            self._sleepers.append(sleeper)
+        try:
+            await sleeper.future
+        finally:
+            timer.cancel()
+            with self._lock, contextlib.suppress(ValueError):
+                self._sleepers.remove(sleeper)
 
     def _new_token(self) -> str:
         return f"{self._token_prefix}-{next(self._token_seq)}"

@@ -53,7 +53,10 @@ _MAX_CAS_ATTEMPTS = 1000
 _LEASE_GC_GRACE_S = 60.0  # a lease key whose every holder died disappears this long after
 _TIME_REFRESH_S = 5.0  # how often server_time() re-measures the Redis clock
 _POOL_EMPTY = "No connection available"
-_WAITER_GONE_S = 2.0  # a queued waiter that has not asked again for this long left  # redis-py's BlockingConnectionPool timed out
+_WAITER_GONE_S = 1.0  # a queued waiter that has not asked again for this long left
+_FLUSH_BATCH = (
+    200  # deferred releases per pipelined round trip  # redis-py's BlockingConnectionPool timed out
+)
 
 # KEYS[1]=key; ARGV: 1 expect_absent ('1'/'0'), 2 expected text, 3 delete ('1'/'0'),
 # 4 new text, 5 ttl in ms (0 = none). Returns {1} when applied, {0, current} otherwise.
@@ -366,6 +369,7 @@ class RedisStore(Store):
         )
         self._health = Failover("redis", self, self.retry_interval)
         self._checker: Any = None  # one dedicated connection for stall checks
+        self._flushing = False
         self._local = self._health.local
         self._lock = threading.Lock()
         self._warned_no_sync = False
@@ -506,19 +510,44 @@ class RedisStore(Store):
             self._health.bad_value(key, exc)
 
     def _flush(self, client: Any) -> None:
-        """Send the lease releases an outage held back."""
-        pending = self._health.take_pending()
-        script = _SCRIPTS["lease_release"]
+        """Send the lease releases an outage held back: in the background (a user call
+        never waits for them), in pipelined batches (one round trip per batch)."""
+        with self._lock:
+            if self._flushing:
+                return
+            self._flushing = True
+        threading.Thread(
+            target=self._flush_now, args=(client,), name="redis-store-flush", daemon=True
+        ).start()
+
+    def _flush_now(self, client: Any) -> None:
         try:
-            for key, token in pending:
-                script(client, self._no_script, *self._release_call(key, token))
-        except self._faults as exc:
-            for key, token in pending:
-                self._health.defer_release(key, token)
-            self._fault(exc)
+            while True:
+                pending = self._health.take_pending()
+                if not pending:
+                    return
+                try:
+                    sha = client.script_load(_LEASE_RELEASE)  # a restarted Redis lost it
+                    for start in range(0, len(pending), _FLUSH_BATCH):
+                        pipe = client.pipeline(transaction=False)
+                        for key, token in pending[start : start + _FLUSH_BATCH]:
+                            keys, args = self._release_call(key, token)
+                            pipe.evalsha(sha, len(keys), *keys, *args)
+                        pipe.execute()
+                except self._faults as exc:
+                    for key, token in pending:
+                        self._health.defer_release(key, token)
+                    self._fault(exc)
+                    return
+        finally:
+            with self._lock:
+                self._flushing = False
 
     async def _aflush(self, client: Any) -> None:
-        pending = self._health.take_pending()
+        if self._client is not None:
+            self._flush(self._client)
+            return
+        pending = self._health.take_pending()  # async client only: send them here
         script = _SCRIPTS["lease_release"]
         try:
             for key, token in pending:
@@ -1003,13 +1032,13 @@ class RedisStore(Store):
 
     def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now, wait=True)
-        return self._lease_call(key, token, limit, lease_s, now, keys, args)
+        return self._lease_call(key, token, limit, lease_s, now, keys, args, wait=True)
 
     async def alease_wait(
         self, key: str, token: str, limit: int, lease_s: float, now: float
     ) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now, wait=True)
-        return await self._alease_call(key, token, limit, lease_s, now, keys, args)
+        return await self._alease_call(key, token, limit, lease_s, now, keys, args, wait=True)
 
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now)
@@ -1030,11 +1059,13 @@ class RedisStore(Store):
         now: float,
         keys: list[str],
         args: list[Any],
+        wait: bool = False,
     ) -> bool:
         run = self._script("lease_acquire", keys, args)
+        local = self._local.lease_wait if wait else self._local.lease_acquire
         return self._run(
             lambda c: int(run(c)) == 1,
-            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+            lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
             _not_granted,
         )
@@ -1048,8 +1079,10 @@ class RedisStore(Store):
         now: float,
         keys: list[str],
         args: list[Any],
+        wait: bool = False,
     ) -> bool:
         arun = self._ascript("lease_acquire", keys, args)
+        local = self._local.lease_wait if wait else self._local.lease_acquire
         run = self._script("lease_acquire", keys, args)
 
         async def remote(c: Any) -> bool:
@@ -1058,7 +1091,7 @@ class RedisStore(Store):
         return await self._arun(
             remote,
             lambda c: int(run(c)) == 1,
-            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+            lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
             _not_granted,
         )
