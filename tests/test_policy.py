@@ -955,3 +955,46 @@ def test_early_closed_sync_stream_closes_upstream_before_its_permit_is_reused() 
     for t in threads:
         t.join()
     assert state["peak"] == 1 and state["open"] == 0
+
+
+async def test_stats_count_cancelled_and_interrupted_calls() -> None:
+    """Before: cancelled or interrupted calls were missing from stats() (4,427 counted of
+    4,840 started). Tasks cancelled while holding a permit or waiting for one, a thread
+    interrupted mid-attempt, and threads that succeed: every call is counted."""
+    import threading
+
+    from rag_resilience.limits import ConcurrencyLimit
+
+    policy = ResiliencePolicy(limit=ConcurrencyLimit(2, max_waiting=100), name="counted")
+    gate = asyncio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return "ok"
+
+    tasks = [asyncio.create_task(policy.acall(slow)) for _ in range(20)]
+    for _ in range(5):
+        await asyncio.sleep(0)  # two hold permits, eighteen wait
+    for task in tasks[::2]:
+        task.cancel()  # both kinds: holders and waiters
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 10
+
+    def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    def thread_calls() -> None:
+        for _ in range(5):
+            assert policy.call(lambda: "ok") == "ok"
+
+    threads = [threading.Thread(target=thread_calls) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with pytest.raises(KeyboardInterrupt):
+        policy.call(interrupted)
+    for t in threads:
+        t.join()
+    s = policy.stats()
+    assert s["calls"] == 20 + 1 + 15
+    assert s["interrupted"] == 11 and s["successes"] == 25

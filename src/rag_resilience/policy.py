@@ -794,6 +794,10 @@ class ResiliencePolicy:
             except QueueFullError as exc:
                 call = _Call(request, limit, False)
                 return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # interrupted while waiting
+                    self.collector.count_interrupted()
+                raise
         try:
             strategy = self.retry
             clock = get_clock(strategy.clock)
@@ -835,6 +839,10 @@ class ResiliencePolicy:
                 if breaker is not None and not breaker.quiet:  # else nothing to reset
                     breaker.on_success(ticket)
                 return self._succeeded(value, attempts, started, clock, key, codec)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled/interrupted: still a call
+                self.collector.count_interrupted()
+            raise
         finally:
             if call is not None:
                 call.give()
@@ -881,7 +889,11 @@ class ResiliencePolicy:
         if limit is not None:
             try:
                 await limit.aacquire()
-            except QueueFullError as exc:
+            except BaseException as exc:
+                if not isinstance(exc, QueueFullError):
+                    if not isinstance(exc, Exception):  # cancelled while waiting
+                        self.collector.count_interrupted()
+                    raise
                 call = _Call(request, limit, False)
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
                 return await self._adegrade(plan, call)
@@ -933,6 +945,10 @@ class ResiliencePolicy:
                 if key is not _NO_KEY:
                     await self._astore(key, value, codec)
                 return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled/interrupted: still a call
+                self.collector.count_interrupted()
+            raise
         finally:
             if call is not None:
                 await call.agive()
