@@ -388,8 +388,12 @@ class ConcurrencyLimit:
 
     With a shared `store` (``store.shared``), permits are leases at key
     ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
-    processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`), FIFO is not
-    guaranteed across processes, and `in_flight` counts this process's permits only. A
+    processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`; a release in
+    this process wakes its oldest waiter at once), waiters are served first come, first
+    served across processes where the store can queue them (Redis, and the local fallback;
+    see `Store.lease_wait`), and `in_flight` counts this process's permits only. A caller
+    cancelled while its lease request is in flight releases that lease (its token is
+    chosen before the request), so cancellation never strands a permit. A
     background thread renews held leases every `lease_s / 3` seconds while any is held;
     a crashed process stops renewing, so its permits free themselves within `lease_s`.
     `lease_s` must therefore exceed the longest stall of a live process (GC pause, paused

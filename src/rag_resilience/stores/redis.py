@@ -15,12 +15,27 @@ Why it looks like this:
   pickle: a cache shared over the network must not be a code-execution hole.
 * **Redis faults never break the caller.** Every operation gives up within `op_timeout`
   (socket timeouts on the clients built here; a refused or reset connection fails at
-  once), then serves from a process-local `MemoryStore`. The first fault of an outage
-  logs one warning on the ``rag_resilience`` logger; Redis is then skipped for
-  `retry_interval` seconds (one probe per interval, so a dead Redis does not add
-  `op_timeout` to every call); the first successful probe logs ``redis back`` and shared
-  state resumes. Local state is not merged back: breaker counters and cache entries
-  written during the outage stay local.
+  once), then serves from process-local state (`stores.failover`). A refused connection
+  or a timeout confirmed by a PING on a connection of its own is an outage: one warning,
+  Redis skipped for `retry_interval` (one probe per interval), ``redis back`` logged when
+  a probe succeeds. Load is not an outage: a pool with no free connection (the pool is a
+  `BlockingConnectionPool` of `max_connections`) or an unconfirmed timeout serves that op
+  locally (``counters["busy"]``), and a lease request Redis was too busy for is simply not
+  granted, so a burst never exceeds the shared limit.
+* **Local state starts from shared state.** Values read from Redis are mirrored locally,
+  so an operation that falls back sees the last shared state (a half-open circuit stays
+  half-open). Reads (`get`) are served from a local view at most `view_ttl` old (own
+  writes go through it), so a closed, healthy shared breaker costs one Redis read per
+  process per `view_ttl`; a trip on another replica is seen within `view_ttl` + one read.
+* **Values fail soft.** An unreadable value (not UTF-8, not JSON, a key of the wrong
+  Redis type) is logged once, read as absent and overwritten by the next write.
+* **Leases are never stranded.** Tokens are chosen by the caller before the script runs;
+  a release also leaves a short-lived tombstone, so a grant that executes after its
+  release (a cancelled or timed-out caller's script) is refused; releases that cannot
+  reach Redis are sent, pipelined, when it is back. Waiters are served first come, first
+  served across processes (a queue in Redis; see `lease_wait`), and lease times use the
+  Redis server's clock (`server_time`), so a host whose clock is off cannot expire
+  other hosts' leases.
 """
 
 from __future__ import annotations
