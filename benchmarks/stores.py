@@ -20,6 +20,14 @@ median PING, which is printed too).
 
 Target (issue 8): a Redis-backed breaker needs at most one Redis round trip per
 protected call on the success path. Results go to benchmarks/results/stores.json.
+
+Cost at scale (issue 17), on a private redis-server whose own command counters are read:
+a closed healthy shared breaker with the store's local view (`view_ttl`, default 0.1 s)
+against the same breaker without it (`view_ttl=None`, one GET per call), in 1 and 4
+processes calling as fast as they can: µs per call and Redis operations per 1,000 calls.
+Target: at most one Redis operation per process per 100 ms. Then trip propagation: one
+process trips the circuit, four others keep calling; how long until each is rejected.
+Target: within 250 ms on every replica.
 """
 
 from __future__ import annotations
@@ -47,8 +55,10 @@ from _common import (
     sync_runner,
     write_json,
 )
+from _redis import PrivateRedis
 
 from rag_resilience.breaker import CircuitBreaker
+from rag_resilience.errors import CircuitOpenError
 from rag_resilience.policy import ResiliencePolicy
 from rag_resilience.stores import MemoryStore, SQLiteStore, Store
 from rag_resilience.stores.redis import RedisStore
@@ -171,6 +181,126 @@ def build(tmp: Path, with_redis: bool) -> tuple[dict[str, Any], list[tuple[str, 
     return ns, cases
 
 
+# -- cost at scale: several processes, one shared breaker ---------------------------------
+TARGET_OPS_PER_PROCESS_PER_100MS = 1.0
+TARGET_TRIP_SEEN_S = 0.25
+
+
+def _scale_worker(
+    url: str, name: str, view_ttl: float | None, start_at: float, duration: float, out: Any
+) -> None:
+    store = RedisStore(url, prefix="scale", view_ttl=view_ttl)
+    breaker = CircuitBreaker(5, 60.0, name=name, store=store)
+    breaker.call(noop)
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    ops_before = store.counters["remote_ops"]
+    calls, t0 = 0, time.perf_counter()
+    end = t0 + duration
+    while time.perf_counter() < end:
+        for _ in range(100):
+            breaker.call(noop)
+        calls += 100
+    out.put((calls, time.perf_counter() - t0, store.counters["remote_ops"] - ops_before))
+    store.close()
+
+
+def _trip_reader(url: str, name: str, out: Any) -> None:
+    logging.getLogger("rag_resilience").setLevel(logging.ERROR)  # the rejections
+    breaker = CircuitBreaker(1, 60.0, name=name, store=RedisStore(url, prefix="trip"))
+    breaker.call(noop)
+    out.put("ready")
+    while True:
+        try:
+            breaker.call(noop)
+        except CircuitOpenError:
+            out.put(time.time())
+            return
+        time.sleep(0.0002)  # a replica with steady traffic
+
+
+def scale(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    duration = 0.3 if quick else 2.0
+    rows: list[dict[str, Any]] = []
+    with PrivateRedis() as server:
+        admin = server.client()
+        for view_ttl in (0.1, None):
+            for procs in (1, 4):
+                name = f"scale-{uuid.uuid4().hex[:8]}"
+                out = ctx.Queue()
+                start_at = time.time() + (2.0 if procs > 1 else 1.0)
+                workers = [
+                    ctx.Process(
+                        target=_scale_worker,
+                        args=(server.url, name, view_ttl, start_at, duration, out),
+                    )
+                    for _ in range(procs)
+                ]
+                for w in workers:
+                    w.start()
+                while time.time() < start_at - 0.05:
+                    time.sleep(0.01)
+                before = server.commands(admin)
+                results = [out.get(timeout=60) for _ in workers]
+                after = server.commands(admin)
+                for w in workers:
+                    w.join(10)
+                calls = sum(r[0] for r in results)
+                ops = after - before  # what Redis executed, warm-up included
+                per_process = max(r[2] / (r[1] / 0.1) for r in results)
+                rows.append(
+                    {
+                        "view_ttl_s": view_ttl,
+                        "processes": procs,
+                        "calls": calls,
+                        "us_per_call": round(
+                            statistics.mean(r[1] / r[0] * 1e6 for r in results), 2
+                        ),
+                        "redis_ops": ops,
+                        "redis_ops_per_1000_calls": round(ops / calls * 1000, 3),
+                        "redis_ops_per_process_per_100ms": round(per_process, 3),
+                    }
+                )
+        seen: list[float] = []
+        for _ in range(1 if quick else 3):
+            name = f"trip-{uuid.uuid4().hex[:8]}"
+            out = ctx.Queue()
+            readers = [
+                ctx.Process(target=_trip_reader, args=(server.url, name, out)) for _ in range(4)
+            ]
+            for r in readers:
+                r.start()
+            for _ in readers:
+                assert out.get(timeout=60) == "ready"
+            time.sleep(0.3)
+            tripper = CircuitBreaker(
+                1, 60.0, name=name, store=RedisStore(server.url, prefix="trip")
+            )
+            tripper.force_open()
+            tripped_at = time.time()
+            seen += [out.get(timeout=30) - tripped_at for _ in readers]
+            for r in readers:
+                r.join(10)
+        admin.close()
+    with_view = [r for r in rows if r["view_ttl_s"] is not None]
+    targets = {
+        "ops_per_process_per_100ms": {
+            "worst": max(r["redis_ops_per_process_per_100ms"] for r in with_view),
+            "target": TARGET_OPS_PER_PROCESS_PER_100MS,
+        },
+        "trip_seen_by_every_replica_s": {
+            "worst": round(max(seen), 4),
+            "target": TARGET_TRIP_SEEN_S,
+        },
+    }
+    for t in targets.values():
+        t["ok"] = t["worst"] <= t["target"]
+    return rows, targets
+
+
 def count_round_trips(
     ns: dict[str, Any], loop: asyncio.AbstractEventLoop, stmt: str, group: str, n: int = 200
 ) -> float:
@@ -290,6 +420,35 @@ def main(argv: list[str] | None = None) -> int:
             f"target {name}: {target['round_trips']:.2f} <= {target['target']}: "
             f"{'ok' if target['ok'] else 'MISSED'}"
         )
+    scale_rows, scale_targets = scale(args.quick)
+    print("\nCost at scale: one closed shared breaker, calls as fast as possible")
+    print(
+        markdown_table(
+            [
+                "local view",
+                "processes",
+                "µs/call",
+                "Redis ops / 1,000 calls",
+                "ops / process / 100 ms",
+            ],
+            [
+                [
+                    "off" if r["view_ttl_s"] is None else f"{r['view_ttl_s']} s",
+                    r["processes"],
+                    f"{r['us_per_call']:.2f}",
+                    r["redis_ops_per_1000_calls"],
+                    r["redis_ops_per_process_per_100ms"],
+                ]
+                for r in scale_rows
+            ],
+        )
+    )
+    for name, target in scale_targets.items():
+        print(
+            f"target {name}: {target['worst']} <= {target['target']}: "
+            f"{'ok' if target['ok'] else 'MISSED'}"
+        )
+    targets.update(scale_targets)
     payload = {
         "benchmark": "stores",
         "machine": machine_info(),
@@ -299,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": repeat,
         "target_s": target_s,
         "rows": rows,
+        "scale": scale_rows,
         "targets": targets,
     }
     path = write_json("stores", payload, args.json)

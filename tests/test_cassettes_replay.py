@@ -123,3 +123,21 @@ def test_scrubbers_remove_keys_headers_and_host() -> None:
 
 def test_cassette_dir_is_the_repo_cassettes_folder() -> None:
     assert CASSETTE_DIR.name == "cassettes" and (CASSETTE_DIR / "openai_chat").is_dir()
+
+
+def test_scrubber_removes_keys_that_do_not_start_with_sk() -> None:
+    """Before: ?key= query parameters, x-goog-api-key, and non-sk- keys in bodies stayed."""
+    from vcr.request import Request
+
+    google = "AIzaSyA-" + "x" * 31
+    req = Request(
+        "POST",
+        f"http://127.0.0.1:5555/v1beta/models:generate?key={google}&alt=json",
+        b'{"api_key": "abc-123-secret", "model": "m", "note": "' + google.encode() + b'"}',
+        {"x-goog-api-key": google, "X-Api-Key": "k2", "api-key": "k3"},
+    )
+    out = scrub_request(req)
+    assert google not in out.uri and "alt=json" in out.uri and "key=%5BREDACTED%5D" in out.uri
+    assert not any(h.lower() in {"x-goog-api-key", "x-api-key", "api-key"} for h in out.headers)
+    assert b"abc-123-secret" not in out.body and google.encode() not in out.body
+    assert b'"model": "m"' in out.body

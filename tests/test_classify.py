@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag_resilience.classify import (
+    RETRY_AFTER_TOO_LONG,
     ErrorVerdict,
     classify_error,
     error_code_of,
@@ -358,7 +359,7 @@ def test_parse_retry_after_variants() -> None:
     assert parse_retry_after({"retry-after-ms": "-3"}) == 0.0
     assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({"retry-after": "nan"}) is None
-    assert parse_retry_after({"retry-after": "inf"}) is None
+    assert parse_retry_after({"retry-after": "inf"}) == RETRY_AFTER_TOO_LONG
     # an unusable retry-after-ms falls back to retry-after
     assert parse_retry_after({"retry-after-ms": "x", "retry-after": "2"}) == 2.0
     assert (
@@ -931,3 +932,47 @@ def test_verdict_is_frozen() -> None:
     verdict = classify_error(RuntimeError())
     with pytest.raises(AttributeError):
         verdict.retryable = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", ["inf", "1" * 400, "1e400", "1e9", "Infinity"])
+def test_huge_retry_after_is_too_long_not_absent(value: str) -> None:
+    """Before: inf and 400 digits read as absent (retried after ~1 s) while 1e9 stopped."""
+    assert parse_retry_after({"retry-after": value}) == RETRY_AFTER_TOO_LONG
+    assert parse_retry_after({"retry-after-ms": value}) == RETRY_AFTER_TOO_LONG or value == "1e9"
+
+
+def test_huge_retry_after_stops_retrying() -> None:
+    from rag_resilience.retry import RetryStrategy
+    from rag_resilience.testing import FakeClock
+
+    clock = FakeClock()
+    calls = 0
+
+    def limited() -> None:
+        nonlocal calls
+        calls += 1
+        raise openai_error(openai.RateLimitError, 429, None, {"retry-after": "1" * 400})
+
+    strategy = RetryStrategy(max_retries=3, retry_budget=None, clock=clock)
+    with pytest.raises(openai.RateLimitError):
+        strategy.execute(limited)
+    assert calls == 1 and clock.total_slept == 0.0
+
+
+def test_handled_error_survives_raise_from_none() -> None:
+    """`raise RuntimeError(...) from None` hides __context__ but keeps it: the handled mark
+    of the error an inner policy gave up on still stops an outer policy's retries."""
+    inner = ConnectionError("upstream down")
+    mark_handled(inner)
+    try:
+        try:
+            raise inner
+        except ConnectionError:
+            raise RuntimeError("lookup failed") from None
+    except RuntimeError as exc:
+        outer = exc
+    assert outer.__suppress_context__ and outer.__cause__ is None
+    verdict = classify_error(outer)
+    assert not verdict.retryable and verdict.reason == "handled"
+    # an unrelated error with no handled link is still retried
+    assert classify_error(RuntimeError("lookup failed")).retryable

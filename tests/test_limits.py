@@ -1184,3 +1184,24 @@ def test_release_in_the_window_before_a_caller_queues_is_not_lost() -> None:
     assert limit.in_flight == 1 and limit.waiting == 0
     limit.release()
     assert limit.in_flight == 0
+
+
+def test_system_exit_in_fn_does_not_kill_the_worker() -> None:
+    """Before: SystemExit ended the worker thread silently and stranded the queue."""
+    queue: RequestQueue[int] = RequestQueue(max_size=10)
+    done: list[int] = []
+
+    def fn(item: int) -> None:
+        if item == 1:
+            raise SystemExit(3)
+        done.append(item)
+
+    worker = QueueWorker(queue, fn)
+    worker.start()
+    for i in range(4):
+        assert queue.enqueue(i)
+    assert worker.wait_idle(10.0)
+    assert worker.is_running
+    assert done == [0, 2, 3]
+    assert worker.stats()["failed"] == 1 and worker.stats()["processed"] == 3
+    assert worker.stop() == []

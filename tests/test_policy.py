@@ -414,6 +414,25 @@ def test_nested_policies_do_not_multiply_attempts(clock: FakeClock) -> None:
     assert outer.stats()["retries"] == 0 and inner.stats()["retries"] == 2
 
 
+def test_nested_policies_through_raise_from_none_do_not_multiply(clock: FakeClock) -> None:
+    """Code between the policies re-raises ``RuntimeError(...) from None``: before, the
+    outer policy retried it (16 requests instead of 4)."""
+    inner = make(clock, retries=3, threshold=100, cache=False, name="inner")
+    outer = make(clock, retries=3, threshold=100, cache=False, name="outer")
+    down = Upstream(APIError(503), forever=True)
+
+    def middle() -> None:
+        try:
+            inner.call(down)
+        except APIError:
+            raise RuntimeError("retrieval failed") from None
+
+    with pytest.raises(RuntimeError):
+        outer.call(middle)
+    assert down.calls == 4
+    assert outer.stats()["retries"] == 0
+
+
 def test_nested_outer_may_still_serve_its_own_fallback(clock: FakeClock) -> None:
     inner = make(clock, retries=1, threshold=100, cache=False, name="inner")
     outer = make(clock, retries=3, threshold=100, generic_fallback="outer says sorry", name="outer")
@@ -873,3 +892,109 @@ async def test_astream_degraded_paths_and_permit(clock: FakeClock) -> None:
     assert fallback == ["f"]  # an async iterator from the fallback is iterated as such
     assert await collect(policy.aexecute_stream(failing)) == [DEFAULT_GENERIC_ANSWER]
     assert limit.in_flight == 0
+
+
+async def test_early_closed_async_stream_closes_upstream_before_its_permit_is_reused() -> None:
+    """Before: after aclose() the permit went to the next caller while the upstream
+    stream was still open (upstream in flight peaked above the limit)."""
+    from rag_resilience.limits import ConcurrencyLimit
+
+    policy = ResiliencePolicy(limit=ConcurrencyLimit(1, max_waiting=10, wait_timeout=5.0))
+    open_now = 0
+    peak = 0
+
+    async def upstream() -> Any:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            for i in range(100):
+                yield f"tok{i}"
+                await asyncio.sleep(0)
+        finally:
+            open_now -= 1
+
+    async def read_one() -> str:
+        stream = policy.aexecute_stream(upstream)
+        first = await stream.__anext__()
+        await stream.aclose()  # the reader stops early
+        return str(first)
+
+    results = await asyncio.gather(*(read_one() for _ in range(8)))
+    assert results == ["tok0"] * 8
+    assert peak == 1 and open_now == 0
+
+
+def test_early_closed_sync_stream_closes_upstream_before_its_permit_is_reused() -> None:
+    import threading
+
+    from rag_resilience.limits import ConcurrencyLimit
+
+    policy = ResiliencePolicy(limit=ConcurrencyLimit(1, max_waiting=10, wait_timeout=5.0))
+    lock = threading.Lock()
+    state = {"open": 0, "peak": 0}
+
+    def upstream() -> Any:
+        with lock:
+            state["open"] += 1
+            state["peak"] = max(state["peak"], state["open"])
+        try:
+            yield from (f"tok{i}" for i in range(100))
+        finally:
+            with lock:
+                state["open"] -= 1
+
+    def read_one() -> None:
+        stream = policy.execute_stream(upstream)
+        next(stream)
+        stream.close()
+
+    threads = [threading.Thread(target=read_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["peak"] == 1 and state["open"] == 0
+
+
+async def test_stats_count_cancelled_and_interrupted_calls() -> None:
+    """Before: cancelled or interrupted calls were missing from stats() (4,427 counted of
+    4,840 started). Tasks cancelled while holding a permit or waiting for one, a thread
+    interrupted mid-attempt, and threads that succeed: every call is counted."""
+    import threading
+
+    from rag_resilience.limits import ConcurrencyLimit
+
+    policy = ResiliencePolicy(limit=ConcurrencyLimit(2, max_waiting=100), name="counted")
+    gate = asyncio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return "ok"
+
+    tasks = [asyncio.create_task(policy.acall(slow)) for _ in range(20)]
+    for _ in range(5):
+        await asyncio.sleep(0)  # two hold permits, eighteen wait
+    for task in tasks[::2]:
+        task.cancel()  # both kinds: holders and waiters
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 10
+
+    def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    def thread_calls() -> None:
+        for _ in range(5):
+            assert policy.call(lambda: "ok") == "ok"
+
+    threads = [threading.Thread(target=thread_calls) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with pytest.raises(KeyboardInterrupt):
+        policy.call(interrupted)
+    for t in threads:
+        t.join()
+    s = policy.stats()
+    assert s["calls"] == 20 + 1 + 15
+    assert s["interrupted"] == 11 and s["successes"] == 25

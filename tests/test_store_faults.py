@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import socket
+import time as _time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from _redis_server import RedisServer, own_redis
 from rag_resilience import breaker as breaker_mod
 from rag_resilience.breaker import CircuitBreaker
+from rag_resilience.clock import SystemClock
 from rag_resilience.limits import ConcurrencyLimit
 from rag_resilience.stores.redis import RedisStore
 
@@ -270,3 +272,206 @@ async def test_one_second_stall_leaves_no_permit_held(redis_server: RedisServer,
     await _until(lambda: raw.zcard(LEASE) == 0, "no lease held in Redis")
     assert store.local.lease_count("rag_resilience:llm:limit", 0.0) == 0
     await store.aclose()
+
+
+# -- item 3: a burst on a healthy Redis is load, not an outage --------------------------
+
+
+async def test_burst_of_300_tasks_and_threads_keeps_both_bounds(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """300 tasks and 20 threads at once on a healthy Redis, default op_timeout. Before:
+    the pool ran dry, the store switched to local state, a half-open breaker with
+    half_open_max_calls=1 let 215 of 300 through and a shared limit of 10 peaked at 15-20."""
+    import threading
+    import time
+
+    from rag_resilience.errors import CircuitOpenError
+
+    store = RedisStore(redis_server.url, prefix="p")
+    breaker = CircuitBreaker(3, 30.0, name="chat", store=store, half_open_max_calls=1)
+    limit = ConcurrencyLimit(10, max_waiting=400, wait_timeout=30.0, name="llm", store=store)
+    now = time.time()
+    raw.set(KEY, json.dumps({"s": "open", "oa": now - 60, "ou": now - 1, "oc": 1}))
+    lock = threading.Lock()
+    upstream = {"in": 0, "peak": 0, "probes": 0}
+    in_limit = {"in": 0, "peak": 0}
+    probe_may_finish = threading.Event()
+
+    def enter(counter: dict[str, int]) -> None:
+        with lock:
+            counter["in"] += 1
+            counter["peak"] = max(counter["peak"], counter["in"])
+
+    def leave(counter: dict[str, int]) -> None:
+        with lock:
+            counter["in"] -= 1
+
+    def upstream_call() -> str:  # a probe to the recovering upstream: held until the end
+        with lock:
+            upstream["probes"] += 1
+        probe_may_finish.wait(30.0)
+        return "ok"
+
+    async def probe_call() -> str:
+        return await asyncio.to_thread(upstream_call)
+
+    rejected: list[int] = []
+
+    async def task_call() -> str:
+        async with limit.aslot():
+            enter(in_limit)
+            await asyncio.sleep(0.001)
+            leave(in_limit)
+        try:
+            return await breaker.acall(probe_call)
+        except CircuitOpenError:
+            rejected.append(1)
+            return "rejected"
+
+    def thread_call(out: list[str]) -> None:
+        with limit.slot():
+            enter(in_limit)
+            time.sleep(0.001)
+            leave(in_limit)
+        try:
+            out.append(breaker.call(upstream_call))
+        except CircuitOpenError:
+            rejected.append(1)
+            out.append("rejected")
+
+    thread_out: list[str] = []
+    threads = [threading.Thread(target=thread_call, args=(thread_out,)) for _ in range(20)]
+    for t in threads:
+        t.start()
+    tasks = [asyncio.create_task(task_call()) for _ in range(300)]
+    # every caller has been rejected or is inside the upstream (the probe never ends
+    # before the burst does, so the circuit stays half-open throughout)
+    await _until(lambda: len(rejected) + upstream["probes"] >= 320, "burst done")
+    probe_may_finish.set()
+    results = await asyncio.gather(*tasks)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert in_limit["peak"] <= 10, (store.counters, limit.stats())
+    assert limit.stats()["peak_in_flight"] <= 10
+    assert results.count("ok") + thread_out.count("ok") == 1  # the one probe
+    assert upstream["probes"] == 1
+    assert not store.degraded and store.counters["outages"] == 0, repr(store.last_error)
+    assert raw.zcard(LEASE) == 0
+    await store.aclose()
+
+
+# -- item 6: one clock for shared deadlines ---------------------------------------------
+
+
+class _SkewedClock(SystemClock):
+    """A real clock on a host whose wall clock is `skew` seconds off."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:  # type: ignore[override]
+        return _time.time() + self.skew
+
+
+def test_host_clock_ahead_does_not_evict_other_hosts_leases(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Before: a host whose clock ran 120 s ahead saw every other host's lease as
+    expired and took permits over the limit (8 in flight under a limit of 4)."""
+    a = ConcurrencyLimit(4, name="llm", store=RedisStore(redis_server.url, prefix="p"))
+    ahead = ConcurrencyLimit(
+        4,
+        name="llm",
+        store=RedisStore(redis_server.url, prefix="p"),
+        clock=_SkewedClock(120.0),
+    )
+    for _ in range(4):
+        a.acquire()
+    assert not ahead.try_acquire()
+    assert raw.zcard(LEASE) == 4
+    for _ in range(4):
+        a.release()
+    assert ahead.try_acquire()  # and its lease is on the same clock: not already expired
+    assert a.stats()["global_in_flight"] == 1
+    ahead.release()
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_clock_stepped_back_an_hour_does_not_keep_the_circuit_open(
+    redis_server: RedisServer, tmp_path: Path, kind: str
+) -> None:
+    """Before: a replica whose wall clock was an hour behind read retry_after=3599 s for a
+    circuit another replica opened for 30 s. Redis: both read the server's clock. SQLite
+    (no shared clock): the open period is capped at recovery_timeout."""
+    from rag_resilience.errors import CircuitOpenError
+    from rag_resilience.stores.base import Store
+    from rag_resilience.stores.sqlite import SQLiteStore
+
+    def store() -> Store:
+        if kind == "redis":
+            return RedisStore(redis_server.url, prefix="p")
+        return SQLiteStore(tmp_path / "s.db")
+
+    now = CircuitBreaker(1, 30.0, name="chat", store=store())
+    behind = CircuitBreaker(1, 30.0, name="chat", store=store(), clock=_SkewedClock(-3600.0))
+    with pytest.raises(ConnectionError):
+        now.call(_boom)
+    assert now.get_state().value == "open"
+    assert 0 < behind.retry_after() <= 30.0
+    with pytest.raises(CircuitOpenError) as info:
+        behind.call(lambda: "answer")
+    assert 0 < info.value.retry_after <= 30.0
+
+
+# -- item 7: distributed waiters are served first come, first served --------------------
+
+
+async def test_distributed_waiters_are_served_in_arrival_order(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """Threads on one replica and tasks on another wait for a limit of 1. Before, waiters
+    polled with backoff and a late arrival polling at 5 ms overtook early ones polling at
+    50 ms (p50 5.7 ms, max ~1 s). Now the store queues them: grants follow arrival."""
+    import threading
+
+    a = ConcurrencyLimit(
+        1,
+        max_waiting=10,
+        wait_timeout=20.0,
+        name="llm",
+        store=RedisStore(redis_server.url, prefix="p"),
+    )
+    b = ConcurrencyLimit(
+        1,
+        max_waiting=10,
+        wait_timeout=20.0,
+        name="llm",
+        store=RedisStore(redis_server.url, prefix="p"),
+    )
+    order: list[int] = []
+    a.acquire()  # the holder
+
+    def thread_waiter(i: int) -> None:
+        a.acquire()
+        order.append(i)
+        a.release()
+
+    async def task_waiter(i: int) -> None:
+        await b.aacquire()
+        order.append(i)
+        await b.arelease()
+
+    threads: list[threading.Thread] = []
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(8):
+        if i % 2:
+            tasks.append(asyncio.create_task(task_waiter(i)))
+        else:
+            threads.append(threading.Thread(target=thread_waiter, args=(i,)))
+            threads[-1].start()
+        await _until(lambda n=i + 1: raw.zcard(f"{LEASE}:q") == n, f"waiter {i} queued")
+    a.release()
+    await asyncio.gather(*tasks)
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert order == list(range(8))
+    assert raw.zcard(LEASE) == 0 and raw.zcard(f"{LEASE}:q") == 0

@@ -161,13 +161,35 @@ def test_round_trips_per_operation(prefix: str) -> None:
 
 
 def test_shared_breaker_success_path_is_one_round_trip(prefix: str) -> None:
+    """Without the local view (view_ttl=None): one GET per protected call."""
     client = counting_client(REDIS_URL)
-    breaker = CircuitBreaker(3, 30.0, name="chat", store=RedisStore(client=client, prefix=prefix))
+    store = RedisStore(client=client, prefix=prefix, view_ttl=None)
+    breaker = CircuitBreaker(3, 30.0, name="chat", store=store)
     for _ in range(5):
         client.commands.clear()
         assert breaker.call(lambda: "ok") == "ok"
         assert client.commands == ["GET"]
     client.close()
+
+
+def test_closed_shared_breaker_reads_redis_once_per_view_ttl(prefix: str) -> None:
+    """With the local view, a closed healthy breaker costs one GET per view_ttl per
+    process (a long view_ttl here: one GET for 200 calls), and its own trip is seen at
+    once (writes go through the view)."""
+    client = counting_client(REDIS_URL)
+    store = RedisStore(client=client, prefix=prefix, view_ttl=60.0)
+    breaker = CircuitBreaker(1, 30.0, name="chat", store=store)
+    for _ in range(200):
+        assert breaker.call(lambda: "ok") == "ok"
+    assert client.commands == ["GET"]
+    with pytest.raises(ConnectionError):
+        breaker.call(_down)
+    assert breaker.get_state().value == "open"
+    client.close()
+
+
+def _down() -> None:
+    raise ConnectionError("upstream down")
 
 
 def test_update_conflicts_retry_with_fresh_value(raw: Any, prefix: str) -> None:
@@ -327,7 +349,9 @@ def test_hung_redis_costs_one_op_timeout_then_is_skipped(
             assert store.update("k", lambda v: (v + 1, None)) is None
         assert time.perf_counter() - start < 2.0  # vs 50 x op_timeout = 2.5 s if not skipped
         assert store.get("k") == 51
-        assert store.degraded and store.counters["faults"] == 1
+        # the first timeout is checked by a PING of its own (a burst is not an outage);
+        # an op already waiting when that check fails counts as a second fault
+        assert store.degraded and 1 <= store.counters["faults"] <= 2
         assert len(_warnings(caplog)) == 1
         store.close()
 

@@ -35,7 +35,7 @@ from .errors import CircuitOpenError
 from .events import EventBus, EventKind, Listener
 from .probewait import PROBE_WAIT_CAP, Signal, WaitBudget
 from .slowstart import SlowStart
-from .stores.base import Store
+from .stores.base import Store, shared_time
 from .stores.redis_notify import notifier_for
 
 __all__ = ["CircuitBreaker", "CircuitState"]
@@ -262,8 +262,17 @@ class CircuitBreaker:
     # -- time ---------------------------------------------------------------------------
     def _now(self) -> float:
         clock = get_clock(self.clock)
-        # Shared state must use wall time: monotonic clocks differ between processes.
-        return clock.time() if self.store is not None else clock.monotonic()
+        # Shared state must use one wall clock: monotonic clocks differ between processes,
+        # and hosts' wall clocks drift (the store's own clock when it has one).
+        return shared_time(self.store, clock) if self.store is not None else clock.monotonic()
+
+    def _capped(self, rec: _Record, now: float) -> _Record:
+        """No open period longer than recovery_timeout from `now`: a record written by a
+        host whose clock ran ahead (or read after this clock stepped back) would otherwise
+        keep the circuit open for the skew. The next write stores the capped value."""
+        if rec.state == _OPEN and rec.open_until - now > self.recovery_timeout:
+            rec.open_until = now + self.recovery_timeout
+        return rec
 
     # -- record access (one place decides local vs store) -------------------------------
     def _apply(self, fn: Callable[[_Record, float], Any]) -> tuple[Any, str, str]:
@@ -277,7 +286,7 @@ class CircuitBreaker:
                 return result, old, rec.state
 
         def update(data: Any) -> tuple[Any, tuple[Any, str, str]]:
-            rec = _Record.from_json(data)
+            rec = self._capped(_Record.from_json(data), now)
             old = rec.state
             result = fn(rec, now)
             return rec.to_json(), (result, old, rec.state)
@@ -291,7 +300,7 @@ class CircuitBreaker:
         now = self._now()
 
         def update(data: Any) -> tuple[Any, tuple[Any, str, str]]:
-            rec = _Record.from_json(data)
+            rec = self._capped(_Record.from_json(data), now)
             old = rec.state
             result = fn(rec, now)
             return rec.to_json(), (result, old, rec.state)
@@ -785,7 +794,7 @@ class CircuitBreaker:
         rec = self._snapshot()
         if rec.state != _OPEN:
             return 0.0
-        return max(0.0, rec.open_until - self._now())
+        return max(0.0, min(rec.open_until - self._now(), self.recovery_timeout))
 
     def add_state_listener(self, listener: Callable[[CircuitState, CircuitState], None]) -> None:
         """Call `listener(old, new)` on every transition seen by this instance."""

@@ -398,10 +398,15 @@ def _exc_text(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- Retry-After
 
 
+# A wait beyond any sensible max_retry_after: what `inf` or a 400-digit Retry-After means
+# (before, those read as absent and were retried after ~1 s while 1e9 stopped).
+RETRY_AFTER_TOO_LONG = 1e9
+
+
 def _finite_non_negative(value: float) -> float | None:
-    if math.isnan(value) or math.isinf(value):
+    if math.isnan(value):
         return None
-    return max(0.0, value)
+    return min(max(0.0, value), RETRY_AFTER_TOO_LONG)
 
 
 def parse_retry_after(
@@ -419,7 +424,7 @@ def parse_retry_after(
     if millis is not None:
         try:
             found = _finite_non_negative(float(millis.strip()) / 1000.0)
-        except (ValueError, OverflowError):
+        except ValueError:
             found = None
         if found is not None:
             return found
@@ -429,7 +434,7 @@ def parse_retry_after(
     value = value.strip()
     try:
         return _finite_non_negative(float(value))
-    except (ValueError, OverflowError):
+    except ValueError:
         pass
     try:
         parsed = email.utils.parsedate_tz(value)
@@ -698,10 +703,31 @@ def classify_error(exc: BaseException, *, now: float | None = None) -> ErrorVerd
     if (
         verdict.retryable
         and verdict.reason not in ("circuit_open", "queue_full")
-        and (is_handled(exc) or (decider is not exc and is_handled(decider)))
+        and (
+            is_handled(exc)
+            or (decider is not exc and is_handled(decider))
+            or _handled_in_chain(exc)
+        )
     ):
         verdict = dataclasses.replace(verdict, retryable=False, reason="handled")
     return verdict
+
+
+def _handled_in_chain(exc: BaseException) -> bool:
+    """True if `exc` was raised while handling an error a policy already gave up on, even
+    through ``raise ... from None`` (which hides `__context__` but keeps it): an outer
+    policy must not retry what an inner one retried (4 requests, not 16)."""
+    seen = {id(exc)}
+    todo = [exc.__cause__, exc.__context__]
+    while todo and len(seen) <= _MAX_CHAIN:
+        link = todo.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        if is_handled(link) and not isinstance(link, (CircuitOpenError, QueueFullError)):
+            return True
+        todo += [link.__cause__, link.__context__]
+    return False
 
 
 def make_classifier(user: Classifier | None = None) -> Callable[[BaseException], ErrorVerdict]:

@@ -317,6 +317,7 @@ class StatsCollector:
             self.rejections = 0
             self.degraded = 0
             self.parse_failures = 0
+            self.interrupted = 0  # cancelled or interrupted (KeyboardInterrupt...) calls
             self.errors_by_class: Counter[str] = Counter()
             self.retry_reasons: Counter[str] = Counter()
             self.rejections_by_reason: Counter[str] = Counter()
@@ -365,6 +366,12 @@ class StatsCollector:
         with self._lock:
             self.parse_failures += 1
 
+    def count_interrupted(self) -> None:
+        """A call ended with no outcome (cancelled, interrupted): counted as a call."""
+        with self._lock:
+            self.calls += 1
+            self.interrupted += 1
+
     def _routine(self, kind: EventKind, duration: float | None) -> None:
         """Count an attempt or a live success (no `Event` needed: see `EventBus.publish`)."""
         with self._lock:
@@ -386,6 +393,7 @@ class StatsCollector:
                 "successes": self.successes,
                 "failures": self.failures,
                 "degraded": self.degraded,
+                "interrupted": self.interrupted,
                 "error_rate": (self.failures / calls) if calls else 0.0,
                 "degraded_rate": (self.degraded / calls) if calls else 0.0,
                 "attempts": self.attempts,

@@ -18,6 +18,7 @@ shortly"). Three pieces:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -30,10 +31,10 @@ from typing import Any, Generic, TypeVar, overload
 
 from . import _validate as _v
 from ._counter import AtomicCounter
-from .clock import Clock, get_clock
+from .clock import Clock, SystemClock, get_clock
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
-from .stores.base import Store
+from .stores.base import Store, shared_time
 
 __all__ = ["ConcurrencyLimit", "QueueWorker", "RequestQueue"]
 
@@ -312,7 +313,7 @@ class QueueWorker(Generic[T]):
             try:
                 self.fn(item)
                 ok = True
-            except Exception:
+            except BaseException:  # SystemExit too: it would end this thread silently
                 logger.exception("[%s] fn raised on item %r; worker continues", self.name, item)
             finally:
                 with self._cond:
@@ -387,8 +388,12 @@ class ConcurrencyLimit:
 
     With a shared `store` (``store.shared``), permits are leases at key
     ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
-    processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`), FIFO is not
-    guaranteed across processes, and `in_flight` counts this process's permits only. A
+    processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`; a release in
+    this process wakes its oldest waiter at once), waiters are served first come, first
+    served across processes where the store can queue them (Redis, and the local fallback;
+    see `Store.lease_wait`), and `in_flight` counts this process's permits only. A caller
+    cancelled while its lease request is in flight releases that lease (its token is
+    chosen before the request), so cancellation never strands a permit. A
     background thread renews held leases every `lease_s / 3` seconds while any is held;
     a crashed process stops renewing, so its permits free themselves within `lease_s`.
     `lease_s` must therefore exceed the longest stall of a live process (GC pause, paused
@@ -440,6 +445,10 @@ class ConcurrencyLimit:
         self.key = f"rag_resilience:{name}:limit"
         self._tokens: deque[str | None] = deque()  # None: admitted by the local fallback
         self._dist_waiting = 0
+        # Distributed waiters of this process asleep between polls, oldest first: a
+        # release here wakes the oldest to ask the store at once (it is likely next in
+        # the store's queue), instead of leaving the permit idle until its next poll.
+        self._sleepers: deque[_ThreadWaiter | _AsyncWaiter] = deque()
         # token = random per-instance prefix + counter: unique across processes, and
         # ~10x cheaper than a uuid4 (an os.urandom syscall) per acquisition
         self._token_prefix = uuid.uuid4().hex
@@ -490,7 +499,7 @@ class ConcurrencyLimit:
             }
         if self._store is not None:
             try:
-                now = get_clock(self._clock).time()
+                now = self._now()
                 snapshot["global_in_flight"] = self._store.lease_count(self.key, now)
             except Exception as exc:
                 snapshot["global_in_flight"] = f"unavailable: {exc!r}"
@@ -599,6 +608,8 @@ class ConcurrencyLimit:
                     self._store.lease_release(self.key, token)
                 except Exception as exc:
                     self._warn_store(exc, "release")
+            if self._sleepers:
+                self._wake_sleeper()
             return
         free = self._free
         free.append(None)
@@ -622,6 +633,8 @@ class ConcurrencyLimit:
                     await self._store.alease_release(self.key, token)
                 except Exception as exc:
                     self._warn_store(exc, "release")
+            if self._sleepers:
+                self._wake_sleeper()
             return
         self.release()
 
@@ -748,11 +761,17 @@ class ConcurrencyLimit:
             return True
         return False
 
-    def _lease_once(self, token: str) -> bool:
+    def _now(self) -> float:
+        """Lease times on the store's clock when it has one: a host whose clock runs ahead
+        must not expire other hosts' live leases."""
+        return shared_time(self._store, get_clock(self._clock))
+
+    def _lease_once(self, token: str, wait: bool = False) -> bool:
         assert self._store is not None
-        now = get_clock(self._clock).time()
+        now = self._now()
+        ask = self._store.lease_wait if wait else self._store.lease_acquire
         try:
-            ok = self._store.lease_acquire(self.key, token, self._max, self.lease_s, now)
+            ok = ask(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
         except BaseException:  # interrupted mid-request: the store may have granted it
@@ -760,11 +779,12 @@ class ConcurrencyLimit:
             raise
         return self._after_lease(token, ok, None)
 
-    async def _alease_once(self, token: str) -> bool:
+    async def _alease_once(self, token: str, wait: bool = False) -> bool:
         assert self._store is not None
-        now = get_clock(self._clock).time()
+        now = self._now()
+        ask = self._store.alease_wait if wait else self._store.alease_acquire
         try:
-            ok = await self._store.alease_acquire(self.key, token, self._max, self.lease_s, now)
+            ok = await ask(self.key, token, self._max, self.lease_s, now)
         except Exception as exc:
             return self._after_lease(token, None, exc)
         except BaseException:  # cancelled mid-request: the store may have granted it
@@ -836,18 +856,22 @@ class ConcurrencyLimit:
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
         try:
-            while True:
+            # Queue at once (stores that can serve waiters in arrival order), then poll.
+            acquired = self._lease_once(token, wait=True)
+            while not acquired:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
-                clock.sleep(pause)
-                if self._lease_once(token):
-                    acquired = True
-                    break
+                self._doze(clock, pause)
+                acquired = self._lease_once(token, wait=True)
                 delay = min(delay * 2, _POLL_MAX_S)
         except BaseException:  # cancelled / interrupted while polling
+            if not acquired:
+                self._forget_lease(token)  # leave the queue; release a grant we never saw
             self._leave_wait(acquired, wait_for, cancelled=True)
             raise
+        if not acquired:
+            self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for)
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
@@ -860,19 +884,57 @@ class ConcurrencyLimit:
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
         try:
-            while True:
+            acquired = await self._alease_once(token, wait=True)  # queue at once, then poll
+            while not acquired:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
-                await clock.asleep(pause)
-                if await self._alease_once(token):
-                    acquired = True
-                    break
+                await self._adoze(clock, pause)
+                acquired = await self._alease_once(token, wait=True)
                 delay = min(delay * 2, _POLL_MAX_S)
         except BaseException:  # cancelled / interrupted while polling
+            if not acquired:
+                self._forget_lease(token)  # leave the queue; release a grant we never saw
             self._leave_wait(acquired, wait_for, cancelled=True)
             raise
+        if not acquired:
+            self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for)
+
+    def _wake_sleeper(self) -> None:
+        with self._lock:
+            while self._sleepers:
+                if self._sleepers.popleft().wake():
+                    return
+
+    def _doze(self, clock: Clock, pause: float) -> None:
+        """Sleep between polls: on a real clock, until `pause` or a local release."""
+        if not isinstance(clock, SystemClock):
+            clock.sleep(pause)
+            return
+        sleeper = _ThreadWaiter()
+        with self._lock:
+            self._sleepers.append(sleeper)
+        try:
+            sleeper.wait(pause)
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._sleepers.remove(sleeper)
+
+    async def _adoze(self, clock: Clock, pause: float) -> None:
+        if not isinstance(clock, SystemClock):
+            await clock.asleep(pause)
+            return
+        sleeper = _AsyncWaiter(asyncio.get_running_loop())
+        timer = sleeper.loop.call_later(pause, _resolve, sleeper.future)
+        with self._lock:
+            self._sleepers.append(sleeper)
+        try:
+            await sleeper.future
+        finally:
+            timer.cancel()
+            with self._lock, contextlib.suppress(ValueError):
+                self._sleepers.remove(sleeper)
 
     def _new_token(self) -> str:
         return f"{self._token_prefix}-{next(self._token_seq)}"
@@ -900,7 +962,7 @@ class ConcurrencyLimit:
                 if not held:
                     self._renewer = None
                     return
-            now = get_clock(self._clock).time()
+            now = self._now()
             for token in held:
                 try:
                     ok = store.lease_acquire(self.key, token, self._max, self.lease_s, now)

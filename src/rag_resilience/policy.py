@@ -51,6 +51,7 @@ from .ratelimit import PaceRequest, RateLimiter
 from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
 from .slowstart import SlowStart
 from .stores.base import Store
+from .streams import aclose_upstream, close_upstream
 from .timeouts import run_with_timeout
 
 _logger = logging.getLogger("rag_resilience")
@@ -930,7 +931,9 @@ class ResiliencePolicy:
                 finally:
                     if token is not None:
                         _leave_deadline(token)
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # interrupted while waiting
+                    self.collector.count_interrupted()
                 if token is not None:
                     _leave_deadline(token)
                 raise
@@ -976,6 +979,10 @@ class ResiliencePolicy:
                 if ticket or (breaker is not None and not breaker.quiet):  # else nothing to do
                     breaker.on_success(ticket)  # type: ignore[union-attr]
                 return self._succeeded(value, attempts, started, clock, key, codec)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled/interrupted: still a call
+                self.collector.count_interrupted()
+            raise
         finally:
             if call is not None:
                 call.give()
@@ -1106,7 +1113,9 @@ class ResiliencePolicy:
                 finally:
                     if token is not None:
                         _leave_deadline(token)
-            except BaseException:
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # cancelled while waiting
+                    self.collector.count_interrupted()
                 if token is not None:
                     _leave_deadline(token)
                 raise
@@ -1162,6 +1171,10 @@ class ResiliencePolicy:
                 if key is not _NO_KEY:
                     await self._astore(key, value, codec)
                 return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled/interrupted: still a call
+                self.collector.count_interrupted()
+            raise
         finally:
             if call is not None:
                 await call.agive()
@@ -1292,6 +1305,7 @@ class ResiliencePolicy:
                 self._publish_failure(self._plan(exc, run.attempts, run.started, verdict))
                 raise
             except BaseException:  # closed early (GeneratorExit) or interrupted
+                close_upstream(iterator)  # before `finally` hands the permit on
                 if breaker is not None:
                     breaker.on_abandon(ticket)
                 raise
@@ -1410,6 +1424,7 @@ class ResiliencePolicy:
                 self._publish_failure(self._plan(exc, run.attempts, run.started, verdict))
                 raise
             except BaseException:  # closed early (GeneratorExit), cancelled or interrupted
+                await aclose_upstream(iterator)  # before `finally` hands the permit on
                 if breaker is not None:
                     await breaker.aon_abandon(ticket)
                 raise

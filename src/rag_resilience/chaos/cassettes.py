@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
     "CASSETTE_BASE_URL",
@@ -48,6 +48,9 @@ SECRET_HEADERS = frozenset(
         "authorization",
         "api-key",
         "x-api-key",
+        "x-goog-api-key",
+        "anthropic-api-key",
+        "proxy-authorization",
         "openai-organization",
         "openai-project",
         "cookie",
@@ -69,6 +72,12 @@ _NOISY_HEADERS = frozenset(
 )
 _KEY = re.compile(r"sk-[A-Za-z0-9_\-*]{2,}")
 _BEARER = re.compile(r"Bearer\s+\S+")
+# Keys that do not start with sk-: Google (AIza...), and any JSON field or query parameter
+# named like a credential, whatever its value looks like.
+_GOOGLE_KEY = re.compile(r"AIza[0-9A-Za-z_\-]{20,}")
+_SECRET_NAME = r"(?:api[_-]?key|key|access[_-]?token|token|secret|password|client[_-]?secret)"
+_SECRET_FIELD = re.compile(rf'("{_SECRET_NAME}"\s*:\s*)"[^"]*"', re.IGNORECASE)
+_SECRET_PARAM = re.compile(rf"^{_SECRET_NAME}$", re.IGNORECASE)
 
 
 def cassette_path(name: str) -> Path:
@@ -86,7 +95,17 @@ def list_cassettes() -> list[str]:
 
 
 def _scrub_text(text: str) -> str:
-    return _BEARER.sub("[REDACTED]", _KEY.sub("[REDACTED]", text))
+    text = _BEARER.sub("[REDACTED]", _KEY.sub("[REDACTED]", text))
+    text = _GOOGLE_KEY.sub("[REDACTED]", text)
+    return _SECRET_FIELD.sub(r'\1"[REDACTED]"', text)
+
+
+def _scrub_query(query: str) -> str:
+    if not query:
+        return query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    scrubbed = [(k, "[REDACTED]" if _SECRET_PARAM.match(k) else _scrub_text(v)) for k, v in pairs]
+    return query if scrubbed == pairs else urlencode(scrubbed)
 
 
 def _scrub_body(body: Any) -> Any:
@@ -102,7 +121,7 @@ def _scrub_body(body: Any) -> Any:
 
 def _placeholder(uri: str) -> str:
     parts = urlsplit(uri)
-    return urlunsplit(("http", CASSETTE_HOST, parts.path, parts.query, ""))
+    return urlunsplit(("http", CASSETTE_HOST, parts.path, _scrub_query(parts.query), ""))
 
 
 def scrub_request(request: Any) -> Any:

@@ -23,7 +23,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["JSON", "Store", "UpdateFn"]
+from ..clock import Clock, SystemClock
+
+__all__ = ["JSON", "Store", "UpdateFn", "shared_time"]
 
 JSON = Any  # JSON-serialisable value
 R = TypeVar("R")
@@ -96,6 +98,13 @@ class Store(ABC):
         Returns False (without blocking) when all permits are held.
         """
 
+    def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        """`lease_acquire` for a caller that keeps asking until granted: stores that can
+        (Redis) queue `token` on its first call and grant in arrival order, so waiters of
+        every process are served first come, first served. A waiter that gives up calls
+        `lease_release` with its token to leave the queue. Default: `lease_acquire`."""
+        return self.lease_acquire(key, token, limit, lease_s, now)
+
     @abstractmethod
     def lease_release(self, key: str, token: str) -> None:
         """Give back the permit held by `token` (no error if it already expired)."""
@@ -103,6 +112,12 @@ class Store(ABC):
     @abstractmethod
     def lease_count(self, key: str, now: float) -> int:
         """Permits currently held (unexpired) at `key`."""
+
+    # -- time ------------------------------------------------------------------------
+    def server_time(self) -> float | None:
+        """The store's own wall clock in seconds, the same for every process that shares
+        it (Redis: its `TIME`), or None when the store has none (memory, SQLite)."""
+        return None
 
     # -- async twins -----------------------------------------------------------------
     async def aget(self, key: str) -> JSON | None:
@@ -137,6 +152,11 @@ class Store(ABC):
     ) -> bool:
         return self.lease_acquire(key, token, limit, lease_s, now)
 
+    async def alease_wait(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        return await self.alease_acquire(key, token, limit, lease_s, now)
+
     async def alease_release(self, key: str, token: str) -> None:
         self.lease_release(key, token)
 
@@ -145,3 +165,15 @@ class Store(ABC):
 
     async def aclose(self) -> None:
         self.close()
+
+
+def shared_time(store: Store | None, clock: Clock) -> float:
+    """Wall time for state shared through `store`: the store's clock when it has one and
+    `clock` is a real one (a host whose clock is off by minutes must not expire other
+    hosts' leases or keep a circuit open for an hour), else `clock.time()` (fake clocks in
+    tests, stores without a clock)."""
+    if store is not None and isinstance(clock, SystemClock):
+        now = store.server_time()
+        if now is not None:
+            return now
+    return clock.time()

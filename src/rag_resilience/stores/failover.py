@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from .memory import MemoryStore
 
@@ -48,6 +49,7 @@ class Failover:
         self._retry_at = 0.0
         self._outage_started = 0.0
         self._busy_warned = False
+        self._verifying = False
         self._bad_keys: set[str] = set()
         self.counters = {
             "remote_ops": 0,
@@ -98,13 +100,41 @@ class Failover:
             self.retry_interval,
         )
 
-    def on_busy(self, exc: BaseException) -> None:
+    def on_timeout(self, exc: BaseException, verify: Callable[[], bool]) -> bool:
+        """An operation timed out: a stalled backend, or only a slow reply under a burst
+        (a starved event loop reads late). This op is served as busy at once, and one
+        background check (`verify()`: True if the backend answers) decides; an outage
+        is declared only if it fails. True if treated as busy."""
+        if self.degraded:
+            self.on_fault(exc)
+            return False
+        self.on_busy(exc, warn=False)
+        with self._lock:
+            if self._verifying:
+                return True
+            self._verifying = True
+
+        def check() -> None:
+            try:
+                alive = verify()
+            except Exception:
+                alive = False
+            finally:
+                with self._lock:
+                    self._verifying = False
+            if not alive:
+                self.on_fault(exc)
+
+        threading.Thread(target=check, name=f"{self.kind}-store-check", daemon=True).start()
+        return True
+
+    def on_busy(self, exc: BaseException, *, warn: bool = True) -> None:
         """The backend is up but could not take this operation in time: serve it locally."""
         with self._lock:
             self.counters["busy"] += 1
             self.counters["local_ops"] += 1
-            warned, self._busy_warned = self._busy_warned, True
-        if not warned:
+            warned, self._busy_warned = self._busy_warned, self._busy_warned or warn
+        if warn and not warned:
             logger.warning(
                 "%s store %r busy (%s: %s); this operation served from local state (not an "
                 "outage; see counters['busy'])",

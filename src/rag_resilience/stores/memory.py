@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -12,6 +13,8 @@ from .base import JSON, Store, UpdateFn
 __all__ = ["MemoryStore"]
 
 R = TypeVar("R")
+
+_WAITER_GONE_S = 1.0  # a lease_wait caller silent this long has left the queue
 
 
 class MemoryStore(Store):
@@ -25,6 +28,8 @@ class MemoryStore(Store):
         self._kv: dict[str, tuple[Any, float | None]] = {}
         self._caches: dict[str, OrderedDict[str, tuple[Any, float, float | None]]] = {}
         self._leases: dict[str, dict[str, float]] = {}
+        # waiters of `lease_wait`, oldest first: token -> `now` of its last ask
+        self._lease_queues: dict[str, OrderedDict[str, float]] = {}
 
     # -- key/value
     def _live(self, key: str) -> Any:
@@ -129,11 +134,42 @@ class MemoryStore(Store):
 
     # -- leases
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        return self._lease(key, token, limit, lease_s, now, wait=False)
+
+    def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        """First come, first served, as RedisStore (this store is also Redis's fallback)."""
+        return self._lease(key, token, limit, lease_s, now, wait=True)
+
+    def _lease(
+        self, key: str, token: str, limit: int, lease_s: float, now: float, wait: bool
+    ) -> bool:
         with self._lock:
             held = self._leases.setdefault(key, {})
             for t in [t for t, exp in held.items() if exp <= now]:
                 del held[t]
-            if token in held or len(held) < limit:
+            if token in held:
+                held[token] = now + lease_s
+                return True
+            free = limit - len(held)
+            queue = self._lease_queues.get(key)
+            if not queue:
+                if free > 0:
+                    held[token] = now + lease_s
+                    return True
+                if not wait:
+                    return False
+                queue = self._lease_queues.setdefault(key, OrderedDict())
+            for t in [t for t, seen in queue.items() if seen < now - _WAITER_GONE_S]:
+                del queue[t]  # stopped asking: gone
+            if token not in queue:
+                if free > len(queue):
+                    held[token] = now + lease_s
+                    return True
+                if not wait:
+                    return False
+            queue[token] = now
+            if free > 0 and token in itertools.islice(queue, free):
+                del queue[token]
                 held[token] = now + lease_s
                 return True
             return False
@@ -143,6 +179,9 @@ class MemoryStore(Store):
             held = self._leases.get(key)
             if held is not None:
                 held.pop(token, None)
+            queue = self._lease_queues.get(key)
+            if queue:
+                queue.pop(token, None)
 
     def lease_count(self, key: str, now: float) -> int:
         with self._lock:

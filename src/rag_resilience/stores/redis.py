@@ -15,12 +15,27 @@ Why it looks like this:
   pickle: a cache shared over the network must not be a code-execution hole.
 * **Redis faults never break the caller.** Every operation gives up within `op_timeout`
   (socket timeouts on the clients built here; a refused or reset connection fails at
-  once), then serves from a process-local `MemoryStore`. The first fault of an outage
-  logs one warning on the ``rag_resilience`` logger; Redis is then skipped for
-  `retry_interval` seconds (one probe per interval, so a dead Redis does not add
-  `op_timeout` to every call); the first successful probe logs ``redis back`` and shared
-  state resumes. Local state is not merged back: breaker counters and cache entries
-  written during the outage stay local.
+  once), then serves from process-local state (`stores.failover`). A refused connection
+  or a timeout confirmed by a PING on a connection of its own is an outage: one warning,
+  Redis skipped for `retry_interval` (one probe per interval), ``redis back`` logged when
+  a probe succeeds. Load is not an outage: a pool with no free connection (the pool is a
+  `BlockingConnectionPool` of `max_connections`) or an unconfirmed timeout serves that op
+  locally (``counters["busy"]``), and a lease request Redis was too busy for is simply not
+  granted, so a burst never exceeds the shared limit.
+* **Local state starts from shared state.** Values read from Redis are mirrored locally,
+  so an operation that falls back sees the last shared state (a half-open circuit stays
+  half-open). Reads (`get`) are served from a local view at most `view_ttl` old (own
+  writes go through it), so a closed, healthy shared breaker costs one Redis read per
+  process per `view_ttl`; a trip on another replica is seen within `view_ttl` + one read.
+* **Values fail soft.** An unreadable value (not UTF-8, not JSON, a key of the wrong
+  Redis type) is logged once, read as absent and overwritten by the next write.
+* **Leases are never stranded.** Tokens are chosen by the caller before the script runs;
+  a release also leaves a short-lived tombstone, so a grant that executes after its
+  release (a cancelled or timed-out caller's script) is refused; releases that cannot
+  reach Redis are sent, pipelined, when it is back. Waiters are served first come, first
+  served across processes (a queue in Redis; see `lease_wait`), and lease times use the
+  Redis server's clock (`server_time`), so a host whose clock is off cannot expire
+  other hosts' leases.
 """
 
 from __future__ import annotations
@@ -52,7 +67,11 @@ R = TypeVar("R")
 _MAX_CAS_ATTEMPTS = 1000
 _LEASE_GC_GRACE_S = 60.0  # a lease key whose every holder died disappears this long after
 _TIME_REFRESH_S = 5.0  # how often server_time() re-measures the Redis clock
-_POOL_EMPTY = "No connection available"  # redis-py's BlockingConnectionPool timed out
+_POOL_EMPTY = "No connection available"
+_WAITER_GONE_S = 1.0  # a queued waiter that has not asked again for this long left
+_FLUSH_BATCH = (
+    200  # deferred releases per pipelined round trip  # redis-py's BlockingConnectionPool timed out
+)
 
 # KEYS[1]=key; ARGV: 1 expect_absent ('1'/'0'), 2 expected text, 3 delete ('1'/'0'),
 # 4 new text, 5 ttl in ms (0 = none). Returns {1} when applied, {0, current} otherwise.
@@ -150,25 +169,55 @@ end
 return n
 """
 
-# KEYS: 1 lease zset (token -> expiry), 2 the token's tombstone; ARGV: 1 token, 2 limit,
-# 3 expiry, 4 now, 5 gc ms. A released token's tombstone refuses a grant that arrives
-# late (a script whose caller was cancelled or timed out, executed after the release).
+# KEYS: 1 lease zset (token -> expiry), 2 the token's tombstone, 3 waiter queue (token ->
+# ticket), 4 waiter heartbeats (token -> last ask), 5 ticket counter; ARGV: 1 token,
+# 2 limit, 3 expiry, 4 now, 5 gc ms, 6 wait ('1': queue this token), 7 waiters last seen
+# before this are gone. A released token's tombstone refuses a grant that arrives late (a
+# script whose caller was cancelled or timed out, run after the release). Free permits go
+# to the oldest waiters first; a newcomer takes one only if more are free than wait.
 _LEASE_ACQUIRE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 local px = tonumber(ARGV[5])
-if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
-return 1
+local function grant()
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 1
+end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return grant() end
+local free = tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[1])
+local waiting = redis.call('ZCARD', KEYS[3])
+if waiting == 0 then
+  if free > 0 then return grant() end
+  if ARGV[6] ~= '1' then return 0 end
+else
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])) do
+    redis.call('ZREM', KEYS[3], t)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])
+end
+local rank = redis.call('ZRANK', KEYS[3], ARGV[1])
+if not rank then
+  if free > redis.call('ZCARD', KEYS[3]) then return grant() end
+  if ARGV[6] ~= '1' then return 0 end
+  redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+  rank = redis.call('ZRANK', KEYS[3], ARGV[1])
+end
+if rank < free then return grant() end
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], px) end
+return 0
 """
 
 
-# KEYS: 1 lease zset, 2 the token's tombstone; ARGV: 1 token, 2 tombstone ms.
+# KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
+# ARGV: 1 token, 2 tombstone ms. Also how a waiter that gives up leaves the queue.
 _LEASE_RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
@@ -235,6 +284,12 @@ def _import_redis() -> Any:
     return redis
 
 
+def _not_granted() -> bool:
+    """A lease request Redis was too busy to answer: not granted, the caller waits and
+    asks again (a local grant here would let a burst exceed the shared limit)."""
+    return False
+
+
 def _text(raw: Any) -> str | None:
     """Redis replies are bytes unless the client decodes responses."""
     if raw is None or raw is False:
@@ -277,12 +332,14 @@ class RedisStore(Store):
         op_timeout: float = 0.05,
         retry_interval: float = 1.0,
         max_connections: int = 64,
+        view_ttl: float | None = 0.1,
     ) -> None:
         if url is None and client is None and async_client is None:
             raise ValueError("RedisStore needs url= or client= (and/or async_client=)")
         _v.positive("op_timeout", op_timeout)
         _v.at_least("retry_interval", retry_interval, 0)
         _v.integer("max_connections", max_connections, 1)
+        _v.positive("view_ttl", view_ttl, none_ok=True)
         if not prefix:
             raise ValueError("prefix must be a non-empty string")
         redis = _import_redis()
@@ -300,11 +357,25 @@ class RedisStore(Store):
         self.op_timeout = float(op_timeout)
         self.retry_interval = float(retry_interval)
         self.max_connections = max_connections
+        self.view_ttl = view_ttl
+        # The local view of kv values (`get`): key -> (fresh until, monotonic; value).
+        # One read per key per view_ttl goes to Redis (single flight: concurrent readers
+        # of an expired entry keep the old value while one refreshes it).
+        # Only values Redis answered are viewed (never local fallback state), and never
+        # keys this store wrote with a TTL (their expiry must be seen at once).
+        self._view: dict[str, tuple[float, Any]] = {}
+        self._refreshing: set[str] = set()
+        self._ttl_keys: set[str] = set()
         self._owns_client = client is None and url is not None
         self._client: Any = client if client is not None else None
         if self._client is None and url is not None:
+            # Waiting for a pooled connection is load, not an outage: bounded by op_timeout
+            # and served locally (counters["busy"]) when it runs out.
             pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, **self._client_options(sync=True)
+                url,
+                max_connections=max_connections,
+                timeout=self.op_timeout,
+                **self._client_options(sync=True),
             )
             self._client = redis.Redis(connection_pool=pool)
         self._async_client: Any = async_client
@@ -312,6 +383,8 @@ class RedisStore(Store):
             weakref.WeakKeyDictionary()
         )
         self._health = Failover("redis", self, self.retry_interval)
+        self._checker: Any = None  # one dedicated connection for stall checks
+        self._flushing = False
         self._local = self._health.local
         self._lock = threading.Lock()
         self._warned_no_sync = False
@@ -334,9 +407,6 @@ class RedisStore(Store):
             "socket_timeout": self.op_timeout,
             "socket_connect_timeout": self.op_timeout,
             "retry": retry,
-            # Waiting for a pooled connection is load, not an outage: bounded by op_timeout
-            # and served locally (counters["busy"]) when it runs out.
-            "timeout": self.op_timeout,
         }
 
     # -- health ----------------------------------------------------------------------
@@ -360,11 +430,34 @@ class RedisStore(Store):
         """The in-process store used while Redis is unreachable."""
         return self._local
 
-    def _fault(self, exc: BaseException) -> None:
+    def _fault(self, exc: BaseException) -> bool:
+        """Record a failed operation; True if it was load (pool exhausted, a first
+        timeout), False if it was an outage."""
         if isinstance(exc, self._redis.exceptions.ConnectionError) and _POOL_EMPTY in str(exc):
             self._health.on_busy(exc)
+            return True
+        if isinstance(exc, (self._redis.exceptions.TimeoutError, asyncio.TimeoutError)):
+            return self._health.on_timeout(exc, self._answers)
+        self._health.on_fault(exc)
+        return False
+
+    def _answers(self) -> bool:
+        """Whether Redis answers a PING within op_timeout on a connection of its own (not
+        the pool a burst may have exhausted, not an event loop a burst may starve)."""
+        if self.url is None:
+            client = self._client
+            if client is None:
+                return False
         else:
-            self._health.on_fault(exc)
+            if self._checker is None:
+                self._checker = self._redis.Redis.from_url(
+                    self.url, single_connection_client=True, **self._client_options(sync=True)
+                )
+            client = self._checker
+        try:
+            return bool(client.ping())
+        except self._faults:
+            return False
 
     def _wrongtype(self, exc: BaseException) -> bool:
         return isinstance(exc, self._redis.exceptions.ResponseError) and str(exc).startswith(
@@ -392,7 +485,11 @@ class RedisStore(Store):
         return None if offset is None else now + offset
 
     def _run(
-        self, remote: Callable[[Any], T], local: Callable[[], T], keys: tuple[str, ...] = ()
+        self,
+        remote: Callable[[Any], T],
+        local: Callable[[], T],
+        keys: tuple[str, ...] = (),
+        busy: Callable[[], T] | None = None,
     ) -> T:
         if self._client is None:
             self._no_sync_client()
@@ -412,7 +509,8 @@ class RedisStore(Store):
         except _CallerError as wrapped:
             error: Exception = wrapped.error
         except self._faults as exc:
-            self._fault(exc)
+            if self._fault(exc) and busy is not None:
+                return busy()
             return local()
         else:
             self._health.on_success()
@@ -427,19 +525,44 @@ class RedisStore(Store):
             self._health.bad_value(key, exc)
 
     def _flush(self, client: Any) -> None:
-        """Send the lease releases an outage held back."""
-        pending = self._health.take_pending()
-        script = _SCRIPTS["lease_release"]
+        """Send the lease releases an outage held back: in the background (a user call
+        never waits for them), in pipelined batches (one round trip per batch)."""
+        with self._lock:
+            if self._flushing:
+                return
+            self._flushing = True
+        threading.Thread(
+            target=self._flush_now, args=(client,), name="redis-store-flush", daemon=True
+        ).start()
+
+    def _flush_now(self, client: Any) -> None:
         try:
-            for key, token in pending:
-                script(client, self._no_script, *self._release_call(key, token))
-        except self._faults as exc:
-            for key, token in pending:
-                self._health.defer_release(key, token)
-            self._fault(exc)
+            while True:
+                pending = self._health.take_pending()
+                if not pending:
+                    return
+                try:
+                    sha = client.script_load(_LEASE_RELEASE)  # a restarted Redis lost it
+                    for start in range(0, len(pending), _FLUSH_BATCH):
+                        pipe = client.pipeline(transaction=False)
+                        for key, token in pending[start : start + _FLUSH_BATCH]:
+                            keys, args = self._release_call(key, token)
+                            pipe.evalsha(sha, len(keys), *keys, *args)
+                        pipe.execute()
+                except self._faults as exc:
+                    for key, token in pending:
+                        self._health.defer_release(key, token)
+                    self._fault(exc)
+                    return
+        finally:
+            with self._lock:
+                self._flushing = False
 
     async def _aflush(self, client: Any) -> None:
-        pending = self._health.take_pending()
+        if self._client is not None:
+            self._flush(self._client)
+            return
+        pending = self._health.take_pending()  # async client only: send them here
         script = _SCRIPTS["lease_release"]
         try:
             for key, token in pending:
@@ -478,6 +601,7 @@ class RedisStore(Store):
                     pool = self._redis.asyncio.BlockingConnectionPool.from_url(
                         self.url,
                         max_connections=self.max_connections,
+                        timeout=self.op_timeout,
                         **self._client_options(sync=False),
                     )
                     client = self._redis.asyncio.Redis(connection_pool=pool)
@@ -490,10 +614,11 @@ class RedisStore(Store):
         sync_remote: Callable[[Any], T],
         local: Callable[[], T],
         keys: tuple[str, ...] = (),
+        busy: Callable[[], T] | None = None,
     ) -> T:
         client = self._aclient()
         if client is None:
-            return self._run(sync_remote, local, keys)
+            return self._run(sync_remote, local, keys, busy)
         if not self._health.try_remote():
             return local()
         try:
@@ -508,7 +633,8 @@ class RedisStore(Store):
         except _CallerError as wrapped:
             error: Exception = wrapped.error
         except self._faults as exc:
-            self._fault(exc)
+            if self._fault(exc) and busy is not None:
+                return busy()
             return local()
         else:
             self._health.on_success()
@@ -533,7 +659,7 @@ class RedisStore(Store):
     def _release_call(self, k: str, token: str) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
         and args; the tombstone shares the zset's hash slot."""
-        return [k, f"{k}:gone:{token}"], [token, _ms(_LEASE_GC_GRACE_S)]
+        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, _ms(_LEASE_GC_GRACE_S)]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -555,19 +681,82 @@ class RedisStore(Store):
             self._health.bad_value(self._kv_key(key), exc)
             return None
 
+    def _viewed(self, key: str) -> tuple[bool, Any]:
+        """(True, value) if `get` may answer from the local view; else (False, None) and
+        the caller must read Redis (it is then this key's single refresher)."""
+        if self.view_ttl is None or key in self._ttl_keys:
+            return False, None
+        hit = self._view.get(key)
+        if hit is not None and time.monotonic() < hit[0]:
+            return True, hit[1]
+        with self._lock:
+            if key in self._refreshing and hit is not None:
+                return True, hit[1]  # another caller is refreshing it: the old view stands
+            self._refreshing.add(key)
+        return False, None
+
+    def _seen(self, key: str, value: Any, remote: bool) -> Any:
+        if self.view_ttl is not None:
+            with self._lock:
+                self._refreshing.discard(key)
+                if remote:
+                    self._view[key] = (time.monotonic() + self.view_ttl, value)
+        return value
+
+    def _unview(self, key: str, ttl: float | None = None) -> None:
+        """A write through this store: the next `get` reads Redis."""
+        if ttl is not None and self.view_ttl is not None:
+            with self._lock:
+                if len(self._ttl_keys) < 100_000:
+                    self._ttl_keys.add(key)
+        if self._view:
+            self._view.pop(key, None)
+
     def get(self, key: str) -> JSON | None:
+        """The value at `key`, from a local view at most `view_ttl` old (written through
+        by this store's own writes), so a shared breaker's closed-path check costs one
+        Redis read per process per `view_ttl`, not one per call."""
+        viewed, value = self._viewed(key)
+        if viewed:
+            return value
         k = self._kv_key(key)
-        return self._run(lambda c: self._value(key, c.get(k)), lambda: self._local.get(key), (k,))
+        answered: list[bool] = []
+
+        def remote(c: Any) -> Any:
+            value = self._value(key, c.get(k))
+            answered.append(True)
+            return value
+
+        try:
+            value = self._run(remote, lambda: self._local.get(key), (k,))
+        except BaseException:
+            self._refreshing.discard(key)
+            raise
+        return self._seen(key, value, bool(answered))
 
     async def aget(self, key: str) -> JSON | None:
+        viewed, value = self._viewed(key)
+        if viewed:
+            return value
         k = self._kv_key(key)
+        answered: list[bool] = []
 
         async def remote(c: Any) -> Any:
-            return self._value(key, await c.get(k))
+            value = self._value(key, await c.get(k))
+            answered.append(True)
+            return value
 
-        return await self._arun(
-            remote, lambda c: self._value(key, c.get(k)), lambda: self._local.get(key), (k,)
-        )
+        def sync_remote(c: Any) -> Any:
+            value = self._value(key, c.get(k))
+            answered.append(True)
+            return value
+
+        try:
+            value = await self._arun(remote, sync_remote, lambda: self._local.get(key), (k,))
+        except BaseException:
+            self._refreshing.discard(key)
+            raise
+        return self._seen(key, value, bool(answered))
 
     def _set_args(self, key: str, value: JSON, ttl: float | None) -> tuple[str, str, int | None]:
         text = dumps(value)
@@ -575,6 +764,7 @@ class RedisStore(Store):
 
     def set(self, key: str, value: JSON, ttl: float | None = None) -> None:
         k, text, px = self._set_args(key, value, ttl)
+        self._unview(key, ttl)
 
         def remote(c: Any) -> None:
             if px == 0:  # already expired
@@ -586,6 +776,7 @@ class RedisStore(Store):
 
     async def aset(self, key: str, value: JSON, ttl: float | None = None) -> None:
         k, text, px = self._set_args(key, value, ttl)
+        self._unview(key, ttl)
 
         async def remote(c: Any) -> None:
             if px == 0:
@@ -603,10 +794,12 @@ class RedisStore(Store):
 
     def delete(self, key: str) -> None:
         k = self._kv_key(key)
+        self._unview(key)
         self._run(lambda c: c.delete(k), lambda: self._local.delete(key))
 
     async def adelete(self, key: str) -> None:
         k = self._kv_key(key)
+        self._unview(key)
 
         async def remote(c: Any) -> Any:
             return await c.delete(k)
@@ -627,6 +820,7 @@ class RedisStore(Store):
         except Exception as exc:  # the caller's error, even an OSError, is no Redis fault
             raise _CallerError(exc) from None
         new_text = None if new is None else dumps(new)
+        self._unview(key, ttl)
         if new is None:
             self._local.delete(key)
         else:
@@ -843,26 +1037,67 @@ class RedisStore(Store):
 
     # -- leases ----------------------------------------------------------------------
     def _lease_args(
-        self, key: str, token: str, limit: int, lease_s: float, now: float
+        self, key: str, token: str, limit: int, lease_s: float, now: float, wait: bool = False
     ) -> tuple[list[str], list[Any]]:
         gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
         k = self._lease_key(key)
-        return [k, f"{k}:gone:{token}"], [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+        keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb", f"{k}:seq"]
+        args = [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
+        return keys, [*args, "1" if wait else "0", _num(now - _WAITER_GONE_S)]
+
+    def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now, wait=True)
+        return self._lease_call(key, token, limit, lease_s, now, keys, args, wait=True)
+
+    async def alease_wait(
+        self, key: str, token: str, limit: int, lease_s: float, now: float
+    ) -> bool:
+        keys, args = self._lease_args(key, token, limit, lease_s, now, wait=True)
+        return await self._alease_call(key, token, limit, lease_s, now, keys, args, wait=True)
 
     def lease_acquire(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now)
-        run = self._script("lease_acquire", keys, args)
-        return self._run(
-            lambda c: int(run(c)) == 1,
-            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
-            tuple(keys),
-        )
+        return self._lease_call(key, token, limit, lease_s, now, keys, args)
 
     async def alease_acquire(
         self, key: str, token: str, limit: int, lease_s: float, now: float
     ) -> bool:
         keys, args = self._lease_args(key, token, limit, lease_s, now)
+        return await self._alease_call(key, token, limit, lease_s, now, keys, args)
+
+    def _lease_call(
+        self,
+        key: str,
+        token: str,
+        limit: int,
+        lease_s: float,
+        now: float,
+        keys: list[str],
+        args: list[Any],
+        wait: bool = False,
+    ) -> bool:
+        run = self._script("lease_acquire", keys, args)
+        local = self._local.lease_wait if wait else self._local.lease_acquire
+        return self._run(
+            lambda c: int(run(c)) == 1,
+            lambda: local(key, token, limit, lease_s, now),
+            tuple(keys),
+            _not_granted,
+        )
+
+    async def _alease_call(
+        self,
+        key: str,
+        token: str,
+        limit: int,
+        lease_s: float,
+        now: float,
+        keys: list[str],
+        args: list[Any],
+        wait: bool = False,
+    ) -> bool:
         arun = self._ascript("lease_acquire", keys, args)
+        local = self._local.lease_wait if wait else self._local.lease_acquire
         run = self._script("lease_acquire", keys, args)
 
         async def remote(c: Any) -> bool:
@@ -871,8 +1106,9 @@ class RedisStore(Store):
         return await self._arun(
             remote,
             lambda c: int(run(c)) == 1,
-            lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+            lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
+            _not_granted,
         )
 
     # A release goes to both places: the lease may have been granted by Redis (even by a
@@ -971,6 +1207,8 @@ class RedisStore(Store):
         """Close the clients this store built (clients passed in belong to the caller)."""
         if self._owns_client and self._client is not None:
             self._client.close()
+        if self._checker is not None:
+            self._checker.close()
         self._async_clients = weakref.WeakKeyDictionary()
 
     async def aclose(self) -> None:

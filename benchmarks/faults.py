@@ -1,0 +1,421 @@
+"""Shared state under faults: what a Redis fault costs the calls that go through it.
+
+Usage: python benchmarks/faults.py [--quick] [--json PATH]
+
+Each scenario runs on its own private redis-server (benchmarks/_redis.py) with a
+`ResiliencePolicy` whose circuit breaker and concurrency limit (8 permits) share one
+`RedisStore` (default op_timeout 0.05 s, retry_interval 1 s). 24 asyncio tasks and 3
+threads call a healthy upstream (2 ms) in a loop; the fault strikes after a healthy
+warm-up; calls go on until the store has recovered and a while after. Reported per fault:
+
+- calls: calls made; lost: calls that never finished; failed: calls that raised (the
+  upstream never fails, so every failure is the store's);
+- worst latency of a call, and the worst added latency: worst minus the worst of the
+  healthy warm-up under the same load (27 callers queue for 8 permits on a shared 2-core
+  machine, so a healthy call already waits), against the target op_timeout + 10 ms;
+- peak in flight: the most calls inside the upstream at once (limit 8);
+- leaked: permits still held 1 s after the last call ended (Redis leases, local leases,
+  the limit's own count);
+- recover: seconds from the end of the fault until the store used Redis again.
+
+The 300-task burst runs on a healthy Redis with the circuit half-open
+(half_open_max_calls=1) and a limit of 10: it reports the peak in flight and the number of
+probes admitted. Results go to benchmarks/results/faults.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS_DIR, machine_info, markdown_table, write_json
+from _redis import PrivateRedis
+
+from rag_resilience.breaker import CircuitBreaker
+from rag_resilience.errors import CircuitOpenError
+from rag_resilience.limits import ConcurrencyLimit
+from rag_resilience.policy import ResiliencePolicy
+from rag_resilience.stores.redis import RedisStore
+
+UPSTREAM_S = 0.002
+LIMIT = 8
+LEASE = "faults:lease:{rag_resilience:llm:limit}"
+BREAKER = "faults:kv:rag_resilience:chat:breaker"
+
+
+class Workload:
+    """Tasks and threads calling through one policy; counts everything server-side."""
+
+    def __init__(self, url: str, *, tasks: int = 24, threads: int = 3, pool: int = 64) -> None:
+        self.store = RedisStore(url, prefix="faults", max_connections=pool)
+        self.limit = ConcurrencyLimit(
+            LIMIT, max_waiting=1000, wait_timeout=10.0, name="llm", store=self.store
+        )
+        breaker = CircuitBreaker(5, 30.0, name="chat", store=self.store)
+        self.policy = ResiliencePolicy(breaker=breaker, limit=self.limit, name="faults")
+        self.n_tasks, self.n_threads = tasks, threads
+        self.lock = threading.Lock()
+        self.started = self.done = self.failed = self.cancelled = 0
+        self.latencies: list[tuple[float, float]] = []  # (started at, seconds)
+        self.inside = self.peak = 0
+        self.errors: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.threads: list[threading.Thread] = []
+
+    def _enter(self) -> None:
+        with self.lock:
+            self.inside += 1
+            self.peak = max(self.peak, self.inside)
+
+    def _leave(self) -> None:
+        with self.lock:
+            self.inside -= 1
+
+    async def upstream(self) -> str:
+        self._enter()
+        try:
+            await asyncio.sleep(UPSTREAM_S)
+        finally:
+            self._leave()
+        return "ok"
+
+    def sync_upstream(self) -> str:
+        self._enter()
+        try:
+            time.sleep(UPSTREAM_S)
+        finally:
+            self._leave()
+        return "ok"
+
+    def _record(self, t0: float, error: BaseException | None) -> None:
+        with self.lock:
+            self.latencies.append((t0, time.perf_counter() - t0))
+            if error is None:
+                self.done += 1
+            else:
+                self.failed += 1
+                name = type(error).__name__
+                self.errors[name] = self.errors.get(name, 0) + 1
+
+    async def task_loop(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            with self.lock:
+                self.started += 1
+            try:
+                await self.policy.acall(self.upstream)
+            except asyncio.CancelledError:
+                with self.lock:
+                    self.cancelled += 1
+                raise
+            except Exception as exc:
+                self._record(t0, exc)
+            else:
+                self._record(t0, None)
+
+    def thread_loop(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            with self.lock:
+                self.started += 1
+            try:
+                self.policy.call(self.sync_upstream)
+            except Exception as exc:
+                self._record(t0, exc)
+            else:
+                self._record(t0, None)
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self.task_loop()) for _ in range(self.n_tasks)]
+        self.threads = [threading.Thread(target=self.thread_loop) for _ in range(self.n_threads)]
+        for t in self.threads:
+            t.start()
+
+    async def finish(self) -> int:
+        """Stop the callers; the number of calls that never finished (lost)."""
+        self.stop.set()
+        _, pending = await asyncio.wait(self.tasks, timeout=15.0) if self.tasks else ((), ())
+        for t in self.threads:
+            await asyncio.to_thread(t.join, 15.0)
+        lost = len(pending) + sum(t.is_alive() for t in self.threads)
+        for task in pending:
+            task.cancel()
+        return lost
+
+
+async def _until(condition: Callable[[], bool], limit_s: float) -> float | None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        if condition():
+            return time.perf_counter() - start
+        await asyncio.sleep(0.005)
+    return None
+
+
+# -- faults: each gets the server and the workload, returns when the fault is over ----------
+async def stall(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    sock = server.stall(1.0)
+    await asyncio.to_thread(sock.recv, 64)
+    sock.close()
+
+
+async def kill(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    server.kill()
+    await asyncio.sleep(1.0)
+    server.start()
+
+
+async def restart(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    server.kill()
+    server.start()
+
+
+async def flush(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    admin.flushall()
+
+
+async def garbage(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    admin.delete(LEASE)  # the lease set becomes a list (WRONGTYPE) once: the permits it
+    admin.rpush(LEASE, "not a lease set")  # held are gone, as after a FLUSHALL
+    for _ in range(20):  # the breaker's value is garbage again every 50 ms for a second
+        admin.set(BREAKER, b"\x80garbage{")
+        await asyncio.sleep(0.05)
+
+
+async def nothing(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    await asyncio.sleep(1.0)  # the fault is the workload itself (pool of 4, 200 callers)
+
+
+async def cancel_storm(server: PrivateRedis, w: Workload, admin: Any) -> None:
+    rng = random.Random(17)
+    end = time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        await asyncio.sleep(rng.random() * 0.004)
+        victim = rng.randrange(len(w.tasks))
+        w.tasks[victim].cancel()
+        w.tasks[victim] = asyncio.create_task(w.task_loop())
+
+
+SCENARIOS: list[tuple[str, Callable[..., Awaitable[None]], dict[str, Any]]] = [
+    ("Redis stall 1 s (DEBUG SLEEP)", stall, {}),
+    ("Redis killed, back after 1 s", kill, {}),
+    ("Redis restarted", restart, {}),
+    ("FLUSHALL", flush, {}),
+    ("garbage values for 1 s", garbage, {}),
+    ("pool exhaustion (pool 4, 200 tasks)", nothing, {"tasks": 200, "pool": 4}),
+    ("cancellation storm (1 s)", cancel_storm, {}),
+]
+
+
+async def run_scenario(
+    name: str, fault: Callable[..., Awaitable[None]], opts: dict[str, Any], warm_s: float
+) -> dict[str, Any]:
+    with PrivateRedis() as server:
+        admin = server.client()
+        w = Workload(server.url, **opts)
+        w.start()
+        await asyncio.sleep(warm_s)
+        healthy = [s for _, s in w.latencies]
+        base_worst = max(healthy) if healthy else UPSTREAM_S  # same load, no fault
+        remote_before = w.store.counters["remote_ops"]
+        await fault(server, w, admin)
+        ended = time.perf_counter()
+        store = w.store
+        recovered = await _until(
+            lambda: not store.degraded and store.counters["remote_ops"] > remote_before, 10.0
+        )
+        await asyncio.sleep(warm_s)
+        lost = await w.finish()
+        await asyncio.sleep(1.0)  # "permits held 1 s after the fault ends" (and calls end)
+        try:
+            redis_leases = int(admin.zcard(LEASE)) if admin.type(LEASE) == b"zset" else 0
+        except Exception:
+            redis_leases = -1
+        leaked = redis_leases + store.local.lease_count("rag_resilience:llm:limit", 0.0)
+        leaked += w.limit.in_flight
+        lat = sorted(s for _, s in w.latencies)
+        worst = lat[-1] if lat else 0.0
+        row = {
+            "fault": name,
+            "calls": w.started,
+            "lost": lost,
+            "failed": w.failed,
+            "errors": w.errors,
+            "cancelled_by_storm": w.cancelled,
+            "worst_ms": round(worst * 1000, 1),
+            "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 1) if lat else None,
+            "healthy_worst_ms": round(base_worst * 1000, 1),
+            "worst_added_ms": round(max(0.0, worst - base_worst) * 1000, 1),
+            "peak_in_flight": w.peak,
+            "leaked_permits": leaked,
+            "recover_s": None if recovered is None else round(recovered, 3),
+            "since_fault_end_s": round(time.perf_counter() - ended, 1),
+            "store": store.counters,
+        }
+        await store.aclose()
+        admin.close()
+    return row
+
+
+async def burst(n: int = 300, threads: int = 20) -> dict[str, Any]:
+    """A burst on a healthy Redis with the circuit half-open: both bounds must hold."""
+    with PrivateRedis() as server:
+        admin = server.client()
+        store = RedisStore(server.url, prefix="faults")
+        breaker = CircuitBreaker(3, 30.0, name="chat", store=store, half_open_max_calls=1)
+        limit = ConcurrencyLimit(10, max_waiting=1000, wait_timeout=30.0, name="llm", store=store)
+        now = time.time()
+        admin.set(BREAKER, json.dumps({"s": "open", "oa": now - 60, "ou": now - 1, "oc": 1}))
+        lock = threading.Lock()
+        state = {"in": 0, "peak": 0, "probes": 0, "rejected": 0}
+        release = threading.Event()
+
+        def probe() -> str:
+            with lock:
+                state["probes"] += 1
+            release.wait(30.0)
+            return "ok"
+
+        async def aprobe() -> str:
+            return await asyncio.to_thread(probe)
+
+        def count(delta: int) -> None:
+            with lock:
+                state["in"] += delta
+                state["peak"] = max(state["peak"], state["in"])
+
+        async def task() -> None:
+            async with limit.aslot():
+                count(1)
+                await asyncio.sleep(0.001)
+                count(-1)
+            try:
+                await breaker.acall(aprobe)
+            except CircuitOpenError:
+                with lock:
+                    state["rejected"] += 1
+
+        def thread() -> None:
+            with limit.slot():
+                count(1)
+                time.sleep(0.001)
+                count(-1)
+            try:
+                breaker.call(probe)
+            except CircuitOpenError:
+                with lock:
+                    state["rejected"] += 1
+
+        started = time.perf_counter()
+        ts = [threading.Thread(target=thread) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        tasks = [asyncio.create_task(task()) for _ in range(n)]
+        await _until(lambda: state["rejected"] + state["probes"] >= n + threads, 60.0)
+        elapsed = time.perf_counter() - started
+        release.set()
+        await asyncio.gather(*tasks)
+        for t in ts:
+            await asyncio.to_thread(t.join, 10.0)
+        row = {
+            "fault": f"burst: {n} tasks + {threads} threads, half-open, limit 10",
+            "calls": n + threads,
+            "peak_in_flight": state["peak"],
+            "limit": 10,
+            "half_open_admitted": state["probes"],
+            "half_open_bound": 1,
+            "seconds": round(elapsed, 3),
+            "store": store.counters,
+            "leases_left": int(admin.zcard(LEASE)),
+        }
+        await store.aclose()
+        admin.close()
+    return row
+
+
+async def main_async(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    warm = 0.3 if quick else 0.5
+    rows = [await run_scenario(name, fault, opts, warm) for name, fault, opts in SCENARIOS]
+    return rows, await burst(60 if quick else 300, 4 if quick else 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter phases (smoke test)")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "faults.json")
+    args = parser.parse_args(argv)
+    logging.getLogger("rag_resilience").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    rows, burst_row = asyncio.run(main_async(args.quick))
+    total = time.perf_counter() - started
+    print(
+        markdown_table(
+            [
+                "fault",
+                "calls",
+                "lost",
+                "failed",
+                "healthy worst ms",
+                "worst ms",
+                "worst added ms",
+                "peak in flight (limit 8)",
+                "permits leaked 1 s after",
+                "recover s",
+            ],
+            [
+                [
+                    r["fault"],
+                    r["calls"],
+                    r["lost"],
+                    r["failed"],
+                    r["healthy_worst_ms"],
+                    r["worst_ms"],
+                    r["worst_added_ms"],
+                    r["peak_in_flight"],
+                    r["leaked_permits"],
+                    "-" if r["recover_s"] is None else r["recover_s"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(
+        f"\n{burst_row['fault']}: peak in flight {burst_row['peak_in_flight']} "
+        f"(limit {burst_row['limit']}), half-open admitted {burst_row['half_open_admitted']} "
+        f"(bound {burst_row['half_open_bound']}), leases left {burst_row['leases_left']}"
+    )
+    targets = {
+        "no_call_lost_or_failed": all(r["lost"] == 0 and r["failed"] == 0 for r in rows),
+        "no_permit_leaked": all(r["leaked_permits"] == 0 for r in rows),
+        "burst_limit_held": burst_row["peak_in_flight"] <= burst_row["limit"],
+        "burst_half_open_bound_held": burst_row["half_open_admitted"]
+        <= burst_row["half_open_bound"],
+        "worst_added_ms_le_op_timeout_plus_10": max(r["worst_added_ms"] for r in rows) <= 60.0,
+    }
+    for name, ok in targets.items():
+        print(f"target {name}: {'ok' if ok else 'MISSED'}")
+    print(f"\nran in {total:.1f} s")
+    payload = {
+        "benchmark": "faults",
+        "machine": machine_info(),
+        "seconds": round(total, 1),
+        "rows": rows,
+        "burst": burst_row,
+        "targets": targets,
+    }
+    print(f"wrote {write_json('faults', payload, args.json)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
