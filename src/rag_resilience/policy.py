@@ -31,6 +31,7 @@ from .clock import Clock, get_clock
 from .deadline import current as _current_deadline
 from .deadline import enter as _enter_deadline
 from .deadline import leave as _leave_deadline
+from .degraded import nested as _nested
 from .errors import CircuitOpenError, DeadlineExceededError, QueueFullError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
@@ -148,6 +149,7 @@ class _PolicyStats(StatsCollector):
 _FALLBACK = EventKind.FALLBACK
 _FAILURE = EventKind.FAILURE
 _SUCCESS = EventKind.SUCCESS
+_NESTED: dict[str, Any] = {"nested": True}  # `Event.extra` of a call inside an outer wrapper
 
 
 @dataclass(slots=True)
@@ -646,8 +648,20 @@ class ResiliencePolicy:
             collector.record_live(attempts, duration)
         events = self.events
         if events.routine:
-            events.publish(_SUCCESS, self.name, attempt=attempts, duration=duration)
+            if _nested(self):  # one component of an outer wrapper's user call
+                events.publish(
+                    _SUCCESS, self.name, attempt=attempts, duration=duration, extra=_NESTED
+                )
+            else:
+                events.publish(_SUCCESS, self.name, attempt=attempts, duration=duration)
         return Served(value, "live", attempts)
+
+    def count_inner_degraded(self, source: str) -> None:
+        """An outer wrapper (a chain) answered live on a degraded inner answer: count the
+        call degraded from `source`, not live."""
+        reclassify = getattr(self.collector, "reclassify_degraded", None)
+        if reclassify is not None:
+            reclassify(source)
 
     def _check(self, plan: _Degrade) -> None:
         """Caller's own errors are never masked: re-raise them untouched."""
@@ -750,6 +764,7 @@ class ResiliencePolicy:
             age_s=age,
             duration=clock.monotonic() - plan.started,
             reason=plan.verdict.reason,
+            extra=_NESTED if _nested(self) else None,
         )
         return Served(value, source, plan.attempts, age, True, plan.error, index)
 
@@ -769,6 +784,7 @@ class ResiliencePolicy:
             error=plan.error,
             reason=plan.verdict.reason,
             duration=clock.monotonic() - plan.started,
+            extra=_NESTED if _nested(self) else None,
         )
 
     def _give_up(self, plan: _Degrade) -> None:

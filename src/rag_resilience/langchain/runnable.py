@@ -155,6 +155,8 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
                 age_s=max(ages) if ages else None,
                 via="inner",
             )
+            # built on a degraded inner answer: a degraded call, not a live one
+            self._policy.count_inner_degraded(str(meta["source"]))
         return meta
 
     def _finish(self, output: Any, meta: dict[str, Any], run_manager: Any) -> Any:
@@ -178,7 +180,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
     def _invoke(self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Any:
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         try:
             served = self._policy.execute(
                 lambda x: self.bound.invoke(x, child, **kwargs),
@@ -204,7 +206,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
     ) -> Any:
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         try:
             served = await self._policy.aexecute(
                 lambda x: self.bound.ainvoke(x, child, **kwargs),
@@ -242,7 +244,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
     ) -> Iterator[Any]:
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
@@ -290,7 +292,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         async for value in inputs:
             input = value
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)

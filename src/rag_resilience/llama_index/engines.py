@@ -210,7 +210,7 @@ class ResilientQueryEngine(BaseQueryEngine):
 
     # -- runs ----------------------------------------------------------------------------
     def _run(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
-        with track_degraded() as scope:
+        with track_degraded(self._policy) as scope:
             inner = self._inner
             response = (
                 inner._query(query_bundle)
@@ -220,7 +220,7 @@ class ResilientQueryEngine(BaseQueryEngine):
         return _checked(response, scope)
 
     async def _arun(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
-        with track_degraded() as scope:
+        with track_degraded(self._policy) as scope:
             inner = self._inner
             response = await (
                 inner._aquery(query_bundle)
@@ -397,7 +397,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> AGENT_CHAT_RESPONSE_TYPE:
         def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = self._inner.chat(message, chat_history)
             return _checked(response, scope)
 
@@ -411,7 +411,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> StreamingAgentChatResponse:
         def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = self._inner.stream_chat(message, chat_history)
             return _checked(response, scope)
 
@@ -426,7 +426,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> AGENT_CHAT_RESPONSE_TYPE:
         async def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = await self._inner.achat(message, chat_history)
             return _checked(response, scope)
 
@@ -440,7 +440,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> StreamingAgentChatResponse:
         async def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = await self._inner.astream_chat(message, chat_history)
             return _checked(response, scope)
 
