@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CircuitOpenError, DeadlineExceededError, QueueFullError, is_handled
+from .errors import (
+    CircuitOpenError,
+    DeadlineExceededError,
+    QueueFullError,
+    is_handled,
+    is_malformed_response,
+)
 
 __all__ = [
     "Classifier",
@@ -593,6 +599,8 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
         if exc.scope == "attempt":
             return _retryable("timeout")
         return ErrorVerdict(False, True, True, "deadline")
+    if is_malformed_response(exc):  # a 200 whose body is not the API's: the upstream's fault
+        return _retryable("malformed_response")
     if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, CancelledError...
         name = "cancelled" if type(exc).__name__ in _CANCELLED_NAMES else "interrupted"
         return ErrorVerdict(False, False, False, name)

@@ -14,6 +14,7 @@ with its age -> the generic message -> the original error. Every answer carries
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..adapters import accepts_request_timeout, model_identity, request_timeout
 from ..degraded import note_degraded
+from ..errors import mark_malformed_response
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from . import _common as c
 
@@ -108,9 +110,14 @@ class _Target:
                     run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
                 chunks.append(chunk)
             return generate_from_stream(iter(chunks))
-        if self.gen_rm:
-            return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
-        return model._generate(messages, stop=stop, **kwargs)
+        try:
+            if self.gen_rm:
+                return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+            return model._generate(messages, stop=stop, **kwargs)
+        except ValueError as exc:
+            if self.timed:
+                _mark_sdk_read_error(exc)
+            raise
 
     def _streams(self, async_api: bool, run_manager: Any, kwargs: dict[str, Any]) -> bool:
         if not (self.astream if async_api else self.stream):
@@ -152,9 +159,16 @@ class _Target:
                     await run_manager.on_llm_new_token(str(chunk.message.content), chunk=chunk)
                 chunks.append(chunk)
             return generate_from_stream(iter(chunks))
-        if self.agen_rm:
-            return await model._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
-        return await model._agenerate(messages, stop=stop, **kwargs)
+        try:
+            if self.agen_rm:
+                return await model._agenerate(
+                    messages, stop=stop, run_manager=run_manager, **kwargs
+                )
+            return await model._agenerate(messages, stop=stop, **kwargs)
+        except ValueError as exc:
+            if self.timed:
+                _mark_sdk_read_error(exc)
+            raise
 
     def stream_chunks(
         self,
@@ -238,6 +252,14 @@ class _Target:
             ]
 
         return call
+
+
+def _mark_sdk_read_error(exc: ValueError) -> None:
+    """A 200 the SDK could not read as the API's answer is an upstream fault: a truncated
+    JSON body (`json.JSONDecodeError`) or langchain-openai's "Unexpected response type"
+    (the SDK handed back a text/plain body as a `str`). Other ValueErrors are left alone."""
+    if isinstance(exc, json.JSONDecodeError) or str(exc).startswith("Unexpected response type"):
+        mark_malformed_response(exc)
 
 
 class _Runtime:
