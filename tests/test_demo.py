@@ -5,6 +5,7 @@ not run here."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,21 @@ def test_real_without_key_exits_with_a_clear_message(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert main(["--real"]) == 2
     assert "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_a_framework_that_is_not_installed_is_skipped_and_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `[langchain]`-only install: the default run (both) runs LangChain and says that
+    LlamaIndex was skipped, instead of failing with ModuleNotFoundError (issue 18)."""
+    monkeypatch.setitem(sys.modules, "llama_index.llms.openai", None)  # import fails
+    data = _run(tmp_path, "--scenario", "normal")
+    out = capsys.readouterr().out
+    assert data["frameworks"] == ["langchain"]
+    assert "llama-index" in data["skipped"] and "rag-resilience[llama-index]" in out
+    assert "Skipped llama-index" in out
+    assert [r["framework"] for r in data["results"]] == ["langchain"]
+
+    monkeypatch.setitem(sys.modules, "langchain_openai", None)  # nothing left to run
+    assert main(["--scenario", "normal", "--quick"]) == 2
+    assert "not installed" in capsys.readouterr().err
