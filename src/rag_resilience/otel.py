@@ -72,6 +72,8 @@ class OTelListener:
         outcome = _OUTCOME.get(kind)
         if outcome is not None:
             attrs["outcome"] = outcome
+            if event.extra is not None and event.extra.get("nested") is True:
+                attrs["nested"] = True  # a component of an outer wrapper's user call
             if event.served_from is not None:
                 attrs["source"] = event.served_from
             self._calls.add(1, attrs)

@@ -1,15 +1,19 @@
 """`ResilienceCallbackHandler`: metrics for every LLM run it sees, and a breaker guard for
 components you did not wrap.
 
-Where the numbers come from:
+`stats()` has the snapshot shape of `policy.stats()` (README, "Reading stats()"): per user
+call (calls = live + degraded + errors) apart from per component (attempts, retries,
+rejections, breaker transitions). Where the numbers come from:
 
-* every chat model / LLM run it is attached to: calls, errors by class, latency
-  (``on_*_start`` -> ``on_llm_end``/``on_llm_error``, matched by run id);
 * our wrappers (ResilientLLM, ResilientEmbeddings, with_resilience) dispatch a LangChain
-  custom event named ``"rag_resilience"`` after each call, with how it was served
-  (source, attempts, age, breaker state): retries, fallbacks served by source,
-  rejections and breaker transitions come from those, scoped to the runs the handler
-  is attached to. (Custom events also show up in ``astream_events``.)
+  custom event named ``"rag_resilience"`` after each call (an embeddings call only when it
+  was retried or degraded), with how it was served (source, attempts, age, breaker state,
+  and ``nested`` when it ran inside an outer wrapper's call): a nested call counts per
+  component only, so a chain's user call is counted once. (Custom events also show up in
+  ``astream_events``.)
+* unwrapped chat model / LLM runs it is attached to (``on_*_start`` ->
+  ``on_llm_end``/``on_llm_error``, matched by run id): a user call each, or a component
+  when an outer wrapper's call encloses them; latency is timed for user calls;
 * `watch(wrapper_or_policy)` additionally subscribes to a policy's own engine events
   for exact per-attempt numbers (they appear under ``stats()["engine"]``).
 
