@@ -4,7 +4,8 @@
     GET /stats       policy stats of the chain, the LLM and the embeddings, and the
                      ResilienceCallbackHandler's numbers
 
-Run it (starts the bundled chaos server when OPENAI_BASE_URL is not set):
+Install what it needs with ``pip install "rag-resilience[examples]"`` (LangChain, FastAPI,
+uvicorn). Run it (starts the bundled chaos server when OPENAI_BASE_URL is not set):
 
     python examples/fastapi_app.py            # serves on http://127.0.0.1:8000
     python examples/fastapi_app.py --selftest # in-process: a few requests, through an outage

@@ -5,6 +5,7 @@ not run here."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,47 @@ def test_real_without_key_exits_with_a_clear_message(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert main(["--real"]) == 2
     assert "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_a_framework_that_is_not_installed_is_skipped_and_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `[langchain]`-only install: the default run (both) runs LangChain and says that
+    LlamaIndex was skipped, instead of failing with ModuleNotFoundError (issue 18)."""
+    monkeypatch.setitem(sys.modules, "llama_index.llms.openai", None)  # import fails
+    data = _run(tmp_path, "--scenario", "normal")
+    out = capsys.readouterr().out
+    assert data["frameworks"] == ["langchain"]
+    assert "llama-index" in data["skipped"] and "rag-resilience[llama-index]" in out
+    assert "Skipped llama-index" in out
+    assert [r["framework"] for r in data["results"]] == ["langchain"]
+
+    monkeypatch.setitem(sys.modules, "langchain_openai", None)  # nothing left to run
+    assert main(["--scenario", "normal", "--quick"]) == 2
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_readme_demo_table_is_generated_from_json_runs(tmp_path: Path) -> None:
+    """scripts/demo_table.py turns `--json` runs into the README's table of ranges."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("demo_table", root / "scripts" / "demo_table.py")
+    assert spec is not None and spec.loader is not None
+    demo_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_table)
+
+    def run(seed: int, errors: int) -> dict[str, Any]:
+        side = {"requests": 20, "errors": 0, "degraded": 3, "upstream_calls": 30}
+        plain = {"requests": 20, "errors": errors, "degraded": 0, "upstream_calls": 60}
+        result = {"framework": "langchain", "wrapped": side, "unwrapped": plain}
+        return {"seed": seed, "scenarios": ["normal"], "results": [result]}
+
+    text = demo_table.table([run(1, 2), run(2, 7)])
+    assert "| LangChain | with rag-resilience | 0% | 3 | 1.50 |" in text
+    assert "| LangChain | without | 10%–35% | 0 | 3.00 |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{demo_table.START}\nold\n{demo_table.END}\nb\n")
+    demo_table.write(readme, text)
+    assert "old" not in readme.read_text() and text in readme.read_text()
+    assert demo_table.START in (root / "README.md").read_text()  # the README has the markers

@@ -258,7 +258,12 @@ def test_stats_collector_counts(no_globals: None) -> None:
     assert s["attempts"] == 4 and s["retries"] == 1
     assert s["error_rate"] == pytest.approx(1 / 3) and s["degraded_rate"] == pytest.approx(1 / 3)
     assert s["retry_reasons"] == {"http_503": 1}
-    assert s["errors_by_class"] == {"ConnectionError": 1, "TimeoutError": 1}
+    # what users saw apart from what attempts met (issue 18: errors 0 beside 12 by class)
+    assert s["errors"] == s["failures"] == 1 and s["live"] == 1
+    assert s["calls"] == s["live"] + s["degraded"] + s["errors"]
+    assert s["errors_by_class"] == {"TimeoutError": 1}
+    assert s["attempt_errors_by_class"] == {"ConnectionError": 1, "TimeoutError": 1}
+    assert s["retries_by_reason"] == s["retry_reasons"] and s["degraded_by_source"] == {"cache": 1}
     assert s["rejections"] == 1 and s["rejections_by_reason"] == {"circuit_open": 1}
     assert s["fallbacks_by_source"] == {"cache": 1}
     assert s["breaker_transitions"] == {"closed->open": 1}

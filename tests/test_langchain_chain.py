@@ -233,7 +233,9 @@ def test_handler_breaker_guards_an_unwrapped_model(clock: FakeClock) -> None:
         flaky.invoke("q", config={"callbacks": [handler]})
     assert calls["n"] == 2  # failed fast: the model was not called
     stats = handler.stats()
-    assert stats["errors_by_class"] == {"ConnectionError": 2}
+    # the rejected call raised CircuitOpenError to its caller: a user-facing error too
+    assert stats["errors_by_class"] == {"ConnectionError": 2, "CircuitOpenError": 1}
+    assert (stats["calls"], stats["live"], stats["errors"], stats["attempts"]) == (4, 1, 3, 3)
     assert stats["rejections"] == 1
     assert stats["breaker_transitions"].get("closed->open") == 1
     assert stats["latency_s"]["count"] == 3

@@ -17,6 +17,7 @@ from .clock import Clock, SystemClock, get_clock, set_default_clock
 from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
+    MalformedResponseError,
     QueueFullError,
     RateLimitedError,
     ResilienceError,
@@ -63,6 +64,7 @@ __all__ = [
     "EventKind",
     "GracefulFallbacks",
     "LoggingListener",
+    "MalformedResponseError",
     "MemoryStore",
     "QueueFullError",
     "QueueWorker",
@@ -102,11 +104,20 @@ _LAZY = {
 }
 
 
+# Submodules reachable as attributes after a plain `import rag_resilience` (the README's
+# `rag_resilience.add_listener(rag_resilience.otel.OTelListener())`), imported on first use.
+_SUBMODULES = frozenset(
+    {"chaos", "deadline", "langchain", "llama_index", "openai_client", "otel", "stores", "testing"}
+)
+
+
 def __getattr__(name: str) -> Any:
-    # Optional dependencies (openai, redis) load only when these names are used.
+    # Optional dependencies (openai, redis, frameworks) load only when these names are used.
+    from importlib import import_module
+
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
     return getattr(import_module(module, __name__), name)

@@ -5,6 +5,7 @@ Framework-free: they inspect wrapped objects duck-typed, never import a framewor
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import warnings
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .deadline import bound as _bound
+from .errors import MalformedResponseError, mark_malformed_response
 
 __all__ = [
     "NestedRetriesWarning",
     "accepts_request_timeout",
+    "check_answer",
     "inner_max_retries",
     "model_identity",
     "request_timeout",
@@ -109,17 +112,37 @@ def request_timeout(attempt_timeout: float | None, given: Any = None) -> Any:
 
 
 def timed_call(fn: Callable[..., Any], attempt_timeout: float | None) -> Callable[..., Any]:
-    """`fn` called with ``timeout=request_timeout(...)`` read at each attempt (so a retry
-    gets what is left of the deadline, not what was left when the call began)."""
+    """An SDK-backed sync call: `fn` called with ``timeout=request_timeout(...)`` read at
+    each attempt (so a retry gets what is left of the deadline, not what was left when
+    the call began). A `json.JSONDecodeError` out of it is the SDK reading a truncated 200
+    body: it is marked an upstream fault (retried, breaker-counted) and re-raised."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         timeout = request_timeout(attempt_timeout, kwargs.get("timeout"))
         if timeout is not None:
             kwargs["timeout"] = timeout
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except json.JSONDecodeError as exc:
+            mark_malformed_response(exc)
+            raise
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]  # what it calls (telemetry reads it)
     return call
+
+
+def check_answer(value: Any, expected: type | tuple[type, ...], what: str) -> Any:
+    """`value` if it is an `expected` answer; else the upstream sent a 200 that is not the
+    API's answer (the openai SDK hands a text/plain body back as a bare `str`): raise
+    `MalformedResponseError`, an upstream fault, rather than serve it as a live answer."""
+    if isinstance(value, expected):
+        return value
+    excerpt = str(value)[:200]
+    raise MalformedResponseError(
+        f"{what}: the upstream answered 200 with a {type(value).__name__} instead of the "
+        f"API's answer: {excerpt!r}",
+        body=excerpt,
+    )
 
 
 def reset_warnings() -> None:

@@ -30,6 +30,7 @@ from .errors import (
     QueueFullError,
     RateLimitedError,
     is_handled,
+    is_malformed_response,
 )
 
 __all__ = [
@@ -626,6 +627,8 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
         if exc.scope == "attempt":
             return _retryable("timeout")
         return ErrorVerdict(False, True, True, "deadline")
+    if is_malformed_response(exc):  # a 200 whose body is not the API's: the upstream's fault
+        return _retryable("malformed_response")
     if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, CancelledError...
         name = "cancelled" if type(exc).__name__ in _CANCELLED_NAMES else "interrupted"
         return ErrorVerdict(False, False, False, name)

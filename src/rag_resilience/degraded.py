@@ -24,6 +24,7 @@ __all__ = [
     "enter_scope",
     "exit_scope",
     "in_outer_call",
+    "nested",
     "note_degraded",
     "track_degraded",
 ]
@@ -36,11 +37,14 @@ class DegradedScope:
     does) adds to the same scope as the caller.
     """
 
-    __slots__ = ("_lock", "served")
+    __slots__ = ("_lock", "owner", "served")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Any = None) -> None:
         self.served: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        #: The policy of the outer wrapper that opened the scope (its own calls run inside
+        #: it, and are not nested).
+        self.owner = owner
 
     def add(self, meta: dict[str, Any]) -> None:
         with self._lock:
@@ -71,10 +75,26 @@ _scope: contextvars.ContextVar[DegradedScope | None] = contextvars.ContextVar(
 )
 
 
-def enter_scope() -> tuple[DegradedScope, contextvars.Token[DegradedScope | None]]:
-    """Open a fresh scope for the current context; pass the token to `exit_scope`."""
-    scope = DegradedScope()
+def enter_scope(
+    owner: Any = None,
+) -> tuple[DegradedScope, contextvars.Token[DegradedScope | None]]:
+    """Open a fresh scope for the current context; pass the token to `exit_scope`.
+    `owner`: the outer wrapper's policy (see `nested`)."""
+    scope = DegradedScope(owner)
     return scope, _scope.set(scope)
+
+
+def in_outer_call() -> bool:
+    """Is an outer resilient wrapper's call (chain, engine, agent) running here?"""
+    return _scope.get() is not None
+
+
+def nested(policy: Any) -> bool:
+    """Is a call of `policy` running inside an outer resilient wrapper's call (a chain,
+    engine or agent wrapper)? Then it is one component of that user call: aggregated
+    stats count the user call once, from the outer wrapper."""
+    scope = _scope.get()
+    return scope is not None and scope.owner is not policy
 
 
 def exit_scope(token: contextvars.Token[DegradedScope | None]) -> None:
@@ -85,23 +105,18 @@ def exit_scope(token: contextvars.Token[DegradedScope | None]) -> None:
 
 
 @contextlib.contextmanager
-def track_degraded() -> Iterator[DegradedScope]:
+def track_degraded(owner: Any = None) -> Iterator[DegradedScope]:
     """Collect the degraded answers noted inside the block.
 
     Nested blocks each get their own scope; the outer one is restored on exit and does
     not see what was noted in the inner one. Threads started without a copy of the
     context are not tracked.
     """
-    scope, token = enter_scope()
+    scope, token = enter_scope(owner)
     try:
         yield scope
     finally:
         exit_scope(token)
-
-
-def in_outer_call() -> bool:
-    """True inside an outer resilient wrapper's call (it has its own degraded answer)."""
-    return _scope.get() is not None
 
 
 def note_degraded(meta: dict[str, Any]) -> None:

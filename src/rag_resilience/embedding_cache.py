@@ -187,6 +187,7 @@ class EmbeddingResult:
             "source": "live" if not self.degraded else "cache",
             "sources": self.sources,
             "attempts": sum(s.attempts for s in self.served),
+            "retries": sum(max(0, s.attempts - 1) for s in self.served),
             "age_s": max(ages) if ages else None,
             "degraded": self.degraded,
         }

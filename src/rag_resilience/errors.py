@@ -13,9 +13,11 @@ Hierarchy::
         │                               call's deadline (or the pacing queue is full): no call made
         ├── RetryBudgetExceededError    never raised alone: noted on the original error
         ├── DeadlineExceededError       (also a TimeoutError) attempt or total deadline passed
-        └── UpstreamUnavailableError    the upstream failed and no degraded answer of the
-                                        requested type exists (structured output, tool call,
-                                        dict chain); the upstream error is its __cause__
+        ├── UpstreamUnavailableError    the upstream failed and no degraded answer of the
+        │                               requested type exists (structured output, tool call,
+        │                               dict chain); the upstream error is its __cause__
+        └── MalformedResponseError      the upstream answered 200 with a body that is not
+                                        the API's (e.g. a text/plain page): an upstream fault
 
 Upstream errors are never replaced by ours: when retries are exhausted the caller gets
 the original exception, with the attempt history added as a note (PEP 678), and marked
@@ -30,6 +32,7 @@ from typing import Any
 __all__ = [
     "CircuitOpenError",
     "DeadlineExceededError",
+    "MalformedResponseError",
     "QueueFullError",
     "RateLimitedError",
     "ResilienceError",
@@ -40,10 +43,12 @@ __all__ = [
     "attempts_of",
     "is_handled",
     "mark_handled",
+    "mark_malformed_response",
     "set_attempts",
 ]
 
 _HANDLED_ATTR = "__rag_resilience_handled__"
+_MALFORMED_ATTR = "__rag_resilience_malformed_response__"
 
 
 class ResilienceError(Exception):
@@ -182,6 +187,30 @@ def add_note(exc: BaseException, note: str) -> None:
         except Exception:  # pragma: no cover - exotic exception types
             return
     notes.append(note)
+
+
+class MalformedResponseError(ResilienceError):
+    """The upstream answered 200 with a body that is not the API's answer (a text/plain
+    gateway page where JSON was due...). An upstream fault: retried, counted by the
+    breaker, may be served degraded. `body` holds the start of what came back."""
+
+    def __init__(self, message: str, *, body: Any = None) -> None:
+        self.body = body
+        super().__init__(message)
+
+
+def mark_malformed_response(exc: BaseException) -> BaseException:
+    """Mark `exc`, raised while the SDK read a 200 answer (a truncated JSON body gives
+    `json.JSONDecodeError`), as an upstream fault: classified retryable and a breaker
+    failure, unlike the same exception raised by the caller's own parsing. Returns `exc`
+    so adapters can ``raise mark_malformed_response(exc)`` and keep the original."""
+    with contextlib.suppress(Exception):
+        setattr(exc, _MALFORMED_ATTR, True)
+    return exc
+
+
+def is_malformed_response(exc: BaseException) -> bool:
+    return isinstance(exc, MalformedResponseError) or bool(getattr(exc, _MALFORMED_ATTR, False))
 
 
 def mark_handled(exc: BaseException) -> None:

@@ -215,7 +215,7 @@ class EventBus:
             if routine:
                 if not getattr(listener, "routine", True):
                     continue
-                if type(listener) is StatsCollector:
+                if type(listener) is StatsCollector and "extra" not in fields:
                     try:
                         listener._routine(kind, fields.get("duration"))
                     except Exception:
@@ -290,18 +290,36 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[index]
 
 
+#: Terminal reasons that are not an attempt's error (no upstream call was made for them).
+_NO_ATTEMPT_REASONS = frozenset({"circuit_open", "queue_full", "deadline"})
+
+
 class StatsCollector:
     """A listener that aggregates events into a `stats()` snapshot.
 
+    The snapshot (documented in the README, "Reading stats()") keeps two kinds of numbers
+    apart. Per user call, one outcome each: ``calls`` = ``live`` + ``degraded`` +
+    ``errors``, ``degraded_by_source``, ``errors_by_class`` (what the users saw) and the
+    latency. Per component, every attempt: ``attempts``, ``retries``,
+    ``retries_by_reason``, ``attempt_errors_by_class``, ``rejections`` and the breaker
+    transitions. ``successes``, ``failures``, ``fallbacks_by_source`` and ``retry_reasons``
+    are the older names of ``live``, ``errors``, ``degraded_by_source`` and
+    ``retries_by_reason``.
+
+    `user_calls`: an aggregate over several wrappers (the framework handlers) counts a
+    call nested in an outer wrapper's call (its event says ``extra={"nested": True}``)
+    only per component: the user call is counted once, by the outer wrapper.
+
     Counts are exact; latency percentiles are over the last `latency_window` calls.
-    `extra` callables add live gauges (breaker state, queue depth) to each snapshot.
+    `gauges` callables add live gauges (breaker state, queue depth) to each snapshot.
     """
 
     routine = True
 
-    def __init__(self, latency_window: int = 4096) -> None:
+    def __init__(self, latency_window: int = 4096, *, user_calls: bool = False) -> None:
         if latency_window < 1:
             raise ValueError(f"latency_window must be >= 1, got {latency_window}")
+        self.user_calls = user_calls
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=latency_window)
         self.gauges: dict[str, Callable[[], Any]] = {}
@@ -319,6 +337,7 @@ class StatsCollector:
             self.parse_failures = 0
             self.interrupted = 0  # cancelled or interrupted (KeyboardInterrupt...) calls
             self.errors_by_class: Counter[str] = Counter()
+            self.attempt_errors_by_class: Counter[str] = Counter()
             self.retry_reasons: Counter[str] = Counter()
             self.rejections_by_reason: Counter[str] = Counter()
             self.fallbacks_by_source: Counter[str] = Counter()
@@ -328,7 +347,12 @@ class StatsCollector:
 
     def __call__(self, event: Event) -> None:
         kind = event.kind
-        if kind is _ATTEMPT or kind is _SUCCESS:
+        extra = event.extra
+        nested = self.user_calls and extra is not None and extra.get("nested") is True
+        if kind is _ATTEMPT or (kind is _SUCCESS and not nested):
+            if extra is not None and extra.get("inner_degraded") is not None:
+                self._inner_degraded(kind, event.duration, extra["inner_degraded"])
+                return
             self._routine(kind, event.duration)
             return
         with self._lock:
@@ -336,20 +360,23 @@ class StatsCollector:
                 self.retries += 1
                 self.retry_reasons[event.reason or "unknown"] += 1
                 if event.error is not None:
-                    self.errors_by_class[type(event.error).__name__] += 1
-            elif kind is _FALLBACK:
+                    self.attempt_errors_by_class[type(event.error).__name__] += 1
+            elif kind is _FALLBACK or kind is _FAILURE:
+                error = event.error
+                if error is not None and event.reason not in _NO_ATTEMPT_REASONS:
+                    self.attempt_errors_by_class[type(error).__name__] += 1  # the last attempt's
+                if nested:
+                    return
                 self.calls += 1
-                self.degraded += 1
-                self.fallbacks_by_source[event.served_from or "unknown"] += 1
-                if event.duration is not None:
-                    self._latencies.append(event.duration)
-            elif kind is _FAILURE:
-                self.calls += 1
-                self.failures += 1
-                if event.reason == "parse_failure":
-                    self.parse_failures += 1
-                if event.error is not None:
-                    self.errors_by_class[type(event.error).__name__] += 1
+                if kind is _FALLBACK:
+                    self.degraded += 1
+                    self.fallbacks_by_source[event.served_from or "unknown"] += 1
+                else:
+                    self.failures += 1
+                    if event.reason == "parse_failure":
+                        self.parse_failures += 1
+                    if error is not None:
+                        self.errors_by_class[type(error).__name__] += 1
                 if event.duration is not None:
                     self._latencies.append(event.duration)
             elif kind is _REJECTED:
@@ -372,6 +399,23 @@ class StatsCollector:
             self.calls += 1
             self.interrupted += 1
 
+    def _inner_degraded(self, kind: EventKind, duration: float | None, source: str) -> None:
+        """A live answer of an outer wrapper built on a degraded inner answer: a degraded
+        user call (from `source`), not a live one."""
+        with self._lock:
+            self.calls += 1
+            self.degraded += 1
+            self.fallbacks_by_source[source] += 1
+            if duration is not None:
+                self._latencies.append(duration)
+
+    def reclassify_degraded(self, source: str) -> None:
+        """Turn one call already counted live into a degraded one (see `_inner_degraded`)."""
+        with self._lock:
+            self.successes -= 1
+            self.degraded += 1
+            self.fallbacks_by_source[source] += 1
+
     def _routine(self, kind: EventKind, duration: float | None) -> None:
         """Count an attempt or a live success (no `Event` needed: see `EventBus.publish`)."""
         with self._lock:
@@ -388,22 +432,32 @@ class StatsCollector:
         with self._lock:
             lat = sorted(self._latencies)
             calls = self.calls
+            by_source = dict(self.fallbacks_by_source)
+            reasons = dict(self.retry_reasons)
             snapshot: dict[str, Any] = {
+                # per user call: calls == live + degraded + errors + interrupted
                 "calls": calls,
-                "successes": self.successes,
-                "failures": self.failures,
+                "live": self.successes,
                 "degraded": self.degraded,
+                "errors": self.failures,
+                "degraded_by_source": by_source,
+                "errors_by_class": dict(self.errors_by_class),
                 "interrupted": self.interrupted,
                 "error_rate": (self.failures / calls) if calls else 0.0,
                 "degraded_rate": (self.degraded / calls) if calls else 0.0,
+                # per component: every attempt
                 "attempts": self.attempts,
                 "retries": self.retries,
-                "retry_reasons": dict(self.retry_reasons),
-                "errors_by_class": dict(self.errors_by_class),
+                "retries_by_reason": reasons,
+                "attempt_errors_by_class": dict(self.attempt_errors_by_class),
                 "parse_failures": self.parse_failures,
                 "rejections": self.rejections,
                 "rejections_by_reason": dict(self.rejections_by_reason),
-                "fallbacks_by_source": dict(self.fallbacks_by_source),
+                # older names of live, errors, degraded_by_source and retries_by_reason
+                "successes": self.successes,
+                "failures": self.failures,
+                "fallbacks_by_source": dict(by_source),
+                "retry_reasons": dict(reasons),
                 "breaker_transitions": dict(self.transitions),
                 "breaker_states": dict(self.last_state),
                 "latency_s": {

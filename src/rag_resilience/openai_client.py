@@ -16,11 +16,13 @@ attribute access, unprotected.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from .adapters import request_timeout, timed_call, warn_nested_retries
+from .adapters import check_answer, request_timeout, timed_call, warn_nested_retries
+from .errors import mark_malformed_response
 from .fallback import stable_key
 from .policy import Codec, ResiliencePolicy, Served
 from .ratelimit import PaceRequest, upstream_key
@@ -121,6 +123,36 @@ _CHUNKS = Codec(
 _EMBEDDINGS = Codec(lambda r: r.model_dump(mode="json"), CreateEmbeddingResponse.model_validate)
 
 
+def _sync_call(
+    fn: Callable[..., Any], policy: ResiliencePolicy, expected: type, what: str
+) -> Callable[..., Any]:
+    """One sync SDK request: a sync request cannot be cancelled, so it gets what the
+    deadline leaves as its per-request timeout (a passed-in client keeps its own, 600 s by
+    default); a 200 that is not the API's answer is an upstream fault (`check_answer`)."""
+    timed = timed_call(fn, policy.attempt_timeout)
+
+    def call(**kwargs: Any) -> Any:
+        return check_answer(timed(**kwargs), expected, what)
+
+    return call
+
+
+def _async_call(
+    fn: Callable[..., Awaitable[Any]], expected: type, what: str
+) -> Callable[..., Awaitable[Any]]:
+    """One async SDK request (the policy cancels it at its deadline); see `_sync_call`."""
+
+    async def call(**kwargs: Any) -> Any:
+        try:
+            value = await fn(**kwargs)
+        except json.JSONDecodeError as exc:  # the SDK read a truncated 200 body
+            mark_malformed_response(exc)
+            raise
+        return check_answer(value, expected, what)
+
+    return call
+
+
 def _prepare(client: Any, policy: ResiliencePolicy, our_attempts: int) -> Any:
     if getattr(client, "max_retries", 0):
         warn_nested_retries(
@@ -151,9 +183,7 @@ class _Completions:
         if kwargs.get("stream"):
             return _SyncStream(policy, inner, kwargs, model)
         served = policy.execute(
-            # a sync request cannot be cancelled: it gets what the deadline leaves as its
-            # per-request timeout (a passed-in client keeps its own, 600 s by default)
-            timed_call(inner.chat.completions.create, policy.attempt_timeout),
+            _sync_call(inner.chat.completions.create, policy, ChatCompletion, "chat"),
             (),
             kwargs,
             key=_key("chat", kwargs),
@@ -262,7 +292,12 @@ class _Embeddings:
     def create(self, **kwargs: Any) -> Any:
         owner = self._owner
         served = owner.policy.execute(
-            timed_call(owner.client.embeddings.create, owner.policy.attempt_timeout),
+            _sync_call(
+                owner.client.embeddings.create,
+                owner.policy,
+                CreateEmbeddingResponse,
+                "embeddings",
+            ),
             (),
             kwargs,
             key=_key("embeddings", kwargs),
@@ -346,7 +381,7 @@ class _AsyncCompletions:
         if kwargs.get("stream"):
             return await _AsyncStream(policy, inner, kwargs, model)._prime()
         served = await policy.aexecute(
-            inner.chat.completions.create,
+            _async_call(inner.chat.completions.create, ChatCompletion, "chat"),
             (),
             kwargs,
             key=_key("chat", kwargs),
@@ -426,7 +461,7 @@ class _AsyncEmbeddings:
     async def create(self, **kwargs: Any) -> Any:
         owner = self._owner
         served = await owner.policy.aexecute(
-            owner.client.embeddings.create,
+            _async_call(owner.client.embeddings.create, CreateEmbeddingResponse, "embeddings"),
             (),
             kwargs,
             key=_key("embeddings", kwargs),

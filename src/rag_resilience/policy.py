@@ -34,6 +34,7 @@ from .deadline import current as _current_deadline
 from .deadline import enter as _enter_deadline
 from .deadline import leave as _leave_deadline
 from .degraded import in_outer_call
+from .degraded import nested as _nested
 from .errors import (
     CircuitOpenError,
     DeadlineExceededError,
@@ -163,6 +164,7 @@ class _PolicyStats(StatsCollector):
 _FALLBACK = EventKind.FALLBACK
 _FAILURE = EventKind.FAILURE
 _SUCCESS = EventKind.SUCCESS
+_NESTED: dict[str, Any] = {"nested": True}  # `Event.extra` of a call inside an outer wrapper
 
 
 @dataclass(slots=True)
@@ -733,8 +735,20 @@ class ResiliencePolicy:
             collector.record_live(attempts, duration)
         events = self.events
         if events.routine:
-            events.publish(_SUCCESS, self.name, attempt=attempts, duration=duration)
+            if _nested(self):  # one component of an outer wrapper's user call
+                events.publish(
+                    _SUCCESS, self.name, attempt=attempts, duration=duration, extra=_NESTED
+                )
+            else:
+                events.publish(_SUCCESS, self.name, attempt=attempts, duration=duration)
         return Served(value, "live", attempts)
+
+    def count_inner_degraded(self, source: str) -> None:
+        """An outer wrapper (a chain) answered live on a degraded inner answer: count the
+        call degraded from `source`, not live."""
+        reclassify = getattr(self.collector, "reclassify_degraded", None)
+        if reclassify is not None:
+            reclassify(source)
 
     def _check(self, plan: _Degrade) -> None:
         """Caller's own errors are never masked: re-raise them untouched."""
@@ -837,6 +851,7 @@ class ResiliencePolicy:
             age_s=age,
             duration=clock.monotonic() - plan.started,
             reason=plan.verdict.reason,
+            extra=_NESTED if _nested(self) else None,
         )
         return Served(value, source, plan.attempts, age, True, plan.error, index)
 
@@ -856,6 +871,7 @@ class ResiliencePolicy:
             error=plan.error,
             reason=plan.verdict.reason,
             duration=clock.monotonic() - plan.started,
+            extra=_NESTED if _nested(self) else None,
         )
 
     def _give_up(self, plan: _Degrade) -> None:

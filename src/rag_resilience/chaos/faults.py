@@ -248,6 +248,11 @@ class Faults:
     """Probability that the connection is closed without any response."""
     drop_next: int = 0
     """Close the connection without a response for the next N requests."""
+    bad_body_next: int = 0
+    """The next N answers that would succeed come back 200 with a broken body (`bad_body`)."""
+    bad_body: Literal["truncated", "text"] = "truncated"
+    """How a `bad_body_next` answer is broken: "truncated" (JSON cut in half, as a proxy
+    timing out mid-body sends) or "text" (a text/plain page, as a gateway might answer)."""
     stream_break_after: int | None = None
     """Streaming answers are cut (connection closed) after this many SSE events."""
     rate_limit_rps: float | None = None
@@ -289,7 +294,9 @@ class Faults:
             raise ValueError(
                 f"retry_after_header must be 'both', 'seconds' or 'ms', got {self.retry_after_header!r}"
             )
-        for name in ("fail_next", "drop_next"):
+        if self.bad_body not in ("truncated", "text"):
+            raise ValueError(f"bad_body must be 'truncated' or 'text', got {self.bad_body!r}")
+        for name in ("fail_next", "drop_next", "bad_body_next"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")

@@ -161,6 +161,7 @@ class ChaosServer:
         self._table = faults.random_table()
         self._fail_next = faults.fail_next
         self._drop_next = faults.drop_next
+        self._bad_body_next = faults.bad_body_next
         self._rng = random.Random(self.seed)
         self._seq = 0
         self._requests = 0
@@ -192,6 +193,8 @@ class ChaosServer:
                 self._fail_next = new.fail_next
             if faults is not None or "drop_next" in changes:
                 self._drop_next = new.drop_next
+            if faults is not None or "bad_body_next" in changes:
+                self._bad_body_next = new.bad_body_next
         self._notify_loop()
         return new
 
@@ -770,13 +773,30 @@ class ChaosServer:
             await self._write(writer, 400, headers, json.dumps(body).encode(), req.keep_alive)
             return req.keep_alive
         body_bytes = json.dumps(result, separators=(",", ":")).encode()
+        content_type = "application/json"
+        broken = self._take_bad_body(faults, endpoint)
+        if broken == "truncated":
+            body_bytes = body_bytes[: len(body_bytes) // 2]
+        elif broken == "text":
+            content_type = "text/plain; charset=utf-8"
+            body_bytes = b"upstream gateway: service temporarily unavailable, try again"
         headers = [
-            ("content-type", "application/json"),
+            ("content-type", content_type),
             *self._base_headers(request_id, faults, started, req),
         ]
         await self._write(writer, 200, headers, body_bytes, req.keep_alive)
-        self._record(endpoint, request_id, 200)
+        self._record(endpoint, request_id, 200, f"bad_body_{broken}" if broken else "")
         return req.keep_alive
+
+    def _take_bad_body(self, faults: Faults, endpoint: str) -> str | None:
+        """The `bad_body` kind if this 200 answer is to be broken (counts `bad_body_next` down)."""
+        if not faults.applies_to(endpoint):
+            return None
+        with self._lock:
+            if self._bad_body_next <= 0:
+                return None
+            self._bad_body_next -= 1
+        return faults.bad_body
 
     async def _stream(
         self,

@@ -33,6 +33,25 @@ from .scenarios import (
 __all__ = ["main"]
 
 FRAMEWORKS = ("langchain", "llama-index")
+# What each framework's app imports, and the extra that installs it.
+_REQUIRES = {
+    "langchain": ("langchain_core", "langchain_openai"),
+    "llama-index": ("llama_index.core", "llama_index.llms.openai", "llama_index.embeddings.openai"),
+}
+
+
+def _missing(framework: str) -> str | None:
+    """The first module of `framework`'s app that cannot be imported, or None."""
+    import importlib
+
+    for module in _REQUIRES[framework]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return module
+    return None
+
+
 _LOGGERS = ("rag_resilience", "openai", "llama_index", "langchain", "langchain_core", "httpx")
 
 
@@ -186,6 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `rag-resilience demo`; returns the exit code."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
+    skipped: dict[str, str] = {}
+    for framework in list(frameworks):
+        module = _missing(framework)
+        if module is not None:
+            frameworks.remove(framework)
+            skipped[framework] = (
+                f"not installed ({module} is missing): pip install 'rag-resilience[{framework}]'"
+            )
+    if not frameworks:
+        for framework, why in skipped.items():
+            print(f"rag-resilience demo: {framework} {why}", file=sys.stderr)
+        return 2
     if args.scenario == "all":
         scenarios = list(SCENARIOS)
     else:
@@ -225,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         "user_timeout_s": user_timeout,
         "spike_timeout_s": spike_timeout,
     }
+    if skipped:
+        info["skipped"] = skipped
     print(render_header(info), flush=True)
+    for framework, why in skipped.items():
+        print(f"  Skipped {framework}: {why}. Running {', '.join(frameworks)} only.", flush=True)
     report, stats_server = _watchable()
     started = time.perf_counter()
     with _quiet_logs(args.verbose) as tally, warnings.catch_warnings(record=True) as caught:

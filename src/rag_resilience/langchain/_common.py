@@ -25,6 +25,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ..adapters import NestedRetriesWarning, accepts_request_timeout, inner_max_retries
+from ..degraded import nested
 from ..policy import Codec, ResiliencePolicy, Served
 
 logger = logging.getLogger("rag_resilience")
@@ -291,7 +292,9 @@ def event_data(
     error: BaseException | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    data: dict[str, Any] = {"component": kind, "policy": policy.name}
+    # `nested`: one component of an outer wrapper's call (the handler counts the user call
+    # once, from the outer wrapper's event)
+    data: dict[str, Any] = {"component": kind, "policy": policy.name, "nested": nested(policy)}
     if served is not None:
         data.update(served.metadata())
         if served.error is not None:

@@ -1,15 +1,19 @@
 """`ResilienceCallbackHandler`: metrics for every LLM run it sees, and a breaker guard for
 components you did not wrap.
 
-Where the numbers come from:
+`stats()` has the snapshot shape of `policy.stats()` (README, "Reading stats()"): per user
+call (calls = live + degraded + errors) apart from per component (attempts, retries,
+rejections, breaker transitions). Where the numbers come from:
 
-* every chat model / LLM run it is attached to: calls, errors by class, latency
-  (``on_*_start`` -> ``on_llm_end``/``on_llm_error``, matched by run id);
 * our wrappers (ResilientLLM, ResilientEmbeddings, with_resilience) dispatch a LangChain
-  custom event named ``"rag_resilience"`` after each call, with how it was served
-  (source, attempts, age, breaker state): retries, fallbacks served by source,
-  rejections and breaker transitions come from those, scoped to the runs the handler
-  is attached to. (Custom events also show up in ``astream_events``.)
+  custom event named ``"rag_resilience"`` after each call (an embeddings call only when it
+  was retried or degraded), with how it was served (source, attempts, age, breaker state,
+  and ``nested`` when it ran inside an outer wrapper's call): a nested call counts per
+  component only, so a chain's user call is counted once. (Custom events also show up in
+  ``astream_events``.)
+* unwrapped chat model / LLM runs it is attached to (``on_*_start`` ->
+  ``on_llm_end``/``on_llm_error``, matched by run id): a user call each, or a component
+  when an outer wrapper's call encloses them; latency is timed for user calls;
 * `watch(wrapper_or_policy)` additionally subscribes to a policy's own engine events
   for exact per-attempt numbers (they appear under ``stats()["engine"]``).
 
@@ -35,6 +39,7 @@ from langchain_core.outputs import LLMResult
 
 from ..breaker import CircuitBreaker
 from ..clock import get_clock
+from ..degraded import in_outer_call
 from ..errors import CircuitOpenError, QueueFullError
 from ..events import StatsCollector, _percentile
 from ..fallback import GracefulFallbacks
@@ -45,6 +50,13 @@ from ._common import EVENT_NAME, chat_key
 __all__ = ["ResilienceCallbackHandler"]
 
 _WRAPPER_IDS = frozenset({"ResilientLLM", "ResilientRunnable"})
+_REJECTION_REASONS = {
+    CircuitOpenError.__name__: "circuit_open",
+    QueueFullError.__name__: "queue_full",
+}
+# What a model run is to the handler's stats: one of our wrappers (it reports through its
+# custom event), an unwrapped model the user called, or a component of a wrapper's call.
+_WRAPPED, _USER, _COMPONENT = "wrapped", "user", "component"
 
 
 def _prompt_key(messages_or_prompts: Sequence[Any]) -> str:
@@ -84,7 +96,7 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         # Only a guard must propagate its CircuitOpenError; metrics never break a call.
         self.raise_error = breaker is not None
         self._lock = threading.Lock()
-        self._runs: dict[UUID, tuple[float, int | None, str | None]] = {}
+        self._runs: dict[UUID, tuple[float, int | None, str | None, str, bool]] = {}
         self._latencies: deque[float] = deque(maxlen=latency_window)
         self._engine = StatsCollector(latency_window)
         self._states: dict[str, str] = {}
@@ -95,15 +107,20 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
     def reset(self) -> None:
         """Zero every counter (the breaker and the fallback cache are left alone)."""
         with self._lock:
+            # per user call (an outermost wrapper's call, or an unwrapped model's run that
+            # no wrapper encloses): calls == live + degraded + errors
             self.calls = 0
-            self.successes = 0
+            self.live = 0
+            self.degraded = 0
             self.errors = 0
             self.errors_by_class: Counter[str] = Counter()
+            self.fallbacks_by_source: Counter[str] = Counter()
+            # per component: every wrapper and model run, nested ones included
+            self.attempts = 0
             self.retries = 0
+            self.attempt_errors_by_class: Counter[str] = Counter()
             self.rejections = 0
             self.rejections_by_reason: Counter[str] = Counter()
-            self.fallbacks_by_source: Counter[str] = Counter()
-            self.degraded = 0
             self.transitions: Counter[str] = Counter()
             self.resilience_events = 0
             self._reported_runs: set[UUID] = set()
@@ -135,29 +152,35 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         wrapped = bool(serialized) and bool(
             _WRAPPER_IDS.intersection((serialized or {}).get("id") or ())
         )
+        # Callbacks run inline, in the caller's context: an enclosing wrapper is visible.
+        nested = in_outer_call()
+        role = _WRAPPED if wrapped else (_COMPONENT if nested else _USER)
         ticket: int | None = None
         if self.breaker is not None and not wrapped:
             try:
                 ticket = self.breaker.before_call()
-            except CircuitOpenError:
+            except CircuitOpenError as exc:
                 with self._lock:
-                    self.calls += 1
                     self.rejections += 1
                     self.rejections_by_reason["circuit_open"] += 1
+                    if role is _USER:
+                        self.calls += 1
+                        self.errors += 1
+                        self.errors_by_class[type(exc).__name__] += 1
                 raise
         key = _prompt_key(prompt) if self.fallbacks is not None else None
         with self._lock:
-            self.calls += 1
-            self._runs[run_id] = (self._now(), ticket, key)
+            self._runs[run_id] = (self._now(), ticket, key, role, not nested)
 
-    def _finish(self, run_id: UUID) -> tuple[int | None, str | None]:
+    def _finish(self, run_id: UUID) -> tuple[int | None, str | None, str | None]:
         now = self._now()
         with self._lock:
             started = self._runs.pop(run_id, None)
             if started is None:
-                return None, None
-            self._latencies.append(max(0.0, now - started[0]))
-            return started[1], started[2]
+                return None, None, None
+            if started[4]:  # the latency of user calls, not of their components
+                self._latencies.append(max(0.0, now - started[0]))
+            return started[1], started[2], started[3]
 
     def on_chat_model_start(
         self,
@@ -175,12 +198,16 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         self._start(serialized, run_id, prompts)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        ticket, key = self._finish(run_id)
+        ticket, key, role = self._finish(run_id)
         with self._lock:
-            self.successes += 1
+            if role is not _WRAPPED:  # our wrappers report through their custom event
+                self.attempts += 1
+                if role is _USER:
+                    self.calls += 1
+                    self.live += 1
             reported = run_id in self._reported_runs
             self._reported_runs.discard(run_id)
-        if not reported:
+        if role is _WRAPPED and not reported:
             # BaseChatModel.stream() calls _stream without its run manager, so our wrapper
             # could not send its custom event: read the metadata it put on the answer.
             meta = _resilience_of(response)
@@ -189,6 +216,7 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
                 error = data.get("error")
                 if isinstance(error, str) and ":" in error:
                     data["error_class"] = error.split(":", 1)[0]
+                data.setdefault("nested", in_outer_call())
                 self.on_custom_event(EVENT_NAME, data, run_id=run_id)
         if self.breaker is not None and ticket is not None:
             self.breaker.on_success(ticket)  # a clean ticket still breaks a failure run
@@ -198,42 +226,52 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
                 self.fallbacks.update_cache(key, text)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        ticket, _ = self._finish(run_id)
+        ticket, _, role = self._finish(run_id)
         with self._lock:
-            self.errors += 1
-            self.errors_by_class[type(error).__name__] += 1
+            if role is not None and role is not _WRAPPED:
+                name = type(error).__name__
+                self.attempts += 1
+                self.attempt_errors_by_class[name] += 1
+                if role is _USER:
+                    self.calls += 1
+                    self.errors += 1
+                    self.errors_by_class[name] += 1
         if self.breaker is not None and ticket is not None:
             self.breaker.on_failure(error, ticket)
 
     def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if name != EVENT_NAME or not isinstance(data, dict):
             return
+        source = data.get("source")
+        degraded = bool(data.get("degraded"))
+        error_class = data.get("error_class")
+        rejected_by = _REJECTION_REASONS.get(str(error_class))
+        if source == "rejected":
+            rejected_by = "queue_full"
+        user_call = data.get("nested") is not True
         with self._lock:
             self._reported_runs.add(run_id)
             self.resilience_events += 1
             attempts = data.get("attempts")
-            if isinstance(attempts, int) and attempts > 1:
-                self.retries += attempts - 1
-            source = data.get("source")
-            if data.get("degraded"):
-                self.degraded += 1
-                self.fallbacks_by_source[str(source)] += 1
-            if source == "rejected":
+            if isinstance(attempts, int):
+                self.attempts += attempts
+                retries = data.get("retries")
+                self.retries += retries if isinstance(retries, int) else max(0, attempts - 1)
+            if error_class and rejected_by is None and (degraded or source == "error"):
+                self.attempt_errors_by_class[str(error_class)] += 1  # the last attempt's
+            if rejected_by is not None and (degraded or source == "error"):
                 self.rejections += 1
-                self.rejections_by_reason["queue_full"] += 1
-            error_class = data.get("error_class")
-            if error_class in (CircuitOpenError.__name__,) and data.get("degraded"):
-                self.rejections += 1
-                self.rejections_by_reason["circuit_open"] += 1
-            if source == "error" and error_class:
-                self.errors_by_class[str(error_class)] += 1
-                if error_class in (CircuitOpenError.__name__, QueueFullError.__name__):
-                    self.rejections += 1
-                    self.rejections_by_reason[
-                        "circuit_open" if error_class == CircuitOpenError.__name__ else "queue_full"
-                    ] += 1
-            elif data.get("degraded") and error_class:
-                self.errors_by_class[str(error_class)] += 1
+                self.rejections_by_reason[rejected_by] += 1
+            if user_call:
+                self.calls += 1
+                if source == "error":
+                    self.errors += 1
+                    self.errors_by_class[str(error_class)] += 1
+                elif degraded:
+                    self.degraded += 1
+                    self.fallbacks_by_source[str(source)] += 1
+                else:
+                    self.live += 1
             state = data.get("breaker_state")
             policy = str(data.get("policy"))
             if isinstance(state, str):
@@ -254,22 +292,41 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
 
     # -- stats ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Calls, errors by class, retries, breaker transitions, fallbacks by source,
-        rejections and latency percentiles (seconds), plus the engine's own numbers."""
+        """The snapshot `policy.stats()` returns (README, "Reading stats()"): per user call
+        (calls, live, degraded by source, errors by class, latency) and per component
+        (attempts, retries, attempt errors, rejections, breaker transitions), plus
+        ``engine`` (the exact engine numbers of watched policies), ``breaker`` (the
+        guard's) and ``resilience_events``. Gauges the handler has no part for are None."""
+        engine = self._engine.stats()
         with self._lock:
             lat = sorted(self._latencies)
+            calls = self.calls
+            by_source = dict(self.fallbacks_by_source)
             snapshot: dict[str, Any] = {
-                "calls": self.calls,
-                "successes": self.successes,
+                "calls": calls,
+                "live": self.live,
+                "degraded": self.degraded,
                 "errors": self.errors,
+                "degraded_by_source": by_source,
                 "errors_by_class": dict(self.errors_by_class),
+                "error_rate": (self.errors / calls) if calls else 0.0,
+                "degraded_rate": (self.degraded / calls) if calls else 0.0,
+                "attempts": self.attempts,
                 "retries": self.retries,
+                "retries_by_reason": dict(engine["retries_by_reason"]),  # from watched policies
+                "attempt_errors_by_class": dict(self.attempt_errors_by_class),
                 "rejections": self.rejections,
                 "rejections_by_reason": dict(self.rejections_by_reason),
-                "degraded": self.degraded,
-                "fallbacks_by_source": dict(self.fallbacks_by_source),
+                "successes": self.live,
+                "failures": self.errors,
+                "fallbacks_by_source": dict(by_source),
+                "retry_reasons": dict(engine["retries_by_reason"]),
                 "breaker_transitions": dict(self.transitions),
                 "breaker_states": dict(self._states),
+                "breaker_state": self.breaker.get_state().value if self.breaker else None,
+                "in_flight": None,
+                "queue_depth": None,
+                "cache_entries": len(self.fallbacks) if self.fallbacks is not None else None,
                 "resilience_events": self.resilience_events,
                 "latency_s": {
                     "p50": _percentile(lat, 0.50),
@@ -279,7 +336,6 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
                     "count": len(lat),
                 },
             }
-        engine = self._engine.stats()
         snapshot["engine"] = engine
         for k, v in engine["breaker_transitions"].items():
             snapshot["breaker_transitions"][k] = max(snapshot["breaker_transitions"].get(k, 0), v)

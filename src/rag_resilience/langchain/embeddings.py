@@ -140,6 +140,8 @@ class ResilientEmbeddings(Embeddings):
         self._last = result
         if result.degraded:
             self._degraded(result.metadata())
+        elif any(s.attempts > 1 for s in result.served):
+            self._report(result.metadata())
         return vectors
 
     def _done_one(self, served: Served[Vector]) -> Vector:
@@ -148,10 +150,17 @@ class ResilientEmbeddings(Embeddings):
         self._last = served
         if served.degraded:
             self._degraded(EmbeddingResult([], [served]).metadata())
+        elif served.attempts > 1:
+            self._report(EmbeddingResult([], [served]).metadata())
         return vector
 
     def _degraded(self, meta: dict[str, Any]) -> None:
         note_degraded(meta)
+        self._report(meta)
+
+    def _report(self, meta: dict[str, Any]) -> None:
+        """Tell the run's handlers how the call was served (a live call only when it was
+        retried: the handler's retry count is exact, and a clean call costs nothing)."""
         c.dispatch_adhoc(c.event_data("embeddings", self.policy, None, **meta))
 
     def _failed(self, exc: BaseException) -> None:

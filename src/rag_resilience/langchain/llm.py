@@ -14,6 +14,7 @@ with its age -> the generic message -> the original error. Every answer carries
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..adapters import accepts_request_timeout, model_identity, request_timeout
 from ..degraded import note_degraded
-from ..errors import add_note, mark_handled
+from ..errors import add_note, mark_handled, mark_malformed_response
 from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from ..ratelimit import PaceRequest
@@ -141,9 +142,14 @@ class _Target:
                 _emitted_then_failed(exc, chunks, run_manager)
                 raise
             return generate_from_stream(iter(chunks))
-        if self.gen_rm:
-            return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
-        return model._generate(messages, stop=stop, **kwargs)
+        try:
+            if self.gen_rm:
+                return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+            return model._generate(messages, stop=stop, **kwargs)
+        except ValueError as exc:
+            if self.timed:
+                _mark_sdk_read_error(exc)
+            raise
 
     def _streams(self, async_api: bool, run_manager: Any, kwargs: dict[str, Any]) -> bool:
         if not (self.astream if async_api else self.stream):
@@ -187,9 +193,16 @@ class _Target:
                 _emitted_then_failed(exc, chunks, run_manager)
                 raise
             return generate_from_stream(iter(chunks))
-        if self.agen_rm:
-            return await model._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
-        return await model._agenerate(messages, stop=stop, **kwargs)
+        try:
+            if self.agen_rm:
+                return await model._agenerate(
+                    messages, stop=stop, run_manager=run_manager, **kwargs
+                )
+            return await model._agenerate(messages, stop=stop, **kwargs)
+        except ValueError as exc:
+            if self.timed:
+                _mark_sdk_read_error(exc)
+            raise
 
     def stream_chunks(
         self,
@@ -273,6 +286,14 @@ class _Target:
             ]
 
         return call
+
+
+def _mark_sdk_read_error(exc: ValueError) -> None:
+    """A 200 the SDK could not read as the API's answer is an upstream fault: a truncated
+    JSON body (`json.JSONDecodeError`) or langchain-openai's "Unexpected response type"
+    (the SDK handed back a text/plain body as a `str`). Other ValueErrors are left alone."""
+    if isinstance(exc, json.JSONDecodeError) or str(exc).startswith("Unexpected response type"):
+        mark_malformed_response(exc)
 
 
 class _Runtime:

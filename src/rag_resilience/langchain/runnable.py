@@ -239,6 +239,8 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
                 age_s=max(ages) if ages else None,
                 via="inner",
             )
+            # built on a degraded inner answer: a degraded call, not a live one
+            self._policy.count_inner_degraded(str(meta["source"]))
         return meta
 
     def _finish(self, output: Any, meta: dict[str, Any], run_manager: Any) -> Any:
@@ -273,7 +275,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
 
     def _invoke(self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Any:
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         mismatch: list[str] = []
         key = self._key(input)
         try:
@@ -303,7 +305,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
     ) -> Any:
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         mismatch: list[str] = []
         key = self._key(input)
         try:
@@ -345,7 +347,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         self, input: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any
     ) -> Iterator[Any]:
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)
@@ -406,7 +408,7 @@ class ResilientRunnable(RunnableSerializable[Any, Any]):
         async for value in inputs:
             input = value
         child = config  # LangChain already bound the child callbacks
-        scope, token = enter_scope()
+        scope, token = enter_scope(self._policy)
         box: list[Served[None]] = []
         key = self._key(input)
         prev = self._peek(key)

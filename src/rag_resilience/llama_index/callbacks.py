@@ -35,7 +35,7 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
     def __init__(self, breaker: CircuitBreaker | None = None) -> None:
         super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
         self.breaker = breaker
-        self._collector = StatsCollector()
+        self._collector = StatsCollector(user_calls=True)  # a user call counts once
         self._lock = threading.Lock()
         self._recent: deque[Event] = deque(maxlen=64)
         self._tickets: dict[str, int] = {}

@@ -211,7 +211,7 @@ class ResilientQueryEngine(BaseQueryEngine):
 
     # -- runs ----------------------------------------------------------------------------
     def _run(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
-        with track_degraded() as scope:
+        with track_degraded(self._policy) as scope:
             inner = self._inner
             response = (
                 inner._query(query_bundle)
@@ -221,7 +221,7 @@ class ResilientQueryEngine(BaseQueryEngine):
         return _checked(response, scope)
 
     async def _arun(self, query_bundle: QueryBundle) -> tuple[Any, list[dict[str, Any]]]:
-        with track_degraded() as scope:
+        with track_degraded(self._policy) as scope:
             inner = self._inner
             response = await (
                 inner._aquery(query_bundle)
@@ -399,7 +399,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> AGENT_CHAT_RESPONSE_TYPE:
         def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = self._inner.chat(message, chat_history)
             return _checked(response, scope)
 
@@ -413,7 +413,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> StreamingAgentChatResponse:
         def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = self._inner.stream_chat(message, chat_history)
             return _checked(response, scope)
 
@@ -428,7 +428,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> AGENT_CHAT_RESPONSE_TYPE:
         async def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = await self._inner.achat(message, chat_history)
             return _checked(response, scope)
 
@@ -442,7 +442,7 @@ class ResilientChatEngine(BaseChatEngine):
         self, message: str, chat_history: list[ChatMessage] | None = None
     ) -> StreamingAgentChatResponse:
         async def run() -> tuple[Any, list[dict[str, Any]]]:
-            with track_degraded() as scope:
+            with track_degraded(self._policy) as scope:
                 response = await self._inner.astream_chat(message, chat_history)
             return _checked(response, scope)
 

@@ -56,6 +56,8 @@ class ResilienceEvent(BaseEvent):
     new_state: str | None = None
     served_from: str | None = None
     age_s: float | None = None
+    #: True for a call inside an outer wrapper's (engine's) call: one component of it
+    nested: bool = False
     #: the exception itself, for in-process handlers; never serialised
     error: Any = Field(default=None, exclude=True, repr=False)
 
@@ -77,6 +79,7 @@ class ResilienceEvent(BaseEvent):
             new_state=self.new_state,
             served_from=self.served_from,
             age_s=self.age_s,
+            extra={"nested": True} if self.nested else None,
         )
 
 
@@ -161,6 +164,7 @@ def to_llama_event(event: Event) -> ResilienceEvent:
         new_state=event.new_state,
         served_from=event.served_from,
         age_s=event.age_s,
+        nested=bool(event.extra and event.extra.get("nested") is True),
         error=error,
         error_type=type(error).__name__ if error is not None else None,
         error_message=str(error) if error is not None else None,
@@ -200,7 +204,9 @@ class ResilienceEventHandler(BaseEventHandler):
     """
 
     names: frozenset[str] | None = None
-    _collector: StatsCollector = PrivateAttr(default_factory=StatsCollector)
+    _collector: StatsCollector = PrivateAttr(
+        default_factory=lambda: StatsCollector(user_calls=True)
+    )
     _routine_kinds: ClassVar[frozenset[str]] = frozenset({"attempt", "success"})
 
     def __init__(
