@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -481,3 +482,59 @@ async def test_without_throttle_rounds_a_throttled_batch_fails_alone(
     assert info.value.failed_indices == list(range(10, 30))  # the bucket held one batch
     assert isinstance(info.value.__cause__, openai.RateLimitError)
     assert emb.stats()["ingest"]["throttled"] == 0
+
+
+@pytest.mark.enable_socket
+async def test_redis_checkpoint_resumes_an_async_ingestion_in_a_new_process(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """Shared store: a crash during the 4th of 6 batches, then a fresh RedisStore, policy
+    and wrapper (what a restarted process builds) embed only the last 30 of 90 texts."""
+    redis = pytest.importorskip("redis")
+    from rag_resilience.stores.redis import RedisStore
+
+    url = "redis://127.0.0.1:6379/0"
+    raw = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        raw.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        pytest.skip(f"no Redis at {url} ({exc})")
+    prefix = f"rr-ingest-{uuid.uuid4().hex[:12]}"
+    items = texts(90, "redis")
+    expected = truth(server, items)
+
+    class Crash(BaseException):
+        pass
+
+    def build() -> ResilientEmbeddings:
+        store = RedisStore(url, prefix=prefix, op_timeout=5.0)
+        pol = ResiliencePolicy.preset("balanced", name="t-redis", store=store)
+        return wrap(server, pol, batch_size=15, concurrency=1, resume=True)
+
+    try:
+        emb = build()
+        calls = 0
+        inner = emb._inner.aembed_documents
+
+        async def dying(batch: list[str]) -> list[list[float]]:
+            nonlocal calls
+            calls += 1
+            if calls == 5:  # four batches of 15 are done and stored
+                raise Crash
+            return await inner(batch)
+
+        with pytest.raises(Crash):
+            await emb.ingestor.aembed(items, dying)
+        assert embedding_stats(server)["successes"] == 4
+        server.reset()
+
+        restarted = build()
+        vectors = await restarted.aembed_documents(items)
+        assert same(vectors, expected)
+        assert embedding_stats(server)["successes"] == 2
+        assert restarted.stats()["ingest"]["resumed"] == 60
+    finally:
+        keys = list(raw.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            raw.delete(*keys)
+        raw.close()

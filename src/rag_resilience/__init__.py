@@ -38,6 +38,7 @@ from .retry import RetryStrategy, with_retry
 from .stores import MemoryStore, Store
 
 if TYPE_CHECKING:
+    from .ingest import PartialEmbeddingError
     from .openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
     from .stores.redis import RedisStore
     from .stores.sqlite import SQLiteStore
@@ -61,6 +62,7 @@ __all__ = [
     "GracefulFallbacks",
     "LoggingListener",
     "MemoryStore",
+    "PartialEmbeddingError",
     "QueueFullError",
     "QueueWorker",
     "RedisStore",
@@ -93,6 +95,7 @@ _LAZY = {
     "AsyncResilientOpenAIClient": ".openai_client",
     "SQLiteStore": ".stores.sqlite",
     "RedisStore": ".stores.redis",
+    "PartialEmbeddingError": ".ingest",
 }
 
 
