@@ -584,3 +584,35 @@ async def test_redis_checkpoint_resumes_an_async_ingestion_in_a_new_process(
         if keys:
             raw.delete(*keys)
         raw.close()
+
+
+def test_a_pacer_rejection_that_says_how_long_is_waited_out(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """A pacer that rejects a call its deadline could not wait for (a `QueueFullError`
+    with `wait`, as the rate-limit branch's `RateLimitedError`) is "not yet" too; a plain
+    full queue is a failure."""
+    from rag_resilience.errors import QueueFullError
+
+    class Paced(QueueFullError):
+        def __init__(self, wait: float | None) -> None:
+            super().__init__("paced past the deadline")
+            self.wait = wait
+
+    emb = wrap(server, policy("t-paced"), batch_size=10, concurrency=1)
+    inner = emb._inner.embed_documents
+    rejections: list[float | None] = []
+
+    def paced_once(batch: list[str]) -> list[list[float]]:
+        if batch[0].endswith("0010 about resilient retrieval") and rejections:
+            raise Paced(rejections.pop())
+        return inner(batch)
+
+    rejections.append(7.5)
+    result = emb.ingestor.embed(texts(30), paced_once)
+    assert len(result.vectors) == 30 and 7.5 in clock.sleeps
+    assert emb.stats()["ingest"]["throttled"] == 1
+    rejections.append(None)  # a rejection that does not say how long: a failure
+    with pytest.raises(PartialEmbeddingError) as info:
+        emb.ingestor.embed(texts(30, "other"), paced_once)
+    assert info.value.failed_indices == list(range(10, 20))

@@ -438,6 +438,12 @@ class Ingestor:
         that costs no round), or None once it is recorded as failed. Shared by the
         thread and task workers."""
         if isinstance(error, QueueFullError):
+            # A pacer's rejection (the rate-limit branch's RateLimitedError) says how long
+            # the call would have waited: not yet, like a 429. A full queue just fails.
+            wait = getattr(error, "wait", None)
+            if isinstance(wait, (int, float)) and wait > 0 and self._may_wait(run, wait, rounds):
+                self.stats.add(throttled=1)
+                return float(wait)
             run.failed_with(batch, error, False)
             return None
         if isinstance(error, CircuitOpenError):
