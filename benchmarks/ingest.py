@@ -18,6 +18,9 @@ bucket and fresh counters:
   `ResilientEmbedding(OpenAIEmbedding(max_retries=0))`, "balanced", ingestion defaults
   (batches of 64 / LlamaIndex's 100 texts, 4 concurrent), not told the limit.
 
+A second scenario adds an outage: every embeddings request gets a 503 for `--outage`
+seconds (3 by default) once 40% of the corpus's tokens have been admitted.
+
 Figures: wall time and its ratio to the theoretical minimum, chunks lost (an exception
 from the one call loses all of them; ours hands back every vector it got), requests and
 429s as the server counted them.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -224,6 +228,36 @@ def fresh_limit(server: ChaosServer, tpm: float, burst: int) -> TokenRateLimit:
     return limit
 
 
+class Outage:
+    """Turns an embeddings outage (503) on once the server has admitted `at` of the
+    corpus's tokens, and off `seconds` later."""
+
+    def __init__(
+        self, server: ChaosServer, limit: TokenRateLimit, total: int, at: float, seconds: float
+    ) -> None:
+        self.server, self.limit = server, limit
+        self.threshold, self.seconds = at * total, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while self.limit.admitted_tokens < self.threshold:
+            if self._stop.wait(0.01):
+                return
+        self.server.set_faults(outage=True, endpoints=("embeddings",))
+        self._stop.wait(self.seconds)
+        self.server.set_faults(outage=False)
+
+    def __enter__(self) -> Outage:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.server.clear_faults()
+
+
 def run_contender(
     server: ChaosServer,
     name: str,
@@ -232,9 +266,15 @@ def run_contender(
     burst: int,
     minimum: float,
     strict: float,
+    outage: float = 0.0,
 ) -> dict[str, Any]:
     limit = fresh_limit(server, tpm, burst)
-    with warnings.catch_warnings(), Sampler(limit) as sampler:
+    total = sum(estimate_tokens(t) for t in texts)
+    with (
+        warnings.catch_warnings(),
+        Sampler(limit) as sampler,
+        Outage(server, limit, total, 0.4, outage) if outage else contextlib.nullcontext(),
+    ):
         warnings.simplefilter("ignore")
         started = time.perf_counter()
         lost = CONTENDERS[name](server.base_url, texts)
@@ -242,6 +282,7 @@ def run_contender(
     server.wait_idle(30)
     stats = server.stats()["endpoints"]["embeddings"]
     return {
+        "scenario": f"outage {outage:g} s at 40%" if outage else "token limit",
         "name": name,
         "wall_s": round(wall, 2),
         "ratio_to_minimum": round(wall / minimum, 3),
@@ -363,6 +404,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3,000 chunks in 6 s")
     parser.add_argument("--only", nargs="*", help="substrings of contender names")
     parser.add_argument("--no-kill", action="store_true")
+    parser.add_argument("--no-outage", action="store_true")
+    parser.add_argument(
+        "--outage", type=float, default=3.0, help="seconds of 503s once 40%% is embedded"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "ingest.json")
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "ingest.png")
     args = parser.parse_args()
@@ -387,17 +432,20 @@ def main() -> None:
         importlib.import_module(module)
     rows = []
     with ChaosServer(seed=0, embedding_dim=DIM) as server:
-        for name in names:
-            row = run_contender(server, name, texts, tpm, burst, args.seconds, strict)
-            row["burst"] = burst
-            rows.append(row)
-            print(
-                f"{name}: {row['wall_s']} s ({row['ratio_to_minimum']}x), lost "
-                f"{row['chunks_lost']}, requests {row['requests']}, 429s {row['status_429']}",
-                flush=True,
-            )
+        for outage in [0.0] if args.no_outage else [0.0, args.outage]:
+            for name in names:
+                row = run_contender(server, name, texts, tpm, burst, args.seconds, strict, outage)
+                row["burst"] = burst
+                rows.append(row)
+                print(
+                    f"{row['scenario']}: {name}: {row['wall_s']} s "
+                    f"({row['ratio_to_minimum']}x), lost {row['chunks_lost']}, "
+                    f"requests {row['requests']}, 429s {row['status_429']}",
+                    flush=True,
+                )
         kill = None if args.no_kill else kill_and_resume(server, args.chunks, tpm, burst)
     headers = [
+        "scenario",
         "client",
         "wall s",
         "x total/limit",
@@ -411,6 +459,7 @@ def main() -> None:
         headers,
         [
             [
+                r["scenario"],
                 r["name"],
                 r["wall_s"],
                 r["ratio_to_minimum"],
@@ -448,6 +497,7 @@ def main() -> None:
                 "theoretical_minimum_s": args.seconds,
                 "strict_minimum_s": round(strict, 3),
                 "embedding_dim": DIM,
+                "outage_s": None if args.no_outage else args.outage,
             },
             "machine": machine_info(),
             "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows],
@@ -457,7 +507,7 @@ def main() -> None:
     )
     if rows and args.plot:
         try:
-            plot(rows, rate, args.plot)
+            plot([r for r in rows if r["scenario"] == "token limit"], rate, args.plot)
         except ImportError:
             print("(matplotlib not installed: no plot)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,15 +222,16 @@ def test_outage_mid_way_then_resume_embeds_only_the_missing(
 
     pol = policy("t-outage", max_retries=1)
     emb = wrap(server, pol, batch_size=10, concurrency=1, progress=progress, resume=True)
+    emb.ingestor.wait_rounds = 0  # do not wait for the breaker's probe: fail what is left
     with pytest.raises(PartialEmbeddingError) as info:
         emb.embed_documents(items)
     assert info.value.failed_indices == list(range(60, 100))
     assert pol.breaker is not None and pol.breaker.get_state().value == "open"
     before = embedding_stats(server)
-    # 6 live batches; then 2 + 2 + 1 failed attempts open the circuit (threshold 5) and
-    # the last batch is rejected without a request
+    # 6 live batches; then 2 + 2 + 1 failed attempts open the circuit (threshold 5), which
+    # stops the ingestion: the last batch is never sent
     assert (before["requests"], before["successes"]) == (6 + 5, 6)
-    assert [type(e).__name__ for _, e in info.value.errors].count("CircuitOpenError") == 1
+    assert [type(e).__name__ for _, e in info.value.errors] == ["InternalServerError"] * 4
 
     server.set_faults(outage=False)
     server.reset()
@@ -243,6 +245,51 @@ def test_outage_mid_way_then_resume_embeds_only_the_missing(
     assert done[0] == 60 and done[-1] == 100
     assert emb.last_result is not None and emb.last_result.sources == {"checkpoint": 1, "live": 4}
     assert emb.stats()["ingest"]["resumed"] == 60
+
+
+def test_an_outage_pauses_the_ingestion_until_the_circuit_closes(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """Three threads; an outage starts after 40 texts and ends once the breaker's first
+    probe has failed. A batch that spent its attempts while the circuit was closed fails
+    (at most one per worker: those in flight as the outage began or ended); every other
+    batch waits for the probes instead of failing at once, and a resumed run embeds only
+    the failed ones."""
+    items = texts(120, "pause")
+    expected = truth(server, items)
+    pol = policy("t-pause", max_retries=1)
+    opened: list[str] = []
+
+    def on_event(event: Any) -> None:
+        if event.kind.value == "state_change" and event.new_state == "open":
+            opened.append(event.new_state)
+            if len(opened) == 2:  # the probe failed: the upstream comes back now
+                server.set_faults(outage=False)
+
+    pol.add_listener(on_event)
+
+    def progress(done: int, total: int) -> None:
+        if done == 40:
+            server.set_faults(outage=True)
+
+    emb = wrap(server, pol, batch_size=10, concurrency=3, progress=progress, resume=True)
+    failed: list[tuple[list[int], BaseException]] = []
+    try:
+        vectors: list[list[float] | None] = list(emb.embed_documents(items))
+    except PartialEmbeddingError as exc:
+        vectors, failed = exc.vectors, exc.errors
+    assert same(vectors, expected)
+    assert len(failed) <= 3 and all(len(batch) == 10 for batch, _ in failed)
+    assert all(isinstance(e, openai.InternalServerError) for _, e in failed)
+    assert len(opened) == 2 and pol.breaker is not None
+    assert pol.breaker.get_state().value == "closed"
+    snap = emb.stats()["ingest"]
+    assert snap["paused"] > 0 and snap["failed"] == 10 * len(failed)
+    assert embedding_stats(server)["successes"] == 12 - len(failed)
+
+    server.reset()
+    assert same(emb.embed_documents(items), expected)
+    assert embedding_stats(server)["requests"] == len(failed)
 
 
 def test_sqlite_checkpoint_survives_a_restart(
@@ -469,15 +516,103 @@ async def test_throttled_llama_index_tasks_wait_their_turn(
     assert model.stats()["ingest"]["throttled"] == embedding_stats(server)["statuses"][429]
 
 
-async def test_without_throttle_rounds_a_throttled_batch_fails_alone(
+async def test_without_wait_rounds_a_throttled_batch_fails_alone(
     server: ChaosServer, clock: FakeClock
 ) -> None:
     items = texts(30, "norounds")
     token_limited(server, clock)
     emb = wrap(server, policy("t-norounds", max_retries=0), batch_size=10, concurrency=1)
-    emb.ingestor.throttle_rounds = 0
+    emb.ingestor.wait_rounds = 0
     with pytest.raises(PartialEmbeddingError) as info:
         await emb.aembed_documents(items)
     assert info.value.failed_indices == list(range(10, 30))  # the bucket held one batch
     assert isinstance(info.value.__cause__, openai.RateLimitError)
     assert emb.stats()["ingest"]["throttled"] == 0
+
+
+@pytest.mark.enable_socket
+async def test_redis_checkpoint_resumes_an_async_ingestion_in_a_new_process(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """Shared store: a crash during the 4th of 6 batches, then a fresh RedisStore, policy
+    and wrapper (what a restarted process builds) embed only the last 30 of 90 texts."""
+    redis = pytest.importorskip("redis")
+    from rag_resilience.stores.redis import RedisStore
+
+    url = "redis://127.0.0.1:6379/0"
+    raw = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        raw.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        pytest.skip(f"no Redis at {url} ({exc})")
+    prefix = f"rr-ingest-{uuid.uuid4().hex[:12]}"
+    items = texts(90, "redis")
+    expected = truth(server, items)
+
+    class Crash(BaseException):
+        pass
+
+    def build() -> ResilientEmbeddings:
+        store = RedisStore(url, prefix=prefix, op_timeout=5.0)
+        pol = ResiliencePolicy.preset("balanced", name="t-redis", store=store)
+        return wrap(server, pol, batch_size=15, concurrency=1, resume=True)
+
+    try:
+        emb = build()
+        calls = 0
+        inner = emb._inner.aembed_documents
+
+        async def dying(batch: list[str]) -> list[list[float]]:
+            nonlocal calls
+            calls += 1
+            if calls == 5:  # four batches of 15 are done and stored
+                raise Crash
+            return await inner(batch)
+
+        with pytest.raises(Crash):
+            await emb.ingestor.aembed(items, dying)
+        assert embedding_stats(server)["successes"] == 4
+        server.reset()
+
+        restarted = build()
+        vectors = await restarted.aembed_documents(items)
+        assert same(vectors, expected)
+        assert embedding_stats(server)["successes"] == 2
+        assert restarted.stats()["ingest"]["resumed"] == 60
+    finally:
+        keys = list(raw.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            raw.delete(*keys)
+        raw.close()
+
+
+def test_a_pacer_rejection_that_says_how_long_is_waited_out(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """A pacer that rejects a call its deadline could not wait for (a `QueueFullError`
+    with `wait`, as the rate-limit branch's `RateLimitedError`) is "not yet" too; a plain
+    full queue is a failure."""
+    from rag_resilience.errors import QueueFullError
+
+    class Paced(QueueFullError):
+        def __init__(self, wait: float | None) -> None:
+            super().__init__("paced past the deadline")
+            self.wait = wait
+
+    emb = wrap(server, policy("t-paced"), batch_size=10, concurrency=1)
+    inner = emb._inner.embed_documents
+    rejections: list[float | None] = []
+
+    def paced_once(batch: list[str]) -> list[list[float]]:
+        if batch[0].endswith("0010 about resilient retrieval") and rejections:
+            raise Paced(rejections.pop())
+        return inner(batch)
+
+    rejections.append(7.5)
+    result = emb.ingestor.embed(texts(30), paced_once)
+    assert len(result.vectors) == 30 and 7.5 in clock.sleeps
+    assert emb.stats()["ingest"]["throttled"] == 1
+    rejections.append(None)  # a rejection that does not say how long: a failure
+    with pytest.raises(PartialEmbeddingError) as info:
+        emb.ingestor.embed(texts(30, "other"), paced_once)
+    assert info.value.failed_indices == list(range(10, 20))

@@ -42,6 +42,7 @@ from .retry import RetryStrategy, with_retry
 from .stores import MemoryStore, Store
 
 if TYPE_CHECKING:
+    from .ingest import PartialEmbeddingError
     from .openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
     from .stores.redis import RedisStore
     from .stores.sqlite import SQLiteStore
@@ -66,6 +67,7 @@ __all__ = [
     "LoggingListener",
     "MalformedResponseError",
     "MemoryStore",
+    "PartialEmbeddingError",
     "QueueFullError",
     "QueueWorker",
     "RateLimitedError",
@@ -101,6 +103,7 @@ _LAZY = {
     "AsyncResilientOpenAIClient": ".openai_client",
     "SQLiteStore": ".stores.sqlite",
     "RedisStore": ".stores.redis",
+    "PartialEmbeddingError": ".ingest",
 }
 
 

@@ -10,8 +10,9 @@
   scheduling, results, progress and failure rules exist once;
 * each batch is **one policy call** (pacing, retry, breaker, per-text cached vectors
   all apply), exactly what `EmbeddingEngine.run_batch` does for a sub-batch; a batch
-  whose call ends on a rate-limit 429 was only told "not yet": after the server's delay
-  it runs again (`throttle_rounds` times at most) instead of failing;
+  whose call ends on a rate-limit 429 or an open circuit was only told "not yet": after
+  the server's delay or the breaker's next probe time it runs again (`wait_rounds`
+  times at most) instead of failing;
 * a **failed batch never loses the others**: the rest go on, and the caller gets
   `PartialEmbeddingError` with every vector that was obtained (`None` where none
   was) and exactly which inputs failed; the first upstream error is its `__cause__`.
@@ -46,7 +47,7 @@ from typing import Any
 from . import deadline
 from .clock import get_clock
 from .embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
-from .errors import QueueFullError, ResilienceError, add_note
+from .errors import CircuitOpenError, QueueFullError, ResilienceError, add_note
 from .policy import Served
 
 __all__ = [
@@ -80,6 +81,8 @@ _STOP_STATUSES = frozenset({401, 403, 404})
 _THROTTLED = frozenset({"rate_limited", "handled"})
 #: Seconds to wait before re-running a throttled batch when the server did not say.
 _THROTTLE_WAIT = 1.0
+#: Shortest wait for an open circuit (a half-open one may say "0 s" while its probe runs).
+_MIN_PAUSE = 0.5
 
 
 def estimate_tokens(text: str) -> int:
@@ -164,6 +167,7 @@ class IngestStats:
         "batches_failed",
         "partial_errors",
         "throttled",
+        "paused",
     )
 
     def __init__(self) -> None:
@@ -319,9 +323,11 @@ class Ingestor:
     `batch_tokens`: estimated tokens per batch; `concurrency`: batches in flight;
     `progress`: None (a tqdm bar when stderr is a terminal), True (a bar), False
     (nothing) or a callable ``(done, total)``; `resume`: skip texts whose vector is
-    kept in the engine's cache; `throttle_rounds`: how many more times a batch whose
-    policy call ended on a rate-limit 429 (the server asked to slow down, not to stop)
-    is run again, after the server's delay, before it counts as failed.
+    kept in the engine's cache; `wait_rounds`: how many more times a batch told "not
+    yet" is run again before it counts as failed: after the server's delay when its
+    policy call ended on a rate-limit 429 (slow down, not stop), after the breaker's
+    next probe time when the circuit is open (an outage that outlasts the rounds stops
+    the ingestion: the rest fail at once, to be resumed later).
     """
 
     def __init__(
@@ -334,10 +340,10 @@ class Ingestor:
         progress: Progress | bool | None = None,
         resume: bool = False,
         count_tokens: Callable[[str], int] = estimate_tokens,
-        throttle_rounds: int = 10,
+        wait_rounds: int = 10,
     ) -> None:
         _check_int("max_inputs", max_inputs, 1, 1_000_000)
-        _check_int("throttle_rounds", throttle_rounds, 0, 1000)
+        _check_int("wait_rounds", wait_rounds, 0, 1000)
         _check_int("batch_tokens", batch_tokens, 1, 10_000_000)
         _check_int("concurrency", concurrency, 1, 256)
         if not (progress is None or isinstance(progress, bool) or callable(progress)):
@@ -354,7 +360,7 @@ class Ingestor:
         self.progress = progress
         self.resume = bool(resume)
         self.count_tokens = count_tokens
-        self.throttle_rounds = throttle_rounds
+        self.wait_rounds = wait_rounds
         self.stats = IngestStats()
         self._warned_capacity = False
 
@@ -418,20 +424,57 @@ class Ingestor:
         sink = _ProgressSink(setting, len(texts), len(batches), "embedding")
         return _Ingestion(texts, vectors, batches, sink, hook), resumed
 
+    def _may_wait(self, run: _Ingestion, wait: float, rounds: int) -> bool:
+        if run.stopping or rounds >= self.wait_rounds:
+            return False
+        left = deadline.remaining()
+        return left is None or wait < left
+
     def _failed(
         self, run: _Ingestion, batch: list[int], error: BaseException, rounds: int
     ) -> float | None:
         """After a batch's policy call failed: seconds to wait before running it again
-        (the server only asked us to slow down), or None once it is recorded as failed.
-        Shared by the thread and task workers."""
+        (the server only asked us to slow down, or the circuit is open; negative: a wait
+        that costs no round), or None once it is recorded as failed. Shared by the
+        thread and task workers."""
         if isinstance(error, QueueFullError):
+            # A pacer's rejection (the rate-limit branch's RateLimitedError) says how long
+            # the call would have waited: not yet, like a 429. A full queue just fails.
+            wait = getattr(error, "wait", None)
+            if isinstance(wait, (int, float)) and wait > 0 and self._may_wait(run, wait, rounds):
+                self.stats.add(throttled=1)
+                return float(wait)
             run.failed_with(batch, error, False)
             return None
+        if isinstance(error, CircuitOpenError):
+            # The upstream is down: wait for the breaker's next probe rather than fail
+            # every remaining batch at once; an outage that outlasts the rounds stops it.
+            # While a probe is in flight (half-open) the wait costs no round: the outage
+            # has not lasted any longer, the probe's outcome is what matters.
+            probing = error.state == "half_open"
+            wait = max(error.retry_after, _MIN_PAUSE)
+            if self._may_wait(run, wait, 0 if probing else rounds):
+                self.stats.add(paused=1)
+                return -wait if probing else wait
+            run.failed_with(batch, error, True)
+            return None
         verdict = self.engine.policy.classify(error)
-        if verdict.status == 429 and verdict.reason in _THROTTLED and not run.stopping:
+        breaker = self.engine.policy.breaker
+        if verdict.is_failure and verdict.fallback_ok and breaker is not None:
+            # A batch in flight when the outage began spent its attempts on it and opened
+            # the circuit (or saw it open): it waits for the probes like the others.
+            state = breaker.get_state().value
+            if state != "closed":
+                wait = max(breaker.retry_after(), _MIN_PAUSE)
+                probing = state == "half_open"
+                if self._may_wait(run, wait, 0 if probing else rounds):
+                    self.stats.add(paused=1)
+                    return -wait if probing else wait
+                run.failed_with(batch, error, True)
+                return None
+        if verdict.status == 429 and verdict.reason in _THROTTLED:
             wait = verdict.retry_after if verdict.retry_after is not None else _THROTTLE_WAIT
-            left = deadline.remaining()
-            if rounds < self.throttle_rounds and (left is None or wait < left):
+            if self._may_wait(run, wait, rounds):
                 self.stats.add(throttled=1)
                 return wait
         # Would every other batch fail the same way? (bad key, no quota, our own bug)
@@ -516,8 +559,8 @@ class Ingestor:
                         wait = self._failed(run, batch, exc, rounds)
                         if wait is None:
                             break
-                        rounds += 1
-                        clock.sleep(wait)
+                        rounds += wait > 0  # a negative wait costs no round
+                        clock.sleep(abs(wait))
                         continue
                     run.succeeded(batch, chunk, served)
                     break
@@ -578,8 +621,8 @@ class Ingestor:
                         wait = self._failed(run, batch, exc, rounds)
                         if wait is None:
                             break
-                        rounds += 1
-                        await clock.asleep(wait)
+                        rounds += wait > 0  # a negative wait costs no round
+                        await clock.asleep(abs(wait))
                         continue
                     run.succeeded(batch, chunk, served)
                     break
