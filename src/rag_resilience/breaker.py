@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, ParamSpec, TypeVar
@@ -547,28 +548,54 @@ class CircuitBreaker:
         once) or while the slow-start ramp is full, each within `probe_wait` and the
         caller's deadline (`rag_resilience.deadline`). Open: CircuitOpenError at once."""
         budget: WaitBudget | None = None
+        waited: tuple[float, str] | None = None  # (since, on what): set once a wait began
         while True:
             epochs = self._epochs()
             ticket, retry_after, state = self._step()
             if ticket != _REJECT:
+                if waited is not None:
+                    self._probe_waited(waited, "admitted")
                 return ticket
             left, budget = self._wait_plan(state, budget)
             if left <= 0:
+                if waited is not None:
+                    self._probe_waited(waited, "rejected")
                 self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+            waited = waited or (time.monotonic(), state)
             self._signal(state).wait(epochs[state == _RAMP_FULL], left)
 
     async def aadmit(self) -> int:
         """Async `admit`: waiters park on futures, never blocking the event loop."""
         budget: WaitBudget | None = None
+        waited: tuple[float, str] | None = None
         while True:
             epochs = self._epochs()
             ticket, retry_after, state = await self._astep()
             if ticket != _REJECT:
+                if waited is not None:
+                    self._probe_waited(waited, "admitted")
                 return ticket
             left, budget = self._wait_plan(state, budget)
             if left <= 0:
+                if waited is not None:
+                    self._probe_waited(waited, "rejected")
                 self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+            waited = waited or (time.monotonic(), state)
             await self._signal(state).await_(epochs[state == _RAMP_FULL], left)
+
+    def _probe_waited(self, waited: tuple[float, str], outcome: str) -> None:
+        """Publish `EventKind.PROBE_WAIT`: how long (real seconds, as `WaitBudget` counts)
+        a caller waited for a probe's verdict (or a slow-start slot), and its `outcome`
+        (``admitted`` or ``rejected``, in `reason`)."""
+        since, state = waited
+        on = "slow_start" if state == _RAMP_FULL else "probe"
+        self.events.publish(
+            EventKind.PROBE_WAIT,
+            self.name,
+            duration=max(0.0, time.monotonic() - since),
+            reason=outcome,
+            extra={"waited_for": on},
+        )
 
     def _recovery_wait(self, patience: float) -> float | None:
         """For a caller with nothing to degrade to and `patience` seconds left: the sleep
@@ -588,6 +615,7 @@ class CircuitBreaker:
         if wait is None:
             return False
         get_clock(self.clock).sleep(wait)
+        self._recovery_waited(wait)
         return True
 
     async def await_recovery(self, patience: float) -> bool:
@@ -595,7 +623,18 @@ class CircuitBreaker:
         if wait is None:
             return False
         await get_clock(self.clock).asleep(wait)
+        self._recovery_waited(wait)
         return True
+
+    def _recovery_waited(self, wait: float) -> None:
+        """`EventKind.PROBE_WAIT` for a caller that slept until the next probe was due."""
+        self.events.publish(
+            EventKind.PROBE_WAIT,
+            self.name,
+            duration=wait,
+            reason="next_probe_due",
+            extra={"waited_for": "next_probe"},
+        )
 
     def on_success(self, ticket: int = ADMITTED) -> None:
         """Report a successful call admitted with `ticket`.

@@ -47,6 +47,9 @@ class EventKind(str, Enum):
     FALLBACK = "fallback"  # a degraded answer was served from `served_from`
     REJECTED = "rejected"  # no call made: circuit open, queue full, retry budget, deadline
     STATE_CHANGE = "state_change"  # breaker moved from `old_state` to `new_state`
+    # Waits, published only when a caller really waited (never on the no-wait path):
+    PACED = "paced"  # waited `duration` s for a rate-limit slot (extra: upstream)
+    PROBE_WAIT = "probe_wait"  # waited `duration` s for a probe's verdict; `reason`: outcome
 
     def __str__(self) -> str:
         return self.value

@@ -205,7 +205,7 @@ class _CallSpan:
 def _names_of(policy: ResiliencePolicy) -> frozenset[str]:
     """The names the policy's components publish under (kept on the policy, rebuilt if a
     component is replaced)."""
-    parts = (policy.name, policy.retry, policy.breaker, policy.limit)
+    parts = (policy.name, policy.retry, policy.breaker, policy.limit, policy.rate_limiter)
     cached = policy.__dict__.get("_rr_trace_names")
     if cached is not None and cached[0] == parts:
         return cached[1]  # type: ignore[no-any-return]
@@ -216,6 +216,8 @@ def _names_of(policy: ResiliencePolicy) -> frozenset[str]:
         names.add(policy.breaker.name)
     if policy.limit is not None:
         names.add(policy.limit.name)
+    if policy.rate_limiter is not None:
+        names.add(policy.rate_limiter.name)
     frozen = frozenset(names)
     policy.__dict__["_rr_trace_names"] = (parts, frozen)
     return frozen

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
+from . import _registry
 from . import _validate as _v
 from . import deadline as _deadline
 from ._counter import AtomicCounter
@@ -388,6 +389,9 @@ class ResiliencePolicy:
             self.collector.gauges["cache_entries"] = lambda: len(fallbacks)
         if rate_limiter is not None:
             self.collector.gauges["rate_limit"] = rate_limiter.stats
+            for listener in listeners or ():  # pacing waits (a shared limiter: all its waits)
+                rate_limiter.events.add(listener)
+        _registry.register(self)  # exporters report the gauges of policies they hear from
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -1470,6 +1474,7 @@ class ResiliencePolicy:
             self.retry.events,
             self.breaker.events if self.breaker else None,
             _bus_of(self.limit),
+            _bus_of(self.rate_limiter),
             self.events,
         ):
             if bus is not None:

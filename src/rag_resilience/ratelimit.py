@@ -38,6 +38,7 @@ from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .deadline import bound
 from .errors import RateLimitedError
+from .events import EventBus, EventKind
 from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
 from .ratelimit_redis import SharedBuckets
 
@@ -493,8 +494,11 @@ class Pacer:
                 "requests_per_s": None if req is None else round(1.0 / req.interval, 3),
                 "requests_source": self.request_source,
                 "requests_available": None if req is None else round(req.available(now), 2),
+                "requests_headroom": _headroom(req, now),
                 "tokens_per_s": None if tok is None else round(1.0 / tok.interval, 3),
                 "tokens_source": self.token_source,
+                "tokens_available": None if tok is None else round(tok.available(now), 2),
+                "tokens_headroom": _headroom(tok, now),
                 "waiting": self.waiting,
                 "calls": self.calls,
                 "paced": self.paced,
@@ -502,6 +506,13 @@ class Pacer:
                 "rejected": self.rejected,
                 "throttled_429": self.throttled,
             }
+
+
+def _headroom(bucket: _Bucket | None, now: float) -> float | None:
+    """Share of the bucket's burst free now: 1.0 full, 0.0 the next call waits."""
+    if bucket is None or bucket.capacity <= 0:
+        return None
+    return round(bucket.available(now) / bucket.capacity, 4)
 
 
 class RateLimiter:
@@ -597,6 +608,8 @@ class RateLimiter:
         self.clock = clock
         self._pacers: dict[str, Pacer] = {}
         self._lock = threading.Lock()
+        #: `EventKind.PACED` after each wait for a slot (published only when a call waited)
+        self.events = EventBus()
 
     # -- pacers --------------------------------------------------------------------------
     def pacer(self, upstream: str) -> Pacer:
@@ -634,6 +647,7 @@ class RateLimiter:
             clock.sleep(wait)
         finally:
             self.pacer(request.upstream).done_waiting()
+        self._paced(request, wait)
 
     async def await_(self, request: PaceRequest, wait: float, clock: Clock) -> None:
         """`wait`, asynchronously."""
@@ -641,6 +655,14 @@ class RateLimiter:
             await clock.asleep(wait)
         finally:
             self.pacer(request.upstream).done_waiting()
+        self._paced(request, wait)
+
+    def _paced(self, request: PaceRequest, wait: float) -> None:
+        """Tell listeners (traces, metrics) a call waited `wait` s for its slot."""
+        events = self.events
+        if events.wants(EventKind.PACED):
+            extra = {"upstream": request.upstream, "tokens": request.tokens}
+            events.publish(EventKind.PACED, self.name, duration=wait, extra=extra)
 
     def acquire(self, request: PaceRequest, max_wait: float | None = None) -> float:
         """Wait (sync) for `request`'s slot; returns the seconds waited."""

@@ -28,12 +28,25 @@ metric                                      kind       attributes
 ``rag_resilience.breaker.state``            gauge      ``state``: 1 for the circuit's state, 0 else
 ``rag_resilience.limit.in_flight``          gauge      calls holding a permit (observed limits)
 ``rag_resilience.limit.queue_depth``        gauge      callers waiting for a permit
-``rag_resilience.ratelimit.headroom``       gauge      ``resource``: remaining / limit, from any
-                                                       event whose ``extra`` has ``remaining`` and
-                                                       ``limit`` (pacing events, when they exist)
+``rag_resilience.wait.duration``            histogram  ``wait`` (paced|probe|slow_start|next_probe),
+                                                       ``outcome``: time a call waited for a
+                                                       rate-limit slot or a probe's verdict
+``rag_resilience.ratelimit.headroom``       gauge      ``upstream``, ``resource`` (requests|tokens):
+                                                       share of the pacer's burst free now (1 full,
+                                                       0 the next call waits)
+``rag_resilience.ratelimit.limit``          gauge      ``upstream``, ``resource``, ``source``
+                                                       (headers|aimd|configured): the learned or
+                                                       told limit, per second
+``rag_resilience.ratelimit.waiting``        gauge      ``upstream``: callers waiting for a slot
 ==========================================  =========  ==========================================
 
 Every metric also carries ``rag_resilience.name``: the policy, breaker or limit.
+
+Gauges are read when the backend collects: from the components given to `observe`, and
+from every live `ResiliencePolicy` whose events the recorder has received (by weak
+reference: a policy that is gone is no longer reported), so `observe` is only needed for
+a policy that has not published anything yet, or a bare breaker or limit. ``upstream`` is
+the pacer's key: base URL, model and a hash of the API key (never the key).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._registry import live_policies
 from .events import Event, EventKind
 
 __all__ = [
@@ -54,6 +68,7 @@ __all__ = [
     "MetricSpec",
     "MetricsRecorder",
     "polly_event_name",
+    "rate_limit_gauges",
 ]
 
 NAME = "rag_resilience.name"
@@ -138,11 +153,32 @@ METRICS: dict[str, MetricSpec] = {
             (NAME,),
         ),
         MetricSpec(
+            "rag_resilience.wait.duration",
+            "histogram",
+            "s",
+            "time a call waited for a rate-limit slot or a probe's verdict",
+            (NAME, "wait", "outcome"),
+        ),
+        MetricSpec(
             "rag_resilience.ratelimit.headroom",
             "gauge",
             "1",
-            "remaining / limit of an upstream's rate limit",
-            (NAME, "resource"),
+            "share of an upstream's rate-limit burst free now (1 full, 0 the next call waits)",
+            (NAME, "upstream", "resource"),
+        ),
+        MetricSpec(
+            "rag_resilience.ratelimit.limit",
+            "gauge",
+            "1/s",
+            "an upstream's learned (or told) rate limit, per second",
+            (NAME, "upstream", "resource", "source"),
+        ),
+        MetricSpec(
+            "rag_resilience.ratelimit.waiting",
+            "gauge",
+            "1",
+            "callers waiting for a rate-limit slot",
+            (NAME, "upstream"),
         ),
     )
 }
@@ -164,6 +200,8 @@ _TRANSITION_NAMES = {
     "half_open": "OnCircuitHalfOpened",
 }
 
+
+_WAITS = frozenset({EventKind.PACED, EventKind.PROBE_WAIT})
 
 _REJECTION_NAMES = {
     "circuit_open": "OnCircuitRejected",
@@ -190,6 +228,10 @@ def polly_event_name(event: Event) -> str | None:
         return _TRANSITION_NAMES.get(event.new_state or "", "OnCircuitStateChange")
     if kind is EventKind.REJECTED:
         return _REJECTION_NAMES.get(event.reason or "", "OnRejected")
+    if kind is EventKind.PACED:
+        return "OnRateLimiterPaced"
+    if kind is EventKind.PROBE_WAIT:
+        return "OnCircuitProbeWait"
     return str(getattr(kind, "value", kind))  # a kind added later: counted by its name
 
 
@@ -215,7 +257,7 @@ class MetricsRecorder:
         self.sink = sink
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
-        self._headroom: dict[tuple[str, str], float] = {}
+        self._heard: set[str] = set()  # names of components we received events from
         self._observed: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     # -- push: one event -> counters and histograms
@@ -249,20 +291,19 @@ class MetricsRecorder:
             sink.add("rag_resilience.breaker.transitions", 1, {NAME: name, "from": old, "to": new})
             with self._lock:
                 self._states[name] = new
+        elif kind in _WAITS and event.duration is not None:
+            extra = event.extra or {}
+            wait = "paced" if kind is EventKind.PACED else str(extra.get("waited_for", "probe"))
+            attrs = {NAME: name, "wait": wait, "outcome": event.reason or "waited"}
+            sink.record("rag_resilience.wait.duration", event.duration, attrs)
+        if name not in self._heard:
+            self._heard.add(name)  # a set's add is atomic; read by `gauges`
         event_name = polly_event_name(event)
         if event_name is not None:
             attrs = {NAME: name, "event.name": event_name}
             if event.reason is not None:
                 attrs["reason"] = event.reason
             sink.add("rag_resilience.events", 1, attrs)
-        extra = event.extra
-        if extra is not None and "remaining" in extra and extra.get("limit"):
-            try:
-                headroom = float(extra["remaining"]) / float(extra["limit"])
-            except (TypeError, ValueError):
-                return
-            with self._lock:
-                self._headroom[(name, str(extra.get("resource", "requests")))] = headroom
 
     # -- pull: live gauges
     def observe(self, *components: Any) -> None:
@@ -271,25 +312,41 @@ class MetricsRecorder:
         for component in components:
             self._observed[id(component)] = component
 
+    def _components(self) -> list[Any]:
+        """What the gauges report: the observed components, and every live policy we
+        received events from (itself or through its breaker, limit or rate limiter)."""
+        found = {id(c): c for c in list(self._observed.values())}
+        heard = set(self._heard)
+        if heard:
+            for policy in live_policies():
+                if id(policy) not in found and heard.intersection(_names_of(policy)):
+                    found[id(policy)] = policy
+        return list(found.values())
+
     def gauges(self) -> Iterator[tuple[str, float, dict[str, str]]]:
         """(metric, value, attributes) of every gauge, read now."""
         breakers: dict[str, str] = {}
         limits: dict[str, Any] = {}
-        for component in list(self._observed.values()):
+        limiters: dict[str, Any] = {}
+        for component in self._components():
             breaker = getattr(component, "breaker", None)
             limit = getattr(component, "limit", None)
+            limiter = getattr(component, "rate_limiter", None)
             if hasattr(component, "get_state"):
                 breaker = component
             if hasattr(component, "in_flight") and hasattr(component, "waiting"):
                 limit = component
+            if hasattr(component, "pacer") and hasattr(component, "stats"):
+                limiter = component
             if breaker is not None:
                 with contextlib.suppress(Exception):  # a store outage must not break a scrape
                     breakers[breaker.name] = breaker.get_state().value
             if limit is not None:
                 limits[limit.name] = limit
+            if limiter is not None:
+                limiters[limiter.name] = limiter
         with self._lock:
             states = {**self._states, **breakers}
-            headroom = dict(self._headroom)
         for name, state in states.items():
             for candidate in BREAKER_STATES:
                 value = 1.0 if candidate == state else 0.0
@@ -297,5 +354,39 @@ class MetricsRecorder:
         for name, limit in limits.items():
             yield "rag_resilience.limit.in_flight", float(limit.in_flight), {NAME: name}
             yield "rag_resilience.limit.queue_depth", float(limit.waiting), {NAME: name}
-        for (name, resource), value in headroom.items():
-            yield "rag_resilience.ratelimit.headroom", value, {NAME: name, "resource": resource}
+        for name, limiter in limiters.items():
+            try:
+                upstreams = limiter.stats()["upstreams"]
+            except Exception:  # a scrape must not fail on one limiter
+                continue
+            yield from rate_limit_gauges(name, upstreams)
+
+
+def _names_of(policy: Any) -> set[str]:
+    names = {str(getattr(policy, "name", ""))}
+    for part in ("breaker", "limit", "rate_limiter"):
+        component = getattr(policy, part, None)
+        if component is not None:
+            names.add(str(getattr(component, "name", "")))
+    retry = getattr(policy, "retry", None)
+    if retry is not None and getattr(retry, "name", None):
+        names.add(str(retry.name))
+    return names
+
+
+def rate_limit_gauges(
+    name: str, upstreams: dict[str, Any]
+) -> Iterator[tuple[str, float, dict[str, str]]]:
+    """The rate-limit gauges of one limiter's `stats()["upstreams"]`."""
+    for upstream, snap in upstreams.items():
+        for resource in ("requests", "tokens"):
+            headroom = snap.get(f"{resource}_headroom")
+            attrs = {NAME: name, "upstream": upstream, "resource": resource}
+            if headroom is not None:
+                yield "rag_resilience.ratelimit.headroom", float(headroom), attrs
+            rate = snap.get(f"{resource}_per_s")
+            if rate is not None:
+                source = str(snap.get(f"{resource}_source") or "unknown")
+                yield "rag_resilience.ratelimit.limit", float(rate), {**attrs, "source": source}
+        waiting = float(snap.get("waiting") or 0)
+        yield "rag_resilience.ratelimit.waiting", waiting, {NAME: name, "upstream": upstream}
