@@ -183,9 +183,6 @@ def test_a_call_that_waited_for_the_probe_says_so(
             client = ResilientOpenAIClient(
                 api_key="sk-probe", base_url=chaos_server.base_url, policy=policy
             )
-            aclient = AsyncResilientOpenAIClient(
-                api_key="sk-probe", base_url=chaos_server.base_url, policy=policy
-            )
             chaos_server.set_faults(outage=True)
             with pytest.raises(Exception):  # noqa: B017 - the SDK's 503 error
                 client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
@@ -205,6 +202,9 @@ def test_a_call_that_waited_for_the_probe_says_so(
             ]
 
             async def tasks() -> None:
+                aclient = AsyncResilientOpenAIClient(
+                    api_key="sk-probe", base_url=chaos_server.base_url, policy=policy
+                )
                 await asyncio.gather(
                     *(
                         aclient.chat.completions.create(model="gpt-4o-mini", messages=MSG)

@@ -3,11 +3,13 @@ app's stats endpoint; its JSON lines are compared with the stores' own state."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +115,8 @@ def test_two_replicas_on_redis_json_lines_match_the_store(
     assert set(rows) == {"svc", "ok"}
 
     store = RedisStore(REDIS_URL, prefix=prefix)
-    breaker = CircuitBreaker(name="svc", store=store)
+    # the replicas' settings: a reader with a shorter recovery_timeout caps the open period
+    breaker = CircuitBreaker(name="svc", store=store, recovery_timeout=600.0)
     svc = rows["svc"]
     assert svc["state"] == breaker.get_state().value == "open"
     assert svc["failures"] == breaker.failure_count
@@ -217,21 +220,116 @@ def test_demo_says_where_to_watch_and_serves_its_policies(
     assert names and all(name.startswith("langchain/normal/") for name in names)
 
 
-def test_learned_rate_limits_show_when_a_replica_reports_them() -> None:
-    """Pacing (when a policy's stats() carries `rate_limit`) flows through to the view."""
+def test_learned_rate_limits_merge_over_replicas_and_render() -> None:
+    """Two replicas' `rate_limit` reports: totals add up, the freshest learned limits
+    win, headroom is the lowest any replica sees, waiting callers add up."""
     from rich.console import Console
 
-    sample = {
-        "name": "paced",
-        "replica": "r1",
-        "time": 1000.0,
-        "breaker": None,
-        "limit": None,
-        "series": [],
-        "rate_limit": {"requests": {"remaining": 40, "limit": 500}},
+    key = "http://127.0.0.1:8000/v1|gpt-4o-mini|0123456789abcdef"
+
+    def sample(replica: str, at: float, rps: float, room: float, waiting: int) -> dict[str, Any]:
+        up = {
+            "requests_per_s": rps,
+            "requests_source": "headers",
+            "requests_headroom": room,
+            "tokens_per_s": 2900.0,
+            "tokens_source": "headers",
+            "tokens_headroom": 0.8,
+            "waiting": waiting,
+        }
+        return {
+            "name": "paced",
+            "replica": replica,
+            "time": at,
+            "breaker": None,
+            "limit": None,
+            "series": [],
+            "totals": {"interrupted": 1, "parse_failures": 2},
+            "rate_limit": {
+                "paced": 3,
+                "paced_seconds": 0.5,
+                "rejected": 1,
+                "throttled_429": 0,
+                "upstreams": {key: up},
+            },
+        }
+
+    samples = [sample("r1", 999.0, 18.0, 0.25, 2), sample("r2", 1000.0, 19.6, 0.5, 1)]
+    rows = build_rows({"time": 1000.0, "breakers": {}, "limits": {}, "samples": samples})
+    (row,) = rows
+    assert (row["interrupted"], row["parse_failures"]) == (2, 4)
+    rate = row["rate_limit"]
+    assert (rate["paced"], rate["paced_seconds"], rate["rejected"]) == (6, 1.0, 2)
+    assert rate["upstreams"][key] == {
+        "requests_per_s": 19.6,
+        "requests_source": "headers",
+        "requests_headroom": 0.25,
+        "tokens_per_s": 2900.0,
+        "tokens_source": "headers",
+        "tokens_headroom": 0.8,
+        "waiting": 3,
     }
-    rows = build_rows({"time": 1000.0, "breakers": {}, "limits": {}, "samples": [sample]})
-    assert rows[0]["rate_limit"] == {"requests": {"remaining": 40, "limit": 500}}
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=220)
     console.print(render(rows, "http://x", 1000.0))
-    assert "req 40/500" in console.export_text()
+    assert "gpt-4o-mini 19.6 req/s 25% 2.9k tok/s 80% 3 wait" in console.export_text()
+
+
+def test_watch_shows_what_pacing_learned_from_redis(
+    chaos_server_factory: Any, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two replicas pace against the chaos server's rate limit (real HTTP, one injected
+    clock) and publish to a real Redis; `watch --redis --json` shows each upstream's
+    learned limits and headroom as the policies' own stats() report them."""
+    from rag_resilience import AsyncResilientOpenAIClient, ResilientOpenAIClient
+    from rag_resilience.stores.redis import RedisStore
+    from rag_resilience.testing import FakeClock
+
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock, rate_limit_rps=20.0, rate_limit_burst=2)
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    msg = [{"role": "user", "content": "hi"}]
+    policies = []
+    for replica in ("r1", "r2"):
+        policy = ResiliencePolicy.preset("balanced", name="paced", clock=clock)
+        policies.append(policy)
+        sync = ResilientOpenAIClient(api_key="sk-w", base_url=server.base_url, policy=policy)
+        report = StatsReport(policy, replica=replica)
+
+        def worker(sync: Any = sync) -> None:
+            for _ in range(4):
+                sync.chat.completions.create(model="gpt-4o-mini", messages=msg)
+
+        async def tasks(policy: Any = policy) -> None:
+            aclient = AsyncResilientOpenAIClient(
+                api_key="sk-w", base_url=server.base_url, policy=policy
+            )
+
+            async def one() -> None:
+                for _ in range(4):
+                    await aclient.chat.completions.create(model="gpt-4o-mini", messages=msg)
+
+            await asyncio.gather(one(), one(), one())
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        threads.append(threading.Thread(target=asyncio.run, args=(tasks(),)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        StatsPublisher(report, store, ttl_s=120.0).publish()
+    server.wait_idle()
+    (line,) = run_json(["--redis", REDIS_URL, "--prefix", prefix, "--json", "--count", "1"], capsys)
+    (row,) = [r for r in line["circuits"] if r["name"] == "paced"]
+    assert row["replicas"] == 2 and row["calls_1m"] == 2 * (3 + 3) * 4
+    stats = [p.stats()["rate_limit"] for p in policies]
+    rate = row["rate_limit"]
+    assert rate["paced"] == sum(s["paced"] for s in stats) > 0
+    assert rate["throttled_429"] == sum(s["throttled_429"] for s in stats)
+    (key,) = rate["upstreams"]
+    assert "sk-w" not in json.dumps(line)
+    up = rate["upstreams"][key]
+    assert up["requests_source"] == "headers"
+    assert up["requests_per_s"] == stats[1]["upstreams"][key]["requests_per_s"]  # freshest
+    assert 0.75 * 20 <= up["requests_per_s"] <= 20
+    assert 0.0 <= up["requests_headroom"] <= 1.0
+    assert up["waiting"] == 0

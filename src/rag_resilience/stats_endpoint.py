@@ -10,13 +10,18 @@ A sample (one per policy, JSON) is::
     {"name": "openai-chat", "replica": "host-1234", "time": 1733220000.0,
      "breaker": {"name", "state", "failures", "open_for_s", "next_probe_s"} | null,
      "limit": {"name", "in_flight", "waiting", "max_concurrency"} | null,
-     "totals": {"calls", "failures", "degraded", "retries", "rejections"},
-     "series": [[unix second, calls, failures, degraded], ...],   # the last `window_s`
-     "rate_limit": {...}}   # only if the policy's stats() has one (learned limits, headroom)
+     "totals": {"calls", "live", "errors", "degraded", "retries", "rejections",
+                "interrupted", "parse_failures"},
+     "series": [[unix second, calls, errors, degraded], ...],   # the last `window_s`
+     "rate_limit": {...}}   # only with pacing: the policy's stats()["rate_limit"]
 
 `series` holds the calls finished in each wall-clock second (from the differences of the
 policy's `stats()` between samples), so samples of several replicas add up second by
-second. Stdlib only; the server binds loopback unless told otherwise.
+second. ``rate_limit`` is `RateLimiter.stats()`: totals (``paced``, ``paced_seconds``,
+``rejected``, ``throttled_429``) and per upstream (base URL, model, a hash of the API key)
+the learned limits (``requests_per_s``, ``tokens_per_s``, their ``*_source``), the share
+of each bucket free now (``requests_headroom``, ``tokens_headroom``) and ``waiting``.
+Stdlib only; the server binds loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -46,7 +51,18 @@ _logger = logging.getLogger("rag_resilience")
 
 #: Store key of one replica's sample for one policy (``{name}``, ``{replica}``).
 STATS_KEY = "rag_resilience:{name}:stats:{replica}"
-_TOTALS = ("calls", "failures", "degraded", "retries", "rejections")
+_TOTALS = (
+    "calls",
+    "live",
+    "errors",
+    "degraded",
+    "retries",
+    "rejections",
+    "interrupted",
+    "parse_failures",
+)
+#: stats() names before issue 18, read when a policy-like object only has those
+_OLD_NAMES = {"live": "successes", "errors": "failures"}
 
 
 def stats_key(name: str, replica: str) -> str:
@@ -58,7 +74,7 @@ def default_replica() -> str:
 
 
 def _int(stats: dict[str, Any], key: str) -> int:
-    value = stats.get(key, 0)
+    value = stats.get(key, stats.get(_OLD_NAMES.get(key, key), 0))
     return int(value) if isinstance(value, (int, float)) else 0
 
 
@@ -76,7 +92,7 @@ class _Window:
         policy = self.policy
         stats = policy.stats()
         totals = {key: _int(stats, key) for key in _TOTALS}
-        current = (totals["calls"], totals["failures"], totals["degraded"])
+        current = (totals["calls"], totals["errors"], totals["degraded"])
         if self.previous is not None:
             delta = [max(0, c - p) for c, p in zip(current, self.previous, strict=True)]
             second = int(now)

@@ -14,8 +14,14 @@ shared state is kept on. From an endpoint (`stats_endpoint.serve_stats`) it read
 
 Each row (also each JSON line's ``circuits``) has: ``name``, ``state``, ``open_for_s``,
 ``next_probe_s``, ``failures``, ``replicas``, ``in_flight``, ``queue_depth``, ``calls_1m``,
-``error_rate_1m``, ``degraded_rate_1m``, ``spark`` (degraded share per second, last minute)
-and ``rate_limit`` (what a replica reports about its upstream's limits, when it does).
+``error_rate_1m``, ``degraded_rate_1m``, ``spark`` (errors and degraded share per second,
+last minute), ``interrupted`` and ``parse_failures`` (totals over the replicas' samples),
+and ``rate_limit`` (None without pacing): ``paced``, ``paced_seconds``, ``rejected``,
+``throttled_429`` (summed over replicas) and ``upstreams``, one entry per upstream (base
+URL, model and a hash of the API key) with its learned ``requests_per_s`` /
+``tokens_per_s`` and their ``*_source`` (the freshest replica's), ``requests_headroom`` /
+``tokens_headroom`` (the share of the burst free now: the lowest any replica reports) and
+``waiting`` (callers waiting for a slot, summed).
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["HttpSource", "RedisSource", "build_rows", "main", "render", "sparkline"]
+__all__ = [
+    "HttpSource",
+    "RedisSource",
+    "build_rows",
+    "main",
+    "merge_rate_limits",
+    "render",
+    "sparkline",
+]
 
 WINDOW_S = 60
 _BARS = "▁▂▃▄▅▆▇█"
@@ -185,10 +199,50 @@ def build_rows(reading: dict[str, Any]) -> list[dict[str, Any]]:
         row["error_rate_1m"] = round(failures / calls, 4) if calls else None
         row["degraded_rate_1m"] = round(degraded / calls, 4) if calls else None
         row["spark"] = sparkline((c[1] + c[2]) / c[0] if c[0] else None for c in per_second)
-        rate_limits = [s["rate_limit"] for s in samples if s.get("rate_limit")]
-        row["rate_limit"] = rate_limits[-1] if rate_limits else None
+        for key in ("interrupted", "parse_failures"):
+            row[key] = sum(_count((s.get("totals") or {}).get(key)) for s in samples)
+        row["rate_limit"] = merge_rate_limits(samples)
         rows.append(row)
     return rows
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+_LEARNED = ("requests_per_s", "requests_source", "tokens_per_s", "tokens_source")
+
+
+def merge_rate_limits(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The replicas' `rate_limit` entries as one view (see the module docstring)."""
+    reports = [
+        s["rate_limit"]
+        for s in sorted(samples, key=lambda s: s.get("time", 0))
+        if isinstance(s.get("rate_limit"), dict)
+    ]
+    if not reports:
+        return None
+    merged: dict[str, Any] = {
+        key: sum(_count(r.get(key)) for r in reports)
+        for key in ("paced", "rejected", "throttled_429")
+    }
+    merged["paced_seconds"] = round(sum(float(r.get("paced_seconds") or 0.0) for r in reports), 3)
+    upstreams: dict[str, dict[str, Any]] = {}
+    for report in reports:  # oldest first: the freshest replica's learned limits win
+        for key, snap in (report.get("upstreams") or {}).items():
+            if not isinstance(snap, dict):
+                continue
+            entry = upstreams.setdefault(str(key), {"waiting": 0})
+            for field in _LEARNED:
+                if snap.get(field) is not None:
+                    entry[field] = snap[field]
+            for field in ("requests_headroom", "tokens_headroom"):
+                value = snap.get(field)
+                if isinstance(value, (int, float)):
+                    entry[field] = min(float(value), entry.get(field, 1.0))
+            entry["waiting"] += _count(snap.get("waiting"))
+    merged["upstreams"] = upstreams
+    return merged
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -206,16 +260,34 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.0f}%"
 
 
+def _rate(value: Any) -> str:
+    value = float(value)
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.3g}"
+
+
 def _headroom(rate_limit: Any) -> str:
-    """`remaining/limit` pairs of a replica's learned rate limits, e.g. ``req 40/500``."""
+    """Each upstream's learned limits and the share of its burst free now, e.g.
+    ``gpt-4o-mini 19.6 req/s 50% · 2.9k tok/s 80%`` (the first two upstreams)."""
     if not isinstance(rate_limit, dict):
         return "-"
     parts = []
-    for resource in ("requests", "tokens"):
-        entry = rate_limit.get(resource)
-        if isinstance(entry, dict) and entry.get("limit"):
-            parts.append(f"{resource[:3]} {entry.get('remaining', '?')}/{entry['limit']}")
-    return " ".join(parts) or "-"
+    upstreams = rate_limit.get("upstreams") or {}
+    for key, entry in list(upstreams.items())[:2]:
+        model = str(key).split("|")[1] if str(key).count("|") >= 2 else ""
+        cells = []
+        for resource, unit in (("requests", "req"), ("tokens", "tok")):
+            rate = entry.get(f"{resource}_per_s")
+            if rate is None:
+                continue
+            room = entry.get(f"{resource}_headroom")
+            cells.append(f"{_rate(rate)} {unit}/s" + ("" if room is None else f" {_pct(room)}"))
+        if entry.get("waiting"):
+            cells.append(f"{entry['waiting']} wait")
+        if cells:
+            parts.append(" ".join(([model] if model else []) + cells))
+    more = len(upstreams) - 2
+    text = " · ".join(parts) + (f" +{more}" if more > 0 else "")
+    return text or ("paced" if rate_limit.get("paced") else "-")
 
 
 def render(rows: list[dict[str, Any]], where: str, now: float, width: int = 200) -> Any:
@@ -247,7 +319,11 @@ def render(rows: list[dict[str, Any]], where: str, now: float, width: int = 200)
         ("flight", "right"),
         ("queue", "right"),
         ("repl", "right"),
-        *((("rate limit left", "right"),) if any(r.get("rate_limit") for r in rows) else ()),
+        *(
+            (("rate limit: learned, free", "left"),)
+            if any(r.get("rate_limit") for r in rows)
+            else ()
+        ),
     ):
         wide = header == spark_header
         table.add_column(
