@@ -164,3 +164,41 @@ def test_a_full_queue_is_a_rate_limiter_rejection() -> None:
     assert total(got["rag_resilience.events"], **{"event.name": "OnRateLimiterRejected"}) == 1
     assert total(got["rag_resilience.rejections"], reason="queue_full") == 1
     assert total(got["rag_resilience.calls"], outcome="fallback", source="rejected") == 1
+
+
+def test_gauges_report_every_live_policy_heard_from_without_observe() -> None:
+    """A policy whose events reached the listener is reported (in-flight, queue depth,
+    breaker state) without `observe`; once it is gone, it is not (weakly referenced)."""
+    import gc
+
+    from rag_resilience import add_listener, remove_listener
+
+    reader = InMemoryMetricReader()
+    listener = OTelListener(MeterProvider(metric_readers=[reader]))
+    add_listener(listener)
+    try:
+        with fake_clock():
+            heard = ResiliencePolicy.preset("balanced", name="om-heard")
+            silent = ResiliencePolicy.preset("balanced", name="om-silent")
+            heard.call(lambda: "ok")
+            got = points(reader)
+            names = {
+                p.attributes["rag_resilience.name"] for p in got["rag_resilience.limit.in_flight"]
+            }
+            assert "om-heard" in names and "om-silent" not in names
+            state = {
+                p.attributes["state"]: p.value
+                for p in got["rag_resilience.breaker.state"]
+                if p.attributes["rag_resilience.name"] == "om-heard"
+            }
+            assert state == {"closed": 1, "open": 0, "half_open": 0}
+            del heard, silent
+            gc.collect()
+            got = points(reader)
+            names = {
+                p.attributes["rag_resilience.name"]
+                for p in got.get("rag_resilience.limit.in_flight", [])
+            }
+            assert "om-heard" not in names
+    finally:
+        remove_listener(listener)
