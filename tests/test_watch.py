@@ -216,6 +216,9 @@ def test_demo_says_where_to_watch_and_serves_its_policies(
     assert code == 0
     out = capsys.readouterr().out
     assert re.search(r"rag-resilience watch --url http://127\.0\.0\.1:\d+/stats", out)
+    # after the scenario's results: its watch panel, one row per role of the wrapped app
+    panel = out[out.index("rag-resilience watch · langchain/normal") :]
+    assert re.search(r"\n llm +closed ", panel) and "calls" in panel
     names = {sample["name"] for sample in seen[0].samples()}
     assert names and all(name.startswith("langchain/normal/") for name in names)
 

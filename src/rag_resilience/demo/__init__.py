@@ -29,6 +29,7 @@ from .scenarios import (
     ScenarioRun,
     steps_count,
 )
+from .watch_panel import Sampler, panels
 
 __all__ = ["main"]
 
@@ -193,6 +194,7 @@ def _watchable() -> tuple[Any, Any]:
     server = serve_stats(report)
     url = f"http://127.0.0.1:{server.server_port}/stats"
     print(f"  Watch the circuits live in another terminal: rag-resilience watch --url {url}\n")
+    print("  (a watch panel of each scenario follows its results)\n")
     return report, server
 
 
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     for framework, why in skipped.items():
         print(f"  Skipped {framework}: {why}. Running {', '.join(frameworks)} only.", flush=True)
     report, stats_server = _watchable()
+    sampler = Sampler(report).start()  # per-second series for the panels
     started = time.perf_counter()
     with _quiet_logs(args.verbose) as tally, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -286,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             progress.close()
+            sampler.stop()
             stats_server.shutdown()
         logs = tally.summary()
     wall = time.perf_counter() - started
     counted = not args.real
+    watch = panels(report)
     for result in results:
         print(render_scenario(result, counted))
+        if (result.framework, result.name) in watch:
+            print(watch[(result.framework, result.name)])
     print(render_summary(results, logs, len(caught), counted))
     print(f"\n  Finished in {wall:.1f} s.")
     if args.json:
