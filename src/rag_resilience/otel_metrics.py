@@ -4,7 +4,7 @@
     from rag_resilience.otel_metrics import OTelListener
     listener = OTelListener()          # the global MeterProvider, or OTelListener(meter_provider)
     add_listener(listener)             # every component in the process
-    listener.observe(policy)           # breaker state, in-flight and queue depth as gauges
+    listener.observe(policy)           # optional: gauges of policies it hears from anyway
 
 The instruments and their attributes are `rag_resilience.telemetry.METRICS` (the same
 names the Prometheus exporter uses): one ``rag_resilience.events`` counter of named

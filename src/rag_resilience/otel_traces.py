@@ -35,8 +35,13 @@ call span
 ``rag_resilience.degraded.reason``         why the live answer was not served (http_503, ...)
 ``rag_resilience.rejected.reason``         circuit_open | queue_full | wait_timeout | ...
 ``rag_resilience.breaker.state``           last breaker state seen during the call
-``rag_resilience.<kind>.wait_s``           time spent in events of other kinds (pacing,
-                                           probe wait: any event with a delay or duration)
+``rag_resilience.paced.wait_s``            seconds waited for rate-limit slots (every
+                                           attempt's; from `EventKind.PACED`)
+``rag_resilience.probe_wait.wait_s``       seconds waited for a half-open probe's verdict,
+                                           a slow-start slot or the next probe
+                                           (`EventKind.PROBE_WAIT`)
+``rag_resilience.<kind>.wait_s``           the same for a kind added later (any event with
+                                           a delay or duration)
 ``error.type``                             the exception class, when the user gets an error
 attempt span
 ``rag_resilience.attempt``                 1, 2, ...
@@ -50,7 +55,11 @@ attempt span
 =========================================  ===================================================
 
 Breaker transitions are span events (``rag_resilience.breaker.state_change`` with ``from``
-and ``to``); events of kinds this module does not know are span events named after the kind.
+and ``to``); so is each wait (``rag_resilience.paced``: ``duration``, ``extra.upstream``;
+``rag_resilience.probe_wait``: ``duration``, ``reason`` admitted | rejected |
+next_probe_due, ``extra.waited_for`` probe | slow_start | next_probe), on the attempt it
+delayed or, before the first attempt, on the call; events of kinds this module does not
+know are span events named after the kind.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ under Prometheus names, for apps that are scraped.
     from rag_resilience.prometheus import PrometheusListener, serve
     metrics = PrometheusListener()      # registers on prometheus_client's default registry
     add_listener(metrics)
-    metrics.observe(policy)             # breaker state, in-flight, queue depth
+    metrics.observe(policy)             # optional: policies it hears from are reported anyway
     serve(9464)                         # GET http://127.0.0.1:9464/metrics
 
 Names: dots become underscores, counters end in ``_total`` and histograms in seconds end
@@ -14,8 +14,12 @@ in ``_seconds``: ``rag_resilience_calls_total{rag_resilience_name, outcome, sour
 ``rag_resilience_events_total{event_name}``, ``rag_resilience_breaker_transitions_total``,
 ``rag_resilience_call_duration_seconds``, ``gen_ai_client_operation_duration_seconds``,
 ``rag_resilience_breaker_state{state}``, ``rag_resilience_limit_in_flight``,
-``rag_resilience_limit_queue_depth``, ``rag_resilience_ratelimit_headroom{resource}``.
-An attribute a sample does not have is the empty label.
+``rag_resilience_limit_queue_depth``, ``rag_resilience_wait_duration_seconds{wait, outcome}``,
+``rag_resilience_ratelimit_headroom{upstream, resource}``,
+``rag_resilience_ratelimit_limit{upstream, resource, source}``,
+``rag_resilience_ratelimit_waiting{upstream}``. An attribute a sample does not have is the
+empty label. Gauges cover every live policy the listener received events from, and what
+`observe` was given.
 """
 
 from __future__ import annotations
