@@ -126,6 +126,11 @@ def test_paced_calls_carry_their_wait_on_spans_and_in_metrics(
     waited = sum(float(s.attributes["rag_resilience.paced.wait_s"]) for s in paced)  # type: ignore[index, arg-type]
     assert waited == pytest.approx(rate["paced_seconds"], rel=1e-6, abs=1e-6)
     per_call = {id(s): _paced_events(spans, s) for s in calls}
+    # pacing comes before an attempt starts: its events are the call span's
+    assert (
+        sum(1 for s in calls for e in s.events if e.name == "rag_resilience.paced")
+        == (rate["paced"])
+    )
     assert sum(per_call.values()) == rate["paced"]
     assert all(per_call[id(s)] >= 1 for s in paced)
     assert all(per_call[id(s)] == 0 for s in calls if s not in paced)
@@ -231,7 +236,10 @@ def test_a_call_that_waited_for_the_probe_says_so(
         attrs = span.attributes or {}
         assert attrs["rag_resilience.outcome"] == "success"
         assert float(attrs["rag_resilience.probe_wait.wait_s"]) >= 0.0  # type: ignore[arg-type]
+        # on the attempt the wait delayed (the call's only child)
+        (attempt,) = _tree(spans, span)[1:]
         (event,) = [e for s in _tree(spans, span) for e in s.events if "probe_wait" in e.name]
+        assert event in attempt.events
         assert (event.attributes or {})["reason"] == "admitted"
         assert (event.attributes or {})["extra.waited_for"] == "probe"
     got = points(reader)

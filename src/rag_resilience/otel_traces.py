@@ -57,9 +57,9 @@ attempt span
 Breaker transitions are span events (``rag_resilience.breaker.state_change`` with ``from``
 and ``to``); so is each wait (``rag_resilience.paced``: ``duration``, ``extra.upstream``;
 ``rag_resilience.probe_wait``: ``duration``, ``reason`` admitted | rejected |
-next_probe_due, ``extra.waited_for`` probe | slow_start | next_probe), on the attempt it
-delayed or, before the first attempt, on the call; events of kinds this module does not
-know are span events named after the kind.
+next_probe_due, ``extra.waited_for`` probe | slow_start | next_probe): a probe wait on
+the attempt span it delays, pacing (before an attempt starts) on the call span; events of
+kinds this module does not know are span events named after the kind.
 """
 
 from __future__ import annotations
