@@ -204,7 +204,7 @@ class _ProgressSink:
         if callable(setting):
             self.callback = setting
             return
-        if setting is False or batches < 2:
+        if setting is False or (setting is None and batches < 2):
             return
         if setting is None and not _is_terminal(sys.stderr):
             return
