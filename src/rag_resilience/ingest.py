@@ -81,6 +81,8 @@ _STOP_STATUSES = frozenset({401, 403, 404})
 _THROTTLED = frozenset({"rate_limited", "handled"})
 #: Seconds to wait before re-running a throttled batch when the server did not say.
 _THROTTLE_WAIT = 1.0
+#: Checkpoint lookups in flight at once on the async path.
+_LOOKUPS_AT_ONCE = 256
 #: Shortest wait for an open circuit (a half-open one may say "0 s" while its probe runs).
 _MIN_PAUSE = 0.5
 
@@ -604,8 +606,11 @@ class Ingestor:
         vectors: list[Vector | None] = [None] * len(texts)
         if self.resume:
             self._check_capacity(len(texts))
-            for i, text in enumerate(texts):
-                vectors[i] = await self.engine.akept_vector(text)
+            # A shared store is a round trip per text: a few hundred at a time.
+            for start in range(0, len(texts), _LOOKUPS_AT_ONCE):
+                chunk = texts[start : start + _LOOKUPS_AT_ONCE]
+                found = await asyncio.gather(*(self.engine.akept_vector(t) for t in chunk))
+                vectors[start : start + len(found)] = found
         run, resumed = self._start(texts, vectors, hook, progress)
 
         clock = get_clock(self.engine.policy.clock)
