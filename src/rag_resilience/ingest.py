@@ -573,10 +573,19 @@ class Ingestor:
         else:
             # Each worker runs in a copy of the caller's context: its deadline and
             # degraded-answer scope apply to the batches, as they would inline.
+            crashed: list[BaseException] = []
+
+            def guarded() -> None:
+                try:
+                    worker()
+                except BaseException as exc:  # not an upstream failure: the caller's to see
+                    run.abort(exc)
+                    crashed.append(exc)
+
             threads = [
                 threading.Thread(
                     target=contextvars.copy_context().run,
-                    args=(worker,),
+                    args=(guarded,),
                     name=f"rag-resilience-ingest-{n}",
                     daemon=True,
                 )
@@ -590,6 +599,9 @@ class Ingestor:
             except BaseException as exc:  # KeyboardInterrupt: finish what is in flight
                 run.abort(exc)
                 raise
+            if crashed:
+                run.progress.close()
+                raise crashed[0]
         return self._finish(run, resumed, len(texts))
 
     async def aembed(
