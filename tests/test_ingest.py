@@ -624,3 +624,18 @@ def test_a_pacer_rejection_that_says_how_long_is_waited_out(
     with pytest.raises(PartialEmbeddingError) as info:
         emb.ingestor.embed(texts(30, "other"), paced_once)
     assert info.value.failed_indices == list(range(10, 20))
+
+
+def test_resume_warns_when_the_cache_cannot_hold_the_load(
+    server: ChaosServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    emb = wrap(server, policy("t-small", cache_max_entries=50), batch_size=10, resume=True)
+    with caplog.at_level("WARNING", logger="rag_resilience"):
+        emb.embed_documents(texts(60, "small"))
+    assert any("keeps at most 50" in r.getMessage() for r in caplog.records)
+    bare = ResiliencePolicy(name="t-nocache")
+    emb = wrap(server, bare, batch_size=10, resume=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rag_resilience"):
+        assert len(emb.embed_documents(texts(20, "nocache"))) == 20
+    assert any("keeps no vectors" in r.getMessage() for r in caplog.records)

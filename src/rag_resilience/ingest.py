@@ -402,9 +402,17 @@ class Ingestor:
 
     def _check_capacity(self, total: int) -> None:
         cache = self.engine.cache
-        if self._warned_capacity or cache is None or cache.max_entries is None:
+        if self._warned_capacity:
             return
-        if total > cache.max_entries:
+        if cache is None:
+            self._warned_capacity = True
+            _logger.warning(
+                "[%s] resume=True, but the policy keeps no vectors (no fallback cache): "
+                "every run embeds everything",
+                self.engine.policy.name,
+            )
+            return
+        if cache.max_entries is not None and total > cache.max_entries:
             self._warned_capacity = True
             _logger.warning(
                 "[%s] resuming an ingestion of %d texts, but the vector cache keeps at most "
