@@ -812,12 +812,12 @@ class ConcurrencyLimit:
 
     def _release_lease(self, token: str) -> None:
         assert self._store is not None
-        self._store.lease_release(self.key, token)
+        self._store.lease_forget(self.key, token)
 
     async def _arelease_lease(self, token: str) -> None:
         assert self._store is not None
         try:
-            await self._store.alease_release(self.key, token)
+            await self._store.alease_forget(self.key, token)
         except Exception as exc:
             self._warn_store(exc, "release")
 

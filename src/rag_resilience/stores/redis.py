@@ -213,12 +213,13 @@ return 0
 
 
 # KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
-# ARGV: 1 token, 2 tombstone ms. Also how a waiter that gives up leaves the queue.
+# ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant). Also how a waiter
+# that gives up leaves the queue.
 _LEASE_RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
 return 1
 """
 
@@ -656,10 +657,11 @@ class RedisStore(Store):
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:lease:{{{key}}}"
 
-    def _release_call(self, k: str, token: str) -> tuple[list[str], list[Any]]:
+    def _release_call(self, k: str, token: str, forget: bool = True) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
         and args; the tombstone shares the zset's hash slot."""
-        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, _ms(_LEASE_GC_GRACE_S)]
+        ms = _ms(_LEASE_GC_GRACE_S) if forget else 0
+        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, ms]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -1115,19 +1117,31 @@ class RedisStore(Store):
     # script whose reply timed out) or by the local fallback. One that cannot reach Redis
     # now is sent on the first successful operation (see Failover.pending).
     def lease_release(self, key: str, token: str) -> None:
+        self._release(key, token, forget=False)
+
+    def lease_forget(self, key: str, token: str) -> None:
+        self._release(key, token, forget=True)
+
+    async def alease_release(self, key: str, token: str) -> None:
+        await self._arelease(key, token, forget=False)
+
+    async def alease_forget(self, key: str, token: str) -> None:
+        await self._arelease(key, token, forget=True)
+
+    def _release(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token)
+        keys, args = self._release_call(k, token, forget)
         self._run(
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
             tuple(keys),
         )
 
-    async def alease_release(self, key: str, token: str) -> None:
+    async def _arelease(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token)
+        keys, args = self._release_call(k, token, forget)
         await self._arun(
             self._ascript("lease_release", keys, args),
             self._script("lease_release", keys, args),
