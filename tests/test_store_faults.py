@@ -475,3 +475,44 @@ async def test_distributed_waiters_are_served_in_arrival_order(
     await asyncio.to_thread(lambda: [t.join() for t in threads])
     assert order == list(range(8))
     assert raw.zcard(LEASE) == 0 and raw.zcard(f"{LEASE}:q") == 0
+
+
+async def test_pool_exhaustion_is_load_not_an_outage(redis_server: RedisServer, raw: Any) -> None:
+    """Two pooled connections for 80 tasks and 8 threads: operations wait their turn or are
+    served as busy; the store never declares an outage and the shared limit holds."""
+    import threading
+
+    store = RedisStore(redis_server.url, prefix="p", max_connections=2)
+    limit = ConcurrencyLimit(4, max_waiting=200, wait_timeout=30.0, name="llm", store=store)
+    breaker = CircuitBreaker(3, 30.0, name="chat", store=store)
+    lock = threading.Lock()
+    state = {"in": 0, "peak": 0, "ok": 0}
+
+    def inside(delta: int) -> None:
+        with lock:
+            state["in"] += delta
+            state["peak"] = max(state["peak"], state["in"])
+            state["ok"] += delta < 0
+
+    async def task() -> None:
+        async with limit.aslot():
+            inside(1)
+            await breaker.acall(_answer)
+            inside(-1)
+
+    def thread() -> None:
+        for _ in range(3):
+            with limit.slot():
+                inside(1)
+                breaker.call(lambda: "answer")
+                inside(-1)
+
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    await asyncio.gather(*(task() for _ in range(80)))
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert state["ok"] == 80 + 24 and state["peak"] <= 4
+    assert store.counters["outages"] == 0 and not store.degraded
+    await _until(lambda: raw.zcard(LEASE) == 0, "no lease held")
+    await store.aclose()
