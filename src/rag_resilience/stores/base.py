@@ -109,6 +109,11 @@ class Store(ABC):
     def lease_release(self, key: str, token: str) -> None:
         """Give back the permit held by `token` (no error if it already expired)."""
 
+    def waiter_rank(self, token: str) -> int | None:
+        """Where `token` stood in the waiter queue at its last `lease_wait` (0 = next),
+        or None if unknown. Waiters near the front ask again sooner."""
+        return None
+
     def lease_forget(self, key: str, token: str) -> None:
         """Release a lease whose grant the caller never learned (cancelled, interrupted
         or timed out mid-request), or leave the waiter queue: stores whose requests can

@@ -208,7 +208,7 @@ end
 if rank < free then return grant() end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], px) end
-return 0
+return -1 - rank
 """
 
 
@@ -386,6 +386,7 @@ class RedisStore(Store):
         self._health = Failover("redis", self, self.retry_interval)
         self._checker: Any = None  # one dedicated connection for stall checks
         self._flushing = False
+        self._ranks: dict[str, int] = {}  # waiter token -> its queue position (last ask)
         self._local = self._health.local
         self._lock = threading.Lock()
         self._warned_no_sync = False
@@ -1081,7 +1082,7 @@ class RedisStore(Store):
         run = self._script("lease_acquire", keys, args)
         local = self._local.lease_wait if wait else self._local.lease_acquire
         return self._run(
-            lambda c: int(run(c)) == 1,
+            lambda c: self._granted(token, run(c)),
             lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
             _not_granted,
@@ -1103,15 +1104,26 @@ class RedisStore(Store):
         run = self._script("lease_acquire", keys, args)
 
         async def remote(c: Any) -> bool:
-            return int(await arun(c)) == 1
+            return self._granted(token, await arun(c))
 
         return await self._arun(
             remote,
-            lambda c: int(run(c)) == 1,
+            lambda c: self._granted(token, run(c)),
             lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
             _not_granted,
         )
+
+    def _granted(self, token: str, reply: Any) -> bool:
+        """The lease script's reply: 1 granted, 0 refused, -1 - rank queued at `rank`."""
+        code = int(reply)
+        if code < 0 and len(self._ranks) < 10_000:
+            self._ranks[token] = -1 - code
+        return code == 1
+
+    def waiter_rank(self, token: str) -> int | None:
+        """Position of waiter `token` in the queue at its last ask (0 = next), if queued."""
+        return self._ranks.pop(token, None)
 
     # A release goes to both places: the lease may have been granted by Redis (even by a
     # script whose reply timed out) or by the local fallback. One that cannot reach Redis
