@@ -496,6 +496,9 @@ class RedisStore(Store):
         if self._client is None:
             self._no_sync_client()
             return local()
+        if self._health.suspect:  # a timeout is being checked: do not pile onto it
+            self._health.local_op()
+            return busy() if busy is not None else local()
         if not self._health.try_remote():
             return local()
         client = self._client
@@ -621,6 +624,9 @@ class RedisStore(Store):
         client = self._aclient()
         if client is None:
             return self._run(sync_remote, local, keys, busy)
+        if self._health.suspect:  # a timeout is being checked: do not pile onto it
+            self._health.local_op()
+            return busy() if busy is not None else local()
         if not self._health.try_remote():
             return local()
         try:
