@@ -491,22 +491,28 @@ class CircuitBreaker:
         )
         return self._admit_result(ticket, wait, old, new)
 
-    def _wait_plan(self, state: str, budget: WaitBudget | None) -> tuple[float, WaitBudget | None]:
-        """After a rejected step: how long to wait now (0: reject) and the caller's budget.
+    def _wait_plan(self, state: str, budgets: list[WaitBudget | None]) -> float:
+        """After a rejected step: how long to wait now (0: reject). `budgets` holds the
+        caller's [probe-wait, ramp-wait] budgets, made at its first wait of each kind.
 
-        A probe in flight (half-open) or a full ramp: wait for the next report, within
-        `probe_wait` and the caller's deadline. Open: never (see `wait_recovery`).
+        A probe in flight (half-open): wait for its report within `probe_wait` and the
+        caller's deadline. A full ramp: wait for a ramped call to end, within the caller's
+        deadline (or `probe_timeout` without one): the ramp drains in round trips. Open:
+        never here (see `wait_recovery`).
         """
         if state == _OPEN or self.probe_wait <= 0:
-            return 0.0, budget
+            return 0.0
+        ramp = state == _RAMP_FULL
+        budget = budgets[ramp]
         if budget is None:
-            budget = WaitBudget(self.probe_wait)
-            with self._lock:
-                self.waited += 1
+            budget = budgets[ramp] = WaitBudget(self.probe_timeout if ramp else self.probe_wait)
+            if budgets[not ramp] is None:
+                with self._lock:
+                    self.waited += 1
         left = budget.left()
         if self._poll_s is not None:
             left = min(left, self._poll_s)
-        return left, budget
+        return left
 
     def _signal(self, state: str) -> Signal:
         ramp = self.slow_start
@@ -521,26 +527,26 @@ class CircuitBreaker:
         flight (for its verdict: closed -> admitted live, open again -> CircuitOpenError at
         once) or while the slow-start ramp is full, each within `probe_wait` and the
         caller's deadline (`rag_resilience.deadline`). Open: CircuitOpenError at once."""
-        budget: WaitBudget | None = None
+        budgets: list[WaitBudget | None] = [None, None]
         while True:
             epochs = self._epochs()
             ticket, retry_after, state = self._step()
             if ticket != _REJECT:
                 return ticket
-            left, budget = self._wait_plan(state, budget)
+            left = self._wait_plan(state, budgets)
             if left <= 0:
                 self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
             self._signal(state).wait(epochs[state == _RAMP_FULL], left)
 
     async def aadmit(self) -> int:
         """Async `admit`: waiters park on futures, never blocking the event loop."""
-        budget: WaitBudget | None = None
+        budgets: list[WaitBudget | None] = [None, None]
         while True:
             epochs = self._epochs()
             ticket, retry_after, state = await self._astep()
             if ticket != _REJECT:
                 return ticket
-            left, budget = self._wait_plan(state, budget)
+            left = self._wait_plan(state, budgets)
             if left <= 0:
                 self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
             await self._signal(state).await_(epochs[state == _RAMP_FULL], left)

@@ -33,7 +33,7 @@ from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
-from .probewait import default_probe_wait
+from .probewait import OUTER_SERVES, default_probe_wait
 from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
 from .slowstart import SlowStart
 from .stores.base import Store
@@ -279,8 +279,8 @@ def _served_record(served: Served[Any]) -> Served[None]:
 
 def _waits_for_probe(error: BaseException) -> bool:
     """Refused while open (not after a probe-wait ran out, nor a full ramp: those callers
-    have waited their turn already)."""
-    return isinstance(error, CircuitOpenError) and error.state == "open"
+    have waited their turn already), and no enclosing policy serves its caller at once."""
+    return isinstance(error, CircuitOpenError) and error.state == "open" and not OUTER_SERVES.get()
 
 
 def _items_of(value: Any) -> Iterable[Any]:
@@ -324,6 +324,8 @@ class ResiliencePolicy:
         self.limit = limit
         self.generic_fallback = generic_fallback
         self.fallback_fns = list(fallback_fns)
+        # always something to serve degraded: nested policies need not wait for recovery
+        self._serves = bool(self.fallback_fns) or generic_fallback not in (False, None)
         self.attempt_timeout = (
             attempt_timeout if attempt_timeout is not None else self.retry.attempt_timeout
         )
@@ -807,6 +809,8 @@ class ResiliencePolicy:
             except QueueFullError as exc:
                 call = _Call(request, limit, False)
                 return self._degrade(self._plan(exc, 0, get_clock(self.clock).monotonic()), call)
+        serves = fallbacks or (self._serves if generic is None else generic is not False)
+        mark = OUTER_SERVES.set(True) if serves else None
         try:
             strategy = self.retry
             clock = get_clock(strategy.clock)
@@ -852,6 +856,8 @@ class ResiliencePolicy:
                     breaker.on_success(ticket)  # type: ignore[union-attr]
                 return self._succeeded(value, attempts, started, clock, key, codec)
         finally:
+            if mark is not None:
+                OUTER_SERVES.reset(mark)
             if call is not None:
                 call.give()
             elif limit is not None:
@@ -887,7 +893,7 @@ class ResiliencePolicy:
             return served
         breaker = self.breaker
         if breaker is not None and _waits_for_probe(plan.error):
-            call.give()
+            call.give()  # waiting is not in flight
             waited = breaker.wait_recovery(self._patience(plan.started))
             try:
                 call.take()
@@ -952,6 +958,8 @@ class ResiliencePolicy:
                 call = _Call(request, limit, False)
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
                 return await self._adegrade(plan, call)
+        serves = fallbacks or (self._serves if generic is None else generic is not False)
+        mark = OUTER_SERVES.set(True) if serves else None
         try:
             strategy = self.retry
             clock = get_clock(strategy.clock)
@@ -1005,6 +1013,8 @@ class ResiliencePolicy:
                     await self._astore(key, value, codec)
                 return self._succeeded(value, attempts, started, clock, _NO_KEY, None)
         finally:
+            if mark is not None:
+                OUTER_SERVES.reset(mark)
             if call is not None:
                 await call.agive()
             elif limit is not None:
