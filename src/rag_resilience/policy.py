@@ -31,6 +31,7 @@ from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .errors import CircuitOpenError, QueueFullError, add_note, mark_handled
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
+from .failover import check_failover, has_healthy_fallback
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
 from .probewait import OUTER_SERVES, default_probe_wait
@@ -311,6 +312,7 @@ class ResiliencePolicy:
         attempt_timeout: float | None = None,
         deadline: float | None = None,
         clock: Clock | None = None,
+        failover: str = "after_retries",
     ) -> None:
         if attempt_timeout is not None and attempt_timeout <= 0:
             raise ValueError(f"attempt_timeout must be > 0 seconds or None, got {attempt_timeout}")
@@ -324,6 +326,8 @@ class ResiliencePolicy:
         self.limit = limit
         self.generic_fallback = generic_fallback
         self.fallback_fns = list(fallback_fns)
+        #: "immediate": an upstream error goes to a healthy fallback at once (failover.py)
+        self.failover = check_failover(failover)
         # always something to serve degraded: nested policies need not wait for recovery
         self._serves = bool(self.fallback_fns) or generic_fallback not in (False, None)
         self.attempt_timeout = (
@@ -396,6 +400,7 @@ class ResiliencePolicy:
                 "max_retry_after",
                 "probe_wait",
                 "slow_start",
+                "failover",
             }
         )
         if unknown:
@@ -457,6 +462,7 @@ class ResiliencePolicy:
             name=pname,
             generic_fallback=generic_fallback,
             clock=clock,
+            failover=cfg.get("failover", "immediate"),
         )
 
     @classmethod
@@ -585,7 +591,7 @@ class ResiliencePolicy:
         )
 
     def _failed(
-        self, run: RetryRun, exc: BaseException, ticket: int
+        self, run: RetryRun, exc: BaseException, ticket: int, call: _Call
     ) -> tuple[ErrorVerdict, float | None]:
         """After a failed attempt: verdict, and the delay before the next one (None: stop)."""
         verdict = self.classify(exc)
@@ -595,6 +601,15 @@ class ResiliencePolicy:
             if verdict.retryable and breaker.retry_after() > 0:
                 run.stop("stopped", exc, verdict)  # circuit opened: don't sleep through backoff
                 return verdict, None
+        if (
+            self.failover == "immediate"
+            and verdict.retryable
+            and verdict.fallback_ok
+            and (call.fallbacks or self.fallback_fns)
+            and has_healthy_fallback([*self.fallback_fns, *call.fallbacks])
+        ):
+            run.stop("failover", exc, verdict)
+            return verdict, None
         return verdict, run.on_error(exc, verdict)
 
     async def _astore(self, key: Any, value: Any, codec: Codec | None) -> None:
@@ -839,7 +854,7 @@ class ResiliencePolicy:
                         call = _Call(request, limit, True)
                     if run is None:
                         run = self._new_run(started, attempts)
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         return self._degrade(self._plan(exc, attempts, started, verdict), call)
                     rejected = self._pause(call, run, delay, exc)
@@ -992,7 +1007,7 @@ class ResiliencePolicy:
                         call = _Call(request, limit, True)
                     if run is None:
                         run = self._new_run(started, attempts)
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, attempts, started, verdict)
                         return await self._adegrade(plan, call)
@@ -1088,7 +1103,7 @@ class ResiliencePolicy:
                     plan = self._plan(exc, run.attempts - 1, run.started)
                     continue
                 except Exception as exc:
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, run.attempts, run.started, verdict)
                     else:
@@ -1182,7 +1197,7 @@ class ResiliencePolicy:
                     plan = self._plan(exc, run.attempts - 1, run.started)
                     continue
                 except Exception as exc:
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, run.attempts, run.started, verdict)
                     else:
@@ -1280,6 +1295,7 @@ class ResiliencePolicy:
             if isinstance(self.generic_fallback, (bool, str))
             else "callable",
             "fallback_fns": len(self.fallback_fns),
+            "failover": self.failover,
         }
 
     def __repr__(self) -> str:

@@ -178,6 +178,11 @@ class _Target:
             yield chunk
 
     # -- a fallback model under its own policy (own breaker) --------------------------------
+    def tagged(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` carrying this model's breaker: failover skips a fallback whose circuit is open."""
+        fn.breaker = self.policy.breaker  # type: ignore[attr-defined]
+        return fn
+
     def as_fallback(self) -> Callable[..., ChatResult]:
         def call(
             messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
@@ -352,10 +357,10 @@ class ResilientLLM(BaseChatModel):
         rt = _Runtime(policy, primary, self.cache_answers and policy.fallbacks is not None)
         rt.gen_result = self._generic_result()
         rt.gen_chunks = self._generic_chunks()
-        rt.fb_sync = [t.as_fallback() for t in self._fallbacks]
-        rt.fb_async = [t.as_afallback() for t in self._fallbacks]
-        rt.fb_stream = [t.as_stream_fallback() for t in self._fallbacks]
-        rt.fb_astream = [t.as_astream_fallback() for t in self._fallbacks]
+        rt.fb_sync = [t.tagged(t.as_fallback()) for t in self._fallbacks]
+        rt.fb_async = [t.tagged(t.as_afallback()) for t in self._fallbacks]
+        rt.fb_stream = [t.tagged(t.as_stream_fallback()) for t in self._fallbacks]
+        rt.fb_astream = [t.tagged(t.as_astream_fallback()) for t in self._fallbacks]
         self._rt = rt
         if "output_version" not in self.model_fields_set:
             self.output_version = inner.output_version
