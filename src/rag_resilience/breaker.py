@@ -232,6 +232,7 @@ class CircuitBreaker:
         self._state_listeners: list[Callable[[CircuitState, CircuitState], None]] = []
         self.rejected = 0  # calls refused while open (local count)
         self.waited = 0  # calls that waited for a probe's verdict or the ramp (local count)
+        self.upstream: Any = None  # the UpstreamGroup this breaker joined (upstream.py)
         self._notifier = notifier_for(store, self.key, self._remote_verdict)
         self._poll_s = (
             None
@@ -786,6 +787,31 @@ class CircuitBreaker:
         _, old, new = self._apply(lambda rec, now: self._close(rec))
         if old != new:
             self._transition(old, new)
+
+    # -- one outage signal per upstream (upstream.py drives these) ---------------------------
+    def _t_follow(self, rec: _Record, now: float, period: float) -> None:
+        if rec.state == _OPEN:
+            rec.open_until = max(rec.open_until, now + period)  # probe after the leader
+        elif rec.state == _CLOSED and rec.failures and period > 0:
+            self._trip(rec, now)  # failing too, since its last success: open together
+            rec.open_until = now + period
+
+    def follow(self, period: float) -> None:
+        """A sibling on the same upstream opened for `period` seconds: follow it (see
+        upstream.py)."""
+        _, old, new = self._apply(lambda rec, now: self._t_follow(rec, now, period))
+        if old != new:
+            self._transition(old, new)
+
+    def probe_now(self) -> None:
+        """A sibling's probe succeeded: if open, admit a probe at once."""
+
+        def fn(rec: _Record, now: float) -> None:
+            if rec.state == _OPEN:
+                rec.open_until = min(rec.open_until, now)
+
+        self._apply(fn)
+        self._wake(self._snapshot().state)
 
     def force_open(self) -> None:
         """Force OPEN now (e.g. a known maintenance window)."""

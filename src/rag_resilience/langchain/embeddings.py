@@ -16,6 +16,7 @@ from ..adapters import model_identity
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from ..policy import ResiliencePolicy, Served
+from ..upstream import join_upstream, upstream_of
 from . import _common as c
 
 __all__ = ["ResilientEmbeddings"]
@@ -35,6 +36,7 @@ class ResilientEmbeddings(Embeddings):
         policy: ResiliencePolicy | str | None = None,
         *,
         batch_size: int = 64,
+        upstream: str | None = None,
     ) -> None:
         if embeddings is None:
             raise TypeError(
@@ -54,6 +56,10 @@ class ResilientEmbeddings(Embeddings):
             )
         identity = model_identity(embeddings)
         self.policy = ResiliencePolicy.resolve(policy, name=f"langchain-embeddings:{identity}")
+        # one outage signal per upstream (default: the base URL host): rag_resilience.upstream
+        join_upstream(
+            self.policy.breaker, upstream_of(embeddings) if upstream is None else upstream
+        )
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")
         self._inner = c.with_timeout(embeddings, self.policy.attempt_timeout)

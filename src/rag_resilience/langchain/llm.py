@@ -28,6 +28,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from ..adapters import model_identity
 from ..degraded import note_degraded
 from ..policy import _NO_KEY, ResiliencePolicy, Served
+from ..upstream import join_upstream, upstream_of
 from . import _common as c
 
 __all__ = ["ResilientChatModel", "ResilientLLM"]
@@ -306,6 +307,9 @@ class ResilientLLM(BaseChatModel):
     generic_fallback: bool | str | None = True
     cache_answers: bool = True
     """Remember live answers as last-known-good (served, with their age, on failure)."""
+    upstream: str | None = None
+    """Share outage signals with wrappers of the same upstream (default: the model's base
+    URL host; "" for none). See `rag_resilience.upstream`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -345,6 +349,9 @@ class ResilientLLM(BaseChatModel):
         )
         self._policy = policy
         self._generic = generic
+        join_upstream(
+            policy.breaker, upstream_of(inner) if self.upstream is None else self.upstream
+        )
         c.warn_nested(inner, policy, "chat")
         primary = _Target(c.with_timeout(inner, policy.attempt_timeout), policy)
         self._fallbacks = []

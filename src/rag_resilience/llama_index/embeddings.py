@@ -22,6 +22,7 @@ from llama_index.core.callbacks import CallbackManager
 from ..adapters import model_identity
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult
 from ..policy import ResiliencePolicy
+from ..upstream import join_upstream, upstream_of
 from ._common import record_degraded, resolve_policy, timed_copy, warn_nested
 from .callbacks import CallbackForwarder
 
@@ -55,6 +56,7 @@ class ResilientEmbedding(BaseEmbedding):
         embed_batch_size: int | None = None,
         callback_manager: CallbackManager | None = None,
         warn_nested_retries: bool = True,
+        upstream: str | None = None,
         **kwargs: Any,
     ) -> None:
         if embed_model is None:
@@ -82,6 +84,7 @@ class ResilientEmbedding(BaseEmbedding):
         resolved.add_listener(CallbackForwarder(self))
         self._inner = embed_model
         self._policy = resolved
+        join_upstream(resolved.breaker, upstream_of(embed_model) if upstream is None else upstream)
         self._sync_inner = timed_copy(embed_model, resolved.attempt_timeout, "embedding")
         # Query and document vectors of the same string may differ (instructions, modes).
         self._text_engine = EmbeddingEngine(resolved, model_id=model_id, batch_size=batch)

@@ -36,6 +36,7 @@ from llama_index.core.llms.llm import LLM, ToolSelection
 
 from ..adapters import model_identity
 from ..policy import Codec, ResiliencePolicy, Served
+from ..upstream import join_upstream, upstream_of
 from ._common import (
     GenericSpec,
     generic_text,
@@ -247,6 +248,7 @@ class ResilientLLM(FunctionCallingLLM):
         name: str | None = None,
         callback_manager: CallbackManager | None = None,
         warn_nested_retries: bool = True,
+        upstream: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(llm, LLM):
@@ -270,6 +272,7 @@ class ResilientLLM(FunctionCallingLLM):
         resolved.add_listener(CallbackForwarder(self))
         self._inner = llm
         self._policy = resolved
+        join_upstream(resolved.breaker, upstream_of(llm) if upstream is None else upstream)
         self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
         self._generic = generic_fallback
         self._identity = model_identity(llm)
