@@ -9,13 +9,15 @@ An open primary circuit sends calls to the fallbacks at once in both modes; once
 primary's probe succeeds (a caller arriving after its open period is the probe), calls go
 back to it.
 
-A fallback is healthy unless it carries a `breaker` (fallback models do) whose circuit is
-open: a plain fallback function is always worth a try.
+A fallback is healthy unless it carries a `breaker` (fallback models do: the callable, or
+for a `functools.partial` one of its arguments) whose circuit is open: a plain fallback
+function is always worth a try.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 __all__ = ["FAILOVER_MODES", "check_failover", "has_healthy_fallback"]
@@ -32,7 +34,17 @@ def check_failover(mode: str) -> str:
 def has_healthy_fallback(fallbacks: Iterable[Callable[..., Any]]) -> bool:
     """True if some fallback's circuit admits calls (or it has none)."""
     for fallback in fallbacks:
-        breaker = getattr(fallback, "breaker", None)
+        breaker = _breaker_of(fallback)
         if breaker is None or breaker.get_state().value != "open":
             return True
     return False
+
+
+def _breaker_of(fallback: Callable[..., Any]) -> Any:
+    breaker = getattr(fallback, "breaker", None)
+    if breaker is None and isinstance(fallback, partial):
+        for arg in fallback.args:
+            breaker = getattr(arg, "breaker", None)
+            if breaker is not None:
+                break
+    return breaker

@@ -181,6 +181,11 @@ class _Fallback:
         self.policy = policy
         self.sync_llm = timed_copy(llm, policy.attempt_timeout, "LLM")
 
+    @property
+    def breaker(self) -> Any:
+        """Its circuit: failover (failover.py) skips a fallback whose circuit is open."""
+        return self.policy.breaker
+
 
 # How a fallback LLM runs `method` for the primary's fallback chain: under its own policy
 # (own breaker), never with a generic answer; streams start before they are handed over.
