@@ -59,9 +59,8 @@ COUNTING: dict[str, dict[str, Any]] = {
         "minimum_calls": 20,
         "retry_budget_ratio": 1.0,
     },
-    "presets now: 5 calls x 4 attempts = 20 consecutive, budget 100%": {
-        "failure_threshold": 20,
-        "retry_budget_ratio": 1.0,
+    'preset count="calls": 5 calls x 4 attempts = 20 in a row, budget 100%': {
+        "count": "calls",
     },
 }
 
@@ -70,13 +69,16 @@ def _policy(clock: FakeClock, cfg: dict[str, Any]) -> ResiliencePolicy:
     from rag_resilience.backoff import RetryBudget
     from rag_resilience.breaker import CircuitBreaker
 
+    overrides: dict[str, Any] = (
+        {"count": "calls"}
+        if cfg.get("count") == "calls"
+        else {
+            "retry_budget": RetryBudget(cfg.get("retry_budget_ratio", 0.2), clock=clock),
+            "failure_threshold": cfg.get("failure_threshold", 5),
+        }
+    )
     policy = ResiliencePolicy.preset(
-        "balanced",
-        name="count",
-        clock=clock,
-        generic_fallback=True,
-        retry_budget=RetryBudget(cfg.get("retry_budget_ratio", 0.2), clock=clock),
-        failure_threshold=cfg.get("failure_threshold", 5),
+        "balanced", name="count", clock=clock, generic_fallback=True, **overrides
     )
     if cfg.get("mode") == "rate":
         b = policy.breaker
@@ -115,24 +117,25 @@ def simulate(cfg: dict[str, Any], error_rate: float, calls: int, seed: int) -> d
 
 
 def outage_opens(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A full outage at 50 calls/s: failed attempts and seconds until the circuit opens."""
+    """A full outage, one caller at a time (the slowest case for every design; with many
+    callers attempts interleave and a count opens sooner, see chaos.py's outage): failed
+    attempts and calls until the circuit opens (None: not within 1,000 calls)."""
     clock = FakeClock()
     policy = _policy(clock, cfg)
     breaker = policy.breaker
     assert breaker is not None
     sent = [0]
-    start = clock.monotonic()
 
     def down() -> str:
         sent[0] += 1
         raise Http503("503")
 
-    for _ in range(10_000):
+    for n in range(1, 1_001):
         clock.advance(0.02)
         policy.run(down)
         if breaker.get_state().value == "open":
-            break
-    return {"attempts_to_open": sent[0], "seconds_to_open": round(clock.monotonic() - start, 2)}
+            return {"attempts_to_open": sent[0], "calls_to_open": n}
+    return {"attempts_to_open": None, "calls_to_open": None}
 
 
 def part_counting(quick: bool) -> list[dict[str, Any]]:
@@ -185,6 +188,7 @@ def part_recovery(quick: bool) -> list[dict[str, Any]]:
             server.set_faults(outage=False)
             clock.advance(breaker.retry_after() + 0.01)
             server.wait_idle()
+            server.set_faults(latency=0.05)  # an answer takes 50 ms (a real one: seconds)
             before = server.stats()["endpoints"]["chat"]["requests"]
             answers = llm.batch([f"q{i}" for i in range(50)], config={"max_concurrency": 10})
             server.wait_idle()
@@ -259,6 +263,77 @@ def crowd_of_500(quick: bool) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------- part 3: nothing to degrade to
+def part_wait(quick: bool) -> list[dict[str, Any]]:
+    """A 2 s outage, one call per 50 ms tick in its own thread, the raw openai SDK (its
+    defaults) against ResilientOpenAIClient (its defaults: no fallback model, no cache
+    key, generic answers off), real time: calls that raised, and raised after recovery."""
+    import time
+
+    import openai
+
+    from rag_resilience.chaos import ChaosServer
+    from rag_resilience.openai_client import ResilientOpenAIClient
+
+    pre, down, post = (0.5, 2.0, 2.5)
+    ticks = int((pre + down + post) / 0.05)
+    rows = []
+    with ChaosServer(seed=4) as server:
+        for who in ("openai-sdk", "ours-openai"):
+            server.reset()
+            server.clear_faults()
+            client: Any
+            if who == "openai-sdk":
+                client = openai.OpenAI(api_key="sk-x", base_url=server.base_url)
+            else:
+                client = ResilientOpenAIClient(api_key="sk-x", base_url=server.base_url)
+            results: list[tuple[float, bool]] = []
+            lock = threading.Lock()
+            t0 = time.monotonic()
+
+            def one(
+                i: int,
+                client: Any = client,
+                t0: float = t0,
+                results: list[tuple[float, bool]] = results,
+                lock: threading.Lock = lock,
+            ) -> None:
+                start = time.monotonic() - t0
+                try:
+                    client.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{i % 7}"}]
+                    )
+                    raised = False
+                except Exception:
+                    raised = True
+                with lock:
+                    results.append((start, raised))
+
+            threads = []
+            for i in range(ticks):
+                at = t0 + i * 0.05
+                if i == int(pre / 0.05):
+                    server.set_faults(outage=True)
+                if i == int((pre + down) / 0.05):
+                    server.set_faults(outage=False)
+                time.sleep(max(0.0, at - time.monotonic()))
+                thread = threading.Thread(target=one, args=(i,))
+                thread.start()
+                threads.append(thread)
+            for thread in threads:
+                thread.join(120)
+            back = pre + down
+            rows.append(
+                {
+                    "contender": who,
+                    "calls": len(results),
+                    "raised": sum(r for _, r in results),
+                    "raised_after_back": sum(r for s, r in results if s >= back),
+                }
+            )
+    return rows
+
+
 # ----------------------------------------------------------------------------------- report
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -268,7 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("rag_resilience").setLevel(logging.CRITICAL)
     counting = part_counting(args.quick)
     recovery = part_recovery(args.quick)
-    report = {"machine": machine_info(), "counting": counting, "recovery": recovery}
+    waiting = part_wait(args.quick)
+    report = {
+        "machine": machine_info(),
+        "counting": counting,
+        "recovery": recovery,
+        "wait_dont_fail": waiting,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recovery.json").write_text(json.dumps(report, indent=2))
     lines = [
@@ -282,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "live @20% 503",
                 "live @50% 503",
                 "requests/call @50%",
-                "outage: failed attempts to open",
-                "outage: s to open",
+                "outage: attempts to open",
+                "outage: calls to open",
                 "hot-path cost",
             ],
             [
@@ -293,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{r['live_50']:.2%}",
                     r["requests_per_call_50"],
                     r["attempts_to_open"],
-                    r["seconds_to_open"],
+                    r["calls_to_open"],
                     r["hot_path_cost"],
                 ]
                 for r in counting
@@ -313,6 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Crowd of {recovery[0]['crowd']} callers waiting on the probe (limit 64, ramp from 1): "
         f"peak {recovery[0]['crowd_peak_in_flight']} in flight, "
         f"{recovery[0]['crowd_over_ramp']} admissions over the ramp.",
+        "",
+        "## Nothing to degrade to: a 2 s outage, one call per 50 ms tick, real time",
+        "",
+        markdown_table(
+            ["contender", "calls", "raised", "raised after the API was back"],
+            [[r["contender"], r["calls"], r["raised"], r["raised_after_back"]] for r in waiting],
+        ),
         "",
     ]
     text = "\n".join(lines)
