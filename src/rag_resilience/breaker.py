@@ -528,6 +528,8 @@ class CircuitBreaker:
         flight (for its verdict: closed -> admitted live, open again -> CircuitOpenError at
         once) or while the slow-start ramp is full, each within `probe_wait` and the
         caller's deadline (`rag_resilience.deadline`). Open: CircuitOpenError at once."""
+        if self.quiet:  # closed and clean, no ramp: nothing to check (the hot path)
+            return ADMITTED_CLEAN
         budgets: list[WaitBudget | None] = [None, None]
         while True:
             epochs = self._epochs()
@@ -541,6 +543,8 @@ class CircuitBreaker:
 
     async def aadmit(self) -> int:
         """Async `admit`: waiters park on futures, never blocking the event loop."""
+        if self.quiet:
+            return ADMITTED_CLEAN
         budgets: list[WaitBudget | None] = [None, None]
         while True:
             epochs = self._epochs()
