@@ -472,3 +472,29 @@ async def test_async_caller_with_nothing_to_degrade_to_waits_for_the_next_probe(
         await policy.arun(down)
     served = await policy.arun(up.aok)
     assert (served.value, served.source) == ("ok", "live") and clock.sleeps == [5.0]
+
+
+@pytest.mark.timeout(30)
+def test_a_close_seen_by_another_process_starts_its_ramp_too(redis_prefix: str) -> None:
+    """Two processes share a circuit on Redis: when one's probe closes it, the other learns
+    it by pub/sub and ramps its own admissions (the ramp is per process)."""
+    from rag_resilience.stores.redis import RedisStore
+
+    clock = FakeClock()
+    ramps = [SlowStart(8), SlowStart(8)]
+    a, b = (
+        CircuitBreaker(
+            failure_threshold=1,
+            recovery_timeout=5.0,
+            clock=clock,
+            name="ss-shared",
+            slow_start=ramp,
+            store=RedisStore(REDIS_URL, prefix=redis_prefix, op_timeout=2),
+        )
+        for ramp in ramps
+    )
+    trip(a, clock)
+    assert a.call(Upstream().ok) == "ok"  # a's probe closes the shared circuit
+    assert ramps[0].active and ramps[0].ramps == 1
+    wait_until(lambda: ramps[1].ramps == 1)  # b heard it
+    assert b.admit() < 0 and ramps[1].in_flight == 1  # a ramped admission (RAMPED ticket)
