@@ -34,6 +34,7 @@ from ..policy import _NO_KEY, ResiliencePolicy, Served
 from ..ratelimit import PaceRequest
 from ..ratelimit_instrument import instrument, model_upstream
 from ..ratelimit_tokens import estimate_request_tokens
+from ..upstream import join_upstream, upstream_of
 from . import _common as c
 from . import dropin
 from .typed import (
@@ -239,6 +240,11 @@ class _Target:
             yield chunk
 
     # -- a fallback model under its own policy (own breaker) --------------------------------
+    def tagged(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` carrying this model's breaker: failover skips a fallback whose circuit is open."""
+        fn.breaker = self.policy.breaker  # type: ignore[attr-defined]
+        return fn
+
     def as_fallback(self) -> Callable[..., ChatResult]:
         def call(
             messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
@@ -409,6 +415,9 @@ class ResilientLLM(BaseChatModel):
     parse (default 0: a parse failure is the model's answer, raised as it is)."""
     policy_overrides: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     """Policy knobs given as keyword arguments (``max_retries=1``...), applied to the preset."""
+    upstream: str | None = None
+    """Share outage signals with wrappers of the same upstream (default: the model's base
+    URL host; "" for none). See `rag_resilience.upstream`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -468,6 +477,9 @@ class ResilientLLM(BaseChatModel):
         dropin.adopt_run_settings(self, inner)
         self._policy = policy
         self._generic = generic
+        join_upstream(
+            policy.breaker, upstream_of(inner) if self.upstream is None else self.upstream
+        )
         c.warn_nested(inner, policy, "chat")
         c.warn_deadline_uncut(inner, policy)
         primary = _Target(c.with_timeout(inner, policy.attempt_timeout), policy)
@@ -485,10 +497,10 @@ class ResilientLLM(BaseChatModel):
             rt.max_tokens = getattr(inner, "max_tokens", None)
         rt.gen_result = self._generic_result()
         rt.gen_chunks = self._generic_chunks()
-        rt.fb_sync = [t.as_fallback() for t in self._fallbacks]
-        rt.fb_async = [t.as_afallback() for t in self._fallbacks]
-        rt.fb_stream = [t.as_stream_fallback() for t in self._fallbacks]
-        rt.fb_astream = [t.as_astream_fallback() for t in self._fallbacks]
+        rt.fb_sync = [t.tagged(t.as_fallback()) for t in self._fallbacks]
+        rt.fb_async = [t.tagged(t.as_afallback()) for t in self._fallbacks]
+        rt.fb_stream = [t.tagged(t.as_stream_fallback()) for t in self._fallbacks]
+        rt.fb_astream = [t.tagged(t.as_astream_fallback()) for t in self._fallbacks]
         if by_input is not None:
             rt.by_input = by_input
         self._rt = rt
