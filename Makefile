@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/chaos_throughput.py
 	$(BIN)/python benchmarks/chaos.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/deadline.py
 
 # Deterministic instruction counts (valgrind callgrind), about 5 min; needs valgrind.
 bench-instructions: install

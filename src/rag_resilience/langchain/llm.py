@@ -14,7 +14,6 @@ with its age -> the generic message -> the original error. Every answer carries
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,9 +25,14 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableSequence
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from ..adapters import accepts_request_timeout, model_identity, request_timeout
+from ..adapters import (
+    accepts_request_timeout,
+    mark_sdk_read_error,
+    model_identity,
+    request_timeout,
+)
 from ..degraded import note_degraded
-from ..errors import add_note, mark_handled, mark_malformed_response
+from ..errors import add_note, mark_handled
 from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from ..ratelimit import PaceRequest
@@ -147,9 +151,9 @@ class _Target:
             if self.gen_rm:
                 return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
             return model._generate(messages, stop=stop, **kwargs)
-        except ValueError as exc:
+        except (ValueError, AttributeError) as exc:
             if self.timed:
-                _mark_sdk_read_error(exc)
+                mark_sdk_read_error(exc)
             raise
 
     def _streams(self, async_api: bool, run_manager: Any, kwargs: dict[str, Any]) -> bool:
@@ -200,9 +204,9 @@ class _Target:
                     messages, stop=stop, run_manager=run_manager, **kwargs
                 )
             return await model._agenerate(messages, stop=stop, **kwargs)
-        except ValueError as exc:
+        except (ValueError, AttributeError) as exc:
             if self.timed:
-                _mark_sdk_read_error(exc)
+                mark_sdk_read_error(exc)
             raise
 
     def stream_chunks(
@@ -292,14 +296,6 @@ class _Target:
             ]
 
         return call
-
-
-def _mark_sdk_read_error(exc: ValueError) -> None:
-    """A 200 the SDK could not read as the API's answer is an upstream fault: a truncated
-    JSON body (`json.JSONDecodeError`) or langchain-openai's "Unexpected response type"
-    (the SDK handed back a text/plain body as a `str`). Other ValueErrors are left alone."""
-    if isinstance(exc, json.JSONDecodeError) or str(exc).startswith("Unexpected response type"):
-        mark_malformed_response(exc)
 
 
 class _Runtime:
