@@ -1096,6 +1096,7 @@ class ResiliencePolicy:
         call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
         breaker = self.breaker
         plan: _Degrade | None = None  # set when the stream is served degraded
+        served: Served[Any] | None = None  # ... and how, if decided already
         try:
             try:
                 call.take()
@@ -1114,6 +1115,9 @@ class ResiliencePolicy:
                     iterator, first = iter(()), _NO_KEY
                 except CircuitOpenError as exc:
                     plan = self._plan(exc, run.attempts - 1, run.started)
+                    served = self._refused(plan, call)
+                    if served is None:  # waited for the next probe: ask again
+                        plan, run.attempts = None, run.attempts - 1
                     continue
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket, call)
@@ -1130,7 +1134,8 @@ class ResiliencePolicy:
                     raise
                 break
             if plan is not None:
-                served = self._degrade(plan, call)
+                if served is None:
+                    served = self._degrade(plan, call)
                 if on_served is not None:
                     on_served(_served_record(served))
                 yield from _items_of(served.value)
@@ -1187,6 +1192,7 @@ class ResiliencePolicy:
         call = _Call((args, kwargs, key, codec, fallbacks, generic), self.limit, False)
         breaker = self.breaker
         plan: _Degrade | None = None  # set when the stream is served degraded
+        served: Served[Any] | None = None
         try:
             try:
                 await call.atake()
@@ -1208,6 +1214,9 @@ class ResiliencePolicy:
                     first = _NO_KEY
                 except CircuitOpenError as exc:
                     plan = self._plan(exc, run.attempts - 1, run.started)
+                    served = await self._arefused(plan, call)
+                    if served is None:
+                        plan, run.attempts = None, run.attempts - 1
                     continue
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket, call)
@@ -1224,7 +1233,8 @@ class ResiliencePolicy:
                     raise
                 break
             if plan is not None:
-                served = await self._adegrade(plan, call)
+                if served is None:
+                    served = await self._adegrade(plan, call)
                 if on_served is not None:
                     on_served(_served_record(served))
                 value = served.value
