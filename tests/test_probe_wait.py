@@ -498,3 +498,26 @@ def test_a_close_seen_by_another_process_starts_its_ramp_too(redis_prefix: str) 
     assert ramps[0].active and ramps[0].ramps == 1
     wait_until(lambda: ramps[1].ramps == 1)  # b heard it
     assert b.admit() < 0 and ramps[1].in_flight == 1  # a ramped admission (RAMPED ticket)
+
+
+def test_a_stream_with_nothing_to_degrade_to_waits_for_the_next_probe() -> None:
+    clock = FakeClock()
+    policy = make_policy(clock)
+    with pytest.raises(ConnectionError):
+        policy.run(lambda: (_ for _ in ()).throw(ConnectionError("down")))
+    assert list(policy.stream(lambda: iter(["a", "b"]))) == ["a", "b"]
+    assert clock.sleeps == [pytest.approx(5.0)]
+
+
+async def test_an_async_stream_with_nothing_to_degrade_to_waits_for_the_next_probe() -> None:
+    clock = FakeClock()
+    policy = make_policy(clock)
+    with pytest.raises(ConnectionError):
+        policy.run(lambda: (_ for _ in ()).throw(ConnectionError("down")))
+
+    async def chunks() -> Any:
+        for item in ("a", "b"):
+            yield item
+
+    assert [x async for x in policy.astream(chunks)] == ["a", "b"]
+    assert clock.sleeps == [pytest.approx(5.0)]

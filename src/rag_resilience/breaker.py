@@ -524,11 +524,11 @@ class CircuitBreaker:
         A probe in flight (half-open): wait for its report within `probe_wait` and the
         caller's deadline. A full ramp: wait for a ramped call to end, within the caller's
         deadline (or `probe_timeout` without one): the ramp drains in round trips. Open:
-        never here (see `wait_recovery`).
+        never here (see `wait_recovery`). `probe_wait=0` turns the probe wait off, not the ramp's.
         """
-        if state == _OPEN or self.probe_wait <= 0:
-            return 0.0
         ramp = state == _RAMP_FULL
+        if state == _OPEN or (self.probe_wait <= 0 and not ramp):
+            return 0.0
         budget = budgets[ramp]
         if budget is None:
             budget = budgets[ramp] = WaitBudget(self.probe_timeout if ramp else self.probe_wait)
@@ -563,7 +563,7 @@ class CircuitBreaker:
                 return ticket
             left = self._wait_plan(state, budgets)
             if left <= 0:
-                self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+                self._reject(retry_after, "slow_start" if state == _RAMP_FULL else state)
             self._signal(state).wait(epochs[state == _RAMP_FULL], left)
 
     async def aadmit(self) -> int:
@@ -578,7 +578,7 @@ class CircuitBreaker:
                 return ticket
             left = self._wait_plan(state, budgets)
             if left <= 0:
-                self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+                self._reject(retry_after, "slow_start" if state == _RAMP_FULL else state)
             await self._signal(state).await_(epochs[state == _RAMP_FULL], left)
 
     def _recovery_wait(self, patience: float) -> float | None:

@@ -1287,6 +1287,7 @@ class ResiliencePolicy:
         # first yield (a generator must not leave its context variable set in the caller's).
         clock = get_clock(self.retry.clock)
         token, left = _enter_deadline(self.deadline, clock, clock.monotonic())
+        served: Served[Any] | None = None  # ... and how, if decided already
         try:
             try:
                 if left is not None and left <= 0.0:
@@ -1310,6 +1311,9 @@ class ResiliencePolicy:
                     iterator, first = iter(()), _NO_KEY
                 except CircuitOpenError as exc:
                     plan = self._plan(exc, run.attempts - 1, run.started)
+                    served = self._refused(plan, call)
+                    if served is None:  # waited for the next probe: ask again
+                        plan, run.attempts = None, run.attempts - 1
                     continue
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket, call)
@@ -1326,7 +1330,8 @@ class ResiliencePolicy:
                     raise
                 break
             if plan is not None:
-                served = self._degrade(plan, call)
+                if served is None:
+                    served = self._degrade(plan, call)
                 if token is not None:
                     _leave_deadline(token)
                     token = None
@@ -1395,6 +1400,7 @@ class ResiliencePolicy:
         plan: _Degrade | None = None  # set when the stream is served degraded
         clock = get_clock(self.retry.clock)
         token, left = _enter_deadline(self.deadline, clock, clock.monotonic())  # as above
+        served: Served[Any] | None = None
         try:
             try:
                 if left is not None and left <= 0.0:
@@ -1423,6 +1429,9 @@ class ResiliencePolicy:
                     first = _NO_KEY
                 except CircuitOpenError as exc:
                     plan = self._plan(exc, run.attempts - 1, run.started)
+                    served = await self._arefused(plan, call)
+                    if served is None:
+                        plan, run.attempts = None, run.attempts - 1
                     continue
                 except Exception as exc:
                     verdict, delay = self._failed(run, exc, ticket, call)
@@ -1439,7 +1448,8 @@ class ResiliencePolicy:
                     raise
                 break
             if plan is not None:
-                served = await self._adegrade(plan, call)
+                if served is None:
+                    served = await self._adegrade(plan, call)
                 if token is not None:
                     _leave_deadline(token)
                     token = None
