@@ -59,7 +59,7 @@ def test_the_wait_queue_is_bounded() -> None:
     assert limiter.reserve(req())[0] == pytest.approx(3.0)
 
 
-def test_rate_learned_from_headers_never_outruns_the_server() -> None:
+def test_rate_learned_from_headers_stays_within_the_servers_bounds() -> None:
     clock = FakeClock()
     limiter = RateLimiter(clock=clock)
     limiter.reserve(req())

@@ -26,6 +26,7 @@ server's bucket) and never believes more is left than the server says.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import math
 import threading
@@ -147,7 +148,7 @@ class _RateEstimate:
         if used <= 0:
             return
         # Resets are rounded or truncated (to the millisecond, or the second): widen
-        # the bounds by that much.
+        # the bounds by the largest error that leaves.
         res = info.resolution
         lo = max(0.0, used - 1.0) / (reset + res)
         hi = used / max(reset - res, res)
@@ -178,7 +179,18 @@ class _RateEstimate:
         if not self.lows:
             return hi
         lo = max(self.lows)
-        return lo + 0.5 * max(0.0, hi - lo)
+        # the middle, but never more than 10 % above what is proven (a loose upper bound,
+        # e.g. from a reset of uncertain age, says little)
+        return min(lo + 0.5 * max(0.0, hi - lo), lo * 1.1)
+
+
+def _widen(info: RateLimitInfo, seconds: float) -> RateLimitInfo:
+    def widen(bucket: BucketInfo | None) -> BucketInfo | None:
+        if bucket is None:
+            return None
+        return dataclasses.replace(bucket, resolution=bucket.resolution + seconds)
+
+    return dataclasses.replace(info, requests=widen(info.requests), tokens=widen(info.tokens))
 
 
 class Pacer:
@@ -680,13 +692,11 @@ class RateLimiter:
                 return
             clock = get_clock(self.clock)
             now = clock.monotonic()
-            wall = clock.time()
-            if reservation is not None:
-                # Absolute resets (Anthropic's RFC 3339 times) are read against when the
-                # request was sent, not when its answer arrived: the answer's age would
-                # otherwise shorten every reset and overstate the rate.
-                wall -= max(0.0, now - reservation.at)
-            info = parse_rate_limit_headers(headers, now=wall)
+            info = parse_rate_limit_headers(headers, now=clock.time())
+            if info.format == "anthropic" and reservation is not None:
+                # An absolute reset (RFC 3339) was stamped somewhere between sending and
+                # now: as a duration it is uncertain by the answer's age.
+                info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
                 pacer.observe(info, status, now)
             if reservation is not None and not reservation.observed:
