@@ -187,6 +187,7 @@ def test_policy_serves_a_paced_out_call_degraded_at_once_without_calling() -> No
     assert isinstance(served.error, RateLimitedError)
     assert calls == [1] and clock.sleeps == []
     assert policy.stats()["fallbacks_by_source"] == {"rejected": 1}
+    assert policy.stats()["rejections_by_reason"] == {"rate_limit_wait": 1}
     assert policy.stats()["rate_limit"]["rejected"] == 1
 
 
