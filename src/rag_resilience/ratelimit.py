@@ -244,7 +244,12 @@ class Pacer:
         """Grant the next slot and return its time (monotonic), or raise
         `RateLimitedError` (nothing reserved) if it comes later than the call's deadline
         (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full."""
-        if self.requests is None and self.tokens is None and self._blocked_until <= now:
+        if (
+            self.requests is None
+            and self.tokens is None
+            and self._blocked_until <= now
+            and self._shared is None
+        ):
             # Nothing known about this upstream: admit at once, without the lock.
             self._free.add()
             self._admitted.append(now)  # deque.append is atomic
@@ -308,7 +313,9 @@ class Pacer:
                     waiting=self.waiting,
                 )
             req, tok = self.requests, self.tokens
-            req_p = (req.interval, req.capacity) if req is not None else None
+            # no burst across processes: strict spacing, the server's bucket absorbs the
+            # jitter of several network paths
+            req_p = (req.interval, 1.0) if req is not None else None
             tok_p = (tok.interval, tok.capacity) if tok is not None and tokens > 0 else None
             not_before = self._blocked_until - now
         limit = self.limiter._max_wait(bound(max_wait))
@@ -364,13 +371,12 @@ class Pacer:
             req, tok = self.requests, self.tokens
             adjust: list[tuple[int, float]] = []
             retry_after = info.retry_after if status == 429 else None
-            if req is not None:
+            if req is not None:  # shared request buckets have a capacity of 1
                 if retry_after is not None and retry_after > 0:
-                    ahead = min(retry_after, self.limiter.max_retry_after)
-                    adjust.append((0, ahead + (req.capacity - 1.0) * req.interval))
+                    adjust.append((0, min(retry_after, self.limiter.max_retry_after)))
                 elif info.requests is not None and info.requests.remaining is not None:
-                    left = min(info.requests.remaining, req.capacity)
-                    adjust.append((0, (req.capacity - left) * req.interval))
+                    left = min(info.requests.remaining, 1.0)
+                    adjust.append((0, (1.0 - left) * req.interval))
             if tok is not None and info.tokens is not None and info.tokens.remaining is not None:
                 left = min(info.tokens.remaining, tok.capacity)
                 adjust.append((1, (tok.capacity - left) * tok.interval))
