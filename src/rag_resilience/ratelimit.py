@@ -41,6 +41,7 @@ from ._counter import AtomicCounter
 from .clock import Clock, get_clock
 from .deadline import bound
 from .errors import RateLimitedError
+from .ratelimit_buckets import Bucket, RateEstimate
 from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
 from .ratelimit_redis import SharedBuckets
 
@@ -52,8 +53,6 @@ __all__ = [
     "current_reservation",
     "upstream_key",
 ]
-
-_SAMPLES = 16  # responses the rate estimate remembers
 
 
 class PaceRequest(NamedTuple):
@@ -94,98 +93,6 @@ def current_reservation() -> Reservation | None:
     return _current.get()
 
 
-class _Bucket:
-    """GCRA state: `interval` seconds per unit, `capacity` units of burst, `tat` the
-    theoretical arrival time (the bucket is full when ``tat <= now``)."""
-
-    __slots__ = ("capacity", "interval", "tat")
-
-    def __init__(self, interval: float, capacity: float, tat: float) -> None:
-        self.interval = interval
-        self.capacity = capacity
-        self.tat = tat
-
-    def allowed_at(self, now: float, cost: float) -> float:
-        return max(self.tat, now) + (cost - self.capacity) * self.interval
-
-    def take(self, at: float, cost: float) -> None:
-        self.tat = max(self.tat, at) + cost * self.interval
-
-    def available(self, now: float) -> float:
-        if self.interval <= 0:
-            return self.capacity
-        return min(self.capacity, max(0.0, self.capacity - (self.tat - now) / self.interval))
-
-    def lower_to(self, now: float, units: float) -> None:
-        """Never believe more is available than `units` (what the server says is left)."""
-        units = max(0.0, min(units, self.capacity))
-        self.tat = max(self.tat, now + (self.capacity - units) * self.interval)
-
-    def block_until(self, when: float) -> None:
-        """Admit nothing before `when` (a Retry-After), then pace as usual."""
-        self.tat = max(self.tat, when + (self.capacity - 1.0) * self.interval)
-
-
-class _RateEstimate:
-    """Bounds on a server bucket's refill rate from its recent reports. Reports taken
-    with the bucket nearly full bound the rate only from above; they do not push the
-    informative ones (a lower bound > 0) out of the window."""
-
-    __slots__ = ("highs", "limit", "lows")
-
-    def __init__(self) -> None:
-        self.lows: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
-        self.highs: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
-        self.limit: float | None = None
-
-    def add(self, info: BucketInfo) -> None:
-        if info.limit is not None and info.limit > 0:
-            if self.limit is not None and info.limit != self.limit:
-                self.clear()  # the limit changed: old reports say nothing now
-            self.limit = info.limit
-        limit, remaining, reset = self.limit, info.remaining, info.reset
-        if limit is None or remaining is None or reset is None or reset <= 0:
-            return
-        used = limit - remaining
-        if used <= 0:
-            return
-        # Resets are rounded or truncated (to the millisecond, or the second): widen
-        # the bounds by the largest error that leaves.
-        res = info.resolution
-        lo = max(0.0, used - 1.0) / (reset + res)
-        hi = used / max(reset - res, res)
-        if (self.highs and lo > min(self.highs) * 1.05) or (
-            self.lows and hi < max(self.lows) * 0.95
-        ):
-            self.clear()  # inconsistent with what we knew: the rate moved
-        if lo > 0:
-            self.lows.append(lo)
-        self.highs.append(hi)
-
-    def clear(self) -> None:
-        self.lows.clear()
-        self.highs.clear()
-
-    def upper(self) -> float | None:
-        """The tightest upper bound on the rate reported so far (None: none)."""
-        return min(self.highs) if self.highs else None
-
-    def rate(self) -> float | None:
-        """The middle of the tightest bounds [max lower, min upper] of the recent reports
-        (None: nothing known yet). The lower bound alone would settle below the real rate:
-        paced below it, the server's bucket stays full and its reports stop bounding the
-        rate from below; `safety` and the remaining-count sync keep the middle safe."""
-        if not self.highs:
-            return None
-        hi = min(self.highs)
-        if not self.lows:
-            return hi
-        lo = max(self.lows)
-        # the middle, but never more than 10 % above what is proven (a loose upper bound,
-        # e.g. from a reset of uncertain age, says little)
-        return min(lo + 0.5 * max(0.0, hi - lo), lo * 1.1)
-
-
 def _widen(info: RateLimitInfo, seconds: float) -> RateLimitInfo:
     def widen(bucket: BucketInfo | None) -> BucketInfo | None:
         if bucket is None:
@@ -204,19 +111,19 @@ class Pacer:
         self.upstream = upstream
         self._lock = threading.Lock()
         cfg = limiter
-        self.requests: _Bucket | None = None
-        self.tokens: _Bucket | None = None
+        self.requests: Bucket | None = None
+        self.tokens: Bucket | None = None
         self.request_source: str | None = None
         self.token_source: str | None = None
         if cfg.requests_per_second is not None:
-            self.requests = _Bucket(1.0 / cfg.requests_per_second, cfg.burst, now)
+            self.requests = Bucket(1.0 / cfg.requests_per_second, cfg.burst, now)
             self.request_source = "configured"
         if cfg.tokens_per_second is not None:
             cap = cfg.token_burst if cfg.token_burst is not None else cfg.tokens_per_second
-            self.tokens = _Bucket(1.0 / cfg.tokens_per_second, cap, now)
+            self.tokens = Bucket(1.0 / cfg.tokens_per_second, cap, now)
             self.token_source = "configured"
-        self._req_est = _RateEstimate()
-        self._tok_est = _RateEstimate()
+        self._req_est = RateEstimate()
+        self._tok_est = RateEstimate()
         self._blocked_until = -math.inf
         self._aimd_rate: float | None = None
         self._aimd_at = 0.0
@@ -414,14 +321,14 @@ class Pacer:
 
     def _learn(
         self,
-        bucket: _Bucket | None,
-        estimate: _RateEstimate,
+        bucket: Bucket | None,
+        estimate: RateEstimate,
         info: BucketInfo,
         now: float,
         min_capacity: float,
         kind: str,
         sync_remaining: bool,
-    ) -> _Bucket | None:
+    ) -> Bucket | None:
         cfg = self.limiter
         estimate.add(info)
         rate = estimate.rate()
@@ -435,7 +342,7 @@ class Pacer:
             limit = estimate.limit
             capacity = max(min_capacity, 1.0, math.floor((limit or 2.0) * cfg.burst_fraction))
             if bucket is None:
-                bucket = _Bucket(1.0 / rate, capacity, now)
+                bucket = Bucket(1.0 / rate, capacity, now)
             elif configured:
                 # what we were told stands unless the server proves its limit is lower
                 told = cfg.requests_per_second if kind == "requests" else cfg.tokens_per_second
@@ -471,7 +378,7 @@ class Pacer:
         self._aimd_rate, self._aimd_at = rate, now
         self._aimd_quiet_until = now + max(1.0 / rate, retry_after or 0.0)
         if self.requests is None:
-            self.requests = _Bucket(1.0 / rate, 1.0, now)
+            self.requests = Bucket(1.0 / rate, 1.0, now)
         else:
             self.requests.interval = 1.0 / rate
             self.requests.capacity = 1.0
