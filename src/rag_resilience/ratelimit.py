@@ -6,7 +6,8 @@ and tokens. Their rates are learned from the wire (`RateLimiter.observe`: the
 ``x-ratelimit-*`` / ``anthropic-ratelimit-*`` headers of every response, success or
 error), or told (`requests_per_second=`, `tokens_per_minute=`), or, when the upstream
 says nothing but 429, found by AIMD: each 429 multiplies the allowed rate by
-`aimd_decrease`, and it grows back linearly (`aimd_increase` of itself per second).
+`aimd_decrease` (from what was being sent when the first one came), and it grows back
+linearly (`aimd_increase` of the cut rate per second).
 
 A call *reserves* its slot (one decision under a lock, the same for sync and async
 callers), then sleeps until it: reservations are granted in arrival order (FIFO), so
@@ -368,12 +369,8 @@ class Pacer:
         if now < self._aimd_quiet_until:
             return  # the same burst of 429s: cut once
         current = self._aimd_current(now)
-        if current is None:
-            # First 429: what we were sending, and at most one request per Retry-After
-            # (an empty token bucket names the time one request takes to refill).
+        if current is None:  # first 429: cut what we were sending
             current = self._admission_rate(now)
-            if retry_after is not None and retry_after > 0:
-                current = min(current, 1.0 / retry_after)
         rate = max(cfg.aimd_min_rate, current * cfg.aimd_decrease)
         self._aimd_rate, self._aimd_at = rate, now
         self._aimd_quiet_until = now + max(1.0 / rate, retry_after or 0.0)
@@ -461,7 +458,7 @@ class RateLimiter:
         safety: float = 0.98,
         burst_fraction: float = 0.5,
         aimd_decrease: float = 0.9,
-        aimd_increase: float = 0.05,
+        aimd_increase: float = 0.2,
         aimd_min_rate: float = 0.1,
         max_retry_after: float = 60.0,
         name: str = "ratelimit",
