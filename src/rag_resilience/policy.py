@@ -653,6 +653,9 @@ class ResiliencePolicy:
         try:
             return limiter.reserve(pace or self._default_pace, self._left(None))
         except RateLimitedError as exc:
+            self.events.publish(
+                EventKind.REJECTED, self.name, reason="rate_limit_wait", delay=exc.wait, error=exc
+            )
             return exc
 
     def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
