@@ -35,6 +35,8 @@ bench: install
 	$(BIN)/python benchmarks/stores.py
 	$(BIN)/python benchmarks/chaos_throughput.py
 	$(BIN)/python benchmarks/chaos.py
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/deadline.py
 
 # Deterministic instruction counts (valgrind callgrind), about 5 min; needs valgrind.
 bench-instructions: install

@@ -343,10 +343,68 @@ async def burst(n: int = 300, threads: int = 20) -> dict[str, Any]:
     return row
 
 
-async def main_async(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+async def fairness(seconds: float) -> list[dict[str, Any]]:
+    """How long callers wait for a permit: 16 tasks and 4 threads on two replicas (two
+    stores) share a limit of 4 for `seconds`; each holds its permit 2 ms. Local mode (one
+    process, no store) alongside. Fair waiting shows as a max close to the p99."""
+    return [
+        await _fair_once("distributed (Redis, 2 replicas)", seconds, shared=True),
+        await _fair_once("local (no store)", seconds, shared=False),
+    ]
+
+
+async def _fair_once(mode: str, seconds: float, shared: bool) -> dict[str, Any]:
+    waits: list[float] = []
+    stop = threading.Event()
+
+    async def task(limit: ConcurrencyLimit) -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            async with limit.aslot():
+                waits.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.002)
+
+    def thread(limit: ConcurrencyLimit) -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            with limit.slot():
+                waits.append(time.perf_counter() - t0)
+                time.sleep(0.002)
+
+    with PrivateRedis() as server:
+        stores = [RedisStore(server.url, prefix="fair") for _ in range(2)] if shared else []
+        limits = [
+            ConcurrencyLimit(4, max_waiting=100, wait_timeout=30.0, name="fair", store=store)
+            for store in stores
+        ] or [ConcurrencyLimit(4, max_waiting=100, wait_timeout=30.0, name="fair")] * 2
+        ts = [threading.Thread(target=thread, args=(limits[i % 2],)) for i in range(4)]
+        for t in ts:
+            t.start()
+        tasks = [asyncio.create_task(task(limits[i % 2])) for i in range(16)]
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks)
+        for t in ts:
+            await asyncio.to_thread(t.join, 10.0)
+        for store in stores:
+            await store.aclose()
+    w = sorted(waits)
+    return {
+        "mode": mode,
+        "acquisitions": len(w),
+        "p50_ms": round(w[len(w) // 2] * 1000, 1),
+        "p99_ms": round(w[int(len(w) * 0.99)] * 1000, 1),
+        "max_ms": round(w[-1] * 1000, 1),
+    }
+
+
+async def main_async(
+    quick: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     warm = 0.3 if quick else 0.5
     rows = [await run_scenario(name, fault, opts, warm) for name, fault, opts in SCENARIOS]
-    return rows, await burst(60 if quick else 300, 4 if quick else 20)
+    burst_row = await burst(60 if quick else 300, 4 if quick else 20)
+    return rows, burst_row, await fairness(0.5 if quick else 3.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("rag_resilience").setLevel(logging.ERROR)
     started = time.perf_counter()
-    rows, burst_row = asyncio.run(main_async(args.quick))
+    rows, burst_row, fair_rows = asyncio.run(main_async(args.quick))
     total = time.perf_counter() - started
     print(
         markdown_table(
@@ -394,6 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         f"(limit {burst_row['limit']}), half-open admitted {burst_row['half_open_admitted']} "
         f"(bound {burst_row['half_open_bound']}), leases left {burst_row['leases_left']}"
     )
+    print("\nWaiting for a permit (limit 4, 20 callers, 2 ms holds):")
+    print(
+        markdown_table(
+            ["mode", "acquisitions", "p50 ms", "p99 ms", "max ms"],
+            [
+                [r["mode"], r["acquisitions"], r["p50_ms"], r["p99_ms"], r["max_ms"]]
+                for r in fair_rows
+            ],
+        )
+    )
     targets = {
         "no_call_lost_or_failed": all(r["lost"] == 0 and r["failed"] == 0 for r in rows),
         "no_permit_leaked": all(r["leaked_permits"] == 0 for r in rows),
@@ -411,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(total, 1),
         "rows": rows,
         "burst": burst_row,
+        "fairness": fair_rows,
         "targets": targets,
     }
     print(f"wrote {write_json('faults', payload, args.json)}")

@@ -123,3 +123,39 @@ def test_instruction_counts_run(tmp_path: Path) -> None:
     assert data["benchmark"] == "instructions"
     assert data["instructions_per_call"] == {} and data["ratios"] == {}
     assert 0 < data["loop_instructions_per_call"] < 10_000  # a lambda call, not the start-up
+
+
+def test_ingest_benchmark_small_run_writes_json(tmp_path: Path) -> None:
+    """Ours and the LangChain baseline on 300 chunks (inside the bucket's burst: a second)."""
+    out = tmp_path / "ingest.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "ingest.py"),
+            "--chunks",
+            "300",
+            "--seconds",
+            "1",
+            "--only",
+            "LangChain OpenAIEmbeddings",
+            "LangChain), sync",
+            "--no-outage",
+            "--no-kill",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "ingest.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["name"] for r in data["rows"]] == [
+        "LangChain OpenAIEmbeddings defaults",
+        "ours: ResilientEmbeddings (LangChain), sync",
+    ]
+    assert all(r["chunks_lost"] == 0 for r in data["rows"])
+    assert data["settings"]["chunks"] == 300 and data["kill_and_resume"] is None

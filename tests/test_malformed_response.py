@@ -129,3 +129,45 @@ def test_langchain_chat_model_retries_a_broken_200(
 def test_malformed_response_error_is_an_upstream_fault() -> None:
     verdict = default_classifier(MalformedResponseError("200 text/plain", body="oops"))
     assert (verdict.retryable, verdict.is_failure, verdict.fallback_ok) == (True, True, True)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_sync_framework_models_retry_a_broken_200(
+    chaos_server: ChaosServer, clock: FakeClock, kind: str
+) -> None:
+    """LangChain's OpenAIEmbeddings and LlamaIndex's OpenAI/OpenAIEmbedding read a text
+    answer as ``'str' object has no attribute ...``: an upstream fault there too."""
+    from langchain_openai import OpenAIEmbeddings
+    from llama_index.core.llms import ChatMessage
+    from llama_index.embeddings.openai import OpenAIEmbedding
+    from llama_index.llms.openai import OpenAI
+
+    from rag_resilience.langchain import ResilientEmbeddings
+    from rag_resilience.llama_index import ResilientEmbedding
+    from rag_resilience.llama_index import ResilientLLM as LlamaLLM
+
+    url = chaos_server.base_url
+    lc_emb = ResilientEmbeddings(
+        OpenAIEmbeddings(
+            base_url=url, api_key="sk-test", max_retries=0, check_embedding_ctx_length=False
+        ),
+        policy=policy(f"bad-lc-emb-{kind}"),
+    )
+    li_llm = LlamaLLM(
+        OpenAI(api_base=url, api_key="sk-test", max_retries=0), policy=policy(f"bad-li-{kind}")
+    )
+    li_emb = ResilientEmbedding(
+        OpenAIEmbedding(api_base=url, api_key="sk-test", max_retries=0),
+        policy=policy(f"bad-li-emb-{kind}"),
+    )
+    calls = [
+        (lambda: lc_emb.embed_query("refunds"), lc_emb.policy),
+        (lambda: li_llm.chat([ChatMessage(role="user", content="hi")]), li_llm.policy),
+        (lambda: li_emb.get_query_embedding("refunds"), li_emb.policy),
+    ]
+    for call, used in calls:
+        chaos_server.set_faults(bad_body_next=1, bad_body=kind)
+        assert call()
+        stats = used.stats()
+        assert stats["retries_by_reason"] == {"malformed_response": 1}, used.name
+        assert (stats["live"], stats["attempts"]) == (1, 2)

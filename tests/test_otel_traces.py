@@ -416,7 +416,9 @@ def test_a_fallback_runs_under_the_call_not_under_the_failed_attempt(spans: Any)
     def down() -> str:
         raise APIError("503")
 
-    primary = ResiliencePolicy.preset("balanced", name="tr-primary", max_retries=1)
+    primary = ResiliencePolicy.preset(
+        "balanced", name="tr-primary", max_retries=1, failover="after_retries"
+    )  # the presets fail over at once (failover="immediate"): here, after one retry
     primary.fallback_fns = [lambda: backup.call(lambda: "from the backup")]
     with fake_clock():
         assert primary.call(down) == "from the backup"

@@ -59,7 +59,7 @@ def test_the_wait_queue_is_bounded() -> None:
     assert limiter.reserve(req())[0] == pytest.approx(3.0)
 
 
-def test_rate_learned_from_headers_never_outruns_the_server() -> None:
+def test_rate_learned_from_headers_stays_within_the_servers_bounds() -> None:
     clock = FakeClock()
     limiter = RateLimiter(clock=clock)
     limiter.reserve(req())
@@ -187,6 +187,7 @@ def test_policy_serves_a_paced_out_call_degraded_at_once_without_calling() -> No
     assert isinstance(served.error, RateLimitedError)
     assert calls == [1] and clock.sleeps == []
     assert policy.stats()["fallbacks_by_source"] == {"rejected": 1}
+    assert policy.stats()["rejections_by_reason"] == {"rate_limit_wait": 1}
     assert policy.stats()["rate_limit"]["rejected"] == 1
 
 
@@ -216,3 +217,21 @@ def test_crowd_of_threads_and_tasks_gets_distinct_fifo_slots() -> None:
         t.join()
     # 100 callers, one slot each, 10 ms apart: no two share a slot, none is skipped
     assert sorted(round(w, 6) for w in waits) == [round(i * 0.01, 6) for i in range(100)]
+
+
+def test_one_429_without_headers_costs_a_tenth_of_the_rate_not_more() -> None:
+    """AIMD starts from what was being sent (not from the Retry-After), and regrows."""
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock)
+    for _ in range(20):  # 20 calls/s
+        limiter.reserve(req())
+        clock.advance(0.05)
+    limiter.observe({"retry-after": "1"}, status=429, upstream=UP)
+    rate = limiter.stats()["upstreams"][UP]["requests_per_s"]
+    assert 17.0 <= rate <= 19.0
+    waits = [limiter.reserve(req())[0] for _ in range(3)]
+    assert waits[0] == pytest.approx(1.0)  # the Retry-After
+    assert waits[2] - waits[1] < 1.0 / 15  # then about 18/s, not one per Retry-After
+    clock.advance(5.0)
+    limiter.reserve(req())
+    assert limiter.stats()["upstreams"][UP]["requests_per_s"] >= 2 * rate  # grows back

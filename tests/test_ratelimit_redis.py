@@ -82,3 +82,13 @@ def test_only_redis_shares(tmp_path: Any) -> None:
     from rag_resilience.stores.sqlite import SQLiteStore
 
     assert RateLimiter(store=SQLiteStore(str(tmp_path / "s.db"))).store is None
+
+
+def test_a_process_that_learned_nothing_is_paced_by_what_the_others_learned(
+    prefix: str,
+) -> None:
+    told = limiter(prefix)
+    fresh = RateLimiter(store=RedisStore(REDIS_URL, prefix=prefix), max_wait=None)
+    told.reserve(UP)
+    assert fresh.reserve(UP)[0] == pytest.approx(100.0, abs=5.0)
+    assert told.reserve(UP)[0] == pytest.approx(200.0, abs=5.0)

@@ -115,8 +115,7 @@ def test_two_replicas_on_redis_json_lines_match_the_store(
     assert set(rows) == {"svc", "ok"}
 
     store = RedisStore(REDIS_URL, prefix=prefix)
-    # the replicas' settings: a reader with a shorter recovery_timeout caps the open period
-    breaker = CircuitBreaker(name="svc", store=store, recovery_timeout=600.0)
+    breaker = CircuitBreaker(name="svc", store=store, recovery_timeout=600.0)  # as the replicas
     svc = rows["svc"]
     assert svc["state"] == breaker.get_state().value == "open"
     assert svc["failures"] == breaker.failure_count

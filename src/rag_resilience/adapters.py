@@ -20,6 +20,7 @@ __all__ = [
     "accepts_request_timeout",
     "check_answer",
     "inner_max_retries",
+    "mark_sdk_read_error",
     "model_identity",
     "request_timeout",
     "timed_call",
@@ -123,12 +124,28 @@ def timed_call(fn: Callable[..., Any], attempt_timeout: float | None) -> Callabl
             kwargs["timeout"] = timeout
         try:
             return fn(*args, **kwargs)
-        except json.JSONDecodeError as exc:
-            mark_malformed_response(exc)
+        except (ValueError, AttributeError) as exc:
+            mark_sdk_read_error(exc)
             raise
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]  # what it calls (telemetry reads it)
     return call
+
+
+def mark_sdk_read_error(exc: BaseException) -> None:
+    """Mark `exc`, raised by an SDK-backed model's call, as an upstream fault when it is the
+    SDK failing to read a 200 answer: a truncated JSON body (`json.JSONDecodeError`), or a
+    text/plain body the SDK handed back as a `str` that the framework then read as the
+    API's answer (``'str' object has no attribute 'choices'``, langchain-openai's
+    "Unexpected response type"). Any other error is left as it is."""
+    if isinstance(exc, json.JSONDecodeError):
+        mark_malformed_response(exc)
+        return
+    text = str(exc)
+    if (isinstance(exc, AttributeError) and text.startswith("'str' object has no attribute")) or (
+        isinstance(exc, ValueError) and text.startswith("Unexpected response type")
+    ):
+        mark_malformed_response(exc)
 
 
 def check_answer(value: Any, expected: type | tuple[type, ...], what: str) -> Any:

@@ -249,6 +249,7 @@ class CircuitBreaker:
         self._state_listeners: list[Callable[[CircuitState, CircuitState], None]] = []
         self.rejected = 0  # calls refused while open (local count)
         self.waited = 0  # calls that waited for a probe's verdict or the ramp (local count)
+        self.upstream: Any = None  # the UpstreamGroup this breaker joined (upstream.py)
         self._notifier = notifier_for(store, self.key, self._remote_verdict)
         self._poll_s = (
             None
@@ -517,22 +518,28 @@ class CircuitBreaker:
         )
         return self._admit_result(ticket, wait, old, new)
 
-    def _wait_plan(self, state: str, budget: WaitBudget | None) -> tuple[float, WaitBudget | None]:
-        """After a rejected step: how long to wait now (0: reject) and the caller's budget.
+    def _wait_plan(self, state: str, budgets: list[WaitBudget | None]) -> float:
+        """After a rejected step: how long to wait now (0: reject). `budgets` holds the
+        caller's [probe-wait, ramp-wait] budgets, made at its first wait of each kind.
 
-        A probe in flight (half-open) or a full ramp: wait for the next report, within
-        `probe_wait` and the caller's deadline. Open: never (see `wait_recovery`).
+        A probe in flight (half-open): wait for its report within `probe_wait` and the
+        caller's deadline. A full ramp: wait for a ramped call to end, within the caller's
+        deadline (or `probe_timeout` without one): the ramp drains in round trips. Open:
+        never here (see `wait_recovery`). `probe_wait=0` turns the probe wait off, not the ramp's.
         """
-        if state == _OPEN or self.probe_wait <= 0:
-            return 0.0, budget
+        ramp = state == _RAMP_FULL
+        if state == _OPEN or (self.probe_wait <= 0 and not ramp):
+            return 0.0
+        budget = budgets[ramp]
         if budget is None:
-            budget = WaitBudget(self.probe_wait)
-            with self._lock:
-                self.waited += 1
+            budget = budgets[ramp] = WaitBudget(self.probe_timeout if ramp else self.probe_wait)
+            if budgets[not ramp] is None:
+                with self._lock:
+                    self.waited += 1
         left = budget.left()
         if self._poll_s is not None:
             left = min(left, self._poll_s)
-        return left, budget
+        return left
 
     def _signal(self, state: str) -> Signal:
         ramp = self.slow_start
@@ -547,7 +554,9 @@ class CircuitBreaker:
         flight (for its verdict: closed -> admitted live, open again -> CircuitOpenError at
         once) or while the slow-start ramp is full, each within `probe_wait` and the
         caller's deadline (`rag_resilience.deadline`). Open: CircuitOpenError at once."""
-        budget: WaitBudget | None = None
+        if self.quiet:  # closed and clean, no ramp: nothing to check (the hot path)
+            return ADMITTED_CLEAN
+        budgets: list[WaitBudget | None] = [None, None]
         waited: tuple[float, str] | None = None  # (since, on what): set once a wait began
         while True:
             epochs = self._epochs()
@@ -556,17 +565,19 @@ class CircuitBreaker:
                 if waited is not None:
                     self._probe_waited(waited, "admitted")
                 return ticket
-            left, budget = self._wait_plan(state, budget)
+            left = self._wait_plan(state, budgets)
             if left <= 0:
                 if waited is not None:
                     self._probe_waited(waited, "rejected")
-                self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+                self._reject(retry_after, "slow_start" if state == _RAMP_FULL else state)
             waited = waited or (time.monotonic(), state)
             self._signal(state).wait(epochs[state == _RAMP_FULL], left)
 
     async def aadmit(self) -> int:
         """Async `admit`: waiters park on futures, never blocking the event loop."""
-        budget: WaitBudget | None = None
+        if self.quiet:
+            return ADMITTED_CLEAN
+        budgets: list[WaitBudget | None] = [None, None]
         waited: tuple[float, str] | None = None
         while True:
             epochs = self._epochs()
@@ -575,11 +586,11 @@ class CircuitBreaker:
                 if waited is not None:
                     self._probe_waited(waited, "admitted")
                 return ticket
-            left, budget = self._wait_plan(state, budget)
+            left = self._wait_plan(state, budgets)
             if left <= 0:
                 if waited is not None:
                     self._probe_waited(waited, "rejected")
-                self._reject(retry_after, _CLOSED if state == _RAMP_FULL else state)
+                self._reject(retry_after, "slow_start" if state == _RAMP_FULL else state)
             waited = waited or (time.monotonic(), state)
             await self._signal(state).await_(epochs[state == _RAMP_FULL], left)
 
@@ -844,6 +855,31 @@ class CircuitBreaker:
         _, old, new = self._apply(lambda rec, now: self._close(rec))
         if old != new:
             self._transition(old, new)
+
+    # -- one outage signal per upstream (upstream.py drives these) ---------------------------
+    def _t_follow(self, rec: _Record, now: float, period: float) -> None:
+        if rec.state == _OPEN:
+            rec.open_until = max(rec.open_until, now + period)  # probe after the leader
+        elif rec.state == _CLOSED and rec.failures and period > 0:
+            self._trip(rec, now)  # failing too, since its last success: open together
+            rec.open_until = now + period
+
+    def follow(self, period: float) -> None:
+        """A sibling on the same upstream opened for `period` seconds: follow it (see
+        upstream.py)."""
+        _, old, new = self._apply(lambda rec, now: self._t_follow(rec, now, period))
+        if old != new:
+            self._transition(old, new)
+
+    def probe_now(self) -> None:
+        """A sibling's probe succeeded: if open, admit a probe at once."""
+
+        def fn(rec: _Record, now: float) -> None:
+            if rec.state == _OPEN:
+                rec.open_until = min(rec.open_until, now)
+
+        self._apply(fn)
+        self._wake(self._snapshot().state)
 
     def force_open(self) -> None:
         """Force OPEN now (e.g. a known maintenance window)."""

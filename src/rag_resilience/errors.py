@@ -58,7 +58,9 @@ class ResilienceError(Exception):
 class CircuitOpenError(ResilienceError, ConnectionError):
     """The circuit is open: the call was rejected without reaching the upstream.
 
-    `retry_after` is the number of seconds until the breaker admits a probe. It is a
+    `retry_after` is the number of seconds until the breaker admits a probe. `state` is
+    "open", "half_open" (a probe's verdict did not come within `probe_wait`) or "slow_start"
+    (the ramp after closing stayed full past the caller's wait budget). It is a
     ConnectionError too, so existing ``except ConnectionError`` handlers (the seed's
     demos have them) treat "the breaker refused" like "the upstream refused".
     """

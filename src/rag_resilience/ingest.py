@@ -81,6 +81,8 @@ _STOP_STATUSES = frozenset({401, 403, 404})
 _THROTTLED = frozenset({"rate_limited", "handled"})
 #: Seconds to wait before re-running a throttled batch when the server did not say.
 _THROTTLE_WAIT = 1.0
+#: Checkpoint lookups in flight at once on the async path.
+_LOOKUPS_AT_ONCE = 256
 #: Shortest wait for an open circuit (a half-open one may say "0 s" while its probe runs).
 _MIN_PAUSE = 0.5
 
@@ -204,7 +206,7 @@ class _ProgressSink:
         if callable(setting):
             self.callback = setting
             return
-        if setting is False or batches < 2:
+        if setting is False or (setting is None and batches < 2):
             return
         if setting is None and not _is_terminal(sys.stderr):
             return
@@ -400,9 +402,17 @@ class Ingestor:
 
     def _check_capacity(self, total: int) -> None:
         cache = self.engine.cache
-        if self._warned_capacity or cache is None or cache.max_entries is None:
+        if self._warned_capacity:
             return
-        if total > cache.max_entries:
+        if cache is None:
+            self._warned_capacity = True
+            _logger.warning(
+                "[%s] resume=True, but the policy keeps no vectors (no fallback cache): "
+                "every run embeds everything",
+                self.engine.policy.name,
+            )
+            return
+        if cache.max_entries is not None and total > cache.max_entries:
             self._warned_capacity = True
             _logger.warning(
                 "[%s] resuming an ingestion of %d texts, but the vector cache keeps at most "
@@ -571,10 +581,19 @@ class Ingestor:
         else:
             # Each worker runs in a copy of the caller's context: its deadline and
             # degraded-answer scope apply to the batches, as they would inline.
+            crashed: list[BaseException] = []
+
+            def guarded() -> None:
+                try:
+                    worker()
+                except BaseException as exc:  # not an upstream failure: the caller's to see
+                    run.abort(exc)
+                    crashed.append(exc)
+
             threads = [
                 threading.Thread(
                     target=contextvars.copy_context().run,
-                    args=(worker,),
+                    args=(guarded,),
                     name=f"rag-resilience-ingest-{n}",
                     daemon=True,
                 )
@@ -588,6 +607,9 @@ class Ingestor:
             except BaseException as exc:  # KeyboardInterrupt: finish what is in flight
                 run.abort(exc)
                 raise
+            if crashed:
+                run.progress.close()
+                raise crashed[0]
         return self._finish(run, resumed, len(texts))
 
     async def aembed(
@@ -604,8 +626,11 @@ class Ingestor:
         vectors: list[Vector | None] = [None] * len(texts)
         if self.resume:
             self._check_capacity(len(texts))
-            for i, text in enumerate(texts):
-                vectors[i] = await self.engine.akept_vector(text)
+            # A shared store is a round trip per text: a few hundred at a time.
+            for start in range(0, len(texts), _LOOKUPS_AT_ONCE):
+                chunk = texts[start : start + _LOOKUPS_AT_ONCE]
+                found = await asyncio.gather(*(self.engine.akept_vector(t) for t in chunk))
+                vectors[start : start + len(found)] = found
         run, resumed = self._start(texts, vectors, hook, progress)
 
         clock = get_clock(self.engine.policy.clock)

@@ -812,12 +812,12 @@ class ConcurrencyLimit:
 
     def _release_lease(self, token: str) -> None:
         assert self._store is not None
-        self._store.lease_release(self.key, token)
+        self._store.lease_forget(self.key, token)
 
     async def _arelease_lease(self, token: str) -> None:
         assert self._store is not None
         try:
-            await self._store.alease_release(self.key, token)
+            await self._store.alease_forget(self.key, token)
         except Exception as exc:
             self._warn_store(exc, "release")
 
@@ -864,7 +864,7 @@ class ConcurrencyLimit:
                     break
                 self._doze(clock, pause)
                 acquired = self._lease_once(token, wait=True)
-                delay = min(delay * 2, _POLL_MAX_S)
+                delay = self._next_poll(token, delay)
         except BaseException:  # cancelled / interrupted while polling
             if not acquired:
                 self._forget_lease(token)  # leave the queue; release a grant we never saw
@@ -891,7 +891,7 @@ class ConcurrencyLimit:
                     break
                 await self._adoze(clock, pause)
                 acquired = await self._alease_once(token, wait=True)
-                delay = min(delay * 2, _POLL_MAX_S)
+                delay = self._next_poll(token, delay)
         except BaseException:  # cancelled / interrupted while polling
             if not acquired:
                 self._forget_lease(token)  # leave the queue; release a grant we never saw
@@ -900,6 +900,15 @@ class ConcurrencyLimit:
         if not acquired:
             self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for)
+
+    def _next_poll(self, token: str, delay: float) -> float:
+        """Back off (5 ms doubling to 50 ms), except near the front of the store's queue:
+        the next permit is ours, so ask again soon."""
+        assert self._store is not None
+        rank = self._store.waiter_rank(token)
+        if rank is not None and rank < self._max:
+            return _POLL_FIRST_S
+        return min(delay * 2, _POLL_MAX_S)
 
     def _wake_sleeper(self) -> None:
         with self._lock:

@@ -34,7 +34,6 @@ from .clock import Clock, get_clock
 from .deadline import current as _current_deadline
 from .deadline import enter as _enter_deadline
 from .deadline import leave as _leave_deadline
-from .degraded import in_outer_call
 from .degraded import nested as _nested
 from .errors import (
     CircuitOpenError,
@@ -46,9 +45,10 @@ from .errors import (
     set_attempts,
 )
 from .events import Event, EventBus, EventKind, Listener, StatsCollector
+from .failover import check_failover, has_healthy_fallback
 from .fallback import BUSY_ANSWER, DEFAULT_GENERIC_ANSWER, GracefulFallbacks
 from .limits import ConcurrencyLimit
-from .probewait import default_probe_wait
+from .probewait import OUTER_SERVES, default_probe_wait
 from .ratelimit import PaceRequest, RateLimiter
 from .retry import RetryRun, RetryStrategy, attempt_timeout_for, count_attempt
 from .slowstart import SlowStart
@@ -108,6 +108,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 #: First open period of the presets' breakers; doubles after each failed probe.
 PRESET_MIN_RECOVERY = 2.0
+#: The retry budget of presets built with count="calls": retries up to the offered load
+#: (benchmarks/recovery.py: at 50% random 503s a call needs 0.875 retries on average). An
+#: outage is the breaker's job: it opens after `failure_threshold` calls' worth of attempts.
+PRESET_RETRY_RATIO = 1.0
 
 
 def _bus_of(component: Any) -> EventBus | None:
@@ -308,10 +312,8 @@ def _served_record(served: Served[Any]) -> Served[None]:
 
 def _waits_for_probe(error: BaseException) -> bool:
     """Refused while open (not after a probe-wait ran out, nor a full ramp: those callers
-    have waited their turn already), and not inside an outer resilient wrapper: that one
-    has a degraded answer of its own to serve at once (its cache or generic answer), so
-    waiting here would only send a probe on its behalf."""
-    return isinstance(error, CircuitOpenError) and error.state == "open" and not in_outer_call()
+    have waited their turn already), and no enclosing policy serves its caller at once."""
+    return isinstance(error, CircuitOpenError) and error.state == "open" and not OUTER_SERVES.get()
 
 
 def _items_of(value: Any) -> Iterable[Any]:
@@ -343,6 +345,7 @@ class ResiliencePolicy:
         deadline: float | None = None,
         clock: Clock | None = None,
         rate_limiter: RateLimiter | None = None,
+        failover: str = "after_retries",
     ) -> None:
         _v.positive("attempt_timeout", attempt_timeout, none_ok=True)
         _v.positive("deadline", deadline, none_ok=True)
@@ -357,6 +360,10 @@ class ResiliencePolicy:
         self._default_pace = PaceRequest(name)
         self.generic_fallback = generic_fallback
         self.fallback_fns = list(fallback_fns)
+        #: "immediate": an upstream error goes to a healthy fallback at once (failover.py)
+        self.failover = check_failover(failover)
+        # always something to serve degraded: nested policies need not wait for recovery
+        self._serves = bool(self.fallback_fns) or generic_fallback not in (False, None)
         self.attempt_timeout = (
             attempt_timeout if attempt_timeout is not None else self.retry.attempt_timeout
         )
@@ -435,6 +442,8 @@ class ResiliencePolicy:
                 "max_retry_after",
                 "probe_wait",
                 "slow_start",
+                "failover",
+                "count",
             }
         )
         if unknown:
@@ -444,6 +453,14 @@ class ResiliencePolicy:
         _v.integer("cache_max_entries", cfg.get("cache_max_entries"), 1, none_ok=True)
         _v.integer("max_concurrency", cfg["max_concurrency"], 1)  # the ramp is built from it
         pname = name or preset
+        # count="calls": the seed's threshold counts failed calls, so the breaker (which
+        # counts attempts) trips after threshold x attempts per call in a row, and retries
+        # may reach the offered load (benchmarks/recovery.py). "attempts": the first release.
+        count = cfg.get("count", "attempts")
+        if count not in ("attempts", "calls"):
+            raise ValueError(f"count must be 'attempts' or 'calls', got {count!r}")
+        per_failure = cfg["max_retries"] + 1 if count == "calls" else 1
+        ratio = PRESET_RETRY_RATIO if count == "calls" else 0.2
         retry = RetryStrategy(
             max_retries=cfg["max_retries"],
             initial_delay=cfg["initial_delay"],
@@ -451,7 +468,7 @@ class ResiliencePolicy:
             jitter=cfg.get("jitter", True),
             deadline=cfg["deadline"],
             attempt_timeout=cfg["attempt_timeout"],
-            retry_budget=cfg.get("retry_budget", RetryBudget(clock=clock)),
+            retry_budget=cfg.get("retry_budget", RetryBudget(ratio, clock=clock)),
             max_retry_after=cfg.get("max_retry_after", 60.0),
             retry_after_jitter=cfg.get("retry_after_jitter", 0.0),
             classifier=classifier,
@@ -459,7 +476,7 @@ class ResiliencePolicy:
             clock=clock,
         )
         breaker = CircuitBreaker(
-            failure_threshold=cfg["failure_threshold"],
+            failure_threshold=cfg["failure_threshold"] * per_failure,
             recovery_timeout=cfg["recovery_timeout"],
             min_recovery_timeout=cfg.get(
                 "min_recovery_timeout", min(PRESET_MIN_RECOVERY, cfg["recovery_timeout"])
@@ -511,6 +528,7 @@ class ResiliencePolicy:
             generic_fallback=generic_fallback,
             clock=clock,
             rate_limiter=limiter,
+            failover=cfg.get("failover", "immediate"),
         )
 
     @classmethod
@@ -639,6 +657,9 @@ class ResiliencePolicy:
         try:
             return limiter.reserve(pace or self._default_pace, self._left(None))
         except RateLimitedError as exc:
+            self.events.publish(
+                EventKind.REJECTED, self.name, reason="rate_limit_wait", delay=exc.wait, error=exc
+            )
             return exc
 
     def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
@@ -681,7 +702,7 @@ class ResiliencePolicy:
         return self._plan(error, 0, clock.monotonic())
 
     def _failed(
-        self, run: RetryRun, exc: BaseException, ticket: int
+        self, run: RetryRun, exc: BaseException, ticket: int, call: _Call
     ) -> tuple[ErrorVerdict, float | None]:
         """After a failed attempt: verdict, and the delay before the next one (None: stop)."""
         verdict = self.classify(exc)
@@ -693,6 +714,15 @@ class ResiliencePolicy:
             if verdict.retryable and breaker.retry_after() > 0:
                 run.stop("stopped", exc, verdict)  # circuit opened: don't sleep through backoff
                 return verdict, None
+        if (
+            self.failover == "immediate"
+            and verdict.retryable
+            and verdict.fallback_ok
+            and (call.fallbacks or self.fallback_fns)
+            and has_healthy_fallback([*self.fallback_fns, *call.fallbacks])
+        ):
+            run.stop("failover", exc, verdict)
+            return verdict, None
         return verdict, run.on_error(exc, verdict)
 
     async def _astore(self, key: Any, value: Any, codec: Codec | None) -> None:
@@ -957,6 +987,8 @@ class ResiliencePolicy:
                 if token is not None:
                     _leave_deadline(token)
                 raise
+        serves = fallbacks or (self._serves if generic is None else generic is not False)
+        mark = OUTER_SERVES.set(True) if serves else None
         try:
             started = now  # the call's time includes its wait for a permit
             count_attempt(strategy, self.name, 1, started)
@@ -983,7 +1015,7 @@ class ResiliencePolicy:
                         call = _Call(request, limit, True)
                     if run is None:
                         run = self._new_run(started, attempts)
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         return self._degrade(self._plan(exc, attempts, started, verdict), call)
                     rejected = self._pause(call, run, delay, exc)
@@ -1004,6 +1036,8 @@ class ResiliencePolicy:
                 self.collector.count_interrupted()
             raise
         finally:
+            if mark is not None:
+                OUTER_SERVES.reset(mark)
             if call is not None:
                 call.give()
             elif limit is not None:
@@ -1041,7 +1075,7 @@ class ResiliencePolicy:
             return served
         breaker = self.breaker
         if breaker is not None and _waits_for_probe(plan.error):
-            call.give()
+            call.give()  # waiting is not in flight
             waited = breaker.wait_recovery(self._patience(plan.started))
             try:
                 call.take()
@@ -1139,6 +1173,8 @@ class ResiliencePolicy:
                 if token is not None:
                     _leave_deadline(token)
                 raise
+        serves = fallbacks or (self._serves if generic is None else generic is not False)
+        mark = OUTER_SERVES.set(True) if serves else None
         try:
             started = now  # the call's time includes its wait for a permit
             count_attempt(strategy, self.name, 1, started)
@@ -1171,7 +1207,7 @@ class ResiliencePolicy:
                         call = _Call(request, limit, True)
                     if run is None:
                         run = self._new_run(started, attempts)
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, attempts, started, verdict)
                         return await self._adegrade(plan, call)
@@ -1196,6 +1232,8 @@ class ResiliencePolicy:
                 self.collector.count_interrupted()
             raise
         finally:
+            if mark is not None:
+                OUTER_SERVES.reset(mark)
             if call is not None:
                 await call.agive()
             elif limit is not None:
@@ -1256,6 +1294,7 @@ class ResiliencePolicy:
         # first yield (a generator must not leave its context variable set in the caller's).
         clock = get_clock(self.retry.clock)
         token, left = _enter_deadline(self.deadline, clock, clock.monotonic())
+        served: Served[Any] | None = None  # ... and how, if decided already
         try:
             try:
                 if left is not None and left <= 0.0:
@@ -1279,9 +1318,12 @@ class ResiliencePolicy:
                     iterator, first = iter(()), _NO_KEY
                 except CircuitOpenError as exc:
                     plan = self._plan(exc, run.attempts - 1, run.started)
+                    served = self._refused(plan, call)
+                    if served is None:  # waited for the next probe: ask again
+                        plan, run.attempts = None, run.attempts - 1
                     continue
                 except Exception as exc:
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, run.attempts, run.started, verdict)
                     else:
@@ -1295,7 +1337,8 @@ class ResiliencePolicy:
                     raise
                 break
             if plan is not None:
-                served = self._degrade(plan, call)
+                if served is None:
+                    served = self._degrade(plan, call)
                 if token is not None:
                     _leave_deadline(token)
                     token = None
@@ -1364,6 +1407,7 @@ class ResiliencePolicy:
         plan: _Degrade | None = None  # set when the stream is served degraded
         clock = get_clock(self.retry.clock)
         token, left = _enter_deadline(self.deadline, clock, clock.monotonic())  # as above
+        served: Served[Any] | None = None
         try:
             try:
                 if left is not None and left <= 0.0:
@@ -1392,9 +1436,12 @@ class ResiliencePolicy:
                     first = _NO_KEY
                 except CircuitOpenError as exc:
                     plan = self._plan(exc, run.attempts - 1, run.started)
+                    served = await self._arefused(plan, call)
+                    if served is None:
+                        plan, run.attempts = None, run.attempts - 1
                     continue
                 except Exception as exc:
-                    verdict, delay = self._failed(run, exc, ticket)
+                    verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, run.attempts, run.started, verdict)
                     else:
@@ -1408,7 +1455,8 @@ class ResiliencePolicy:
                     raise
                 break
             if plan is not None:
-                served = await self._adegrade(plan, call)
+                if served is None:
+                    served = await self._adegrade(plan, call)
                 if token is not None:
                     _leave_deadline(token)
                     token = None
@@ -1502,6 +1550,7 @@ class ResiliencePolicy:
             if isinstance(self.generic_fallback, (bool, str))
             else "callable",
             "fallback_fns": len(self.fallback_fns),
+            "failover": self.failover,
         }
 
     def __repr__(self) -> str:

@@ -20,10 +20,16 @@ import asyncio
 import contextlib
 import threading
 import time
+from contextvars import ContextVar
 
 from . import deadline
 
-__all__ = ["Signal", "WaitBudget", "default_probe_wait"]
+__all__ = ["OUTER_SERVES", "Signal", "WaitBudget", "default_probe_wait"]
+
+#: Set by a policy that always has a degraded answer (a generic answer or fallbacks) around
+#: its call: the policies nested inside it then never wait for a recovery (the "nothing to
+#: degrade to" wait), since the outer one serves its caller at once.
+OUTER_SERVES: ContextVar[bool] = ContextVar("rag_resilience_outer_serves", default=False)
 
 #: The default probe-wait cap: a probe's verdict usually comes within seconds.
 PROBE_WAIT_CAP = 5.0

@@ -6,7 +6,8 @@ and tokens. Their rates are learned from the wire (`RateLimiter.observe`: the
 ``x-ratelimit-*`` / ``anthropic-ratelimit-*`` headers of every response, success or
 error), or told (`requests_per_second=`, `tokens_per_minute=`), or, when the upstream
 says nothing but 429, found by AIMD: each 429 multiplies the allowed rate by
-`aimd_decrease`, and it grows back linearly (`aimd_increase` of itself per second).
+`aimd_decrease` (from what was being sent when the first one came), and it grows back
+linearly (`aimd_increase` of the cut rate per second).
 
 A call *reserves* its slot (one decision under a lock, the same for sync and async
 callers), then sleeps until it: reservations are granted in arrival order (FIFO), so
@@ -18,14 +19,17 @@ finds `max_queue` callers already waiting.
 Learning the rate: a server bucket of capacity L that reports R left and S seconds until
 full refills at ``(L - R_exact) / S`` per second, with R_exact in [R, R + 1) since R is
 rounded down (and S rounded to its resolution): each response bounds the rate. The pacer
-keeps the tightest bounds of its last responses, paces at their middle times `safety`,
-never keeps more burst than half the server's capacity (network jitter is absorbed by the
-server's bucket) and never believes more is left than the server says.
+keeps the tightest bounds of its last responses, paces at their middle (at most 10 %
+above the lower bound) times `safety`, never keeps more burst than half the server's
+capacity (network jitter is absorbed by the server's bucket) and never believes more is
+left than the server says. With a `RedisStore` the arrival times live in Redis
+(`ratelimit_redis`), so every process pacing the same upstream shares them.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import math
 import threading
@@ -39,6 +43,7 @@ from .clock import Clock, get_clock
 from .deadline import bound
 from .errors import RateLimitedError
 from .events import EventBus, EventKind
+from .ratelimit_buckets import Bucket, RateEstimate
 from .ratelimit_headers import BucketInfo, RateLimitInfo, parse_rate_limit_headers
 from .ratelimit_redis import SharedBuckets
 
@@ -50,8 +55,6 @@ __all__ = [
     "current_reservation",
     "upstream_key",
 ]
-
-_SAMPLES = 16  # responses the rate estimate remembers
 
 
 class PaceRequest(NamedTuple):
@@ -92,94 +95,13 @@ def current_reservation() -> Reservation | None:
     return _current.get()
 
 
-class _Bucket:
-    """GCRA state: `interval` seconds per unit, `capacity` units of burst, `tat` the
-    theoretical arrival time (the bucket is full when ``tat <= now``)."""
-
-    __slots__ = ("capacity", "interval", "tat")
-
-    def __init__(self, interval: float, capacity: float, tat: float) -> None:
-        self.interval = interval
-        self.capacity = capacity
-        self.tat = tat
-
-    def allowed_at(self, now: float, cost: float) -> float:
-        return max(self.tat, now) + (cost - self.capacity) * self.interval
-
-    def take(self, at: float, cost: float) -> None:
-        self.tat = max(self.tat, at) + cost * self.interval
-
-    def available(self, now: float) -> float:
-        if self.interval <= 0:
-            return self.capacity
-        return min(self.capacity, max(0.0, self.capacity - (self.tat - now) / self.interval))
-
-    def lower_to(self, now: float, units: float) -> None:
-        """Never believe more is available than `units` (what the server says is left)."""
-        units = max(0.0, min(units, self.capacity))
-        self.tat = max(self.tat, now + (self.capacity - units) * self.interval)
-
-    def block_until(self, when: float) -> None:
-        """Admit nothing before `when` (a Retry-After), then pace as usual."""
-        self.tat = max(self.tat, when + (self.capacity - 1.0) * self.interval)
-
-
-class _RateEstimate:
-    """Bounds on a server bucket's refill rate from its recent reports. Reports taken
-    with the bucket nearly full bound the rate only from above; they do not push the
-    informative ones (a lower bound > 0) out of the window."""
-
-    __slots__ = ("highs", "limit", "lows")
-
-    def __init__(self) -> None:
-        self.lows: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
-        self.highs: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
-        self.limit: float | None = None
-
-    def add(self, info: BucketInfo) -> None:
-        if info.limit is not None and info.limit > 0:
-            if self.limit is not None and info.limit != self.limit:
-                self.clear()  # the limit changed: old reports say nothing now
-            self.limit = info.limit
-        limit, remaining, reset = self.limit, info.remaining, info.reset
-        if limit is None or remaining is None or reset is None or reset <= 0:
-            return
-        used = limit - remaining
-        if used <= 0:
-            return
-        # Resets are rounded or truncated (to the millisecond, or the second): widen
-        # the bounds by that much.
-        res = info.resolution
-        lo = max(0.0, used - 1.0) / (reset + res)
-        hi = used / max(reset - res, res)
-        if (self.highs and lo > min(self.highs) * 1.05) or (
-            self.lows and hi < max(self.lows) * 0.95
-        ):
-            self.clear()  # inconsistent with what we knew: the rate moved
-        if lo > 0:
-            self.lows.append(lo)
-        self.highs.append(hi)
-
-    def clear(self) -> None:
-        self.lows.clear()
-        self.highs.clear()
-
-    def upper(self) -> float | None:
-        """The tightest upper bound on the rate reported so far (None: none)."""
-        return min(self.highs) if self.highs else None
-
-    def rate(self) -> float | None:
-        """The middle of the tightest bounds [max lower, min upper] of the recent reports
-        (None: nothing known yet). The lower bound alone would settle below the real rate:
-        paced below it, the server's bucket stays full and its reports stop bounding the
-        rate from below; `safety` and the remaining-count sync keep the middle safe."""
-        if not self.highs:
+def _widen(info: RateLimitInfo, seconds: float) -> RateLimitInfo:
+    def widen(bucket: BucketInfo | None) -> BucketInfo | None:
+        if bucket is None:
             return None
-        hi = min(self.highs)
-        if not self.lows:
-            return hi
-        lo = max(self.lows)
-        return lo + 0.5 * max(0.0, hi - lo)
+        return dataclasses.replace(bucket, resolution=bucket.resolution + seconds)
+
+    return dataclasses.replace(info, requests=widen(info.requests), tokens=widen(info.tokens))
 
 
 class Pacer:
@@ -191,19 +113,19 @@ class Pacer:
         self.upstream = upstream
         self._lock = threading.Lock()
         cfg = limiter
-        self.requests: _Bucket | None = None
-        self.tokens: _Bucket | None = None
+        self.requests: Bucket | None = None
+        self.tokens: Bucket | None = None
         self.request_source: str | None = None
         self.token_source: str | None = None
         if cfg.requests_per_second is not None:
-            self.requests = _Bucket(1.0 / cfg.requests_per_second, cfg.burst, now)
+            self.requests = Bucket(1.0 / cfg.requests_per_second, cfg.burst, now)
             self.request_source = "configured"
         if cfg.tokens_per_second is not None:
             cap = cfg.token_burst if cfg.token_burst is not None else cfg.tokens_per_second
-            self.tokens = _Bucket(1.0 / cfg.tokens_per_second, cap, now)
+            self.tokens = Bucket(1.0 / cfg.tokens_per_second, cap, now)
             self.token_source = "configured"
-        self._req_est = _RateEstimate()
-        self._tok_est = _RateEstimate()
+        self._req_est = RateEstimate()
+        self._tok_est = RateEstimate()
         self._blocked_until = -math.inf
         self._aimd_rate: float | None = None
         self._aimd_at = 0.0
@@ -231,7 +153,12 @@ class Pacer:
         """Grant the next slot and return its time (monotonic), or raise
         `RateLimitedError` (nothing reserved) if it comes later than the call's deadline
         (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full."""
-        if self.requests is None and self.tokens is None and self._blocked_until <= now:
+        if (
+            self.requests is None
+            and self.tokens is None
+            and self._blocked_until <= now
+            and self._shared is None
+        ):
             # Nothing known about this upstream: admit at once, without the lock.
             self._free.add()
             self._admitted.append(now)  # deque.append is atomic
@@ -295,7 +222,9 @@ class Pacer:
                     waiting=self.waiting,
                 )
             req, tok = self.requests, self.tokens
-            req_p = (req.interval, req.capacity) if req is not None else None
+            # no burst across processes: strict spacing, the server's bucket absorbs the
+            # jitter of several network paths
+            req_p = (req.interval, 1.0) if req is not None else None
             tok_p = (tok.interval, tok.capacity) if tok is not None and tokens > 0 else None
             not_before = self._blocked_until - now
         limit = self.limiter._max_wait(bound(max_wait))
@@ -351,13 +280,12 @@ class Pacer:
             req, tok = self.requests, self.tokens
             adjust: list[tuple[int, float]] = []
             retry_after = info.retry_after if status == 429 else None
-            if req is not None:
+            if req is not None:  # shared request buckets have a capacity of 1
                 if retry_after is not None and retry_after > 0:
-                    ahead = min(retry_after, self.limiter.max_retry_after)
-                    adjust.append((0, ahead + (req.capacity - 1.0) * req.interval))
+                    adjust.append((0, min(retry_after, self.limiter.max_retry_after)))
                 elif info.requests is not None and info.requests.remaining is not None:
-                    left = min(info.requests.remaining, req.capacity)
-                    adjust.append((0, (req.capacity - left) * req.interval))
+                    left = min(info.requests.remaining, 1.0)
+                    adjust.append((0, (1.0 - left) * req.interval))
             if tok is not None and info.tokens is not None and info.tokens.remaining is not None:
                 left = min(info.tokens.remaining, tok.capacity)
                 adjust.append((1, (tok.capacity - left) * tok.interval))
@@ -395,14 +323,14 @@ class Pacer:
 
     def _learn(
         self,
-        bucket: _Bucket | None,
-        estimate: _RateEstimate,
+        bucket: Bucket | None,
+        estimate: RateEstimate,
         info: BucketInfo,
         now: float,
         min_capacity: float,
         kind: str,
         sync_remaining: bool,
-    ) -> _Bucket | None:
+    ) -> Bucket | None:
         cfg = self.limiter
         estimate.add(info)
         rate = estimate.rate()
@@ -416,7 +344,7 @@ class Pacer:
             limit = estimate.limit
             capacity = max(min_capacity, 1.0, math.floor((limit or 2.0) * cfg.burst_fraction))
             if bucket is None:
-                bucket = _Bucket(1.0 / rate, capacity, now)
+                bucket = Bucket(1.0 / rate, capacity, now)
             elif configured:
                 # what we were told stands unless the server proves its limit is lower
                 told = cfg.requests_per_second if kind == "requests" else cfg.tokens_per_second
@@ -442,17 +370,13 @@ class Pacer:
         if now < self._aimd_quiet_until:
             return  # the same burst of 429s: cut once
         current = self._aimd_current(now)
-        if current is None:
-            # First 429: what we were sending, and at most one request per Retry-After
-            # (an empty token bucket names the time one request takes to refill).
+        if current is None:  # first 429: cut what we were sending
             current = self._admission_rate(now)
-            if retry_after is not None and retry_after > 0:
-                current = min(current, 1.0 / retry_after)
         rate = max(cfg.aimd_min_rate, current * cfg.aimd_decrease)
         self._aimd_rate, self._aimd_at = rate, now
         self._aimd_quiet_until = now + max(1.0 / rate, retry_after or 0.0)
         if self.requests is None:
-            self.requests = _Bucket(1.0 / rate, 1.0, now)
+            self.requests = Bucket(1.0 / rate, 1.0, now)
         else:
             self.requests.interval = 1.0 / rate
             self.requests.capacity = 1.0
@@ -508,7 +432,7 @@ class Pacer:
             }
 
 
-def _headroom(bucket: _Bucket | None, now: float) -> float | None:
+def _headroom(bucket: Bucket | None, now: float) -> float | None:
     """Share of the bucket's burst free now: 1.0 full, 0.0 the next call waits."""
     if bucket is None or bucket.capacity <= 0:
         return None
@@ -545,7 +469,7 @@ class RateLimiter:
         safety: float = 0.98,
         burst_fraction: float = 0.5,
         aimd_decrease: float = 0.9,
-        aimd_increase: float = 0.05,
+        aimd_increase: float = 0.2,
         aimd_min_rate: float = 0.1,
         max_retry_after: float = 60.0,
         name: str = "ratelimit",
@@ -702,13 +626,11 @@ class RateLimiter:
                 return
             clock = get_clock(self.clock)
             now = clock.monotonic()
-            wall = clock.time()
-            if reservation is not None:
-                # Absolute resets (Anthropic's RFC 3339 times) are read against when the
-                # request was sent, not when its answer arrived: the answer's age would
-                # otherwise shorten every reset and overstate the rate.
-                wall -= max(0.0, now - reservation.at)
-            info = parse_rate_limit_headers(headers, now=wall)
+            info = parse_rate_limit_headers(headers, now=clock.time())
+            if info.format == "anthropic" and reservation is not None:
+                # An absolute reset (RFC 3339) was stamped somewhere between sending and
+                # now: as a duration it is uncertain by the answer's age.
+                info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
                 pacer.observe(info, status, now)
             if reservation is not None and not reservation.observed:

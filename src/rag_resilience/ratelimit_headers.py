@@ -49,8 +49,9 @@ class BucketInfo:
     limit: float | None = None
     remaining: float | None = None
     reset: float | None = None
-    #: how precise `reset` is (seconds): the server rounded or truncated it to this
-    resolution: float = 0.001
+    #: the largest error in `reset` (seconds): durations are rounded to the millisecond
+    #: (half of one), RFC 3339 times truncated to their last digit (one unit of it)
+    resolution: float = 0.0005
 
     @property
     def empty(self) -> bool:
@@ -153,7 +154,7 @@ def _bucket(
     limit: float | None,
     remaining: float | None,
     reset: float | None,
-    resolution: float = 0.001,
+    resolution: float = 0.0005,
 ) -> BucketInfo | None:
     if limit is None and remaining is None and reset is None:
         return None

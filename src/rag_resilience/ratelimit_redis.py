@@ -22,13 +22,21 @@ from typing import Any
 
 __all__ = ["SharedBuckets"]
 
-# KEYS: 1 requests TAT, 2 tokens TAT. ARGV: 1 req interval (0: none), 2 req capacity,
+# KEYS: 1 requests TAT, 2 tokens TAT, 3 the last learned request interval (a process that
+# has learned nothing yet is paced by what the others learned). ARGV: 1 req interval
+# (0: unknown), 2 req capacity,
 # 3 tok interval (0: none), 4 tok capacity, 5 tok cost, 6 max wait (-1: none),
 # 7 not-before offset from now (seconds, a Retry-After). Returns {granted 0/1, wait}.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ri, rc = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ri > 0 then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', 600000)
+else
+  ri = tonumber(redis.call('GET', KEYS[3]) or '0')
+  rc = 1
+end
 local ti, tc, cost = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_wait, not_before = tonumber(ARGV[6]), tonumber(ARGV[7])
 local at = now + not_before
@@ -92,7 +100,8 @@ class SharedBuckets:
         self._run: Callable[..., Any] = run
         self._no_script: type[Exception] = store._redis.exceptions.NoScriptError
         tag = hashlib.blake2b(upstream.encode(), digest_size=8).hexdigest()
-        self.keys = [f"{store.prefix}:rl:{{{tag}}}:req", f"{store.prefix}:rl:{{{tag}}}:tok"]
+        base = f"{store.prefix}:rl:{{{tag}}}"
+        self.keys = [f"{base}:req", f"{base}:tok", f"{base}:req_interval"]
 
     def reserve(
         self,

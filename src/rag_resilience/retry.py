@@ -41,7 +41,13 @@ _ATTEMPT = EventKind.ATTEMPT  # module globals: enum member lookup is slow befor
 _SUCCESS = EventKind.SUCCESS
 
 StopReason = Literal[
-    "not_retryable", "max_retries", "deadline", "retry_budget", "retry_after_too_long", "stopped"
+    "not_retryable",
+    "max_retries",
+    "deadline",
+    "retry_budget",
+    "retry_after_too_long",
+    "stopped",
+    "failover",
 ]
 
 
@@ -326,6 +332,7 @@ class RetryRun:
             "retry_after_too_long": f"server asked to wait {wait or 0.0:.1f}s, above "
             f"max_retry_after={self.strategy.max_retry_after}s",
             "stopped": "the circuit breaker opened",
+            "failover": "failing over to a healthy fallback",
             "not_retryable": "not retryable",
         }[reason]
         self._remember(exc, verdict, "gave up")

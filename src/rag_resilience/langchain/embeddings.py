@@ -19,6 +19,7 @@ from ..ingest import OPENAI_MAX_REQUEST_TOKENS, Ingestor, Progress
 from ..knobs import check_unknown, pop_knobs, resolve_policy
 from ..policy import ResiliencePolicy, Served
 from ..ratelimit_instrument import instrument
+from ..upstream import join_upstream, upstream_of
 from . import _common as c
 from . import dropin
 
@@ -54,6 +55,7 @@ class ResilientEmbeddings(Embeddings):
         concurrency: int = 4,
         progress: Progress | bool | None = None,
         resume: bool = False,
+        upstream: str | None = None,
         **knobs: Any,
     ) -> None:
         unknown = {k: v for k, v in knobs.items()}
@@ -69,6 +71,7 @@ class ResilientEmbeddings(Embeddings):
                 "concurrency",
                 "progress",
                 "resume",
+                "upstream",
             ),
         )
         if embeddings is None:
@@ -91,6 +94,10 @@ class ResilientEmbeddings(Embeddings):
         identity = model_identity(embeddings)
         self.policy = resolve_policy(
             "ResilientEmbeddings", policy, knobs, name=f"langchain-embeddings:{identity}"
+        )
+        # one outage signal per upstream (default: the base URL host): rag_resilience.upstream
+        join_upstream(
+            self.policy.breaker, upstream_of(embeddings) if upstream is None else upstream
         )
         self.embeddings = embeddings
         c.warn_nested(embeddings, self.policy, "embeddings")

@@ -14,7 +14,6 @@ with its age -> the generic message -> the original error. Every answer carries
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,14 +25,20 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableSequence
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from ..adapters import accepts_request_timeout, model_identity, request_timeout
+from ..adapters import (
+    accepts_request_timeout,
+    mark_sdk_read_error,
+    model_identity,
+    request_timeout,
+)
 from ..degraded import note_degraded
-from ..errors import add_note, mark_handled, mark_malformed_response
+from ..errors import add_note, mark_handled
 from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
 from ..policy import _NO_KEY, ResiliencePolicy, Served
 from ..ratelimit import PaceRequest
 from ..ratelimit_instrument import instrument, model_upstream
 from ..ratelimit_tokens import estimate_request_tokens
+from ..upstream import join_upstream, upstream_of
 from . import _common as c
 from . import dropin
 from .typed import (
@@ -146,9 +151,9 @@ class _Target:
             if self.gen_rm:
                 return model._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
             return model._generate(messages, stop=stop, **kwargs)
-        except ValueError as exc:
+        except (ValueError, AttributeError) as exc:
             if self.timed:
-                _mark_sdk_read_error(exc)
+                mark_sdk_read_error(exc)
             raise
 
     def _streams(self, async_api: bool, run_manager: Any, kwargs: dict[str, Any]) -> bool:
@@ -199,9 +204,9 @@ class _Target:
                     messages, stop=stop, run_manager=run_manager, **kwargs
                 )
             return await model._agenerate(messages, stop=stop, **kwargs)
-        except ValueError as exc:
+        except (ValueError, AttributeError) as exc:
             if self.timed:
-                _mark_sdk_read_error(exc)
+                mark_sdk_read_error(exc)
             raise
 
     def stream_chunks(
@@ -239,6 +244,11 @@ class _Target:
             yield chunk
 
     # -- a fallback model under its own policy (own breaker) --------------------------------
+    def tagged(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` carrying this model's breaker: failover skips a fallback whose circuit is open."""
+        fn.breaker = self.policy.breaker  # type: ignore[attr-defined]
+        return fn
+
     def as_fallback(self) -> Callable[..., ChatResult]:
         def call(
             messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, **kwargs: Any
@@ -286,14 +296,6 @@ class _Target:
             ]
 
         return call
-
-
-def _mark_sdk_read_error(exc: ValueError) -> None:
-    """A 200 the SDK could not read as the API's answer is an upstream fault: a truncated
-    JSON body (`json.JSONDecodeError`) or langchain-openai's "Unexpected response type"
-    (the SDK handed back a text/plain body as a `str`). Other ValueErrors are left alone."""
-    if isinstance(exc, json.JSONDecodeError) or str(exc).startswith("Unexpected response type"):
-        mark_malformed_response(exc)
 
 
 class _Runtime:
@@ -409,6 +411,9 @@ class ResilientLLM(BaseChatModel):
     parse (default 0: a parse failure is the model's answer, raised as it is)."""
     policy_overrides: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     """Policy knobs given as keyword arguments (``max_retries=1``...), applied to the preset."""
+    upstream: str | None = None
+    """Share outage signals with wrappers of the same upstream (default: the model's base
+    URL host; "" for none). See `rag_resilience.upstream`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -468,6 +473,9 @@ class ResilientLLM(BaseChatModel):
         dropin.adopt_run_settings(self, inner)
         self._policy = policy
         self._generic = generic
+        join_upstream(
+            policy.breaker, upstream_of(inner) if self.upstream is None else self.upstream
+        )
         c.warn_nested(inner, policy, "chat")
         c.warn_deadline_uncut(inner, policy)
         primary = _Target(c.with_timeout(inner, policy.attempt_timeout), policy)
@@ -485,10 +493,10 @@ class ResilientLLM(BaseChatModel):
             rt.max_tokens = getattr(inner, "max_tokens", None)
         rt.gen_result = self._generic_result()
         rt.gen_chunks = self._generic_chunks()
-        rt.fb_sync = [t.as_fallback() for t in self._fallbacks]
-        rt.fb_async = [t.as_afallback() for t in self._fallbacks]
-        rt.fb_stream = [t.as_stream_fallback() for t in self._fallbacks]
-        rt.fb_astream = [t.as_astream_fallback() for t in self._fallbacks]
+        rt.fb_sync = [t.tagged(t.as_fallback()) for t in self._fallbacks]
+        rt.fb_async = [t.tagged(t.as_afallback()) for t in self._fallbacks]
+        rt.fb_stream = [t.tagged(t.as_stream_fallback()) for t in self._fallbacks]
+        rt.fb_astream = [t.tagged(t.as_astream_fallback()) for t in self._fallbacks]
         if by_input is not None:
             rt.by_input = by_input
         self._rt = rt

@@ -14,6 +14,7 @@ from ..adapters import (
     NestedRetriesWarning,
     accepts_request_timeout,
     inner_max_retries,
+    mark_sdk_read_error,
     request_timeout,
     timed_call,
 )
@@ -177,12 +178,17 @@ def sync_embedding_calls(
 def _timed_embedding(model: Any, method: str, attempt_timeout: float | None) -> Any:
     def call(arg: Any) -> Any:
         timeout = request_timeout(attempt_timeout)
-        if timeout is None:
-            return getattr(model, method)(arg)
-        if getattr(model, "reuse_client", False):
-            model._get_client()  # built once on the model, so every copy shares it
-        extra = {**(model.additional_kwargs or {}), "timeout": timeout}
-        return getattr(model.model_copy(update={"additional_kwargs": extra}), method)(arg)
+        target = model
+        if timeout is not None:
+            if getattr(model, "reuse_client", False):
+                model._get_client()  # built once on the model, so every copy shares it
+            extra = {**(model.additional_kwargs or {}), "timeout": timeout}
+            target = model.model_copy(update={"additional_kwargs": extra})
+        try:
+            return getattr(target, method)(arg)
+        except (ValueError, AttributeError) as exc:
+            mark_sdk_read_error(exc)  # a 200 the SDK could not read: an upstream fault
+            raise
 
     call.__wrapped__ = getattr(model, method)  # type: ignore[attr-defined]  # (telemetry)
     return call

@@ -31,6 +31,7 @@ from ..ingest import OPENAI_MAX_REQUEST_TOKENS, BatchHook, Ingestor, Progress
 from ..knobs import check_unknown, pop_knobs
 from ..knobs import resolve_policy as resolve_knobs
 from ..policy import ResiliencePolicy
+from ..upstream import join_upstream, upstream_of
 from ._common import (
     record_degraded,
     resolve_policy,
@@ -80,6 +81,7 @@ class ResilientEmbedding(BaseEmbedding):
         concurrency: int = 4,
         progress: Progress | bool | None = None,
         resume: bool = False,
+        upstream: str | None = None,
         **kwargs: Any,
     ) -> None:
         knobs = pop_knobs("ResilientEmbedding", kwargs)
@@ -119,6 +121,7 @@ class ResilientEmbedding(BaseEmbedding):
         resolved.add_listener(CallbackForwarder(self))
         self._inner = embed_model
         self._policy = resolved
+        join_upstream(resolved.breaker, upstream_of(embed_model) if upstream is None else upstream)
         self._sync_inner = timed_copy(embed_model, resolved.attempt_timeout, "embedding")
         self._sync = sync_embedding_calls(self._sync_inner, resolved.attempt_timeout)
         # Query and document vectors of the same string may differ (instructions, modes).

@@ -42,6 +42,7 @@ from ..ratelimit import PaceRequest
 from ..ratelimit_instrument import instrument, model_upstream
 from ..ratelimit_tokens import estimate_request_tokens
 from ..typed_answers import generic_arity, unavailable
+from ..upstream import join_upstream, upstream_of
 from . import typed as lt
 from ._common import (
     GenericSpec,
@@ -189,6 +190,11 @@ class _Fallback:
         self.sync_llm = timed_copy(llm, policy.attempt_timeout, "LLM")
         self.sync_calls = sync_calls(self.sync_llm, policy.attempt_timeout)
 
+    @property
+    def breaker(self) -> Any:
+        """Its circuit: failover (failover.py) skips a fallback whose circuit is open."""
+        return self.policy.breaker
+
 
 # How a fallback LLM runs `method` for the primary's fallback chain: under its own policy
 # (own breaker), never with a generic answer; streams start before they are handed over.
@@ -260,6 +266,7 @@ class ResilientLLM(FunctionCallingLLM):
         callback_manager: CallbackManager | None = None,
         warn_nested_retries: bool = True,
         parse_retries: int = 0,
+        upstream: str | None = None,
         **kwargs: Any,
     ) -> None:
         knobs = pop_knobs("ResilientLLM", kwargs)
@@ -299,6 +306,7 @@ class ResilientLLM(FunctionCallingLLM):
         self._parse_retries = parse_retries
         self._inner = llm
         self._policy = resolved
+        join_upstream(resolved.breaker, upstream_of(llm) if upstream is None else upstream)
         self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
         self._sync = sync_calls(self._sync_inner, resolved.attempt_timeout)
         self._generic = generic_fallback

@@ -109,6 +109,18 @@ class Store(ABC):
     def lease_release(self, key: str, token: str) -> None:
         """Give back the permit held by `token` (no error if it already expired)."""
 
+    def waiter_rank(self, token: str) -> int | None:
+        """Where `token` stood in the waiter queue at its last `lease_wait` (0 = next),
+        or None if unknown. Waiters near the front ask again sooner."""
+        return None
+
+    def lease_forget(self, key: str, token: str) -> None:
+        """Release a lease whose grant the caller never learned (cancelled, interrupted
+        or timed out mid-request), or leave the waiter queue: stores whose requests can
+        execute late (Redis) also refuse that token any later grant. Default:
+        `lease_release`."""
+        self.lease_release(key, token)
+
     @abstractmethod
     def lease_count(self, key: str, now: float) -> int:
         """Permits currently held (unexpired) at `key`."""
@@ -159,6 +171,9 @@ class Store(ABC):
 
     async def alease_release(self, key: str, token: str) -> None:
         self.lease_release(key, token)
+
+    async def alease_forget(self, key: str, token: str) -> None:
+        await self.alease_release(key, token)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections/files. Idempotent."""

@@ -50,6 +50,9 @@ class Failover:
         self._outage_started = 0.0
         self._busy_warned = False
         self._verifying = False
+        #: True while a timeout is being checked: operations skip the backend meanwhile
+        #: (served as busy), so a stall costs a call one op timeout, not one per operation.
+        self.suspect = False
         self._bad_keys: set[str] = set()
         self.counters = {
             "remote_ops": 0,
@@ -112,18 +115,17 @@ class Failover:
         with self._lock:
             if self._verifying:
                 return True
-            self._verifying = True
+            self._verifying = self.suspect = True
 
         def check() -> None:
             try:
                 alive = verify()
             except Exception:
                 alive = False
-            finally:
-                with self._lock:
-                    self._verifying = False
             if not alive:
-                self.on_fault(exc)
+                self.on_fault(exc)  # degraded before `suspect` clears: no gap
+            with self._lock:
+                self._verifying = self.suspect = False
 
         threading.Thread(target=check, name=f"{self.kind}-store-check", daemon=True).start()
         return True

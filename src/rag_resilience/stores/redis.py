@@ -208,17 +208,18 @@ end
 if rank < free then return grant() end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], px) end
-return 0
+return -1 - rank
 """
 
 
 # KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
-# ARGV: 1 token, 2 tombstone ms. Also how a waiter that gives up leaves the queue.
+# ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant). Also how a waiter
+# that gives up leaves the queue.
 _LEASE_RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
 return 1
 """
 
@@ -385,6 +386,7 @@ class RedisStore(Store):
         self._health = Failover("redis", self, self.retry_interval)
         self._checker: Any = None  # one dedicated connection for stall checks
         self._flushing = False
+        self._ranks: dict[str, int] = {}  # waiter token -> its queue position (last ask)
         self._local = self._health.local
         self._lock = threading.Lock()
         self._warned_no_sync = False
@@ -494,6 +496,9 @@ class RedisStore(Store):
         if self._client is None:
             self._no_sync_client()
             return local()
+        if self._health.suspect:  # a timeout is being checked: do not pile onto it
+            self._health.local_op()
+            return busy() if busy is not None else local()
         if not self._health.try_remote():
             return local()
         client = self._client
@@ -619,6 +624,9 @@ class RedisStore(Store):
         client = self._aclient()
         if client is None:
             return self._run(sync_remote, local, keys, busy)
+        if self._health.suspect:  # a timeout is being checked: do not pile onto it
+            self._health.local_op()
+            return busy() if busy is not None else local()
         if not self._health.try_remote():
             return local()
         try:
@@ -656,10 +664,11 @@ class RedisStore(Store):
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:lease:{{{key}}}"
 
-    def _release_call(self, k: str, token: str) -> tuple[list[str], list[Any]]:
+    def _release_call(self, k: str, token: str, forget: bool = True) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
         and args; the tombstone shares the zset's hash slot."""
-        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, _ms(_LEASE_GC_GRACE_S)]
+        ms = _ms(_LEASE_GC_GRACE_S) if forget else 0
+        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, ms]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -1079,7 +1088,7 @@ class RedisStore(Store):
         run = self._script("lease_acquire", keys, args)
         local = self._local.lease_wait if wait else self._local.lease_acquire
         return self._run(
-            lambda c: int(run(c)) == 1,
+            lambda c: self._granted(token, run(c)),
             lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
             _not_granted,
@@ -1101,33 +1110,56 @@ class RedisStore(Store):
         run = self._script("lease_acquire", keys, args)
 
         async def remote(c: Any) -> bool:
-            return int(await arun(c)) == 1
+            return self._granted(token, await arun(c))
 
         return await self._arun(
             remote,
-            lambda c: int(run(c)) == 1,
+            lambda c: self._granted(token, run(c)),
             lambda: local(key, token, limit, lease_s, now),
             tuple(keys),
             _not_granted,
         )
 
+    def _granted(self, token: str, reply: Any) -> bool:
+        """The lease script's reply: 1 granted, 0 refused, -1 - rank queued at `rank`."""
+        code = int(reply)
+        if code < 0 and len(self._ranks) < 10_000:
+            self._ranks[token] = -1 - code
+        return code == 1
+
+    def waiter_rank(self, token: str) -> int | None:
+        """Position of waiter `token` in the queue at its last ask (0 = next), if queued."""
+        return self._ranks.pop(token, None)
+
     # A release goes to both places: the lease may have been granted by Redis (even by a
     # script whose reply timed out) or by the local fallback. One that cannot reach Redis
     # now is sent on the first successful operation (see Failover.pending).
     def lease_release(self, key: str, token: str) -> None:
+        self._release(key, token, forget=False)
+
+    def lease_forget(self, key: str, token: str) -> None:
+        self._release(key, token, forget=True)
+
+    async def alease_release(self, key: str, token: str) -> None:
+        await self._arelease(key, token, forget=False)
+
+    async def alease_forget(self, key: str, token: str) -> None:
+        await self._arelease(key, token, forget=True)
+
+    def _release(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token)
+        keys, args = self._release_call(k, token, forget)
         self._run(
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
             tuple(keys),
         )
 
-    async def alease_release(self, key: str, token: str) -> None:
+    async def _arelease(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token)
+        keys, args = self._release_call(k, token, forget)
         await self._arun(
             self._ascript("lease_release", keys, args),
             self._script("lease_release", keys, args),
