@@ -3,8 +3,9 @@
 Usage: python benchmarks/ingest.py [--chunks 10000] [--seconds 20] [--quick] [--json PATH]
                                    [--plot PATH] [--only NAME ...]
 
-The chaos server (in this process) limits /v1/embeddings to a token bucket
-(`chaos.tokenbucket.TokenRateLimit`), time scaled: the limit is set so that the corpus
+The chaos server (in this process) limits /v1/embeddings to a token bucket per API key
+(`Faults.rate_limit_tpm` / `rate_limit_token_burst`, with OpenAI's `x-ratelimit-*-tokens`
+headers and `retry-after-ms` on every answer), time scaled: the limit is set so that the corpus
 takes `--seconds` at exactly the limit (the theoretical minimum, total tokens / limit).
 The bucket holds `burst` tokens (one request of the largest default batch, LangChain's
 1000 texts, plus 5%) and starts full, as the real API's does. Each contender embeds the
@@ -58,7 +59,6 @@ from _common import RESULTS_DIR, machine_info, markdown_table, write_json
 from rag_resilience import ResiliencePolicy
 from rag_resilience.chaos import ChaosServer
 from rag_resilience.chaos.responses import estimate_tokens
-from rag_resilience.chaos.tokenbucket import TokenRateLimit
 from rag_resilience.ingest import PartialEmbeddingError
 
 DIM = 64
@@ -197,8 +197,8 @@ CONTENDERS: dict[str, Callable[[str, list[str]], int]] = {
 class Sampler:
     """Tokens admitted by the server over time (for the plot)."""
 
-    def __init__(self, limit: TokenRateLimit, every: float = 0.25) -> None:
-        self.limit = limit
+    def __init__(self, server: ChaosServer, every: float = 0.25) -> None:
+        self.server = server
         self.every = every
         self.points: list[tuple[float, int]] = []
         self._stop = threading.Event()
@@ -207,7 +207,7 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self.points.append((time.perf_counter() - self._t0, self.limit.admitted_tokens))
+            self.points.append((time.perf_counter() - self._t0, admitted(self.server)))
 
     def __enter__(self) -> Sampler:
         self._t0 = time.perf_counter()
@@ -217,34 +217,37 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.points.append((time.perf_counter() - self._t0, self.limit.admitted_tokens))
+        self.points.append((time.perf_counter() - self._t0, admitted(self.server)))
 
 
-def fresh_limit(server: ChaosServer, tpm: float, burst: int) -> TokenRateLimit:
+def admitted(server: ChaosServer) -> int:
+    """Tokens the server's bucket has admitted since the last reset."""
+    tokens: int = server.stats()["rate_limits"]["admitted_tokens"]
+    return tokens
+
+
+def fresh_limit(server: ChaosServer, tpm: float, burst: int) -> None:
+    """Fresh counters and a full bucket: the limit on /v1/embeddings only."""
     server.reset()
     assert server.wait_idle(30)
-    limit = TokenRateLimit(tpm, burst=burst, endpoints=("embeddings",))
-    server.token_limit = limit
-    return limit
+    server.set_faults(rate_limit_tpm=tpm, rate_limit_token_burst=burst, endpoints=("embeddings",))
 
 
 class Outage:
     """Turns an embeddings outage (503) on once the server has admitted `at` of the
     corpus's tokens, and off `seconds` later."""
 
-    def __init__(
-        self, server: ChaosServer, limit: TokenRateLimit, total: int, at: float, seconds: float
-    ) -> None:
-        self.server, self.limit = server, limit
+    def __init__(self, server: ChaosServer, total: int, at: float, seconds: float) -> None:
+        self.server = server
         self.threshold, self.seconds = at * total, seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while self.limit.admitted_tokens < self.threshold:
+        while admitted(self.server) < self.threshold:
             if self._stop.wait(0.01):
                 return
-        self.server.set_faults(outage=True, endpoints=("embeddings",))
+        self.server.set_faults(outage=True)  # the limit's faults apply to embeddings only
         self._stop.wait(self.seconds)
         self.server.set_faults(outage=False)
 
@@ -255,7 +258,7 @@ class Outage:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.server.clear_faults()
+        self.server.set_faults(outage=False)
 
 
 def run_contender(
@@ -268,12 +271,12 @@ def run_contender(
     strict: float,
     outage: float = 0.0,
 ) -> dict[str, Any]:
-    limit = fresh_limit(server, tpm, burst)
+    fresh_limit(server, tpm, burst)
     total = sum(estimate_tokens(t) for t in texts)
     with (
         warnings.catch_warnings(),
-        Sampler(limit) as sampler,
-        Outage(server, limit, total, 0.4, outage) if outage else contextlib.nullcontext(),
+        Sampler(server) as sampler,
+        Outage(server, total, 0.4, outage) if outage else contextlib.nullcontext(),
     ):
         warnings.simplefilter("ignore")
         started = time.perf_counter()
@@ -291,7 +294,7 @@ def run_contender(
         "requests": stats["requests"],
         "status_429": stats["statuses"].get(429, 0),
         "errors_other": sum(n for s, n in stats["statuses"].items() if s not in (200, 429)),
-        "tokens_admitted": limit.admitted_tokens,
+        "tokens_admitted": admitted(server),
         "timeline": sampler.points,
     }
 

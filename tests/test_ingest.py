@@ -23,7 +23,6 @@ from langchain_openai import OpenAIEmbeddings
 
 from rag_resilience import ResiliencePolicy
 from rag_resilience.chaos import ChaosServer
-from rag_resilience.chaos.tokenbucket import TokenRateLimit
 from rag_resilience.ingest import (
     Ingestor,
     PartialEmbeddingError,
@@ -44,8 +43,9 @@ def clock() -> Iterator[FakeClock]:
 
 
 @pytest.fixture
-def server(chaos_server_factory: Any) -> ChaosServer:
-    srv: ChaosServer = chaos_server_factory(seed=5, embedding_dim=DIM)
+def server(chaos_server_factory: Any, clock: FakeClock) -> ChaosServer:
+    """The server's rate-limit buckets refill on the test's clock."""
+    srv: ChaosServer = chaos_server_factory(seed=5, embedding_dim=DIM, clock=clock)
     return srv
 
 
@@ -485,26 +485,89 @@ def test_a_progress_bar_when_asked_and_none_when_stderr_is_not_a_terminal(
 
 
 # -- rate limits: "not yet" is not a failure -------------------------------------------------
-def token_limited(server: ChaosServer, clock: FakeClock) -> TokenRateLimit:
-    """10 tokens/s, 100 at once; a batch of 10 texts is 90 tokens by the server's count."""
-    limit = TokenRateLimit(600, burst=100, clock=clock, endpoints=("embeddings",))
-    server.token_limit = limit
-    return limit
+def token_limited(server: ChaosServer, per_second: int = 10, burst: int = 100) -> None:
+    """`per_second` tokens/s, `burst` at once, on embeddings only; a batch of 10 texts is
+    90 tokens by the server's count. The bucket refills on the test's fake clock."""
+    server.set_faults(
+        rate_limit_tpm=60 * per_second, rate_limit_token_burst=burst, endpoints=("embeddings",)
+    )
 
 
-def test_throttled_batches_wait_their_turn_and_none_is_lost(
+async def test_paced_ingestion_under_a_token_limit_gets_almost_no_429s(
     server: ChaosServer, clock: FakeClock
 ) -> None:
+    """Issue 16's target, over real HTTP: two sync loads in threads and two async loads in
+    tasks, through one policy that was not told the limit. Each batch reserves its turn
+    with its tokens, at the rate the server's headers taught: 429s after the first second
+    are at most 1% of the requests, and no chunk is lost.
+
+    The bucket holds 5 s of tokens (OpenAI's holds a minute's): on a fake clock, sleepers
+    wake in whatever order the threads run, so up to one batch per worker (8 here) can
+    reach the server at the same instant; a bucket of 1 s (4 batches) would turn that
+    artefact into 429s that real time does not have."""
+    token_limited(server, per_second=400, burst=2000)
+    started = clock.monotonic()
+    late: list[float] = []
+
+    def on_fault(event: Any) -> None:
+        if event.fault == "rate_limited" and clock.monotonic() > started + 1.0:
+            late.append(clock.monotonic())
+
+    server.on_fault = on_fault
+    pol = policy("t-paced", max_retries=2)
+    emb = wrap(server, pol, batch_size=10, concurrency=2)
+    loads = {name: texts(500, name) for name in ("p1", "p2", "pa1", "pa2")}
+    results: dict[str, list[list[float]]] = {}
+    errors: list[BaseException] = []
+
+    def sync_load(name: str) -> None:
+        try:
+            results[name] = emb.embed_documents(loads[name])
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync_load, args=(n,)) for n in ("p1", "p2")]
+    for t in threads:
+        t.start()
+    pa1, pa2 = await asyncio.gather(
+        emb.aembed_documents(loads["pa1"]), emb.aembed_documents(loads["pa2"])
+    )
+    for t in threads:
+        t.join()
+    assert errors == []
+    results.update(pa1=pa1, pa2=pa2)
+    stats = embedding_stats(server)
+    assert stats["successes"] == 200  # 4 loads x 50 batches, none lost
+    assert server.stats()["rate_limits"]["admitted_tokens"] == 200 * 90
+    assert len(late) <= 0.01 * stats["requests"], (late, stats)
+    snap = emb.stats()["ingest"]
+    assert (snap["failed"], snap["embedded"]) == (0, 2000)
+    rate = emb.stats()["rate_limit"]
+    up = rate["upstreams"][emb.engine.upstream]
+    assert up["tokens_source"] == "headers" and up["tokens_per_s"] <= 400
+    assert rate["paced"] > 0 and "sk-test" not in repr(rate)
+    server.on_fault = None
+    server.clear_faults()
+    for name, items in loads.items():
+        assert same(results[name], truth(server, items))
+
+
+def test_unpaced_throttled_batches_wait_their_turn_and_none_is_lost(
+    server: ChaosServer, clock: FakeClock
+) -> None:
+    """Without pacing (rate_limit=False) each 429 is waited out by the ingestion itself."""
     items = texts(60, "tpm")
     expected = truth(server, items)
-    limit = token_limited(server, clock)
-    emb = wrap(server, policy("t-tpm", max_retries=0), batch_size=10, concurrency=2)
+    token_limited(server)
+    emb = wrap(
+        server, policy("t-tpm", max_retries=0, rate_limit=False), batch_size=10, concurrency=2
+    )
     vectors = emb.embed_documents(items)
     assert same(vectors, expected)
     stats = embedding_stats(server)
     # The bucket holds one batch; each later one is paid for by a wait after a 429.
     assert stats["successes"] == 6 and stats["statuses"][429] >= 5
-    assert limit.admitted_tokens == 6 * 90
+    assert server.stats()["rate_limits"]["admitted_tokens"] == 6 * 90
     snap = emb.stats()["ingest"]
     assert snap["failed"] == 0 and snap["throttled"] == stats["statuses"][429]
 
@@ -514,7 +577,7 @@ async def test_throttled_llama_index_tasks_wait_their_turn(
 ) -> None:
     items = texts(60, "atpm")
     expected = truth(server, items)
-    token_limited(server, clock)
+    token_limited(server)
     model = llama_embedding(
         server, policy=policy("t-atpm", max_retries=0), embed_batch_size=10, concurrency=3
     )
@@ -528,8 +591,9 @@ async def test_without_wait_rounds_a_throttled_batch_fails_alone(
     server: ChaosServer, clock: FakeClock
 ) -> None:
     items = texts(30, "norounds")
-    token_limited(server, clock)
-    emb = wrap(server, policy("t-norounds", max_retries=0), batch_size=10, concurrency=1)
+    token_limited(server)
+    pol = policy("t-norounds", max_retries=0, rate_limit=False)  # unpaced: 429s happen
+    emb = wrap(server, pol, batch_size=10, concurrency=1)
     emb.ingestor.wait_rounds = 0
     with pytest.raises(PartialEmbeddingError) as info:
         await emb.aembed_documents(items)

@@ -12,6 +12,10 @@ Two jobs the LangChain and LlamaIndex adapters share:
   missing, the original error is raised with a note saying how many were missing.
   A text whose vector is already kept (and not near its expiry) is not re-written.
 
+When the policy paces (a `RateLimiter`), every call reserves its turn at `upstream`
+(the adapters set the model's pacer key: base URL + model + a hash of the API key)
+with the tokens its texts will spend, so a token-per-minute limit is paced too.
+
 Vectors are stored as base64 float32 (what the OpenAI API itself returns), which is
 JSON-safe for shared stores and 6 KB for a 1536-dimension vector instead of ~50 KB of
 Python floats.
@@ -35,6 +39,8 @@ from .clock import get_clock
 from .errors import add_note
 from .fallback import GracefulFallbacks, stable_key
 from .policy import CacheHooks, ResiliencePolicy, Served
+from .ratelimit import PaceRequest
+from .ratelimit_tokens import count_text_tokens
 
 __all__ = [
     "EmbeddingEngine",
@@ -201,6 +207,8 @@ class EmbeddingEngine:
         self.policy = policy
         self.model_id = model_id
         self.batch_size = batch_size
+        #: the pacer key calls reserve their turn at (adapters set the model's)
+        self.upstream = policy.name
         base = policy.fallbacks
         # Own namespace in the policy's store: vectors never evict an LLM's answers.
         self.cache: GracefulFallbacks | None = (
@@ -235,19 +243,30 @@ class EmbeddingEngine:
             return [list(texts)]
         return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
 
+    def _pace(self, texts: list[str], tokens: int | None) -> PaceRequest | None:
+        """The call's turn at the rate limit: its upstream and the tokens it will spend
+        (`tokens`, else counted from `texts`); None when the policy does not pace."""
+        if self.policy.rate_limiter is None:
+            return None
+        if tokens is None:
+            tokens = sum(count_text_tokens(t) for t in texts)
+        return PaceRequest(self.upstream, tokens)
+
     def _run(
         self,
         fn: Callable[[Any], Any],
         arg: Any,
         texts: list[str],
         hooks: type[_BatchVectors] = _BatchVectors,
+        tokens: int | None = None,
     ) -> Served[Any]:
         """One policy call for `texts`, with their vectors as its last-known-good cache;
         a failure is noted with how many of them have no cached vector."""
         cache = self.cache
         kept = None if cache is None else hooks(cache, self._encode, texts, self._refresh_after)
+        pace = self._pace(texts, tokens)
         try:
-            return self.policy.execute(fn, (arg,), cache=kept, generic=False)
+            return self.policy.execute(fn, (arg,), cache=kept, generic=False, pace=pace)
         except Exception as exc:
             self._missing_note(exc, texts)
             raise
@@ -258,11 +277,13 @@ class EmbeddingEngine:
         arg: Any,
         texts: list[str],
         hooks: type[_BatchVectors] = _BatchVectors,
+        tokens: int | None = None,
     ) -> Served[Any]:
         cache = self.cache
         kept = None if cache is None else hooks(cache, self._encode, texts, self._refresh_after)
+        pace = self._pace(texts, tokens)
         try:
-            return await self.policy.aexecute(fn, (arg,), cache=kept, generic=False)
+            return await self.policy.aexecute(fn, (arg,), cache=kept, generic=False, pace=pace)
         except Exception as exc:
             self._missing_note(exc, texts)
             raise
@@ -279,16 +300,23 @@ class EmbeddingEngine:
         return await self._arun(aembed_text, text, [text], _TextVector)
 
     def run_batch(
-        self, texts: list[str], embed_batch: Callable[[list[str]], list[Vector]]
+        self,
+        texts: list[str],
+        embed_batch: Callable[[list[str]], list[Vector]],
+        tokens: int | None = None,
     ) -> Served[list[Vector]]:
-        """One sub-batch as one policy call (what `embed` does for each); the `Served`
-        record holds the vectors: move them out with `take_vectors`."""
-        return self._run(embed_batch, texts, texts)
+        """One sub-batch as one policy call (what `embed` does for each), paced by
+        `tokens` (None: counted here); the `Served` record holds the vectors: move them
+        out with `take_vectors`."""
+        return self._run(embed_batch, texts, texts, tokens=tokens)
 
     async def arun_batch(
-        self, texts: list[str], aembed_batch: Callable[[list[str]], Awaitable[list[Vector]]]
+        self,
+        texts: list[str],
+        aembed_batch: Callable[[list[str]], Awaitable[list[Vector]]],
+        tokens: int | None = None,
     ) -> Served[list[Vector]]:
-        return await self._arun(aembed_batch, texts, texts)
+        return await self._arun(aembed_batch, texts, texts, tokens=tokens)
 
     def kept_vector(self, text: str) -> Vector | None:
         """The vector kept for `text` (not expired), or None; not counted as a fallback

@@ -9,7 +9,11 @@
   for `embed`, tasks for `aembed`; both drive the same `_Ingestion` state machine, so
   scheduling, results, progress and failure rules exist once;
 * each batch is **one policy call** (pacing, retry, breaker, per-text cached vectors
-  all apply), exactly what `EmbeddingEngine.run_batch` does for a sub-batch; a batch
+  all apply), exactly what `EmbeddingEngine.run_batch` does for a sub-batch. With a
+  rate limiter on the policy, each batch first reserves its turn with the tokens its
+  texts will spend (`ratelimit_tokens.count_text_tokens`, or `count_tokens` when
+  given), so under a tokens-per-minute limit batches go out at the pace the server's
+  headers taught, instead of into 429s; a batch
   whose call ends on a rate-limit 429 or an open circuit was only told "not yet": after
   the server's delay or the breaker's next probe time it runs again (`wait_rounds`
   times at most) instead of failing;
@@ -434,6 +438,14 @@ class Ingestor:
         sink = _ProgressSink(setting, len(texts), len(batches), "embedding")
         return _Ingestion(texts, vectors, batches, sink, hook), resumed
 
+    def _tokens(self, texts: list[str]) -> int | None:
+        """A batch's tokens for the pacer: by `count_tokens` when the caller gave one
+        (an exact tokenizer), else None (the engine counts as the rate limiter does)."""
+        count = self.count_tokens
+        if count is estimate_tokens or self.engine.policy.rate_limiter is None:
+            return None
+        return sum(count(t) for t in texts)
+
     def _may_wait(self, run: _Ingestion, wait: float, rounds: int) -> bool:
         if run.stopping or rounds >= self.wait_rounds:
             return False
@@ -564,7 +576,7 @@ class Ingestor:
                 rounds = 0
                 while True:
                     try:
-                        served = self.engine.run_batch(chunk, embed_batch)
+                        served = self.engine.run_batch(chunk, embed_batch, self._tokens(chunk))
                     except Exception as exc:
                         wait = self._failed(run, batch, exc, rounds)
                         if wait is None:
@@ -641,7 +653,9 @@ class Ingestor:
                 rounds = 0
                 while True:
                     try:
-                        served = await self.engine.arun_batch(chunk, aembed_batch)
+                        served = await self.engine.arun_batch(
+                            chunk, aembed_batch, self._tokens(chunk)
+                        )
                     except Exception as exc:
                         wait = self._failed(run, batch, exc, rounds)
                         if wait is None:

@@ -79,6 +79,13 @@ class RateLimits:
     def __init__(self) -> None:
         self._config: tuple[Any, ...] | None = None
         self._keys: dict[str, tuple[_Bucket, _Bucket]] = {}
+        #: tokens charged to admitted requests, and 429s by bucket (all keys; read them
+        #: through `ChaosServer.stats()["rate_limits"]`)
+        self.admitted_tokens = 0
+        self.rejected: dict[str, int] = {"requests": 0, "tokens": 0}
+
+    def stats(self) -> dict[str, Any]:
+        return {"admitted_tokens": self.admitted_tokens, "rejected": dict(self.rejected)}
 
     @staticmethod
     def key_of(authorization: str | None) -> str:
@@ -120,11 +127,13 @@ class RateLimits:
                 if token_wait > wait:
                     wait, which = token_wait, "tokens"
         if wait > 0.0:
+            self.rejected[which] += 1
             return wait, which
         if faults.rate_limit_rps is not None:
             requests.level -= 1.0
         if faults.rate_limit_tpm is not None:
             tokens.level -= float(cost)
+            self.admitted_tokens += cost
         return 0.0, ""
 
     def headers(self, faults: Faults, key: str, now: float, wall: float) -> list[tuple[str, str]]:

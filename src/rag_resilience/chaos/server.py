@@ -31,7 +31,6 @@ from ..clock import SYSTEM_CLOCK, Clock
 from . import responses
 from .faults import ERROR_KINDS, ErrorKind, Faults, error_body, resolve_kind
 from .ratelimits import RateLimits, request_cost
-from .tokenbucket import TOKENS_KIND, TokenRateLimit
 
 __all__ = ["ChaosServer", "FaultEvent"]
 
@@ -137,8 +136,6 @@ class ChaosServer:
         self.embedding_dim = embedding_dim
         self.on_fault = on_fault
         self._clock = clock if clock is not None else SYSTEM_CLOCK
-        #: Optional tokens-per-minute limit (`chaos.tokenbucket.TokenRateLimit`).
-        self.token_limit: TokenRateLimit | None = None
 
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -225,7 +222,8 @@ class ChaosServer:
             time.sleep(0.001)
 
     def stats(self) -> dict[str, Any]:
-        """Counters: requests, successes, faults by kind, HTTP statuses, per endpoint, in flight."""
+        """Counters: requests, successes, faults by kind, HTTP statuses, per endpoint, in flight;
+        `rate_limits`: tokens the rate-limit buckets charged to admitted requests, 429s by bucket."""
         with self._lock:
             return {
                 "requests": self._requests,
@@ -239,6 +237,7 @@ class ChaosServer:
                 "fail_next_remaining": self._fail_next,
                 "drop_next_remaining": self._drop_next,
                 "endpoints": {k: v.snapshot() for k, v in self._endpoints.items()},
+                "rate_limits": self._limits.stats(),
             }
 
     # ------------------------------------------------------------- lifecycle
@@ -600,10 +599,6 @@ class ChaosServer:
     async def _api(self, req: _Request, endpoint: str, writer: asyncio.StreamWriter) -> bool:
         started = time.perf_counter()
         request_id, faults, decision = self._decide(endpoint, req)
-        if decision.action == "ok" and self.token_limit is not None:
-            wait = self.token_limit.charge(endpoint, req.body)
-            if wait > 0:
-                decision = _Decision("rate_limited", TOKENS_KIND, "rate_limited", wait)
         applies = faults.applies_to(endpoint)
         limit = faults.max_concurrency if applies else None
         if not await self._acquire(limit, faults.concurrency_mode):

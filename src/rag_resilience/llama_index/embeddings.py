@@ -31,6 +31,8 @@ from ..ingest import OPENAI_MAX_REQUEST_TOKENS, BatchHook, Ingestor, Progress
 from ..knobs import check_unknown, pop_knobs
 from ..knobs import resolve_policy as resolve_knobs
 from ..policy import ResiliencePolicy
+from ..ratelimit_instrument import instrument as feed_limiter
+from ..ratelimit_instrument import model_upstream
 from ..upstream import join_upstream, upstream_of
 from ._common import (
     record_degraded,
@@ -127,6 +129,11 @@ class ResilientEmbedding(BaseEmbedding):
         # Query and document vectors of the same string may differ (instructions, modes).
         self._text_engine = EmbeddingEngine(resolved, model_id=model_id, batch_size=batch)
         self._query_engine = EmbeddingEngine(resolved, model_id=f"{model_id}:query", batch_size=1)
+        if resolved.rate_limiter is not None:  # pace to the limits its responses report
+            feed_limiter(self._sync_inner, resolved.rate_limiter)
+            feed_limiter(embed_model, resolved.rate_limiter)
+            upstream = model_upstream(embed_model)
+            self._text_engine.upstream = self._query_engine.upstream = upstream
         self._ingestor = Ingestor(
             self._text_engine,
             max_inputs=batch,
