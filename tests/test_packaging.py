@@ -1,0 +1,42 @@
+"""What a user installs: each extra carries what the code it enables needs at run time."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _extra(name: str) -> list[str]:
+    # tomllib is 3.11+: read the one-line extra with a pattern
+    text = (ROOT / "pyproject.toml").read_text()
+    found = re.search(rf"^{re.escape(name)} = \[(.*)\]$", text, re.MULTILINE)
+    assert found, f"no [{name}] extra in pyproject.toml"
+    return re.findall(r'"([^"]+)"', found.group(1))
+
+
+def _names(deps: list[str]) -> set[str]:
+    return {
+        d.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+        for d in deps
+    }
+
+
+def test_langchain_extra_installs_what_in_memory_vector_store_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README quickstart and `rag-resilience demo` search an InMemoryVectorStore, which
+    needs numpy: in a `[langchain]`-only install every question failed with ImportError."""
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=8))
+    store.add_texts(["Refunds are accepted within 30 days."])
+    monkeypatch.setitem(sys.modules, "numpy", None)  # as in a fresh [langchain] venv
+    with pytest.raises(ImportError, match="numpy"):
+        store.similarity_search("refunds?", k=1)
+    assert "numpy" in _names(_extra("langchain"))
