@@ -40,3 +40,17 @@ def test_langchain_extra_installs_what_in_memory_vector_store_needs(
     with pytest.raises(ImportError, match="numpy"):
         store.similarity_search("refunds?", k=1)
     assert "numpy" in _names(_extra("langchain"))
+
+
+def test_demo_does_not_claim_live_answers_when_the_app_failed() -> None:
+    """`rag-resilience demo` said "Both apps answer live" under a 100% error table."""
+    from rag_resilience.demo.render import render_scenario
+    from rag_resilience.demo.scenarios import Row, ScenarioResult, SideResult
+
+    def side(wrapped: bool) -> SideResult:
+        row = Row("q", "ERROR ImportError", "error", False, True, None, 1, 1, 5.0)
+        return SideResult(wrapped, rows=[row], requests=1, errors=1, upstream_calls=1)
+
+    text = render_scenario(ScenarioResult("normal", "Normal", "langchain", side(True), side(False)))
+    assert "answer live" not in text
+    assert "demo -v" in text
