@@ -31,6 +31,14 @@ def clock() -> Iterator[FakeClock]:
         yield clk
 
 
+@pytest.fixture
+def server(chaos_server_factory: Any) -> ChaosServer:
+    """A server of its own: langchain-openai caches its async HTTP client per base URL, and
+    connections opened under this test's event loop must not reach another test's loop."""
+    own: ChaosServer = chaos_server_factory(seed=3)
+    return own
+
+
 def policy(name: str) -> ResiliencePolicy:
     # the breaker must not open during the crowd: every call makes all its attempts
     return ResiliencePolicy.preset(
@@ -82,7 +90,7 @@ def check_failed(stats: dict[str, Any], made: int) -> None:
 
 
 def test_failed_embeddings_calls_count_their_attempts(
-    chaos_server: ChaosServer, clock: FakeClock
+    server: ChaosServer, clock: FakeClock
 ) -> None:
     from langchain_core.runnables import RunnableLambda
     from langchain_openai import OpenAIEmbeddings
@@ -93,7 +101,7 @@ def test_failed_embeddings_calls_count_their_attempts(
         OpenAIEmbeddings(
             model="text-embedding-3-small",
             max_retries=0,
-            base_url=chaos_server.base_url,
+            base_url=server.base_url,
             api_key="sk-test",
             check_embedding_ctx_length=False,
         ),
@@ -106,36 +114,34 @@ def test_failed_embeddings_calls_count_their_attempts(
         return await emb.aembed_query(q)
 
     run = RunnableLambda(emb.embed_query, afunc=aembed)
-    chaos_server.set_faults(outage=True, status=503)
+    server.set_faults(outage=True, status=503)
     raised = crowd(
         lambda i: run.invoke(f"q{i}", config=cfg), lambda i: run.ainvoke(f"q{i}", config=cfg)
     )
     assert raised == THREADS + TASKS
-    made = requests(chaos_server, "embeddings")
+    made = requests(server, "embeddings")
     check_failed(emb.policy.stats(), made)
     check_failed(handler.stats(), made)
 
 
-def test_failed_chat_calls_count_their_attempts(
-    chaos_server: ChaosServer, clock: FakeClock
-) -> None:
+def test_failed_chat_calls_count_their_attempts(server: ChaosServer, clock: FakeClock) -> None:
     from langchain_openai import ChatOpenAI
 
     from rag_resilience.langchain import ResilienceCallbackHandler, ResilientLLM
 
     llm = ResilientLLM(
-        ChatOpenAI(model="m", max_retries=0, base_url=chaos_server.base_url, api_key="sk-test"),
+        ChatOpenAI(model="m", max_retries=0, base_url=server.base_url, api_key="sk-test"),
         policy=policy("accept-lc-llm-fail"),
         generic_fallback=False,
     )
     handler = ResilienceCallbackHandler()
     cfg: Any = {"callbacks": [handler]}
-    chaos_server.set_faults(outage=True, status=503)
+    server.set_faults(outage=True, status=503)
     raised = crowd(
         lambda i: llm.invoke(f"q{i}", config=cfg), lambda i: llm.ainvoke(f"q{i}", config=cfg)
     )
     assert raised == THREADS + TASKS
-    made = requests(chaos_server, "chat")
+    made = requests(server, "chat")
     check_failed(llm.resilience_policy.stats(), made)
     stats = handler.stats()
     check_failed(stats, made)
