@@ -31,6 +31,7 @@ __all__ = [
     "LoggingListener",
     "StatsCollector",
     "add_listener",
+    "refresh_routine",
     "remove_listener",
 ]
 
@@ -130,6 +131,13 @@ def _global_changed() -> None:
         _global_routine[0] = _count_routine(_global_listeners)
         for bus in list(_buses):
             bus._refresh()
+
+
+def refresh_routine() -> None:
+    """Read every listener's `routine` wish again, on every bus: for a listener whose
+    wish changes after it subscribed (rare: e.g. the LlamaIndex bridge, which wants
+    routine events only while a ResilienceEventHandler is open)."""
+    _global_changed()
 
 
 def add_listener(listener: Listener) -> None:

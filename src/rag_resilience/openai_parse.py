@@ -48,7 +48,9 @@ def _codec(kwargs: dict[str, Any]) -> Codec:
         )
 
     def encode(value: Any) -> Any:
-        data = value.model_dump(mode="json")
+        # ParsedChatCompletion[T] declares `parsed` loosely: pydantic warns when it dumps the
+        # caller's object there (we drop it below and parse again when decoding)
+        data = value.model_dump(mode="json", warnings=False)
         for choice in data.get("choices", ()):
             message = choice.get("message") or {}
             message.pop("parsed", None)

@@ -227,6 +227,12 @@ def render_scenario(result: ScenarioResult, counted: bool = True) -> str:
 def _notes(result: ScenarioResult) -> list[str]:
     w, p = result.wrapped, result.plain
     if result.name == "normal":
+        if w.errors or p.errors:  # e.g. a missing optional dependency: never claim success
+            return [
+                f"  Errors in normal operation ({w.errors} with, {p.errors} without the library):"
+                " the app itself fails;",
+                "  run `rag-resilience demo -v` to see why.",
+            ]
         if w.upstream_calls == p.upstream_calls and w.requests and not w.rows[0].upstream_calls < 0:
             return ["  Both apps answer live; the wrapper adds no upstream calls."]
         return ["  Both apps answer live."]

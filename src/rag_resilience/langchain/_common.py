@@ -26,6 +26,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 
 from ..adapters import NestedRetriesWarning, accepts_request_timeout, inner_max_retries
 from ..degraded import nested
+from ..errors import attempts_of
 from ..policy import Codec, ResiliencePolicy, Served
 
 logger = logging.getLogger("rag_resilience")
@@ -308,6 +309,10 @@ def event_data(
                 "error": f"{type(error).__name__}: {error}",
             }
         )
+        # the attempts the policy spent before giving up (the handler counts them)
+        spent = attempts_of(error)
+        if spent is not None:
+            data["attempts"] = spent
     breaker = policy.breaker
     if breaker is not None:
         data["breaker_state"] = breaker.get_state().value

@@ -97,6 +97,8 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
         self.raise_error = breaker is not None
         self._lock = threading.Lock()
         self._runs: dict[UUID, tuple[float, int | None, str | None, str, bool]] = {}
+        # start of each chain run outside a wrapper's call: a user call's latency
+        self._chain_starts: dict[UUID, float] = {}
         self._latencies: deque[float] = deque(maxlen=latency_window)
         self._engine = StatsCollector(latency_window)
         self._states: dict[str, str] = {}
@@ -197,6 +199,30 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
     ) -> None:
         self._start(serialized, run_id, prompts)
 
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        **kwargs: Any,
+    ) -> None:
+        # LangChain 1.x passes no `serialized` here: time every run that starts outside a
+        # wrapper's call (the outermost with_resilience among them); the wrapper's event
+        # takes its start, chain_end drops the others
+        if not in_outer_call():
+            now = self._now()
+            with self._lock:
+                self._chain_starts[run_id] = now
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self._chain_starts:
+            with self._lock:
+                self._chain_starts.pop(run_id, None)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self.on_chain_end(None, run_id=run_id)
+
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         ticket, key, role = self._finish(run_id)
         with self._lock:
@@ -264,6 +290,9 @@ class ResilienceCallbackHandler(BaseCallbackHandler):
                 self.rejections_by_reason[rejected_by] += 1
             if user_call:
                 self.calls += 1
+                started = self._chain_starts.pop(run_id, None)
+                if started is not None:  # a wrapped model's call is timed by its run
+                    self._latencies.append(max(0.0, self._now() - started))
                 if source == "error":
                     self.errors += 1
                     self.errors_by_class[str(error_class)] += 1

@@ -34,6 +34,8 @@ from llama_index.core.storage.docstore.utils import doc_to_json, json_to_doc
 
 from ..degraded import DegradedScope, track_degraded
 from ..errors import ResilienceError, mark_handled
+from ..knobs import check_unknown, pop_knobs
+from ..knobs import resolve_policy as resolve_knobs
 from ..policy import CacheHooks, ResiliencePolicy, Served
 from ._common import GenericSpec, generic_text, jsonable, resolve_policy, warn_self_retrying
 
@@ -96,6 +98,20 @@ def _served_meta(served: Served[Any], seen: list[dict[str, Any]]) -> dict[str, A
     return meta
 
 
+def _with_knobs(
+    owner: str, policy: ResiliencePolicy | str | None, knobs: dict[str, Any], name: str
+) -> ResiliencePolicy | str | None:
+    """Policy knobs as keywords (``max_retries=1``...) override the preset, as on the
+    model wrappers; an unknown keyword raises TypeError naming the accepted ones."""
+    if not knobs:
+        return policy
+    given = dict(knobs)
+    checked = pop_knobs(owner, given)
+    check_unknown(owner, given, ("policy", "generic_fallback", "name"))
+    resolved: ResiliencePolicy = resolve_knobs(owner, policy, checked, name=name)
+    return resolved
+
+
 class _AnswerCache:
     """The engine's last-known-good answers in the policy's GracefulFallbacks (JSON values)."""
 
@@ -145,7 +161,11 @@ class ResilientQueryEngine(BaseQueryEngine):
         generic_fallback: GenericSpec = True,
         name: str | None = None,
         callback_manager: CallbackManager | None = None,
+        **knobs: Any,
     ) -> None:
+        policy = _with_knobs(
+            "ResilientQueryEngine", policy, knobs, name or "llama_index.query_engine"
+        )
         if not hasattr(query_engine, "query"):
             raise ValueError(
                 f"query_engine must be a llama_index query engine, got {type(query_engine).__name__}"
@@ -310,7 +330,11 @@ class ResilientChatEngine(BaseChatEngine):
         *,
         generic_fallback: GenericSpec = True,
         name: str | None = None,
+        **knobs: Any,
     ) -> None:
+        policy = _with_knobs(
+            "ResilientChatEngine", policy, knobs, name or "llama_index.chat_engine"
+        )
         if not hasattr(chat_engine, "chat"):
             raise ValueError(
                 f"chat_engine must be a llama_index chat engine, got {type(chat_engine).__name__}"

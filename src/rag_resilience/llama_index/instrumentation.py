@@ -22,7 +22,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 
-from ..events import Event, EventKind, StatsCollector
+from ..events import Event, EventKind, StatsCollector, refresh_routine
 
 __all__ = [
     "BRIDGE",
@@ -215,7 +215,10 @@ class ResilienceEventHandler(BaseEventHandler):
         super().__init__(**data)
         self.names = frozenset(names) if names is not None else None
         with _routine_lock:
+            opened = not _routine_handlers
             _routine_handlers.add(self)
+        if opened:  # policies built before the first handler read the bridge's wish then
+            refresh_routine()
 
     @classmethod
     def class_name(cls) -> str:
@@ -240,6 +243,9 @@ class ResilienceEventHandler(BaseEventHandler):
         """Stop asking for routine events (they are dispatched while any handler is open)."""
         with _routine_lock:
             _routine_handlers.discard(self)
+            closed = not _routine_handlers
+        if closed:
+            refresh_routine()
 
     def __hash__(self) -> int:  # WeakSet membership; pydantic models are unhashable otherwise
         return id(self)
