@@ -655,7 +655,7 @@ class ResiliencePolicy:
         or the rejection if it comes after the deadline (then nothing is sent and
         nothing is retried). The drivers sleep; no coroutine frame when there is room."""
         try:
-            return limiter.reserve(pace or self._default_pace, self._left(None))
+            return limiter.reserve(pace or self._default_pace, self.deadline)  # _left(None)
         except RateLimitedError as exc:
             self.events.publish(
                 EventKind.REJECTED, self.name, reason="rate_limit_wait", delay=exc.wait, error=exc
