@@ -35,6 +35,8 @@ from .clock import get_clock
 from .errors import add_note
 from .fallback import GracefulFallbacks, stable_key
 from .policy import CacheHooks, ResiliencePolicy, Served
+from .ratelimit import PaceRequest
+from .ratelimit_tokens import estimate_request_tokens
 
 __all__ = [
     "EmbeddingEngine",
@@ -196,9 +198,19 @@ class EmbeddingResult:
 class EmbeddingEngine:
     """Runs embedding batches through a policy with per-text last-known-good vectors."""
 
-    def __init__(self, policy: ResiliencePolicy, *, model_id: str, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        policy: ResiliencePolicy,
+        *,
+        model_id: str,
+        batch_size: int = 64,
+        pace_upstream: str | None = None,
+    ) -> None:
         _v.integer("batch_size", batch_size, 1)
         self.policy = policy
+        # The pacer key of the model (`ratelimit_instrument.model_upstream`): each call is
+        # paced on it, charged the estimated tokens of its texts. None: the policy's name.
+        self.pace_upstream = pace_upstream if policy.rate_limiter is not None else None
         self.model_id = model_id
         self.batch_size = batch_size
         base = policy.fallbacks
@@ -229,6 +241,14 @@ class EmbeddingEngine:
             ttl = self.cache.ttl
             self._refresh_after = ttl / 2 if ttl is not None else 3600.0
 
+    def _pace(self, texts: list[str]) -> PaceRequest | None:
+        """The call's turn at the rate limit: its upstream, its texts' estimated tokens
+        (what an embeddings endpoint charges: the inputs; no completion)."""
+        upstream = self.pace_upstream
+        if upstream is None:
+            return None
+        return PaceRequest(upstream, estimate_request_tokens({"input": texts}))
+
     def _batches(self, texts: Sequence[str]) -> list[list[str]]:
         size = self.batch_size
         if 0 < len(texts) <= size:  # one sub-batch: every query, most small loads
@@ -247,7 +267,9 @@ class EmbeddingEngine:
         cache = self.cache
         kept = None if cache is None else hooks(cache, self._encode, texts, self._refresh_after)
         try:
-            return self.policy.execute(fn, (arg,), cache=kept, generic=False)
+            return self.policy.execute(
+                fn, (arg,), cache=kept, generic=False, pace=self._pace(texts)
+            )
         except Exception as exc:
             self._missing_note(exc, texts)
             raise
@@ -262,7 +284,9 @@ class EmbeddingEngine:
         cache = self.cache
         kept = None if cache is None else hooks(cache, self._encode, texts, self._refresh_after)
         try:
-            return await self.policy.aexecute(fn, (arg,), cache=kept, generic=False)
+            return await self.policy.aexecute(
+                fn, (arg,), cache=kept, generic=False, pace=self._pace(texts)
+            )
         except Exception as exc:
             self._missing_note(exc, texts)
             raise

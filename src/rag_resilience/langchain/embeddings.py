@@ -18,7 +18,7 @@ from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vec
 from ..ingest import OPENAI_MAX_REQUEST_TOKENS, Ingestor, Progress
 from ..knobs import check_unknown, pop_knobs, resolve_policy
 from ..policy import ResiliencePolicy, Served
-from ..ratelimit_instrument import instrument
+from ..ratelimit_instrument import instrument, model_upstream
 from ..upstream import join_upstream, upstream_of
 from . import _common as c
 from . import dropin
@@ -110,9 +110,13 @@ class ResilientEmbeddings(Embeddings):
         if accepts_request_timeout(embeddings):
             self._embed_documents = timed_call(self._embed_documents, self.policy.attempt_timeout)
             self._embed_query = timed_call(self._embed_query, self.policy.attempt_timeout)
+        pace_upstream = None
         if self.policy.rate_limiter is not None:  # learn the limits from its responses
             instrument(self._inner, self.policy.rate_limiter)
-        self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
+            pace_upstream = model_upstream(embeddings)
+        self.engine = EmbeddingEngine(
+            self.policy, model_id=identity, batch_size=batch_size, pace_upstream=pace_upstream
+        )
         self.ingestor = Ingestor(
             self.engine,
             max_inputs=batch_size,

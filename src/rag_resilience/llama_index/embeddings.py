@@ -31,6 +31,8 @@ from ..ingest import OPENAI_MAX_REQUEST_TOKENS, BatchHook, Ingestor, Progress
 from ..knobs import check_unknown, pop_knobs
 from ..knobs import resolve_policy as resolve_knobs
 from ..policy import ResiliencePolicy
+from ..ratelimit_instrument import instrument as instrument_limits
+from ..ratelimit_instrument import model_upstream
 from ..upstream import join_upstream, upstream_of
 from ._common import (
     record_degraded,
@@ -124,9 +126,18 @@ class ResilientEmbedding(BaseEmbedding):
         join_upstream(resolved.breaker, upstream_of(embed_model) if upstream is None else upstream)
         self._sync_inner = timed_copy(embed_model, resolved.attempt_timeout, "embedding")
         self._sync = sync_embedding_calls(self._sync_inner, resolved.attempt_timeout)
+        pace_upstream = None
+        if resolved.rate_limiter is not None:  # pace to the limits its responses report
+            instrument_limits(self._sync_inner, resolved.rate_limiter)
+            instrument_limits(embed_model, resolved.rate_limiter)
+            pace_upstream = model_upstream(embed_model)
         # Query and document vectors of the same string may differ (instructions, modes).
-        self._text_engine = EmbeddingEngine(resolved, model_id=model_id, batch_size=batch)
-        self._query_engine = EmbeddingEngine(resolved, model_id=f"{model_id}:query", batch_size=1)
+        self._text_engine = EmbeddingEngine(
+            resolved, model_id=model_id, batch_size=batch, pace_upstream=pace_upstream
+        )
+        self._query_engine = EmbeddingEngine(
+            resolved, model_id=f"{model_id}:query", batch_size=1, pace_upstream=pace_upstream
+        )
         self._ingestor = Ingestor(
             self._text_engine,
             max_inputs=batch,
