@@ -15,6 +15,7 @@ from langchain_openai import OpenAIEmbeddings
 
 from rag_resilience import ResiliencePolicy
 from rag_resilience.chaos import ChaosServer
+from rag_resilience.errors import RateLimitedError
 from rag_resilience.langchain import ResilientEmbeddings
 from rag_resilience.ratelimit import RateLimiter
 from rag_resilience.ratelimit_tokens import estimate_request_tokens
@@ -151,3 +152,91 @@ def test_embedding_calls_are_charged_their_inputs_tokens(
     stats = policy.stats()["rate_limit"]
     (up,) = stats["upstreams"].values()
     assert up["paced"] == 1 and up["throttled_429"] == 0
+
+
+def _rejections(policy: ResiliencePolicy) -> list[Any]:
+    seen: list[Any] = []
+    policy.add_listener(
+        lambda e: (
+            seen.append(e) if e.kind.value == "rejected" and e.reason == "rate_limit_wait" else None
+        )
+    )
+    return seen
+
+
+def test_a_pace_out_before_a_retry_is_published(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    """The first attempt fails (503); the retry's turn at the told limit (one request per
+    5 s) comes after the call's 3 s deadline: rejected at once, and published as for a
+    first attempt (it was not, before)."""
+    from rag_resilience.openai_client import ResilientOpenAIClient
+
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock, fail_next=1)
+    limiter = RateLimiter(requests_per_second=0.2, clock=clock)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter, deadline=3.0)
+    seen = _rejections(policy)
+    client = ResilientOpenAIClient(api_key="sk-retry-pace", base_url=server.base_url, policy=policy)
+    with pytest.raises(RateLimitedError):  # nothing to serve: the typed error
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    server.wait_idle()
+    assert server.stats()["requests"] == 1  # the retry was never sent
+    assert len(seen) == 1 and "RateLimitedError" in repr(seen[0].error)
+
+
+def test_a_pace_out_of_a_stream_is_published(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    from rag_resilience.openai_client import ResilientOpenAIClient
+
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock)
+    limiter = RateLimiter(requests_per_second=0.2, clock=clock)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter, deadline=3.0)
+    seen = _rejections(policy)
+    client = ResilientOpenAIClient(
+        api_key="sk-stream-pace", base_url=server.base_url, policy=policy
+    )
+    msgs = [{"role": "user", "content": "hi"}]
+    list(client.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True))
+    assert seen == []
+    # the same question again: its turn is after the deadline; served from cache at once
+    again = list(client.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True))
+    assert again and clock.sleeps == []
+    server.wait_idle()
+    assert server.stats()["requests"] == 1
+    assert len(seen) == 1 and seen[0].kind.value == "rejected"
+
+
+def test_a_pace_out_of_an_async_stream_is_published(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    from rag_resilience.openai_client import AsyncResilientOpenAIClient
+
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock)
+    limiter = RateLimiter(requests_per_second=0.2, clock=clock)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter, deadline=3.0)
+    seen = _rejections(policy)
+    msgs = [{"role": "user", "content": "hi"}]
+
+    async def main() -> list[list[Any]]:
+        client = AsyncResilientOpenAIClient(
+            api_key="sk-astream-pace", base_url=server.base_url, policy=policy
+        )
+        out = []
+        for _ in range(2):
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=msgs, stream=True
+            )
+            out.append([chunk async for chunk in stream])
+        return out
+
+    first, again = asyncio.run(main())
+    assert first and again and clock.sleeps == []
+    server.wait_idle()
+    assert server.stats()["requests"] == 1
+    assert len(seen) == 1
