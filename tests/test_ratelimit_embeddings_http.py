@@ -240,3 +240,43 @@ def test_a_pace_out_of_an_async_stream_is_published(
     server.wait_idle()
     assert server.stats()["requests"] == 1
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_streams_usage_corrects_the_token_bucket(
+    chaos_server_factory: Callable[..., ChaosServer], use_async: bool
+) -> None:
+    """A streamed answer charged its prompt + max_tokens up front is corrected with the
+    `usage` of its last chunk, as a JSON answer is: the next call finds the tokens it did
+    not use and goes at once. Uncorrected, it would wait for them."""
+    from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
+
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock)
+    limiter = RateLimiter(tokens_per_minute=60 * 100.0, token_burst=300.0, clock=clock)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter)
+    request: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 200,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if use_async:
+
+        async def main() -> None:
+            client = AsyncResilientOpenAIClient(
+                api_key="sk-ausage", base_url=server.base_url, policy=policy
+            )
+            for _ in range(2):
+                stream = await client.chat.completions.create(**request)
+                assert [c async for c in stream]
+
+        asyncio.run(main())
+    else:
+        client = ResilientOpenAIClient(api_key="sk-usage", base_url=server.base_url, policy=policy)
+        for _ in range(2):
+            assert list(client.chat.completions.create(**request))
+    assert clock.sleeps == []  # 2 x ~205 charged > 300, but the first used far less
+    server.wait_idle()
+    assert server.stats()["statuses"] == {200: 2}
