@@ -280,3 +280,41 @@ def test_a_streams_usage_corrects_the_token_bucket(
     assert clock.sleeps == []  # 2 x ~205 charged > 300, but the first used far less
     server.wait_idle()
     assert server.stats()["statuses"] == {200: 2}
+
+
+def test_pacers_sharing_a_limit_without_a_store_warn_once(
+    chaos_server_factory: Callable[..., ChaosServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two limiters (as two processes without Redis) pace the same key each to the full
+    limit: the server answers many 429s they did not predict, and each says so once,
+    suggesting a shared store. One limiter alone, as in the other tests, stays quiet."""
+    import logging
+
+    from rag_resilience.openai_client import ResilientOpenAIClient
+
+    clock = FakeClock()
+    server = chaos_server_factory(clock=clock, rate_limit_rps=20.0, rate_limit_burst=2)
+    policies = [
+        ResiliencePolicy.preset("balanced", clock=clock, name=f"replica{i}") for i in range(2)
+    ]
+    clients = [
+        ResilientOpenAIClient(api_key="sk-shared-limit", base_url=server.base_url, policy=p)
+        for p in policies
+    ]
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def worker(client: ResilientOpenAIClient) -> None:
+        for _ in range(40):
+            client.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+
+    with caplog.at_level(logging.WARNING, logger="rag_resilience"):
+        threads = [threading.Thread(target=worker, args=(c,)) for c in clients for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    server.wait_idle()
+    assert server.stats()["statuses"].get(429, 0) > 0
+    warned = [r for r in caplog.records if "Share the buckets" in r.getMessage()]
+    assert 1 <= len(warned) <= 2  # at most once per limiter
+    assert "RedisStore" in warned[0].getMessage() and "sk-shared" not in warned[0].getMessage()
