@@ -282,7 +282,46 @@ def run_one(
         "answered": answered,
         "goodput": per_s / limit_per_s,
         "steady_goodput": steady / limit_per_s,
+        # when each live answer came (s from the start): the goodput-over-time plot
+        "answer_times": [round(t - started, 4) for t in sorted(done_at)],
     }
+
+
+def plot(report: dict[str, Any], path: Path, bin_s: float = 0.5) -> None:
+    """Goodput over time per contender (live answers per second / the limit, in `bin_s`
+    bins) of the one-process request-limit run: matplotlib, from the JSON report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rps = float(report["settings"]["rps"])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for row in report["requests"]:
+        times = row.get("answer_times") or []
+        if not times:
+            continue
+        bins = int(max(times) / bin_s) + 1
+        counts = [0] * bins
+        for t in times:
+            counts[int(t / bin_s)] += 1
+        xs = [(i + 1) * bin_s for i in range(bins)]
+        ours = row["contender"] in OURS
+        ax.step(
+            xs,
+            [c / bin_s / rps for c in counts],
+            where="post",
+            label=row["contender"],
+            linewidth=2.2 if ours else 1.0,
+        )
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("goodput (live answers/s / limit)")
+    ax.set_title(f"Request limit {rps:g}/s, {report['settings']['threads']} threads")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _row(r: dict[str, Any]) -> list[Any]:
@@ -448,7 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated contender names")
     parser.add_argument("--redis-only", action="store_true", help="skip the unshared run")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="draw goodput over time (png) from --json data"
+    )
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        plot(json.loads((args.json or RESULTS_DIR / "ratelimit.json").read_text()), args.plot)
+        return
     logging.disable(logging.WARNING)  # the contenders' retry warnings are not the point
 
     names = [n for n in CONTENDERS if not args.only or n in args.only.split(",")]

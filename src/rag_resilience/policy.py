@@ -624,7 +624,7 @@ class ResiliencePolicy:
         run.clock.sleep(delay)
         try:
             if self.rate_limiter is not None:
-                self.rate_limiter.acquire(call.pace or self._default_pace, self._left(run))
+                self._published(self.rate_limiter.acquire, call.pace, self._left(run))
             call.take()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
@@ -637,7 +637,7 @@ class ResiliencePolicy:
         await run.clock.asleep(delay)
         try:
             if self.rate_limiter is not None:
-                await self.rate_limiter.aacquire(call.pace or self._default_pace, self._left(run))
+                await self._apublished(call.pace, self._left(run))
             await call.atake()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
@@ -648,6 +648,30 @@ class ResiliencePolicy:
         any deadline in force around the call, only when it has to wait)."""
         return self.deadline if run is None else run.remaining()
 
+    def _published(
+        self, acquire: Callable[[PaceRequest, float | None], T], pace: Any, left: Any
+    ) -> T:
+        """The limiter's `acquire` for a retry or a stream; a pace-out is published as for
+        a first attempt (REJECTED, reason rate_limit_wait)."""
+        try:
+            return acquire(pace or self._default_pace, left)
+        except RateLimitedError as exc:
+            self._pace_rejected(exc)
+            raise
+
+    async def _apublished(self, pace: Any, left: Any) -> None:
+        assert self.rate_limiter is not None
+        try:
+            await self.rate_limiter.aacquire(pace or self._default_pace, left)
+        except RateLimitedError as exc:
+            self._pace_rejected(exc)
+            raise
+
+    def _pace_rejected(self, exc: RateLimitedError) -> None:
+        self.events.publish(
+            EventKind.REJECTED, self.name, reason="rate_limit_wait", delay=exc.wait, error=exc
+        )
+
     def _pace(
         self, limiter: RateLimiter, pace: PaceRequest | None
     ) -> RateLimitedError | tuple[float, Clock]:
@@ -657,9 +681,7 @@ class ResiliencePolicy:
         try:
             return limiter.reserve(pace or self._default_pace, self.deadline)  # _left(None)
         except RateLimitedError as exc:
-            self.events.publish(
-                EventKind.REJECTED, self.name, reason="rate_limit_wait", delay=exc.wait, error=exc
-            )
+            self._pace_rejected(exc)
             return exc
 
     def _requeue_rejected(self, rejected: QueueFullError, cause: BaseException) -> QueueFullError:
@@ -1301,7 +1323,7 @@ class ResiliencePolicy:
                     plan = self._expired(clock)
                 else:
                     if self.rate_limiter is not None:  # deadline -> pacing -> permit
-                        self.rate_limiter.acquire(pace or self._default_pace, self._left(None))
+                        self._published(self.rate_limiter.acquire, pace, self._left(None))
                     call.take()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
@@ -1414,9 +1436,7 @@ class ResiliencePolicy:
                     plan = self._expired(clock)
                 else:
                     if self.rate_limiter is not None:  # deadline -> pacing -> permit
-                        await self.rate_limiter.aacquire(
-                            pace or self._default_pace, self._left(None)
-                        )
+                        await self._apublished(pace, self._left(None))
                     await call.atake()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -87,6 +88,14 @@ class Reservation:
     observed: bool = False
 
 
+_logger = logging.getLogger("rag_resilience")
+
+# Unpredicted 429s: once the limits are known, a pacer alone should see almost none. More
+# than this share of its answers (after _SURPRISE_AFTER of them) means someone else spends
+# the same limit: other processes pacing alone, most likely.
+_SURPRISE_SHARE = 0.1
+_SURPRISE_AFTER = 50
+
 _current: ContextVar[Reservation | None] = ContextVar("rag_resilience_pace", default=None)
 
 
@@ -142,6 +151,7 @@ class Pacer:
         self.paced_seconds = 0.0
         self.rejected = 0
         self.throttled = 0
+        self.surprises = 0  # 429s received while paced on known limits, without a store
         self.responses = 0
 
     # -- the decision --------------------------------------------------------------------
@@ -310,6 +320,9 @@ class Pacer:
             if status != 429:
                 return
             self.throttled += 1
+            if self._shared is None and (self.requests is not None or self.tokens is not None):
+                self.surprises += 1
+                self.limiter._check_surprises(self)
             retry_after = info.retry_after
             if self.request_source is None or self.request_source == "aimd":
                 self._decrease(now, retry_after)
@@ -534,6 +547,7 @@ class RateLimiter:
         self._lock = threading.Lock()
         #: `EventKind.PACED` after each wait for a slot (published only when a call waited)
         self.events = EventBus()
+        self._warned = False
 
     # -- pacers --------------------------------------------------------------------------
     def pacer(self, upstream: str) -> Pacer:
@@ -546,6 +560,24 @@ class RateLimiter:
                 found = Pacer(self, upstream, get_clock(self.clock).monotonic())
                 self._pacers[upstream] = found
             return found
+
+    def _check_surprises(self, pacer: Pacer) -> None:
+        """Warn once when a pacer keeps meeting 429s its known limits did not predict."""
+        if self._warned or pacer.responses < _SURPRISE_AFTER:
+            return
+        if pacer.surprises <= _SURPRISE_SHARE * pacer.responses:
+            return
+        self._warned = True
+        _logger.warning(
+            "[%s] %d of the last %d answers of %s were 429 although calls were paced to its "
+            "limits: something else spends the same limit (several processes each pacing "
+            "alone?). Share the buckets: RateLimiter(store=RedisStore(...)) or "
+            "ResiliencePolicy.preset(..., store=RedisStore(...)).",
+            self.name,
+            pacer.surprises,
+            pacer.responses,
+            pacer.upstream_label,
+        )
 
     def _max_wait(self, max_wait: float | None) -> float | None:
         own = self.max_wait

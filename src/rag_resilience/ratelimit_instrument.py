@@ -4,21 +4,23 @@ key of a model.
 
 Every response the SDK receives (successes, 429s, other errors) passes its headers to
 `RateLimiter.observe`; JSON answers also pass the ``usage.total_tokens`` they report, so
-the token bucket is corrected with what was really spent. The response hook finds its
+the token bucket is corrected with what was really spent; a streamed (SSE) answer's body
+is scanned as it passes for the `usage` of its last chunk, applied when the stream ends. The response hook finds its
 pacer through the reservation the policy made for this call (a context variable), so one
-hook serves every model and key. Duck-typed: nothing here imports openai, httpx,
-LangChain or LlamaIndex.
+hook serves every model and key. Duck-typed: nothing here imports openai, LangChain or
+LlamaIndex (httpx only when a stream is first watched).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-from .ratelimit import RateLimiter, current_reservation, upstream_key
+from .ratelimit import RateLimiter, Reservation, current_reservation, upstream_key
 
 __all__ = ["instrument", "model_upstream"]
 
@@ -49,10 +51,94 @@ def _wants_body(limiter: RateLimiter, response: Any) -> bool:
     return "json" in ctype
 
 
+class _UsageScanner:
+    """Finds ``"total_tokens": N`` in a streamed (SSE) body as it passes and corrects the
+    reservation's token bucket with it at once (a stream's `usage` comes in its last
+    chunk, with ``stream_options={"include_usage": True}``; SDKs may close the stream
+    right after it, without reading to the end)."""
+
+    def __init__(self, reservation: Reservation) -> None:
+        self.reservation = reservation
+        self.tail = b""
+        self.settled = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.settled:
+            return
+        data = self.tail + chunk
+        at = data.rfind(b'"total_tokens"')
+        if at >= 0:
+            match = _TOTAL_TOKENS.match(data, at)
+            if match and match.end() < len(data):  # the number is complete
+                self.settled = True
+                self.reservation.pacer.settle(self.reservation.tokens, int(match.group(1)))
+                return
+            if len(data) - at < 64:  # cut in the middle: keep it for the next chunk
+                self.tail = data[at:]
+                return
+        self.tail = data[-32:]
+
+    def done(self) -> None:
+        self.feed(b" ")  # a body that ends right after the number
+
+
+@functools.cache
+def _stream_wrappers() -> tuple[type, type]:
+    """Byte-stream wrappers httpx accepts as a response's `stream` (it checks the base
+    class); built on first use so that merely importing this module loads no httpx."""
+    import httpx
+
+    class SyncUsageStream(httpx.SyncByteStream):
+        def __init__(self, inner: Any, scanner: _UsageScanner) -> None:
+            self.inner = inner
+            self.scanner = scanner
+
+        def __iter__(self) -> Iterator[bytes]:
+            for chunk in self.inner:
+                with contextlib.suppress(Exception):
+                    self.scanner.feed(chunk)
+                yield chunk
+            self.scanner.done()
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class AsyncUsageStream(httpx.AsyncByteStream):
+        def __init__(self, inner: Any, scanner: _UsageScanner) -> None:
+            self.inner = inner
+            self.scanner = scanner
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for chunk in self.inner:
+                with contextlib.suppress(Exception):
+                    self.scanner.feed(chunk)
+                yield chunk
+            self.scanner.done()
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    return SyncUsageStream, AsyncUsageStream
+
+
+def _watch_stream(limiter: RateLimiter, response: Any, is_async: bool) -> None:
+    """Wrap a streamed answer's body so its `usage` corrects the token bucket."""
+    reservation = current_reservation()
+    if reservation is None or reservation.pacer.limiter is not limiter:
+        return
+    if reservation.pacer.tokens is None or response.status_code != 200:
+        return
+    if "event-stream" not in response.headers.get("content-type", ""):
+        return
+    wrapper = _stream_wrappers()[1 if is_async else 0]
+    response.stream = wrapper(response.stream, _UsageScanner(reservation))
+
+
 def sync_hook(limiter: RateLimiter) -> Callable[[Any], None]:
     def hook(response: Any) -> None:
         usage = None
         try:
+            _watch_stream(limiter, response, False)
             if _wants_body(limiter, response):
                 response.read()
                 usage = _usage_tokens(response)
@@ -68,6 +154,7 @@ def async_hook(limiter: RateLimiter) -> Callable[[Any], Awaitable[None]]:
     async def hook(response: Any) -> None:
         usage = None
         try:
+            _watch_stream(limiter, response, True)
             if _wants_body(limiter, response):
                 await response.aread()
                 usage = _usage_tokens(response)
