@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .deadline import bound as _bound
@@ -21,6 +21,7 @@ __all__ = [
     "check_answer",
     "inner_max_retries",
     "mark_sdk_read_error",
+    "marked_async",
     "model_identity",
     "request_timeout",
     "timed_call",
@@ -124,6 +125,22 @@ def timed_call(fn: Callable[..., Any], attempt_timeout: float | None) -> Callabl
             kwargs["timeout"] = timeout
         try:
             return fn(*args, **kwargs)
+        except (ValueError, AttributeError) as exc:
+            mark_sdk_read_error(exc)
+            raise
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]  # what it calls (telemetry reads it)
+    return call
+
+
+def marked_async(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """An SDK-backed async call whose errors reading a 200 answer are marked upstream
+    faults (`mark_sdk_read_error`) and re-raised: the async twin of `timed_call`'s marking
+    (async attempts are cut by cancellation, so no per-request timeout is added)."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
         except (ValueError, AttributeError) as exc:
             mark_sdk_read_error(exc)
             raise

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar, overload
 from . import _validate as _v
 from ._counter import AtomicCounter
 from .clock import Clock, SystemClock, get_clock
+from .deadline import bound as _deadline_bound
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
 from .stores.base import Store, shared_time
@@ -372,6 +373,9 @@ class _AsyncWaiter:
         return True
 
 
+_CUT = ", all the call's deadline left"
+
+
 def _check_timeout(param: str, value: float | None) -> None:
     _v.positive(param, value, none_ok=True, unit="seconds (None waits forever)")
 
@@ -532,13 +536,14 @@ class ConcurrencyLimit:
         waiter = self._take_or_queue(timeout, None)
         if waiter is None:
             return
-        wait_for = self.wait_timeout if timeout is None else timeout
+        asked = self.wait_timeout if timeout is None else timeout
+        wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         try:
             waiter.wait(wait_for)
         except BaseException:  # KeyboardInterrupt while parked: never keep a handed-off permit
             self._abandon(waiter)
             raise
-        self._finish_wait(waiter, wait_for)
+        self._finish_wait(waiter, wait_for, wait_for != asked)
 
     async def aacquire(self, timeout: float | None = None) -> None:
         """Async `acquire`: waits on a future, never blocking the event loop."""
@@ -550,7 +555,8 @@ class ConcurrencyLimit:
         waiter = self._take_or_queue(timeout, asyncio.get_running_loop())
         if waiter is None:
             return
-        wait_for = self.wait_timeout if timeout is None else timeout
+        asked = self.wait_timeout if timeout is None else timeout
+        wait_for = _deadline_bound(asked)  # as in `acquire`
         timer = (
             None if wait_for is None else waiter.loop.call_later(wait_for, _resolve, waiter.future)
         )
@@ -562,7 +568,7 @@ class ConcurrencyLimit:
         finally:
             if timer is not None:
                 timer.cancel()
-        self._finish_wait(waiter, wait_for)
+        self._finish_wait(waiter, wait_for, wait_for != asked)
 
     @overload
     def _take_or_queue(self, timeout: float | None, loop: None) -> _ThreadWaiter | None: ...
@@ -675,14 +681,16 @@ class ConcurrencyLimit:
             elif self._max - len(free) > self._peak:
                 self._peak = self._max - len(free)
 
-    def _finish_wait(self, waiter: _ThreadWaiter | _AsyncWaiter, wait_for: float | None) -> None:
+    def _finish_wait(
+        self, waiter: _ThreadWaiter | _AsyncWaiter, wait_for: float | None, cut: bool
+    ) -> None:
         with self._lock:
             if waiter.granted:
                 self._acquired.add()
                 return
             self._waiters.remove(waiter)
             self._timed_out += 1
-            error = self._full_error(timeout=wait_for)
+            error = self._full_error(timeout=wait_for, cut=cut)
         self._publish_rejection(error, "wait_timeout")
         raise error
 
@@ -695,7 +703,7 @@ class ConcurrencyLimit:
             else:
                 self._waiters.remove(waiter)
 
-    def _full_error(self, timeout: float | None = None) -> QueueFullError:
+    def _full_error(self, timeout: float | None = None, cut: bool = False) -> QueueFullError:
         in_flight, waiting = self.in_flight, len(self._waiters) + self._dist_waiting
         if timeout is None:
             return QueueFullError(
@@ -706,8 +714,8 @@ class ConcurrencyLimit:
                 limit=self._max,
             )
         return WaitTimeoutError(
-            f"concurrency limit '{self.name}': no permit within {timeout}s "
-            f"({in_flight}/{self._max} in flight, {waiting} waiting)",
+            f"concurrency limit '{self.name}': no permit within {timeout:.3g}s"
+            f"{_CUT if cut else ''} ({in_flight}/{self._max} in flight, {waiting} waiting)",
             in_flight=in_flight,
             waiting=waiting,
             limit=self._max,
@@ -833,7 +841,9 @@ class ConcurrencyLimit:
         self._publish_rejection(error, "queue_full")
         raise error
 
-    def _leave_wait(self, acquired: bool, wait_for: float | None, cancelled: bool = False) -> None:
+    def _leave_wait(
+        self, acquired: bool, wait_for: float | None, cancelled: bool = False, cut: bool = False
+    ) -> None:
         with self._lock:
             self._dist_waiting -= 1
             if acquired:
@@ -842,7 +852,7 @@ class ConcurrencyLimit:
                 self._cancelled += 1
                 return
             self._timed_out += 1
-            error = self._full_error(timeout=wait_for)
+            error = self._full_error(timeout=wait_for, cut=cut)
         self._publish_rejection(error, "wait_timeout")
         raise error
 
@@ -851,7 +861,8 @@ class ConcurrencyLimit:
         if self._lease_once(token):
             return
         self._enter_wait(timeout)
-        wait_for = self.wait_timeout if timeout is None else timeout
+        asked = self.wait_timeout if timeout is None else timeout
+        wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         clock = get_clock(self._clock)
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
@@ -872,14 +883,15 @@ class ConcurrencyLimit:
             raise
         if not acquired:
             self._forget_lease(token)  # leave the store's waiter queue
-        self._leave_wait(acquired, wait_for)
+        self._leave_wait(acquired, wait_for, cut=wait_for != asked)
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
         token = self._new_token()
         if await self._alease_once(token):
             return
         self._enter_wait(timeout)
-        wait_for = self.wait_timeout if timeout is None else timeout
+        asked = self.wait_timeout if timeout is None else timeout
+        wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         clock = get_clock(self._clock)
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
@@ -899,7 +911,7 @@ class ConcurrencyLimit:
             raise
         if not acquired:
             self._forget_lease(token)  # leave the store's waiter queue
-        self._leave_wait(acquired, wait_for)
+        self._leave_wait(acquired, wait_for, cut=wait_for != asked)
 
     def _next_poll(self, token: str, delay: float) -> float:
         """Back off (5 ms doubling to 50 ms), except near the front of the store's queue:

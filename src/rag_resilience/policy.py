@@ -31,7 +31,6 @@ from .backoff import RetryBudget
 from .breaker import ADMITTED_CLEAN, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .deadline import current as _current_deadline
 from .deadline import enter as _enter_deadline
 from .deadline import leave as _leave_deadline
 from .degraded import nested as _nested
@@ -694,7 +693,8 @@ class ResiliencePolicy:
         return rejected
 
     def _new_run(self, started: float | None = None, attempts: int = 0) -> RetryRun:
-        run = RetryRun(
+        # RetryRun shortens its deadline to the call's deadline in force (deadline.py).
+        return RetryRun(
             self.retry,
             self.name,
             deadline=self.deadline,
@@ -702,16 +702,6 @@ class ResiliencePolicy:
             started=started,
             attempts=attempts,
         )
-        # The call's deadline in force (ours or an enclosing policy's sooner one) bounds
-        # every attempt and backoff sleep of this run.
-        scope = _current_deadline()
-        if scope is not None:
-            clock = run.clock
-            at = scope.expires_at if scope.clock is clock else clock.monotonic() + scope.remaining()
-            if run.deadline_at is None or at < run.deadline_at:
-                run.deadline_at = at
-                run.deadline = round(at - run.started, 3)
-        return run
 
     def _expired(self, clock: Clock) -> _Degrade:
         """The plan for a call whose deadline had passed before it started."""

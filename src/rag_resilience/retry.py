@@ -27,7 +27,8 @@ from . import _validate as _v
 from .backoff import JitterMode, RetryBudget, compute_delay, normalize_jitter
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
-from .errors import add_note, mark_handled
+from .deadline import current as _current_deadline
+from .errors import DeadlineExceededError, add_note, mark_handled
 from .events import EventBus, EventKind, Listener
 from .timeouts import run_with_timeout
 
@@ -148,6 +149,8 @@ class RetryStrategy:
         """Call `fn(*args, **kwargs)`, retrying per this strategy."""
         run = self.new_run(self.name or _fn_name(fn))
         clock = get_clock(self.clock)
+        if run.deadline_at is not None and run.deadline_at <= run.started:
+            raise run.spent()
         while True:
             run.start_attempt()
             try:
@@ -166,6 +169,8 @@ class RetryStrategy:
         """Async twin of `execute`; attempts past `attempt_timeout` are cancelled."""
         run = self.new_run(self.name or _fn_name(fn))
         clock = get_clock(self.clock)
+        if run.deadline_at is not None and run.deadline_at <= run.started:
+            raise run.spent()
         while True:
             timeout = run.start_attempt()
             try:
@@ -242,6 +247,29 @@ class RetryRun:
         self.last_delay: float | None = None
         self.history: list[str] | None = None
         self.stop_reason: StopReason | None = None
+        # The call's deadline in force (deadline.py: an enclosing policy's or scope's)
+        # bounds every attempt and backoff sleep of this run when it ends sooner.
+        scope = _current_deadline()
+        if scope is not None:
+            clock = self.clock
+            at = scope.expires_at if scope.clock is clock else clock.monotonic() + scope.remaining()
+            if self.deadline_at is None or at < self.deadline_at:
+                self.deadline_at = at
+                self.deadline = round(at - self.started, 3)
+
+    def spent(self) -> DeadlineExceededError:
+        """The error for a run whose deadline had passed before its first attempt (an
+        enclosing call spent it): no attempt is made. Marked handled; FAILURE published."""
+        self.stop_reason = "deadline"
+        error = DeadlineExceededError(
+            f"rag_resilience[{self.name}]: the call's deadline had passed before it started "
+            "(an enclosing call spent it); no attempt made",
+            timeout=0.0,
+            scope="total",
+        )
+        mark_handled(error)
+        self.finish_failure(error)
+        return error
 
     def remaining(self) -> float | None:
         """Seconds left before the total deadline (None: no deadline)."""

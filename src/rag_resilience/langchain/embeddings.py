@@ -12,7 +12,7 @@ from typing import Any
 
 from langchain_core.embeddings import Embeddings
 
-from ..adapters import accepts_request_timeout, model_identity, timed_call
+from ..adapters import accepts_request_timeout, marked_async, model_identity, timed_call
 from ..degraded import note_degraded
 from ..embedding_cache import EmbeddingEngine, EmbeddingResult, Vector, take_vectors
 from ..ingest import OPENAI_MAX_REQUEST_TOKENS, Ingestor, Progress
@@ -107,9 +107,14 @@ class ResilientEmbeddings(Embeddings):
         # the call's deadline leaves as each request's timeout.
         self._embed_documents: Any = self._inner.embed_documents
         self._embed_query: Any = self._inner.embed_query
+        self._aembed_documents: Any = self._inner.aembed_documents
+        self._aembed_query: Any = self._inner.aembed_query
         if accepts_request_timeout(embeddings):
             self._embed_documents = timed_call(self._embed_documents, self.policy.attempt_timeout)
             self._embed_query = timed_call(self._embed_query, self.policy.attempt_timeout)
+            # async attempts are cancelled at the deadline; a broken 200 is still marked
+            self._aembed_documents = marked_async(self._aembed_documents)
+            self._aembed_query = marked_async(self._aembed_query)
         if self.policy.rate_limiter is not None:  # learn the limits from its responses
             instrument(self._inner, self.policy.rate_limiter)
         self.engine = EmbeddingEngine(self.policy, model_id=identity, batch_size=batch_size)
@@ -193,7 +198,7 @@ class ResilientEmbeddings(Embeddings):
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         try:
-            result = await self.ingestor.aembed(texts, self._inner.aembed_documents)
+            result = await self.ingestor.aembed(texts, self._aembed_documents)
         except Exception as exc:
             self._failed(exc)
             raise
@@ -201,7 +206,7 @@ class ResilientEmbeddings(Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         try:
-            served = await self.engine.aembed_one(text, self._inner.aembed_query)
+            served = await self.engine.aembed_one(text, self._aembed_query)
         except Exception as exc:
             self._failed(exc)
             raise

@@ -15,6 +15,7 @@ from ..adapters import (
     accepts_request_timeout,
     inner_max_retries,
     mark_sdk_read_error,
+    marked_async,
     request_timeout,
     timed_call,
 )
@@ -157,7 +158,32 @@ def sync_calls(sync_llm: Any, attempt_timeout: float | None) -> dict[str, Callab
     return calls
 
 
+ASYNC_METHODS = ("achat", "acomplete")
+
+
+def async_calls(llm: Any) -> dict[str, Callable[..., Any]]:
+    """The async entry points of `llm` by name; for a model on the openai SDK (LlamaIndex's
+    OpenAI) a 200 the SDK could not read is marked an upstream fault, as in `sync_calls`.
+    (Streams are not wrapped: their errors come while iterating.)"""
+    marked = accepts_request_timeout(llm)
+    return {m: marked_async(getattr(llm, m)) if marked else getattr(llm, m) for m in ASYNC_METHODS}
+
+
 EMBEDDING_METHODS = ("_get_query_embedding", "_get_text_embedding", "_get_text_embeddings")
+ASYNC_EMBEDDING_METHODS = ("_aget_query_embedding", "_aget_text_embedding", "_aget_text_embeddings")
+
+
+def _reads_openai(model: Any) -> bool:
+    return type(model).__module__.startswith("llama_index.embeddings.openai.")
+
+
+def async_embedding_calls(model: Any) -> dict[str, Callable[..., Any]]:
+    """The async hooks of an embedding model by name, marked as in `async_calls`."""
+    marked = _reads_openai(model)
+    return {
+        m: marked_async(getattr(model, m)) if marked else getattr(model, m)
+        for m in ASYNC_EMBEDDING_METHODS
+    }
 
 
 def sync_embedding_calls(
@@ -168,7 +194,7 @@ def sync_embedding_calls(
     request: a per-call copy carrying ``timeout=`` min(attempt timeout, what the deadline
     leaves) cuts a stalled request there (the copy shares the model's SDK client)."""
     calls: dict[str, Callable[..., Any]] = {}
-    timed = type(sync_model).__module__.startswith("llama_index.embeddings.openai.")
+    timed = _reads_openai(sync_model)
     for method in EMBEDDING_METHODS:
         fn = getattr(sync_model, method)
         calls[method] = _timed_embedding(sync_model, method, attempt_timeout) if timed else fn

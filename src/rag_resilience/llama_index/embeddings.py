@@ -35,6 +35,7 @@ from ..ratelimit_instrument import instrument as feed_limiter
 from ..ratelimit_instrument import model_upstream
 from ..upstream import join_upstream, upstream_of
 from ._common import (
+    async_embedding_calls,
     record_degraded,
     resolve_policy,
     sync_embedding_calls,
@@ -64,6 +65,7 @@ class ResilientEmbedding(BaseEmbedding):
     _inner: BaseEmbedding = PrivateAttr()
     _sync_inner: BaseEmbedding = PrivateAttr()
     _sync: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _async: dict[str, Any] = PrivateAttr(default_factory=dict)
     _policy: ResiliencePolicy = PrivateAttr()
     _text_engine: EmbeddingEngine = PrivateAttr()
     _query_engine: EmbeddingEngine = PrivateAttr()
@@ -126,6 +128,7 @@ class ResilientEmbedding(BaseEmbedding):
         join_upstream(resolved.breaker, upstream_of(embed_model) if upstream is None else upstream)
         self._sync_inner = timed_copy(embed_model, resolved.attempt_timeout, "embedding")
         self._sync = sync_embedding_calls(self._sync_inner, resolved.attempt_timeout)
+        self._async = async_embedding_calls(embed_model)
         # Query and document vectors of the same string may differ (instructions, modes).
         self._text_engine = EmbeddingEngine(resolved, model_id=model_id, batch_size=batch)
         self._query_engine = EmbeddingEngine(resolved, model_id=f"{model_id}:query", batch_size=1)
@@ -255,7 +258,7 @@ class ResilientEmbedding(BaseEmbedding):
             return await super().aget_text_embedding_batch(texts, show_progress, **kwargs)
         result = await self._ingestor.aembed(
             texts,
-            self._inner._aget_text_embeddings,
+            self._async["_aget_text_embeddings"],
             hook=self._batch_events(),
             progress=True if show_progress else None,
         )
@@ -267,7 +270,7 @@ class ResilientEmbedding(BaseEmbedding):
         return self._done(EmbeddingResult.of_one(result))[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
-        result = await self._query_engine.aembed_one(query, self._inner._aget_query_embedding)
+        result = await self._query_engine.aembed_one(query, self._async["_aget_query_embedding"])
         return self._done(EmbeddingResult.of_one(result))[0]
 
     def _get_text_embedding(self, text: str) -> Embedding:
@@ -275,7 +278,7 @@ class ResilientEmbedding(BaseEmbedding):
         return self._done(EmbeddingResult.of_one(result))[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
-        result = await self._batch_engine().aembed_one(text, self._inner._aget_text_embedding)
+        result = await self._batch_engine().aembed_one(text, self._async["_aget_text_embedding"])
         return self._done(EmbeddingResult.of_one(result))[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
@@ -284,7 +287,7 @@ class ResilientEmbedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return self._done(
-            await self._batch_engine().aembed(texts, self._inner._aget_text_embeddings)
+            await self._batch_engine().aembed(texts, self._async["_aget_text_embeddings"])
         )
 
 

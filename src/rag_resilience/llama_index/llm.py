@@ -46,6 +46,7 @@ from ..upstream import join_upstream, upstream_of
 from . import typed as lt
 from ._common import (
     GenericSpec,
+    async_calls,
     generic_text,
     jsonable,
     record_degraded,
@@ -182,13 +183,14 @@ async def _aprime(iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
 class _Fallback:
     """A fallback LLM with its own breaker (`policy.derive`) and sync-timeout copy."""
 
-    __slots__ = ("llm", "policy", "sync_calls", "sync_llm")
+    __slots__ = ("async_calls", "llm", "policy", "sync_calls", "sync_llm")
 
     def __init__(self, llm: LLM, policy: ResiliencePolicy) -> None:
         self.llm = llm
         self.policy = policy
         self.sync_llm = timed_copy(llm, policy.attempt_timeout, "LLM")
         self.sync_calls = sync_calls(self.sync_llm, policy.attempt_timeout)
+        self.async_calls = async_calls(llm)
 
     @property
     def breaker(self) -> Any:
@@ -203,7 +205,8 @@ def _fallback_call(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Any
 
 
 async def _fallback_acall(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Any:
-    return (await fb.policy.aexecute(getattr(fb.llm, method), args, kwargs, generic=False)).value
+    fn = fb.async_calls.get(method) or getattr(fb.llm, method)
+    return (await fb.policy.aexecute(fn, args, kwargs, generic=False)).value
 
 
 def _fallback_stream(fb: _Fallback, method: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -247,6 +250,7 @@ class ResilientLLM(FunctionCallingLLM):
     _inner: LLM = PrivateAttr()
     _sync_inner: LLM = PrivateAttr()
     _sync: dict[str, Callable[..., Any]] = PrivateAttr(default_factory=dict)
+    _async: dict[str, Callable[..., Any]] = PrivateAttr(default_factory=dict)
     _policy: ResiliencePolicy = PrivateAttr()
     _fallbacks: list[_Fallback] = PrivateAttr(default_factory=list)
     _generic: GenericSpec = PrivateAttr(default=True)
@@ -309,6 +313,7 @@ class ResilientLLM(FunctionCallingLLM):
         join_upstream(resolved.breaker, upstream_of(llm) if upstream is None else upstream)
         self._sync_inner = timed_copy(llm, resolved.attempt_timeout, "LLM")
         self._sync = sync_calls(self._sync_inner, resolved.attempt_timeout)
+        self._async = async_calls(llm)
         self._generic = generic_fallback
         self._identity = model_identity(llm)
         if resolved.rate_limiter is not None:  # pace to the limits its responses report
@@ -566,7 +571,10 @@ class ResilientLLM(FunctionCallingLLM):
         self._sync_callbacks()
         try:
             served = await self._policy.aexecute(
-                self._inner.achat, (messages,), kwargs, **self._request("achat", messages, kwargs)
+                self._async["achat"],
+                (messages,),
+                kwargs,
+                **self._request("achat", messages, kwargs),
             )
         except Exception as exc:
             self._raise_typed(exc, lt.expected_type(kwargs))
@@ -581,7 +589,7 @@ class ResilientLLM(FunctionCallingLLM):
         call_kwargs = {"formatted": formatted, **kwargs}
         request = self._request("acomplete", prompt, call_kwargs)
         served = await self._policy.aexecute(
-            self._inner.acomplete, (prompt,), call_kwargs, **request
+            self._async["acomplete"], (prompt,), call_kwargs, **request
         )
         result: CompletionResponse = self._finish(served)
         return result
