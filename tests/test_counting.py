@@ -9,8 +9,8 @@ import random
 import pytest
 
 from rag_resilience import ResiliencePolicy
-from rag_resilience.policy import PRESETS
 from rag_resilience.breaker import CircuitState
+from rag_resilience.policy import PRESETS
 from rag_resilience.testing import FakeClock
 
 
