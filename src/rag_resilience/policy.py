@@ -450,6 +450,7 @@ class ResiliencePolicy:
         _v.positive("cache_ttl", cfg.get("cache_ttl"), none_ok=True)
         _v.integer("cache_max_entries", cfg.get("cache_max_entries"), 1, none_ok=True)
         _v.integer("max_concurrency", cfg["max_concurrency"], 1)  # the ramp is built from it
+        _v.integer("failure_threshold", cfg["failure_threshold"], 1)  # multiplied below
         pname = name or preset
         # count="calls" (the default): the seed's threshold counts failed calls, so the
         # breaker (which counts attempts) trips after threshold x attempts per call in a row,
