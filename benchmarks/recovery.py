@@ -73,6 +73,7 @@ def _policy(clock: FakeClock, cfg: dict[str, Any]) -> ResiliencePolicy:
         {"count": "calls"}
         if cfg.get("count") == "calls"
         else {
+            "count": "attempts",  # these rows count attempts (the preset default is "calls")
             "retry_budget": RetryBudget(cfg.get("retry_budget_ratio", 0.2), clock=clock),
             "failure_threshold": cfg.get("failure_threshold", 5),
         }

@@ -47,7 +47,7 @@ def main() -> int:
             name="openai-example",
             initial_delay=0.05,
             max_delay=0.2,
-            failure_threshold=3,
+            failure_threshold=2,  # failed calls in a row (of 4 attempts each)
             recovery_timeout=1.0,
             min_recovery_timeout=1.0,
             generic_fallback=True,

@@ -97,8 +97,11 @@ def test_outage_phases_and_circuit(report: tuple[dict, Path, str]) -> None:
     ours = data["results"]["outage"]["ours-openai"]["extra"]
     assert ours["calls_during"] > 0
     assert ours["circuit_open_after_ms"] is not None  # our breaker opened during the outage
-    assert ours["upstream_during"] < ours["calls_during"]
     sdk = data["results"]["outage"]["openai-sdk"]
+    # Below the raw SDK's load (it retries every call); the quick run is too short for
+    # "below the offered load": the presets open after 5 failed calls' worth of attempts.
+    assert ours["upstream_during"] < sdk["extra"]["upstream_during"]
+    assert (ours["zero_upstream_frac"] or 0) > 0  # calls after the opening sent nothing
     assert sdk["server_statuses"].get("503", 0) > 0
     assert sdk["extra"]["circuit_open_after_ms"] is None  # no breaker there
 

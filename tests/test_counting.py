@@ -10,6 +10,7 @@ import pytest
 
 from rag_resilience import ResiliencePolicy
 from rag_resilience.breaker import CircuitState
+from rag_resilience.policy import PRESETS
 from rag_resilience.testing import FakeClock
 
 
@@ -20,8 +21,9 @@ class Http503(Exception):
 def live_share(count: str, error_rate: float, calls: int = 2_000) -> float:
     clock = FakeClock()
     rng = random.Random(int(error_rate * 100))
+    knobs = {} if count == "default" else {"count": count}
     policy = ResiliencePolicy.preset(
-        "balanced", name=f"count-{count}", clock=clock, generic_fallback=True, count=count
+        "balanced", name=f"count-{count}", clock=clock, generic_fallback=True, **knobs
     )
 
     def upstream() -> str:
@@ -60,3 +62,22 @@ def test_counting_calls_still_opens_on_an_outage() -> None:
 def test_count_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="count must be 'attempts' or 'calls'"):
         ResiliencePolicy.preset("balanced", count="requests")
+
+
+def test_the_presets_count_failed_calls_by_default() -> None:
+    """The default is count="calls" (was "attempts": 1% live at 50% 503s); every preset's
+    threshold is the seed's number of failed calls, times its attempts per call."""
+    clock = FakeClock()
+    for name, numbers in PRESETS.items():
+        policy = ResiliencePolicy.preset(name, clock=clock)
+        assert policy.breaker is not None
+        per_call = numbers["max_retries"] + 1
+        assert policy.breaker.failure_threshold == numbers["failure_threshold"] * per_call
+    assert live_share("default", 0.5) >= 0.90
+
+
+def test_wrappers_take_the_count_knob() -> None:
+    from rag_resilience.knobs import POLICY_KNOBS, pop_knobs
+
+    assert "count" in POLICY_KNOBS
+    assert pop_knobs("ResilientLLM", {"count": "attempts"}) == {"count": "attempts"}

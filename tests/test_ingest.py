@@ -60,6 +60,8 @@ def openai_embeddings(server: ChaosServer) -> OpenAIEmbeddings:
 
 
 def policy(name: str, **overrides: Any) -> ResiliencePolicy:
+    # These tests count breaker trips in attempts (the first release's rule), not calls.
+    overrides.setdefault("count", "attempts")
     return ResiliencePolicy.preset("balanced", name=name, **overrides)
 
 

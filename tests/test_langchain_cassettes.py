@@ -273,28 +273,27 @@ def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
     as asked (allow_playback_repeats), so the breaker's threshold, not the cassette, ends it."""
     llm = chat()
     breaker = llm.resilience_policy.breaker
-    assert breaker is not None and breaker.failure_threshold == 5
+    # The presets count failed calls: 5 calls x 4 attempts in a row open it.
+    assert breaker is not None and breaker.failure_threshold == 5 * 4
     with cassettes.use_cassette("langchain_chat/success"):
         llm.invoke(QUESTION)
     outage = cassettes.use_cassette("langchain_chat/outage", allow_playback_repeats=True)
     with outage as cassette:
-        first = llm.invoke(QUESTION)  # 4 attempts: 4 failures, still closed
-        assert cassette.play_count == 4 and breaker.get_state() is CircuitState.CLOSED
-        second = llm.invoke(QUESTION)  # the 5th failure opens it: no more retries
-        assert cassette.play_count == 5 and breaker.get_state() is CircuitState.OPEN
-        third = llm.invoke(QUESTION)  # open: served without any upstream request
-        assert cassette.play_count == 5
+        failed = []
+        for n in range(1, 5):  # 4 attempts each: 4 failures per call, still closed
+            failed.append(llm.invoke(QUESTION))
+            assert cassette.play_count == 4 * n and breaker.get_state() is CircuitState.CLOSED
+        failed.append(llm.invoke(QUESTION))  # the 5th failed call opens it
+        assert cassette.play_count == 20 and breaker.get_state() is CircuitState.OPEN
+        served_open = llm.invoke(QUESTION)  # open: served without any upstream request
+        assert cassette.play_count == 20
         new = llm.invoke("A question never answered before")
-        assert cassette.play_count == 5
-    sources = [m.response_metadata["resilience"] for m in (first, second, third)]
-    assert [(m["source"], m["attempts"]) for m in sources] == [
-        ("cache", 4),
-        ("cache", 1),
-        ("cache", 0),
-    ]
+        assert cassette.play_count == 20
+    sources = [m.response_metadata["resilience"] for m in (*failed, served_open)]
+    assert [(m["source"], m["attempts"]) for m in sources] == [("cache", 4)] * 5 + [("cache", 0)]
     assert new.content == DEFAULT_GENERIC_ANSWER
     assert new.response_metadata["resilience"]["source"] == "generic_fallback"
-    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 3  # none after it opened
+    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 15  # none after it opened
     # After the open period one probe goes through; the recorded success closes the circuit.
     clock.advance(breaker.retry_after())
     with cassettes.use_cassette("langchain_chat/success") as cassette:

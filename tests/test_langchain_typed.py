@@ -332,7 +332,7 @@ def test_policy_knobs_are_keywords_and_unknown_ones_fail(
     llm = ResilientLLM(chat(chaos_server), max_retries=1, failure_threshold=3, max_concurrency=4)
     assert llm.resilience_policy.retry.max_retries == 1
     assert llm.resilience_policy.breaker is not None
-    assert llm.resilience_policy.breaker.failure_threshold == 3
+    assert llm.resilience_policy.breaker.failure_threshold == 3 * 2  # 3 failed calls x (1 retry + 1)
     chaos_server.set_faults(outage=True)
     llm.invoke("hi")
     assert chat_requests(chaos_server) == 2  # max_retries=1 honoured, not the preset's 3

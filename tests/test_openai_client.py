@@ -91,7 +91,7 @@ def test_outage_opens_circuit_then_zero_upstream_requests(
     known = client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     chaos_server.set_faults(outage=True)
     clock.advance(30)
-    for _ in range(3):
+    for _ in range(5):  # balanced: 5 failed calls (x 4 attempts) open the circuit
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert client.policy.breaker.get_state() is CircuitState.OPEN
     sent = requests(chaos_server)

@@ -233,20 +233,23 @@ def test_chat_outage_serves_the_last_answer_with_its_age(clock: FakeClock) -> No
 def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
     clock: FakeClock,
 ) -> None:
-    """The outage cassette replayed as often as asked: the breaker's threshold (5) ends it."""
+    """The outage cassette replayed as often as asked: the breaker's threshold (5 failed
+    calls of 4 attempts, the presets' count="calls") ends it."""
     oai = client()
     breaker = oai.policy.breaker
-    assert breaker is not None and breaker.failure_threshold == 5
+    assert breaker is not None and breaker.failure_threshold == 5 * 4
     with cassettes.use_cassette("openai_chat/success"):
         oai.chat.completions.create(**CHAT)
     outage = cassettes.use_cassette("openai_chat/outage", allow_playback_repeats=True)
     with outage as cassette:
-        first = oai.chat.completions.create(**CHAT)
-        assert cassette.play_count == 4 and breaker.get_state() is CircuitState.CLOSED
-        second = oai.chat.completions.create(**CHAT)  # 5th failure: opens, no retry
-        assert cassette.play_count == 5 and breaker.get_state() is CircuitState.OPEN
-        third = oai.chat.completions.create(**CHAT)  # open: no upstream request at all
-        assert cassette.play_count == 5
+        failed = []
+        for n in range(1, 5):  # 4 failed calls, 4 attempts each: still closed
+            failed.append(oai.chat.completions.create(**CHAT))
+            assert cassette.play_count == 4 * n and breaker.get_state() is CircuitState.CLOSED
+        failed.append(oai.chat.completions.create(**CHAT))  # the 5th failed call opens it
+        assert cassette.play_count == 20 and breaker.get_state() is CircuitState.OPEN
+        served_open = oai.chat.completions.create(**CHAT)  # open: no upstream request at all
+        assert cassette.play_count == 20
         # An unknown request while open: nothing cached, no generic answer. It waits for
         # the next probe (2 s, within its deadline) instead of failing at once, is the
         # probe, and the API is still down: the upstream's own error, the circuit reopens.
@@ -254,14 +257,10 @@ def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
             oai.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "new"}]
             )
-        assert cassette.play_count == 6 and breaker.get_state() is CircuitState.OPEN
-    metas = [r.resilience for r in (first, second, third)]  # type: ignore[attr-defined]
-    assert [(m["source"], m["attempts"]) for m in metas] == [
-        ("cache", 4),
-        ("cache", 1),
-        ("cache", 0),
-    ]
-    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 3 + [pytest.approx(2.0)]
+        assert cassette.play_count == 21 and breaker.get_state() is CircuitState.OPEN
+    metas = [r.resilience for r in (*failed, served_open)]  # type: ignore[attr-defined]
+    assert [(m["source"], m["attempts"]) for m in metas] == [("cache", 4)] * 5 + [("cache", 0)]
+    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 15 + [pytest.approx(2.0)]
     clock.advance(breaker.retry_after())
     with cassettes.use_cassette("openai_chat/success") as cassette:
         healed = oai.chat.completions.create(**CHAT)

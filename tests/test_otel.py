@@ -53,18 +53,20 @@ def test_policy_decisions_become_metrics() -> None:
         def down() -> str:
             raise APIError(503)
 
-        for _ in range(3):  # 4 + 1 failures open the circuit; then rejected without a call
+        # 5 failed calls x 4 attempts open the circuit (the presets count failed calls);
+        # the 6th is rejected without a call
+        for _ in range(6):
             policy.call(down, key="q")
 
     got = points(reader)
     calls = got["rag_resilience.calls"]
     assert total(calls, outcome="success") == 1
-    assert total(calls, outcome="fallback", source="cache") == 3
-    assert total(got["rag_resilience.retries"], reason="http_503") == 2 + 3
+    assert total(calls, outcome="fallback", source="cache") == 6
+    assert total(got["rag_resilience.retries"], reason="http_503") == 2 + 5 * 3
     assert total(got["rag_resilience.breaker.transitions"], **{"from": "closed", "to": "open"}) == 1
     assert total(got["rag_resilience.rejections"], reason="circuit_open") >= 1
     durations = got["rag_resilience.call.duration"]
-    assert sum(p.count for p in durations) == 4
+    assert sum(p.count for p in durations) == 7
 
 
 def test_polly_style_events_genai_duration_and_gauges_over_the_chaos_server(
@@ -93,20 +95,20 @@ def test_polly_style_events_genai_duration_and_gauges_over_the_chaos_server(
         chaos_server.set_faults(fail_next=1, fail_next_status=503)
         client.chat.completions.create(model="gpt-4o-mini", messages=msg)
         chaos_server.set_faults(outage=True)
-        for _ in range(3):
+        for _ in range(6):  # 5 failed calls (x 4 attempts) open the circuit, 1 rejected
             client.chat.completions.create(model="gpt-4o-mini", messages=msg)
         chaos_server.wait_idle()
         got = points(reader)  # gauges read now, on the fake clock: the circuit is open
     events = got["rag_resilience.events"]
-    assert total(events, **{"event.name": "OnRetry", "reason": "http_503"}) == 1 + 3
+    assert total(events, **{"event.name": "OnRetry", "reason": "http_503"}) == 1 + 5 * 3
     assert total(events, **{"event.name": "OnCircuitOpened"}) == 1
     assert total(events, **{"event.name": "OnCircuitRejected"}) >= 1
-    assert total(events, **{"event.name": "OnFallback"}) == 3
+    assert total(events, **{"event.name": "OnFallback"}) == 6
     assert total(events, **{"event.name": "ExecutionAttempt"}) == int(
         chaos_server.stats()["requests"]
     ) + total(events, **{"event.name": "OnCircuitRejected"})
     genai = got["gen_ai.client.operation.duration"]
-    assert sum(p.count for p in genai) == 4
+    assert sum(p.count for p in genai) == 7
     assert {p.attributes["gen_ai.request.model"] for p in genai} == {"gpt-4o-mini"}
     assert {p.attributes["gen_ai.operation.name"] for p in genai} == {"chat"}
     state = {p.attributes["state"]: p.value for p in got["rag_resilience.breaker.state"]}

@@ -116,7 +116,7 @@ def test_open_circuit_and_cached_answer(
     client.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # remembered
     chaos_server.set_faults(outage=True)
     clock.advance(30)
-    for _ in range(3):  # 5 failures open the circuit
+    for _ in range(5):  # 5 failed calls (x 4 attempts) open the circuit
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert client.policy.breaker.get_state() is CircuitState.OPEN
     exporter.clear()
@@ -141,7 +141,10 @@ def test_the_call_that_opens_the_circuit_records_the_transition(
     chaos_server: ChaosServer, clock: FakeClock, spans: Any
 ) -> None:
     exporter, _ = spans
-    client = make(chaos_server, "tr-trip", generic_fallback=True, failure_threshold=2)
+    # One failed call of two attempts opens it (the presets count failed calls).
+    client = make(
+        chaos_server, "tr-trip", generic_fallback=True, failure_threshold=1, max_retries=1
+    )
     chaos_server.set_faults(outage=True)
     client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     got = list(exporter.get_finished_spans())

@@ -478,7 +478,11 @@ def test_presets_have_the_seeds_numbers(
 ) -> None:
     d = ResiliencePolicy.preset(preset, clock=clock).describe()
     assert d["retry"]["max_retries"] == retries and d["retry"]["initial_delay"] == delay
-    assert d["breaker"]["failure_threshold"] == threshold
+    # The seed's threshold counts failed calls (count="calls", the default): the breaker,
+    # which counts attempts, opens after threshold x attempts per call in a row.
+    assert d["breaker"]["failure_threshold"] == threshold * (retries + 1)
+    first_release = ResiliencePolicy.preset(preset, clock=clock, count="attempts").describe()
+    assert first_release["breaker"]["failure_threshold"] == threshold
     assert d["breaker"]["recovery_timeout"] == recovery
     assert d["limit"]["max_waiting"] == queue
     assert d["name"] == preset

@@ -128,9 +128,10 @@ def test_failover_sends_calls_back_to_the_primary_after_its_probe(
     pol = ResiliencePolicy.preset("balanced", name="fo-back", failover="immediate")
     llm = ResilientLLM(chat(chaos), policy=pol, fallback_models=[backup()])
     chaos.set_faults(outage=True)
-    for _ in range(6):  # each costs one request until the circuit opens, then none
+    assert pol.breaker is not None  # failed calls of one attempt each: threshold 5 x 4 = 20
+    for _ in range(pol.breaker.failure_threshold + 3):  # one request each until open, then none
         assert llm.invoke("q").content == "from the backup"
-    assert pol.breaker is not None and pol.breaker.get_state() is CircuitState.OPEN
+    assert pol.breaker.get_state() is CircuitState.OPEN
     assert requests(chaos) == pol.breaker.failure_threshold
     chaos.set_faults(outage=False)
     clock.advance(pol.breaker.retry_after() + 0.01)

@@ -45,7 +45,7 @@ _NUMBERS = (
     "max_retry_after",
 )
 _OPTIONAL_NUMBERS = ("deadline", "attempt_timeout", "wait_timeout")
-_OTHER = ("jitter", "retry_budget", "store", "clock", "listeners", "classifier")
+_OTHER = ("jitter", "retry_budget", "store", "clock", "listeners", "classifier", "count")
 
 #: Keyword arguments every wrapper accepts as overrides of its preset.
 POLICY_KNOBS: frozenset[str] = frozenset(_INTS + _NUMBERS + _OPTIONAL_NUMBERS + _OTHER)

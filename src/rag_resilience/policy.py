@@ -419,7 +419,9 @@ class ResiliencePolicy:
         `overrides` replace single numbers (e.g. ``max_retries=1``); `store` shares
         breaker, cache and limit state (SQLite/Redis), keyed by `name`. `rate_limit`:
         pace to the rate limits learned from the wire (True, the default), a
-        `RateLimiter` of your own, or False (off).
+        `RateLimiter` of your own, or False (off). `count`: what `failure_threshold`
+        counts, ``"calls"`` (the default: failed calls' worth of attempts in a row, retry
+        budget 100%) or ``"attempts"`` (the first release: failed attempts, budget 20%).
         """
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -451,11 +453,13 @@ class ResiliencePolicy:
         _v.positive("cache_ttl", cfg.get("cache_ttl"), none_ok=True)
         _v.integer("cache_max_entries", cfg.get("cache_max_entries"), 1, none_ok=True)
         _v.integer("max_concurrency", cfg["max_concurrency"], 1)  # the ramp is built from it
+        _v.integer("failure_threshold", cfg["failure_threshold"], 1)  # multiplied below
         pname = name or preset
-        # count="calls": the seed's threshold counts failed calls, so the breaker (which
-        # counts attempts) trips after threshold x attempts per call in a row, and retries
-        # may reach the offered load (benchmarks/recovery.py). "attempts": the first release.
-        count = cfg.get("count", "attempts")
+        # count="calls" (the default): the seed's threshold counts failed calls, so the
+        # breaker (which counts attempts) trips after threshold x attempts per call in a row,
+        # and retries may reach the offered load (benchmarks/recovery.py: >= 90% live at 50%
+        # random 503s). "attempts": the first release's rule (threshold attempts, budget 20%).
+        count = cfg.get("count", "calls")
         if count not in ("attempts", "calls"):
             raise ValueError(f"count must be 'attempts' or 'calls', got {count!r}")
         per_failure = cfg["max_retries"] + 1 if count == "calls" else 1
