@@ -545,12 +545,7 @@ class ChaosServer:
     def _ratelimit_headers(self, faults: Faults, req: _Request) -> list[tuple[str, str]]:
         """Rate-limit headers for `req`'s API key (call under the lock)."""
         key = RateLimits.key_of(req.headers.get("authorization"))
-        headers = self._limits.headers(faults, key, self._clock.monotonic(), self._clock.time())
-        if self.token_limit is not None:  # its token headers replace the buckets' ones
-            tokens = self.token_limit.headers()
-            names = {name for name, _ in tokens}
-            headers = [h for h in headers if h[0] not in names] + tokens
-        return headers
+        return self._limits.headers(faults, key, self._clock.monotonic(), self._clock.time())
 
     def _record(
         self, endpoint: str, request_id: str, status: int | None, fault: str = "", detail: str = ""
