@@ -49,7 +49,11 @@ def test_scraped_over_http_after_a_crowd_and_an_outage(
     registry = CollectorRegistry()
     metrics = PrometheusListener(registry)
     policy = ResiliencePolicy.preset(
-        "balanced", name="prom", listeners=[metrics], generic_fallback=True
+        "balanced",
+        name="prom",
+        listeners=[metrics],
+        generic_fallback=True,
+        count="attempts",  # the circuit opens after 5 failed attempts (the metrics under test)
     )
     metrics.observe(policy)
     client = ResilientOpenAIClient(api_key="sk-test", base_url=chaos_server.base_url, policy=policy)
