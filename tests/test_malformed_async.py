@@ -2,7 +2,15 @@
 OpenAI / OpenAIEmbedding and LangChain's OpenAIEmbeddings read a truncated body as
 `json.JSONDecodeError` and a text/plain page as ``'str' object has no attribute ...``.
 Async calls were not marked as upstream faults (the sync ones were): they failed at once
-as caller errors. Real SDK classes over real HTTP against the chaos server."""
+as caller errors. Real SDK classes over real HTTP against the chaos server.
+
+LangChain's async ChatOpenAI looked retried as "connection": langchain-openai shares one
+httpx.AsyncClient per (base_url, timeout) across the process (langchain-ai/langchain#35783),
+so after an earlier test's ``asyncio.run`` its pooled connections belong to a closed loop;
+the server answered (broken body and all) and the client lost the answer with
+``RuntimeError: Event loop is closed``. That is now its own verdict, "stale_connection"
+(retried, not a breaker failure: the last test here); the malformed test gives ChatOpenAI
+a client of its own so it sees the broken bodies it is about."""
 
 from __future__ import annotations
 
@@ -94,8 +102,34 @@ def langchain_embeddings(url: str, name: str) -> tuple[Callable[[], Any], Callab
     return lambda: emb.embed_query("refunds"), ask, emb.policy
 
 
+def langchain_llm(url: str, name: str) -> tuple[Callable[[], Any], Callable[[], Any], Any]:
+    import httpx
+    from langchain_openai import ChatOpenAI
+
+    from rag_resilience.langchain import ResilientLLM
+
+    llm = ResilientLLM(
+        ChatOpenAI(
+            model="m",
+            max_retries=0,
+            base_url=url,
+            api_key="sk-test",
+            http_async_client=httpx.AsyncClient(),  # not the process-wide one (see the top)
+        ),
+        policy=policy(name),
+    )
+    asked = iter(range(1000))
+
+    async def ask() -> Any:  # invoke and batch, in turn
+        if next(asked) % 2:
+            return (await llm.abatch(["What is a circuit breaker?"]))[0]
+        return await llm.ainvoke("What is a circuit breaker?")
+
+    return lambda: llm.invoke("What is a circuit breaker?"), ask, llm.resilience_policy
+
+
 @pytest.mark.parametrize("kind", ["truncated", "text"])
-@pytest.mark.parametrize("make", [llama_llm, llama_embedding, langchain_embeddings])
+@pytest.mark.parametrize("make", [llama_llm, llama_embedding, langchain_embeddings, langchain_llm])
 def test_async_paths_retry_a_broken_200_like_the_sync_ones(
     chaos_server: ChaosServer, clock: FakeClock, kind: str, make: Any
 ) -> None:
@@ -131,6 +165,11 @@ def test_async_paths_retry_a_broken_200_like_the_sync_ones(
     alone = asyncio.run(scenario())
     assert alone["retries_by_reason"] == {"malformed_response": BROKEN}
     assert (alone["live"], alone["errors"]) == (CALLERS, 0)
+    assert set(alone["attempt_errors_by_class"]) <= {
+        "JSONDecodeError",
+        "ValueError",
+        "AttributeError",
+    }
     assert len(answers) == 3 * CALLERS and all(answers)
     stats = used.stats()
     # every broken answer was retried as an upstream fault; every caller served live
@@ -138,3 +177,37 @@ def test_async_paths_retry_a_broken_200_like_the_sync_ones(
     assert (stats["live"], stats["errors"]) == (3 * CALLERS, 0)
     assert chaos_server.wait_idle()
     assert chaos_server.stats()["requests"] == 3 * CALLERS + 2 * BROKEN == stats["attempts"]
+
+
+def test_a_connection_of_a_closed_event_loop_is_not_an_upstream_failure(
+    chaos_server: ChaosServer, clock: FakeClock
+) -> None:
+    """Two ``asyncio.run`` rounds through ChatOpenAI's default (process-wide) async client:
+    the second round's first attempts go out on connections of the first, closed loop and
+    lose their answers. Retried as "stale_connection" and never counted by the breaker (one
+    failure would open this one); attempts match what the server saw."""
+    from langchain_openai import ChatOpenAI
+
+    from rag_resilience.langchain import ResilientLLM
+
+    url = chaos_server.base_url + "/"  # a cache key of its own in langchain-openai
+    llm = ResilientLLM(
+        ChatOpenAI(model="m", max_retries=0, base_url=url, api_key="sk-test"),
+        policy=ResiliencePolicy.preset(
+            "balanced", name="closed-loop", retry_budget=None, failure_threshold=1
+        ),
+    )
+
+    async def crowd() -> list[Any]:
+        return await asyncio.gather(*(llm.ainvoke(f"question {i}") for i in range(CALLERS)))
+
+    first = asyncio.run(crowd())
+    second = asyncio.run(crowd())  # a new loop; the pool still holds the first loop's sockets
+    answers = first + second
+    assert all(a.response_metadata["resilience"]["source"] == "live" for a in answers)
+    stats = llm.resilience_policy.stats()
+    assert set(stats["retries_by_reason"]) <= {"stale_connection"}
+    assert stats["retries_by_reason"].get("stale_connection", 0) >= 1
+    assert stats["breaker_state"] == "closed" and stats["errors"] == 0
+    assert chaos_server.wait_idle()
+    assert chaos_server.stats()["requests"] == stats["attempts"]

@@ -644,6 +644,12 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
     transport = _transport_reason(type(exc))
     if transport == "local":
         return _caller_error("programming_error")
+    if transport == "connection" and _lost_to_closed_loop(exc):
+        # Not the upstream: the client reused a pooled connection of an event loop that has
+        # closed (langchain-openai shares one httpx.AsyncClient per process across loops,
+        # langchain-ai/langchain#35783). The request may have been answered; the answer was
+        # lost on our side. A retry opens a fresh connection; the breaker must not count it.
+        return ErrorVerdict(True, False, True, "stale_connection")
     if transport is not None:
         return _retryable(transport)
     hinted = _model_error_verdict(exc)
@@ -652,6 +658,14 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
     if isinstance(exc, _PROGRAMMING_ERRORS):
         return _caller_error("programming_error")
     return _retryable("unknown")
+
+
+def _lost_to_closed_loop(exc: BaseException) -> bool:
+    """True if a ``RuntimeError("Event loop is closed")`` is in `exc`'s chain."""
+    return any(
+        type(link) is RuntimeError and str(link) == "Event loop is closed"
+        for link, _ in _links(exc, explicit_only=False)
+    )
 
 
 def _links(exc: BaseException, explicit_only: bool) -> Iterator[tuple[BaseException, bool]]:
