@@ -41,6 +41,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import chaos_contenders as cc  # noqa: E402
+import chaos_deadline as cd  # noqa: E402
 from _common import machine_info, markdown_table  # noqa: E402
 
 DEFAULT_OUT = HERE / "results"
@@ -156,7 +157,7 @@ class Scenario:
 
 
 def scenarios(quick: bool, s: float) -> dict[str, Scenario]:
-    """The seven scenarios; `quick` shrinks counts and phases to a smoke test."""
+    """The eight scenarios; `quick` shrinks counts and phases to a smoke test."""
     q = quick
 
     def open_loop(rate: float, duration: float) -> list[float]:
@@ -227,6 +228,9 @@ def scenarios(quick: bool, s: float) -> dict[str, Scenario]:
             {"outage": True, "outage_status": 400},
             calls=12 if q else 40,
             workers=4,
+        ),
+        cd.SCENARIO: Scenario(  # run by chaos_deadline.py with chains, not the contenders
+            cd.SCENARIO, cd.title(s, q), {"stall": True}, calls=0, workers=0
         ),
     }
 
@@ -520,6 +524,7 @@ def evaluate_targets(results: dict[str, dict[str, Any]], scale: float) -> list[d
     def add(target: str, who: str, ok: bool, value: str, why: str = "") -> None:
         out.append({"target": target, "contender": who, "ok": bool(ok), "value": value, "why": why})
 
+    out += cd.targets(results.get(cd.SCENARIO, {}))
     for who in cc.OURS:
         r = results.get("transient", {}).get(who)
         if r and "error_rate" in r:
@@ -745,6 +750,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
     lines += ["", "## Results", ""]
     for scen_name, scen in report["scenarios"].items():
         lines += [f"### {scen_name}", "", scen["title"], ""]
+        if scen_name == cd.SCENARIO:
+            lines += cd.markdown(report["results"][scen_name])
+            continue
         extra = _extra_cols(scen_name)
         headers = COLUMNS + [h for h, _ in extra]
         rows = []
@@ -889,6 +897,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workers": scen.workers,
                 "timeout": scen.timeout,
             }
+            if scen_name == cd.SCENARIO:
+                results[scen_name] = cd.run(server, scale, args.quick)
+                print(f"{scen_name}: {json.dumps(results[scen_name])}", flush=True)
+                continue
             for who in who_names:
                 if "skipped" in results[scen_name].get(who, {}):
                     continue

@@ -37,6 +37,10 @@ QUESTION = "How long do refunds take?"
 
 
 def _models(base_url: str, timeout: float | None) -> tuple[Any, Any]:
+    """The raw models. Each gets an async HTTP client of its own: langchain-openai shares one
+    per process (langchain-ai/langchain#35783), whose pooled connections would belong to an
+    earlier row's closed event loop and fail the first async requests of the next row."""
+    import httpx
     from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
     emb = OpenAIEmbeddings(
@@ -46,9 +50,15 @@ def _models(base_url: str, timeout: float | None) -> tuple[Any, Any]:
         api_key="sk-test",
         check_embedding_ctx_length=False,
         timeout=timeout,
+        http_async_client=httpx.AsyncClient(),
     )
     llm = ChatOpenAI(
-        model="gpt-4o-mini", max_retries=0, base_url=base_url, api_key="sk-test", timeout=timeout
+        model="gpt-4o-mini",
+        max_retries=0,
+        base_url=base_url,
+        api_key="sk-test",
+        timeout=timeout,
+        http_async_client=httpx.AsyncClient(),
     )
     return emb, llm
 
