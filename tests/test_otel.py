@@ -97,7 +97,7 @@ def test_polly_style_events_genai_duration_and_gauges_over_the_chaos_server(
         chaos_server.set_faults(outage=True)
         for _ in range(6):  # 5 failed calls (x 4 attempts) open the circuit, 1 rejected
             client.chat.completions.create(model="gpt-4o-mini", messages=msg)
-        chaos_server.wait_idle()
+        assert chaos_server.wait_idle()
         got = points(reader)  # gauges read now, on the fake clock: the circuit is open
     events = got["rag_resilience.events"]
     assert total(events, **{"event.name": "OnRetry", "reason": "http_503"}) == 1 + 5 * 3

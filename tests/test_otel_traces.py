@@ -207,7 +207,7 @@ def test_crowd_of_threads_and_tasks_gets_one_tree_per_call(
     asyncio.run(tasks())
     for t in threads:
         t.join()
-    chaos_server.wait_idle()
+    assert chaos_server.wait_idle()
     got = list(exporter.get_finished_spans())
     calls = calls_of(got, "tr-crowd")
     assert len(calls) == 32

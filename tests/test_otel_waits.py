@@ -94,7 +94,7 @@ def crowd(server: ChaosServer, policy: ResiliencePolicy, api_key: str) -> list[B
         t.start()
     for t in threads:
         t.join()
-    server.wait_idle()
+    assert server.wait_idle()
     return errors
 
 
@@ -227,7 +227,7 @@ def test_a_call_that_waited_for_the_probe_says_so(
             assert breaker.get_state() is CircuitState.CLOSED
     finally:
         remove_listener(metrics)
-    chaos_server.wait_idle()
+    assert chaos_server.wait_idle()
     calls = call_spans(spans, "ow-probe")
     assert len(calls) == 1 + 1 + 4  # the failure, the probe, the waiters
     waited = [s for s in calls if "rag_resilience.probe_wait.wait_s" in (s.attributes or {})]

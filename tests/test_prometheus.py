@@ -84,7 +84,7 @@ def test_scraped_over_http_after_a_crowd_and_an_outage(
         chaos_server.set_faults(outage=True)
         for _ in range(3):
             one()  # 5 failures in a row open the circuit; the rest is served from the cache
-        chaos_server.wait_idle()
+        assert chaos_server.wait_idle()
         samples = scrape(server.server_port)
     finally:
         server.shutdown()

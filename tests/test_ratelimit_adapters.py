@@ -91,7 +91,7 @@ def test_chat_openai_with_our_langchain_rate_limiter(
         )
     )
     results, errors = run_crowd(lambda: llm.invoke("hi"), lambda: llm.ainvoke("hi"))
-    server.wait_idle()
+    assert server.wait_idle()
     assert errors == [] and len(results) == CALLERS * EACH
     assert server.stats()["statuses"] == {200: CALLERS * EACH}
     stats = pacing.stats()
@@ -112,7 +112,7 @@ def test_langchain_resilient_llm_learns_and_paces(
         policy=policy,
     )
     results, errors = run_crowd(lambda: llm.invoke("hi"), lambda: llm.ainvoke("hi"))
-    server.wait_idle()
+    assert server.wait_idle()
     assert errors == []
     assert not any(r.response_metadata["resilience"]["degraded"] for r in results)
     assert server.stats()["successes"] == CALLERS * EACH
@@ -137,7 +137,7 @@ def test_resilient_embeddings_are_paced(chaos_server_factory: Callable[..., Chao
     results, errors = run_crowd(
         lambda: emb.embed_documents(["a", "b"]), lambda: emb.aembed_documents(["a", "b"])
     )
-    server.wait_idle()
+    assert server.wait_idle()
     assert errors == [] and len(results) == CALLERS * EACH
     assert server.stats()["statuses"].get(429, 0) <= CALLERS
     assert policy.stats()["degraded"] == 0
@@ -163,7 +163,7 @@ def test_llama_index_resilient_llm_is_paced(
     )
     msgs = [ChatMessage(role="user", content="hi")]
     results, errors = run_crowd(lambda: llm.chat(msgs), lambda: llm.achat(msgs))
-    server.wait_idle()
+    assert server.wait_idle()
     assert errors == [] and len(results) == CALLERS * EACH
     assert policy.stats()["degraded"] == 0
     assert server.stats()["statuses"].get(429, 0) <= CALLERS

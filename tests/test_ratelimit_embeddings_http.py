@@ -107,7 +107,7 @@ def test_llama_index_embeddings_learn_the_limit_and_pace_per_upstream(
         lambda: emb.get_text_embedding_batch(["a", "b"]),
         lambda: emb.aget_text_embedding_batch(["a", "b"]),
     )
-    server.wait_idle()
+    assert server.wait_idle()
     assert errors == [] and len(results) == CALLERS * EACH
     assert policy.stats()["degraded"] == 0
     assert server.stats()["statuses"].get(429, 0) <= CALLERS
@@ -147,7 +147,7 @@ def test_embedding_calls_are_charged_their_inputs_tokens(
     first()
     assert 50 <= estimate_request_tokens({"input": texts if batch else [LONG]}) <= 90
     assert len(clock.sleeps) == 1 and 0.0 < clock.sleeps[0] < 1.0  # charged up front
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["statuses"] == {200: 2}
     stats = policy.stats()["rate_limit"]
     (up,) = stats["upstreams"].values()
@@ -182,7 +182,7 @@ def test_a_pace_out_before_a_retry_is_published(
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
         )
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["requests"] == 1  # the retry was never sent
     assert len(seen) == 1 and "RateLimitedError" in repr(seen[0].error)
 
@@ -206,7 +206,7 @@ def test_a_pace_out_of_a_stream_is_published(
     # the same question again: its turn is after the deadline; served from cache at once
     again = list(client.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True))
     assert again and clock.sleeps == []
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["requests"] == 1
     assert len(seen) == 1 and seen[0].kind.value == "rejected"
 
@@ -237,7 +237,7 @@ def test_a_pace_out_of_an_async_stream_is_published(
 
     first, again = asyncio.run(main())
     assert first and again and clock.sleeps == []
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["requests"] == 1
     assert len(seen) == 1
 
@@ -278,7 +278,7 @@ def test_a_streams_usage_corrects_the_token_bucket(
         for _ in range(2):
             assert list(client.chat.completions.create(**request))
     assert clock.sleeps == []  # 2 x ~205 charged > 300, but the first used far less
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["statuses"] == {200: 2}
 
 
@@ -313,7 +313,7 @@ def test_pacers_sharing_a_limit_without_a_store_warn_once(
             t.start()
         for t in threads:
             t.join()
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["statuses"].get(429, 0) > 0
     warned = [r for r in caplog.records if "Share the buckets" in r.getMessage()]
     assert 1 <= len(warned) <= 2  # at most once per limiter

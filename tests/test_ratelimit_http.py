@@ -79,7 +79,7 @@ def crowd(
         t.start()
     for t in threads:
         t.join()
-    server.wait_idle()
+    assert server.wait_idle()
     return metas, errors, policy.stats()
 
 
@@ -180,7 +180,7 @@ def test_keys_are_paced_apart(chaos_server_factory: Callable[..., ChaosServer]) 
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
     assert clock.sleeps == []  # one request per key: each key's bucket had room
     assert len(policy.stats()["rate_limit"]["upstreams"]) == 2
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["statuses"] == {200: 2}
 
 
@@ -198,7 +198,7 @@ def test_a_call_whose_turn_is_after_its_deadline_is_served_from_cache_at_once(
     assert (meta["source"], meta["degraded"], meta["attempts"]) == ("cache", True, 0)
     assert "RateLimitedError" in meta["error"]
     assert clock.sleeps == []  # rejected at once: no waiting, no retries
-    server.wait_idle()
+    assert server.wait_idle()
     assert server.stats()["requests"] == 1  # the second call never reached the server
     # and with nothing to serve, the caller gets the typed error
     with pytest.raises(RateLimitedError):

@@ -319,7 +319,7 @@ def test_watch_shows_what_pacing_learned_from_redis(
         for t in threads:
             t.join()
         StatsPublisher(report, store, ttl_s=120.0).publish()
-    server.wait_idle()
+    assert server.wait_idle()
     (line,) = run_json(["--redis", REDIS_URL, "--prefix", prefix, "--json", "--count", "1"], capsys)
     (row,) = [r for r in line["circuits"] if r["name"] == "paced"]
     assert row["replicas"] == 2 and row["calls_1m"] == 2 * (3 + 3) * 4
