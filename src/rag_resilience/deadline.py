@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from .clock import Clock, get_clock
 
-__all__ = ["Deadline", "bound", "current", "enter", "leave", "remaining", "scope"]
+__all__ = ["Deadline", "bound", "current", "enter", "leave", "patience", "remaining", "scope"]
 
 
 class Deadline(NamedTuple):
@@ -57,6 +57,14 @@ def remaining(clock: Clock | None = None) -> float | None:
         return None
     del clock
     return max(0.0, raw[0] - raw[1].monotonic())
+
+
+def patience() -> float:
+    """How long a call may wait for something it cannot do without (a probe's verdict):
+    what its deadline leaves, the same for plain calls and streams; 0 with no deadline
+    (an unbounded wait is never implied)."""
+    left = remaining()
+    return 0.0 if left is None else left
 
 
 def bound(timeout: float | None) -> float | None:

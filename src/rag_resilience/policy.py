@@ -627,7 +627,7 @@ class ResiliencePolicy:
         run.clock.sleep(delay)
         try:
             if self.rate_limiter is not None:
-                self._published(self.rate_limiter.acquire, call.pace, self._left(run))
+                self._published(self.rate_limiter.acquire, call.pace, _deadline.remaining())
             call.take()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
@@ -640,16 +640,11 @@ class ResiliencePolicy:
         await run.clock.asleep(delay)
         try:
             if self.rate_limiter is not None:
-                await self._apublished(call.pace, self._left(run))
+                await self._apublished(call.pace, _deadline.remaining())
             await call.atake()
         except QueueFullError as rejected:
             return self._requeue_rejected(rejected, cause)
         return None
-
-    def _left(self, run: RetryRun | None) -> float | None:
-        """How long pacing may wait: the call's own deadline (the limiter shortens it to
-        any deadline in force around the call, only when it has to wait)."""
-        return self.deadline if run is None else run.remaining()
 
     def _published(
         self, acquire: Callable[[PaceRequest, float | None], T], pace: Any, left: Any
@@ -682,7 +677,7 @@ class ResiliencePolicy:
         or the rejection if it comes after the deadline (then nothing is sent and
         nothing is retried). The drivers sleep; no coroutine frame when there is room."""
         try:
-            return limiter.reserve(pace or self._default_pace, self.deadline)  # _left(None)
+            return limiter.reserve(pace or self._default_pace, _deadline.remaining())
         except RateLimitedError as exc:
             self._pace_rejected(exc)
             return exc
@@ -1092,7 +1087,7 @@ class ResiliencePolicy:
         breaker = self.breaker
         if breaker is not None and _waits_for_probe(plan.error):
             call.give()  # waiting is not in flight
-            waited = breaker.wait_recovery(self._patience(plan.started))
+            waited = breaker.wait_recovery(_deadline.patience())
             try:
                 call.take()
             except QueueFullError as rejected:
@@ -1110,7 +1105,7 @@ class ResiliencePolicy:
         breaker = self.breaker
         if breaker is not None and _waits_for_probe(plan.error):
             await call.agive()
-            waited = await breaker.await_recovery(self._patience(plan.started))
+            waited = await breaker.await_recovery(_deadline.patience())
             try:
                 await call.atake()
             except QueueFullError as rejected:
@@ -1120,15 +1115,6 @@ class ResiliencePolicy:
                 return None
         self._give_up(plan)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _patience(self, started: float) -> float:
-        """How long a call with nothing to degrade to may still wait for recovery: what its
-        deadline leaves (the policy's and the caller's); 0 without a deadline (no wait)."""
-        left = None
-        if self.deadline is not None:
-            left = self.deadline - (get_clock(self.retry.clock).monotonic() - started)
-        left = _deadline.bound(left)
-        return 0.0 if left is None else left
 
     # -- async driver ---------------------------------------------------------------------
     async def aexecute(
@@ -1317,7 +1303,7 @@ class ResiliencePolicy:
                     plan = self._expired(clock)
                 else:
                     if self.rate_limiter is not None:  # deadline -> pacing -> permit
-                        self._published(self.rate_limiter.acquire, pace, self._left(None))
+                        self._published(self.rate_limiter.acquire, pace, _deadline.remaining())
                     call.take()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
@@ -1430,7 +1416,7 @@ class ResiliencePolicy:
                     plan = self._expired(clock)
                 else:
                     if self.rate_limiter is not None:  # deadline -> pacing -> permit
-                        await self._apublished(pace, self._left(None))
+                        await self._apublished(pace, _deadline.remaining())
                     await call.atake()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
