@@ -135,3 +135,55 @@ def test_a_retry_is_paced_within_the_same_time_left() -> None:
 
         asyncio.run(each())
     assert got == {n: pytest.approx(OUTER - 0.5) for n in ("call", "stream", "acall", "astream")}
+
+
+@pytest.mark.parametrize(("recovery", "waits"), [(1.5, True), (3.0, False)])
+def test_the_wait_for_the_next_probe_is_bounded_alike(recovery: float, waits: bool) -> None:
+    """Nothing to degrade to and the circuit open: each way of calling waits for the next
+    probe only if it is due within what the enclosing deadline leaves (2 s), then goes live;
+    otherwise it is refused at once. The same for a plain call and a stream."""
+    from rag_resilience.breaker import CircuitBreaker
+    from rag_resilience.errors import CircuitOpenError
+
+    outcomes: dict[str, tuple[str, list[float]]] = {}
+    with fake_clock() as clock:
+        breaker = CircuitBreaker(
+            name=f"probe-bound-{recovery}",
+            failure_threshold=1,
+            recovery_timeout=recovery,
+            clock=clock,
+        )
+        policy = ResiliencePolicy(name="probe-bound", breaker=breaker, deadline=30.0)
+
+        def trip() -> None:  # a fresh breaker state, opened by one failure now
+            breaker.reset()
+            with pytest.raises(Down):
+                policy.call(fail)
+            assert breaker.stats()["state"] == "open"
+            clock.sleeps.clear()
+
+        def record(name: str, outcome: str) -> None:
+            outcomes[name] = (outcome, list(clock.sleeps))
+
+        for name, run in sync_ways(policy, answer).items():
+            trip()
+            with deadline.scope(OUTER):
+                try:
+                    run()
+                    record(name, "live")
+                except CircuitOpenError:
+                    record(name, "refused")
+
+        async def each() -> None:
+            for name, run in async_ways(policy, answer).items():
+                trip()
+                with deadline.scope(OUTER):
+                    try:
+                        await run()
+                        record(name, "live")
+                    except CircuitOpenError:
+                        record(name, "refused")
+
+        asyncio.run(each())
+    expected = ("live", [pytest.approx(recovery)]) if waits else ("refused", [])
+    assert outcomes == {n: expected for n in ("call", "stream", "acall", "astream")}
