@@ -184,8 +184,9 @@ def test_a_connection_of_a_closed_event_loop_is_not_an_upstream_failure(
 ) -> None:
     """Two ``asyncio.run`` rounds through ChatOpenAI's default (process-wide) async client:
     the second round's first attempts go out on connections of the first, closed loop and
-    lose their answers. Retried as "stale_connection" and never counted by the breaker (one
-    failure would open this one); attempts match what the server saw."""
+    lose their answers. Retried as "stale_connection", at once (no backoff), and never
+    counted by the breaker (one failure would open this one); attempts match what the
+    server saw."""
     from langchain_openai import ChatOpenAI
 
     from rag_resilience.langchain import ResilientLLM
@@ -209,5 +210,6 @@ def test_a_connection_of_a_closed_event_loop_is_not_an_upstream_failure(
     assert set(stats["retries_by_reason"]) <= {"stale_connection"}
     assert stats["retries_by_reason"].get("stale_connection", 0) >= 1
     assert stats["breaker_state"] == "closed" and stats["errors"] == 0
+    assert all(s == 0.0 for s in clock.sleeps)  # retried at once: nothing to wait out
     assert chaos_server.wait_idle()
     assert chaos_server.stats()["requests"] == stats["attempts"]

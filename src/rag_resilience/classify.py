@@ -648,8 +648,9 @@ def _own_verdict(exc: BaseException, now: float | None) -> ErrorVerdict:
         # Not the upstream: the client reused a pooled connection of an event loop that has
         # closed (langchain-openai shares one httpx.AsyncClient per process across loops,
         # langchain-ai/langchain#35783). The request may have been answered; the answer was
-        # lost on our side. A retry opens a fresh connection; the breaker must not count it.
-        return ErrorVerdict(True, False, True, "stale_connection")
+        # lost on our side. A retry opens a fresh connection at once (no backoff: nothing
+        # to wait out); the breaker must not count it.
+        return ErrorVerdict(True, False, True, "stale_connection", retry_after=0.0)
     if transport is not None:
         return _retryable(transport)
     hinted = _model_error_verdict(exc)
