@@ -153,6 +153,22 @@ def test_anthropic_format_headers_are_learned_too(
     assert 0.75 * 40 <= up["requests_per_s"] <= 1.1 * 40
 
 
+def test_azure_format_remaining_counts_only_are_paced_without_a_collapse(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    """Azure OpenAI reports what is left but no limit and no reset: no rate can be read
+    from it, AIMD finds one from the 429s and the remaining counts hold the crowd back."""
+    clock = FakeClock()
+    server = limited_server(chaos_server_factory, clock, rate_limit_headers="azure")
+    metas, errors, stats = crowd(server, clock)
+    assert errors == [] and not any(m["degraded"] for m in metas)
+    assert server.stats()["statuses"].get(429, 0) <= PACED_429S
+    up = next(iter(stats["rate_limit"]["upstreams"].values()))
+    assert up["requests_source"] == "aimd"
+    # AIMD settles below the limit; it must not collapse (a collapse is < 1/s)
+    assert 0.1 * 40 <= up["requests_per_s"] <= 1.1 * 40
+
+
 def test_without_headers_aimd_finds_the_rate(
     chaos_server_factory: Callable[..., ChaosServer],
 ) -> None:
