@@ -242,6 +242,24 @@ def test_a_pace_out_of_an_async_stream_is_published(
     assert len(seen) == 1
 
 
+def _streaming(
+    factory: Callable[..., ChaosServer], burst: float
+) -> tuple[FakeClock, ChaosServer, RateLimiter, ResiliencePolicy, dict[str, Any]]:
+    """A server, a limiter told 100 tokens/s with `burst`, a policy, and a streamed chat
+    request charged its prompt + 200 max_tokens, all on one fake clock."""
+    clock = FakeClock()
+    server = factory(clock=clock)
+    limiter = RateLimiter(tokens_per_minute=60 * 100.0, token_burst=burst, clock=clock)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter)
+    request: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 200,
+        "stream": True,
+    }
+    return clock, server, limiter, policy, request
+
+
 @pytest.mark.parametrize("use_async", [False, True])
 def test_a_streams_usage_corrects_the_token_bucket(
     chaos_server_factory: Callable[..., ChaosServer], use_async: bool
@@ -251,17 +269,8 @@ def test_a_streams_usage_corrects_the_token_bucket(
     not use and goes at once. Uncorrected, it would wait for them."""
     from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
 
-    clock = FakeClock()
-    server = chaos_server_factory(clock=clock)
-    limiter = RateLimiter(tokens_per_minute=60 * 100.0, token_burst=300.0, clock=clock)
-    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter)
-    request: dict[str, Any] = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 200,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    clock, server, _, policy, request = _streaming(chaos_server_factory, 300.0)
+    request["stream_options"] = {"include_usage": True}
     if use_async:
 
         async def main() -> None:
@@ -331,16 +340,7 @@ def test_a_stream_without_usage_is_corrected_from_its_text(
     from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
     from rag_resilience.ratelimit_tokens import count_text_tokens
 
-    clock = FakeClock()
-    server = chaos_server_factory(clock=clock)
-    limiter = RateLimiter(tokens_per_minute=60 * 100.0, token_burst=4000.0, clock=clock)
-    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter)
-    request: dict[str, Any] = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 200,
-        "stream": True,
-    }
+    clock, server, limiter, policy, request = _streaming(chaos_server_factory, 4000.0)
     client = ResilientOpenAIClient(api_key="sk-text", base_url=server.base_url, policy=policy)
     aclients: list[AsyncResilientOpenAIClient] = []
 

@@ -118,16 +118,11 @@ def _delta_texts(event: Any, out: list[str]) -> None:
     """The generated text in one chat-completion chunk (content, refusal, tool calls)."""
     for choice in event.get("choices") or ():
         delta = choice.get("delta") or {}
-        for key in ("content", "refusal"):
-            value = delta.get(key)
-            if isinstance(value, str):
-                out.append(value)
+        parts = [delta.get("content"), delta.get("refusal")]
         for call in delta.get("tool_calls") or ():
             function = call.get("function") or {}
-            for key in ("name", "arguments"):
-                value = function.get(key)
-                if isinstance(value, str):
-                    out.append(value)
+            parts += (function.get("name"), function.get("arguments"))
+        out += (part for part in parts if isinstance(part, str))
 
 
 def _prompt_tokens(body: bytes) -> int:
