@@ -117,6 +117,28 @@ def test_an_rfc3339_reset_of_a_late_sent_call_does_not_collapse_the_rate() -> No
     assert max(waits) < 8 / (0.75 * 40)  # paced at ~40/s, not one call per 15 s
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 16): an RFC 3339 reset is read on the client's wall clock; a "
+    "server clock 0.2 s ahead makes every reset look 0.2 s longer and the learned rate falls "
+    "to ~4/s for a 40/s limit (50 ms ahead: ~13/s). Needs a clock-offset estimate.",
+)
+def test_an_rfc3339_reset_from_a_server_clock_ahead_of_ours_keeps_the_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(clock=clock)
+    level, last = 5.0, clock.monotonic()  # the server's bucket: 5, refilled at 40/s
+    for _ in range(200):
+        wait = limiter.reserve(req())[0]
+        clock.advance(wait)
+        now = clock.monotonic()
+        level = min(5.0, level + (now - last) * 40.0) - 1.0
+        last = now
+        assert level >= 0.0  # paced: never a 429
+        server = FakeClock(start=now, wall_start=clock.time() + 0.2)  # 0.2 s ahead
+        limiter.observe(anthropic_headers(server, int(level), (5.0 - level) / 40.0), upstream=UP)
+    assert limiter.stats()["upstreams"][UP]["requests_per_s"] >= 0.75 * 40
+
+
 def test_a_429_blocks_until_its_retry_after_then_spaces_the_crowd() -> None:
     clock = FakeClock()
     limiter = RateLimiter(requests_per_second=10.0, clock=clock)
