@@ -242,6 +242,24 @@ def test_a_pace_out_of_an_async_stream_is_published(
     assert len(seen) == 1
 
 
+def _streaming(
+    factory: Callable[..., ChaosServer], burst: float
+) -> tuple[FakeClock, ChaosServer, RateLimiter, ResiliencePolicy, dict[str, Any]]:
+    """A server, a limiter told 100 tokens/s with `burst`, a policy, and a streamed chat
+    request charged its prompt + 200 max_tokens, all on one fake clock."""
+    clock = FakeClock()
+    server = factory(clock=clock)
+    limiter = RateLimiter(tokens_per_minute=60 * 100.0, token_burst=burst, clock=clock)
+    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter)
+    request: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 200,
+        "stream": True,
+    }
+    return clock, server, limiter, policy, request
+
+
 @pytest.mark.parametrize("use_async", [False, True])
 def test_a_streams_usage_corrects_the_token_bucket(
     chaos_server_factory: Callable[..., ChaosServer], use_async: bool
@@ -251,17 +269,8 @@ def test_a_streams_usage_corrects_the_token_bucket(
     not use and goes at once. Uncorrected, it would wait for them."""
     from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
 
-    clock = FakeClock()
-    server = chaos_server_factory(clock=clock)
-    limiter = RateLimiter(tokens_per_minute=60 * 100.0, token_burst=300.0, clock=clock)
-    policy = ResiliencePolicy.preset("balanced", clock=clock, rate_limit=limiter)
-    request: dict[str, Any] = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 200,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    clock, server, _, policy, request = _streaming(chaos_server_factory, 300.0)
+    request["stream_options"] = {"include_usage": True}
     if use_async:
 
         async def main() -> None:
@@ -318,3 +327,49 @@ def test_pacers_sharing_a_limit_without_a_store_warn_once(
     warned = [r for r in caplog.records if "Share the buckets" in r.getMessage()]
     assert 1 <= len(warned) <= 2  # at most once per limiter
     assert "RedisStore" in warned[0].getMessage() and "sk-shared" not in warned[0].getMessage()
+
+
+def test_a_stream_without_usage_is_corrected_from_its_text(
+    chaos_server_factory: Callable[..., ChaosServer],
+) -> None:
+    """Streams without ``stream_options={"include_usage": True}`` send no usage: each is
+    charged its prompt + max_tokens up front and corrected, when it ends, with its prompt
+    estimate plus its streamed text counted by the same estimator. A crowd of threads and
+    tasks (8 streams in flight) then never waits: uncorrected, 32 x ~205 tokens would
+    overflow the 4,000-token burst and keep it waiting."""
+    from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
+    from rag_resilience.ratelimit_tokens import count_text_tokens
+
+    clock, server, limiter, policy, request = _streaming(chaos_server_factory, 4000.0)
+    client = ResilientOpenAIClient(api_key="sk-text", base_url=server.base_url, policy=policy)
+    aclients: list[AsyncResilientOpenAIClient] = []
+
+    def text_of(chunks: list[Any]) -> str:
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    def sync_call() -> str:
+        return text_of(list(client.chat.completions.create(**request)))
+
+    async def async_call() -> str:
+        if not aclients:
+            aclients.append(
+                AsyncResilientOpenAIClient(
+                    api_key="sk-text", base_url=server.base_url, policy=policy
+                )
+            )
+        stream = await aclients[0].chat.completions.create(**request)
+        return text_of([c async for c in stream])
+
+    texts, errors = run_crowd(sync_call, async_call)
+    assert errors == [] and len(texts) == CALLERS * EACH and all(texts)
+    assert clock.sleeps == []
+    server.wait_idle()
+    assert server.stats()["statuses"] == {200: CALLERS * EACH}
+    charged = estimate_request_tokens(request)
+    prompt = charged - 200
+    used = sum(prompt + count_text_tokens(text) for text in texts)
+    assert used < CALLERS * EACH * charged / 4
+    # what the bucket holds now: its burst minus the corrected costs, exactly (the clock
+    # never moved, so nothing refilled)
+    up = next(iter(limiter.stats()["upstreams"].values()))
+    assert up["tokens_available"] == pytest.approx(4000 - used, abs=0.01)

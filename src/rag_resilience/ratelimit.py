@@ -108,7 +108,7 @@ def _widen(info: RateLimitInfo, seconds: float) -> RateLimitInfo:
     def widen(bucket: BucketInfo | None) -> BucketInfo | None:
         if bucket is None:
             return None
-        return dataclasses.replace(bucket, resolution=bucket.resolution + seconds)
+        return dataclasses.replace(bucket, age=bucket.age + seconds)
 
     return dataclasses.replace(info, requests=widen(info.requests), tokens=widen(info.tokens))
 
@@ -667,11 +667,14 @@ class RateLimiter:
             else:
                 return
             clock = get_clock(self.clock)
+            # The wall clock first: `now` is then no earlier than the moment the resets
+            # are counted from, and `now - reservation.at` bounds the answer's age.
+            wall = clock.time()
             now = clock.monotonic()
-            info = parse_rate_limit_headers(headers, now=clock.time())
+            info = parse_rate_limit_headers(headers, now=wall)
             if info.format == "anthropic" and reservation is not None:
-                # An absolute reset (RFC 3339) was stamped somewhere between sending and
-                # now: as a duration it is uncertain by the answer's age.
+                # An absolute reset (RFC 3339) was stamped somewhere between the slot
+                # and now: counted from the stamp, it is longer by up to the answer's age.
                 info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
                 pacer.observe(info, status, now)

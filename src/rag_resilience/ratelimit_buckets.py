@@ -62,24 +62,30 @@ class RateEstimate:
             if self.limit is not None and info.limit != self.limit:
                 self.clear()  # the limit changed: old reports say nothing now
             self.limit = info.limit
-        limit, remaining, reset = self.limit, info.remaining, info.reset
-        if limit is None or remaining is None or reset is None or reset <= 0:
+        limit, remaining, reset, age = self.limit, info.remaining, info.reset, info.age
+        if limit is None or remaining is None or reset is None or reset + age <= 0:
             return
         used = limit - remaining
         if used <= 0:
             return
         # Resets are rounded or truncated (to the millisecond, or the second): widen
-        # the bounds by the largest error that leaves.
+        # the bounds by the largest error that leaves. An absolute reset read `age` s
+        # after it may have been stamped is longer by up to `age`: only the lower bound
+        # moves. A reset within its own error says nothing about the upper bound (taking
+        # the error as the reset turned a stale answer into "1 per 15 s": issue 16).
         res = info.resolution
-        lo = max(0.0, used - 1.0) / (reset + res)
-        hi = used / max(reset - res, res)
-        if (self.highs and lo > min(self.highs) * 1.05) or (
-            self.lows and hi < max(self.lows) * 0.95
+        lo = max(0.0, used - 1.0) / (reset + res + age)
+        hi = used / (reset - res) if reset > 2.0 * res else None
+        if (hi is not None and self.lows and hi < max(self.lows) * 0.95) or (
+            self.highs and lo > min(self.highs) * 1.05
         ):
             self.clear()  # inconsistent with what we knew: the rate moved
-        if lo > 0:
+        if lo > 0 and (not self.lows or lo >= 0.5 * max(self.lows)):
+            # (a much looser bound, e.g. from a stale answer, would only push the
+            # informative ones out of the window)
             self.lows.append(lo)
-        self.highs.append(hi)
+        if hi is not None:
+            self.highs.append(hi)
 
     def clear(self) -> None:
         self.lows.clear()
@@ -95,7 +101,8 @@ class RateEstimate:
         paced below it, the server's bucket stays full and its reports stop bounding the
         rate from below; `safety` and the remaining-count sync keep the middle safe."""
         if not self.highs:
-            return None
+            # a lower bound alone (every report's reset within its error): 10 % above it
+            return max(self.lows) * 1.1 if self.lows else None
         hi = min(self.highs)
         if not self.lows:
             return hi

@@ -52,6 +52,10 @@ class BucketInfo:
     #: the largest error in `reset` (seconds): durations are rounded to the millisecond
     #: (half of one), RFC 3339 times truncated to their last digit (one unit of it)
     resolution: float = 0.0005
+    #: how long before it was read an absolute (RFC 3339) reset may have been stamped: the
+    #: bucket's real time-to-full, counted from the stamp, is longer by up to this, never
+    #: shorter (so it loosens the lower bound on the rate only)
+    age: float = 0.0
 
     @property
     def empty(self) -> bool:

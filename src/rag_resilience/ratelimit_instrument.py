@@ -5,7 +5,8 @@ key of a model.
 Every response the SDK receives (successes, 429s, other errors) passes its headers to
 `RateLimiter.observe`; JSON answers also pass the ``usage.total_tokens`` they report, so
 the token bucket is corrected with what was really spent; a streamed (SSE) answer's body
-is scanned as it passes for the `usage` of its last chunk, applied when the stream ends. The response hook finds its
+is scanned as it passes for the `usage` of its last chunk, or, when it sends none, for its
+text (counted by the estimator when the stream ends). The response hook finds its
 pacer through the reservation the policy made for this call (a context variable), so one
 hook serves every model and key. Duck-typed: nothing here imports openai, LangChain or
 LlamaIndex (httpx only when a stream is first watched).
@@ -16,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from .ratelimit import RateLimiter, Reservation, current_reservation, upstream_key
+from .ratelimit_tokens import count_text_tokens, estimate_request_tokens
 
 __all__ = ["instrument", "model_upstream"]
 
@@ -55,16 +58,24 @@ class _UsageScanner:
     """Finds ``"total_tokens": N`` in a streamed (SSE) body as it passes and corrects the
     reservation's token bucket with it at once (a stream's `usage` comes in its last
     chunk, with ``stream_options={"include_usage": True}``; SDKs may close the stream
-    right after it, without reading to the end)."""
+    right after it, without reading to the end).
 
-    def __init__(self, reservation: Reservation) -> None:
+    Without that option no usage comes: the streamed text is kept, and when the stream
+    ends (or is closed) the bucket is corrected with the request's prompt estimate plus
+    the streamed text counted by the same estimator, instead of keeping ``max_tokens``."""
+
+    def __init__(self, reservation: Reservation, request_body: bytes = b"") -> None:
         self.reservation = reservation
+        self.request_body = request_body
         self.tail = b""
         self.settled = False
+        self.pending = b""  # SSE bytes after the last complete line
+        self.texts: list[str] = []
 
     def feed(self, chunk: bytes) -> None:
         if self.settled:
             return
+        self._collect(chunk)
         data = self.tail + chunk
         at = data.rfind(b'"total_tokens"')
         if at >= 0:
@@ -78,8 +89,52 @@ class _UsageScanner:
                 return
         self.tail = data[-32:]
 
+    def _collect(self, chunk: bytes) -> None:
+        """Keep the generated text of each complete ``data:`` line of the stream."""
+        lines = (self.pending + chunk).split(b"\n")
+        self.pending = lines.pop()
+        if len(self.pending) > _MAX_PENDING:
+            self.pending = b""  # not an SSE stream we understand
+        for line in lines:
+            line = line.strip()
+            if line.startswith(b"data:") and line[5:].strip() not in (b"", b"[DONE]"):
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    _delta_texts(json.loads(line[5:]), self.texts)
+
     def done(self) -> None:
-        self.feed(b" ")  # a body that ends right after the number
+        """The stream ended or was closed: settle with its usage, or its text."""
+        self.feed(b"\n")  # a body that ends right after the number, or a last line
+        if self.settled:
+            return
+        self.settled = True
+        used = _prompt_tokens(self.request_body) + count_text_tokens("".join(self.texts))
+        self.reservation.pacer.settle(self.reservation.tokens, used)
+
+
+_MAX_PENDING = 1 << 20
+
+
+def _delta_texts(event: Any, out: list[str]) -> None:
+    """The generated text in one chat-completion chunk (content, refusal, tool calls)."""
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") or {}
+        parts = [delta.get("content"), delta.get("refusal")]
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") or {}
+            parts += (function.get("name"), function.get("arguments"))
+        out += (part for part in parts if isinstance(part, str))
+
+
+def _prompt_tokens(body: bytes) -> int:
+    """The request's estimate without its ``max_tokens`` (what a stream's prompt cost)."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, TypeError):
+        return 0
+    if not isinstance(payload, dict):
+        return 0
+    skip = ("max_tokens", "max_completion_tokens")
+    return estimate_request_tokens({k: v for k, v in payload.items() if k not in skip})
 
 
 @functools.cache
@@ -98,9 +153,12 @@ def _stream_wrappers() -> tuple[type, type]:
                 with contextlib.suppress(Exception):
                     self.scanner.feed(chunk)
                 yield chunk
-            self.scanner.done()
+            with contextlib.suppress(Exception):
+                self.scanner.done()
 
         def close(self) -> None:
+            with contextlib.suppress(Exception):
+                self.scanner.done()
             self.inner.close()
 
     class AsyncUsageStream(httpx.AsyncByteStream):
@@ -113,9 +171,12 @@ def _stream_wrappers() -> tuple[type, type]:
                 with contextlib.suppress(Exception):
                     self.scanner.feed(chunk)
                 yield chunk
-            self.scanner.done()
+            with contextlib.suppress(Exception):
+                self.scanner.done()
 
         async def aclose(self) -> None:
+            with contextlib.suppress(Exception):
+                self.scanner.done()
             await self.inner.aclose()
 
     return SyncUsageStream, AsyncUsageStream
@@ -130,8 +191,12 @@ def _watch_stream(limiter: RateLimiter, response: Any, is_async: bool) -> None:
         return
     if "event-stream" not in response.headers.get("content-type", ""):
         return
+    body = b""
+    with contextlib.suppress(Exception):
+        content = response.request.content
+        body = content if isinstance(content, bytes) else b""
     wrapper = _stream_wrappers()[1 if is_async else 0]
-    response.stream = wrapper(response.stream, _UsageScanner(reservation))
+    response.stream = wrapper(response.stream, _UsageScanner(reservation, body))
 
 
 def sync_hook(limiter: RateLimiter) -> Callable[[Any], None]:

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rate-limit-tpm", type=float, default=None, help="tokens per minute per key")
     f.add_argument("--rate-limit-token-burst", type=int, default=None)
     f.add_argument(
-        "--rate-limit-headers", choices=("openai", "anthropic", "none"), default="openai"
+        "--rate-limit-headers", choices=("openai", "azure", "anthropic", "none"), default="openai"
     )
     f.add_argument("--max-concurrency", type=int, default=None)
     f.add_argument("--concurrency-mode", choices=["reject", "queue"], default="reject")

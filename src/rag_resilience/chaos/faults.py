@@ -263,8 +263,9 @@ class Faults:
     """Server-side token bucket per API key: tokens per minute (charged what `usage` reports)."""
     rate_limit_token_burst: int | None = None
     """Token bucket capacity (default: one second's worth, max(1, floor(rate_limit_tpm / 60)))."""
-    rate_limit_headers: Literal["openai", "anthropic", "none"] = "openai"
-    """Format of the rate-limit headers on every response (see chaos/ratelimits.py)."""
+    rate_limit_headers: Literal["openai", "azure", "anthropic", "none"] = "openai"
+    """Format of the rate-limit headers on every response (see chaos/ratelimits.py); "azure":
+    Azure OpenAI's remaining counts only (no limit, no reset)."""
     max_concurrency: int | None = None
     """Requests in flight beyond this get 503 (`concurrency_mode="reject"`) or wait ("queue")."""
     concurrency_mode: Literal["reject", "queue"] = "reject"
@@ -333,9 +334,9 @@ class Faults:
                 "rate_limit_token_burst must be None or an int >= 1, got "
                 f"{self.rate_limit_token_burst!r}"
             )
-        if self.rate_limit_headers not in ("openai", "anthropic", "none"):
+        if self.rate_limit_headers not in ("openai", "azure", "anthropic", "none"):
             raise ValueError(
-                "rate_limit_headers must be 'openai', 'anthropic' or 'none', got "
+                "rate_limit_headers must be 'openai', 'azure', 'anthropic' or 'none', got "
                 f"{self.rate_limit_headers!r}"
             )
         if self.max_concurrency is not None and (

@@ -13,7 +13,8 @@ Semantics (what our pacer, and any client, can learn from the headers):
   wait in ``retry-after-ms`` (and whole seconds in ``retry-after``), and is not charged;
 * headers: ``limit`` = capacity, ``remaining`` = what is left, rounded down, ``reset`` =
   time until the bucket is full again (OpenAI: a duration like "8.64s"; Anthropic: an
-  RFC 3339 time). Without a configured limit the bucket reads as full and unlimited.
+  RFC 3339 time); Azure OpenAI sends ``remaining`` only. Without a configured limit the
+  bucket reads as full and unlimited.
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class RateLimits:
                     (f"{prefix}-remaining", f"{remaining:.0f}"),
                     (f"{prefix}-reset", stamp),
                 ]
+            elif fmt == "azure":  # Azure OpenAI: what is left, nothing else
+                out.append((f"x-ratelimit-remaining-{kind}", f"{remaining:.0f}"))
             else:
                 out += [
                     (f"x-ratelimit-limit-{kind}", f"{limit:.0f}"),

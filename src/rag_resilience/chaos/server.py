@@ -545,7 +545,10 @@ class ChaosServer:
     def _ratelimit_headers(self, faults: Faults, req: _Request) -> list[tuple[str, str]]:
         """Rate-limit headers for `req`'s API key (call under the lock)."""
         key = RateLimits.key_of(req.headers.get("authorization"))
-        return self._limits.headers(faults, key, self._clock.monotonic(), self._clock.time())
+        # the wall clock first: a stamp is then never later than the bucket state it
+        # reports (a clock moved between the reads would make every reset look longer)
+        wall = self._clock.time()
+        return self._limits.headers(faults, key, self._clock.monotonic(), wall)
 
     def _record(
         self, endpoint: str, request_id: str, status: int | None, fault: str = "", detail: str = ""
