@@ -414,9 +414,9 @@ def make_policy(clock: FakeClock, **kw: Any) -> ResiliencePolicy:
 
 
 def waited_out(clock: FakeClock, deadline: float = 30.0) -> None:
-    """The call that opened the circuit had nothing to degrade to either: it waited for
-    each next probe (each failing) within its deadline, then raised the upstream's error.
-    Forget those sleeps: the test is about the next caller."""
+    """The call that opened the circuit had nothing to degrade to either: it waited for the
+    next probe within its deadline, was that probe, and raised the upstream's error when
+    it failed. Forget that sleep: the test is about the next caller."""
     assert clock.sleeps and sum(clock.sleeps) <= deadline
     clock.sleeps.clear()
 

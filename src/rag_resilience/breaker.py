@@ -60,7 +60,8 @@ _PROBE_ID_BITS = 52  # ids stay exact in JSON numbers (shared stores)
 # (upstream.py): wait for that verdict (it wakes this breaker's waiters) instead of probing
 _HELD = "held"
 _HELD_WAIT = 0.1  # the retry hint of a caller rejected while held (as for busy probe slots)
-_REJECTED_AS = {_RAMP_FULL: "slow_start", _HELD: "open"}
+# a held caller whose probe-wait ran out has waited its turn, like a half-open waiter
+_REJECTED_AS = {_RAMP_FULL: "slow_start", _HELD: "half_open"}
 
 
 def _held(ticket: int, wait: float, state: str, held: bool) -> str:

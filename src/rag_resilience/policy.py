@@ -28,7 +28,7 @@ from . import _validate as _v
 from . import deadline as _deadline
 from ._counter import AtomicCounter
 from .backoff import RetryBudget
-from .breaker import ADMITTED_CLEAN, CircuitBreaker
+from .breaker import ADMITTED_CLEAN, PROBE, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .deadline import enter as _enter_deadline
@@ -1036,7 +1036,7 @@ class ResiliencePolicy:
                     verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, attempts, started, verdict)
-                        if not self._opened(verdict):
+                        if not self._opened(verdict, ticket):
                             return self._degrade(plan, call)
                         served = self._refused(plan, call, opened=True)
                         if served is not None:
@@ -1091,10 +1091,17 @@ class ResiliencePolicy:
             return served
         return self._generic(plan, call.generic)
 
-    def _opened(self, verdict: ErrorVerdict) -> bool:
-        """The circuit is open after a retryable failure (`_failed` stopped the retries)."""
+    def _opened(self, verdict: ErrorVerdict, ticket: int) -> bool:
+        """The circuit is open after a retryable failure (`_failed` stopped the retries) of
+        an attempt that was not a half-open probe (a failed probe is the outcome the call
+        waited for: the upstream is still down)."""
         breaker = self.breaker
-        return breaker is not None and verdict.retryable and breaker.retry_after() > 0
+        return (
+            breaker is not None
+            and ticket < PROBE
+            and verdict.retryable
+            and breaker.retry_after() > 0
+        )
 
     def _refused(self, plan: _Degrade, call: _Call, opened: bool = False) -> Served[Any] | None:
         """The circuit refused the call (`opened`: opened while the call was retrying, its
@@ -1243,7 +1250,7 @@ class ResiliencePolicy:
                     verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, attempts, started, verdict)
-                        if not self._opened(verdict):
+                        if not self._opened(verdict, ticket):
                             return await self._adegrade(plan, call)
                         served = await self._arefused(plan, call, opened=True)
                         if served is not None:
