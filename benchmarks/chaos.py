@@ -640,19 +640,23 @@ def _why_transient(r: dict[str, Any]) -> str:
 
 def _why_outage(ex: dict[str, Any]) -> str:
     after, frac = ex.get("calls_after_open") or 0, ex.get("zero_upstream_frac") or 0.0
-    probes = round(after * (1.0 - frac))
-    return (
-        f"{probes} of {after} calls after the circuit opened were half-open probes (one per "
-        "recovery period per breaker; the LLM and the embeddings wrappers each have their own "
-        "breaker); the probe count does not grow with traffic, so the share depends on the "
-        "offered rate"
-        + (
-            f"; p99 {ex.get('zero_upstream_p99_ms')} ms is the framework's own per-call cost "
-            "under thread contention"
-            if (ex.get("zero_upstream_p99_ms") or 0) > 5.0
-            else ""
+    p99 = ex.get("zero_upstream_p99_ms") or 0.0
+    why = []
+    if frac < 0.95:
+        probes = round(after * (1.0 - frac))
+        why.append(
+            f"{probes} of {after} calls after the circuit opened made upstream requests: the "
+            "half-open probes, one per recovery period per upstream (2 s, then 4 s real-world; "
+            "the chat and embeddings wrappers of one host share them); the probe count does "
+            "not grow with traffic, so the share depends on the offered rate and on how soon "
+            "the circuit opened"
         )
-    )
+    if p99 > 5.0:
+        why.append(
+            f"p99 {p99} ms of calls that made no upstream request: in-process time (the "
+            "framework's call machinery and ours) under CPU contention on the shared machine"
+        )
+    return "; ".join(why)
 
 
 def _why_errors(r: dict[str, Any]) -> str:

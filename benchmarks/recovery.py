@@ -14,8 +14,9 @@ and slow start on (ours) and off (the first release's half-open: one probe, the 
 rejected), and a crowd of 500 callers waiting on the probe: the most requests in flight
 against the ramp's bound.
 
-Usage: python benchmarks/recovery.py [--quick] [--out DIR]
-Writes DIR/recovery.md and DIR/recovery.json (default benchmarks/results).
+Usage: python benchmarks/recovery.py [--quick | --smoke] [--out DIR]
+Writes DIR/recovery.md and DIR/recovery.json (default benchmarks/results). --smoke: every
+part, shrunk to a few seconds (tests/test_benchmarks_smoke.py); its numbers mean little.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def outage_opens(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"attempts_to_open": None, "calls_to_open": None}
 
 
-def part_counting(quick: bool) -> list[dict[str, Any]]:
-    calls = 2_000 if quick else 20_000
+def part_counting(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
+    calls = 200 if smoke else 2_000 if quick else 20_000
     rows = []
     for name, cfg in COUNTING.items():
         row: dict[str, Any] = {"design": name}
@@ -155,7 +156,7 @@ def part_counting(quick: bool) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ part 2: recovery (HTTP)
-def part_recovery(quick: bool) -> list[dict[str, Any]]:
+def part_recovery(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
     from langchain_openai import ChatOpenAI
 
     from rag_resilience.chaos import ChaosServer
@@ -203,11 +204,11 @@ def part_recovery(quick: bool) -> list[dict[str, Any]]:
                     "batch_upstream_requests": requests,
                 }
             )
-    rows[0].update(crowd_of_500(quick))
+    rows[0].update(crowd_of_500(quick, smoke))
     return rows
 
 
-def crowd_of_500(quick: bool) -> dict[str, Any]:
+def crowd_of_500(quick: bool, smoke: bool = False) -> dict[str, Any]:
     """500 threads wait on a probe; the upstream is a counter of calls in flight (real
     threads, no HTTP, 1 ms per call): the most in flight against the ramp's bound."""
     import time
@@ -216,7 +217,7 @@ def crowd_of_500(quick: bool) -> dict[str, Any]:
     from rag_resilience.limits import ConcurrencyLimit
     from rag_resilience.slowstart import SlowStart
 
-    n = 200 if quick else 500
+    n = 50 if smoke else 200 if quick else 500
     clock = FakeClock()
     ramp = SlowStart(64, initial=1)
     breaker = CircuitBreaker(5, 60.0, clock=clock, name="crowd", slow_start=ramp)
@@ -265,7 +266,7 @@ def crowd_of_500(quick: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------- part 3: nothing to degrade to
-def part_wait(quick: bool) -> list[dict[str, Any]]:
+def part_wait(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
     """A 2 s outage, one call per 50 ms tick in its own thread, the raw openai SDK (its
     defaults) against ResilientOpenAIClient (its defaults: no fallback model, no cache
     key, generic answers off), real time: calls that raised, and raised after recovery."""
@@ -276,7 +277,7 @@ def part_wait(quick: bool) -> list[dict[str, Any]]:
     from rag_resilience.chaos import ChaosServer
     from rag_resilience.openai_client import ResilientOpenAIClient
 
-    pre, down, post = (0.5, 2.0, 2.5)
+    pre, down, post = (0.1, 0.3, 0.2) if smoke else (0.5, 2.0, 2.5)
     ticks = int((pre + down + post) / 0.05)
     rows = []
     with ChaosServer(seed=4) as server:
@@ -387,14 +388,17 @@ def part_failover(quick: bool) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, for the tests")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     logging.getLogger("rag_resilience").setLevel(logging.CRITICAL)
-    counting = part_counting(args.quick)
-    recovery = part_recovery(args.quick)
-    waiting = part_wait(args.quick)
-    failover = part_failover(args.quick)
+    quick, smoke = args.quick or args.smoke, args.smoke
+    counting = part_counting(quick, smoke)
+    recovery = part_recovery(quick, smoke)
+    waiting = part_wait(quick, smoke)
+    failover = part_failover(quick)
     report = {
+        "settings": {"quick": quick, "smoke": smoke},
         "failover": failover,
         "machine": machine_info(),
         "counting": counting,
@@ -446,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"peak {recovery[0]['crowd_peak_in_flight']} in flight, "
         f"{recovery[0]['crowd_over_ramp']} admissions over the ramp.",
         "",
-        "## Nothing to degrade to: a 2 s outage, one call per 50 ms tick, real time",
+        f"## Nothing to degrade to: a {0.3 if smoke else 2:g} s outage, one call per 50 ms "
+        "tick, real time",
         "",
         markdown_table(
             ["contender", "calls", "raised", "raised after the API was back"],

@@ -159,3 +159,31 @@ def test_ingest_benchmark_small_run_writes_json(tmp_path: Path) -> None:
     ]
     assert all(r["chunks_lost"] == 0 for r in data["rows"])
     assert data["settings"]["chunks"] == 300 and data["kill_and_resume"] is None
+
+
+def test_recovery_benchmark_smoke_writes_every_part(tmp_path: Path) -> None:
+    """benchmarks/recovery.py --smoke: every part runs, shrunk (counting on 200 simulated
+    calls, a batch of 50 over HTTP, a crowd of 50, a 0.3 s outage, failover) and writes its
+    JSON and markdown. No numbers checked beyond their shape: the benchmark is for humans."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "recovery.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "recovery.json").read_text(encoding="utf-8"))
+    assert data["settings"] == {"quick": True, "smoke": True}
+    assert len(data["counting"]) == 4 and all(0 <= r["live_50"] <= 1 for r in data["counting"])
+    assert [r["batch_live"] + r["batch_generic"] for r in data["recovery"]] == [50, 50]
+    assert data["recovery"][0]["crowd"] == 50
+    assert [r["contender"] for r in data["wait_dont_fail"]] == ["openai-sdk", "ours-openai"]
+    assert [r["failover"] for r in data["failover"]] == ["after_retries", "immediate"]
+    assert "# Recovery benchmark" in (tmp_path / "recovery.md").read_text(encoding="utf-8")

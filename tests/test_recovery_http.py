@@ -158,3 +158,68 @@ def test_failover_setting_is_checked() -> None:
     ):
         ResiliencePolicy(failover="sometimes")
     assert ResiliencePolicy.preset("balanced").failover == "immediate"
+
+
+@pytest.mark.timeout(90)
+def test_calls_retrying_when_the_circuit_opens_wait_for_the_next_probe(
+    chaos: ChaosServer, clock: FakeClock
+) -> None:
+    """ResilientOpenAIClient defaults (no fallback model, no cache key, generic answers off)
+    over real HTTP: a crowd of threads and asyncio tasks retries through an outage that ends
+    as the circuit opens. Before: the calls whose failed attempt met the open circuit raised
+    the upstream's 503 at once (nothing to degrade to), while new callers waited for the
+    next probe within their deadline. Now they wait too: every call is answered live."""
+    import asyncio
+    import threading
+
+    from rag_resilience.openai_client import AsyncResilientOpenAIClient, ResilientOpenAIClient
+
+    # the clients' defaults (balanced), tripping after one call's worth of failed attempts
+    # (4): no call can spend all its retries before the circuit opens, so none may raise
+    policy = ResiliencePolicy.resolve(None, name="retrying-open", failure_threshold=1)
+    breaker = policy.breaker
+    assert breaker is not None and policy.fallbacks is not None
+    kw = {"api_key": "sk-test", "base_url": chaos.base_url, "policy": policy}
+    sync_client, async_client = ResilientOpenAIClient(**kw), AsyncResilientOpenAIClient(**kw)
+    msg = [{"role": "user", "content": "q"}]
+
+    def recover(old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.OPEN:
+            chaos.clear_faults()  # the upstream is back as the circuit opens
+
+    breaker.add_state_listener(recover)
+    chaos.set_faults(outage=True)
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            out: object = sync_client.chat.completions.create(model="gpt-4o-mini", messages=msg)
+        except Exception as exc:
+            out = exc
+        with lock:
+            results.append(out)
+
+    async def many() -> None:
+        got = await asyncio.gather(
+            *(
+                async_client.chat.completions.create(model="gpt-4o-mini", messages=msg)
+                for _ in range(8)
+            ),
+            return_exceptions=True,
+        )
+        with lock:
+            results.extend(got)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(8)]
+    threads.append(threading.Thread(target=lambda: asyncio.run(many()), daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 16
+    raised = [r for r in results if isinstance(r, BaseException)]
+    assert raised == [], [getattr(r, "__notes__", None) for r in raised]
+    assert all(r.resilience["source"] == "live" for r in results)  # type: ignore[attr-defined]
+    assert breaker.get_state() is CircuitState.CLOSED
+    assert requests(chaos) >= breaker.failure_threshold  # it did open on the outage

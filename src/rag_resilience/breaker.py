@@ -56,6 +56,17 @@ _RAMP_FULL = "ramp"  # internal state name: closed, but the slow-start ramp is f
 _POLL_NOTIFIED_S = 1.0
 _POLL_SHARED_S = 0.1
 _PROBE_ID_BITS = 52  # ids stay exact in JSON numbers (shared stores)
+# internal state name: open, its period over, but a sibling on the same upstream is probing
+# (upstream.py): wait for that verdict (it wakes this breaker's waiters) instead of probing
+_HELD = "held"
+_HELD_WAIT = 0.1  # the retry hint of a caller rejected while held (as for busy probe slots)
+# a held caller whose probe-wait ran out has waited its turn, like a half-open waiter
+_REJECTED_AS = {_RAMP_FULL: "slow_start", _HELD: "half_open"}
+
+
+def _held(ticket: int, wait: float, state: str, held: bool) -> str:
+    """`state`, or `_HELD` for a step `_t_admit` refused because a sibling is probing."""
+    return _HELD if held and ticket < 0 and wait == 0.0 and state == _OPEN else state
 
 
 def _new_probe_id() -> int:
@@ -351,10 +362,17 @@ class CircuitBreaker:
         rec.probes = []
         rec.window = {}
 
-    def _t_admit(self, rec: _Record, now: float, probe_id: int) -> tuple[int, float]:
+    def _t_admit(
+        self, rec: _Record, now: float, probe_id: int, held: bool = False
+    ) -> tuple[int, float]:
+        """`held`: a sibling on the same upstream has its probe in flight (upstream.py):
+        an open circuit whose period ended waits for that verdict instead of probing too
+        (returned as a rejection with no wait, which `_held` recognises)."""
         if rec.state == _OPEN:
             if now < rec.open_until:
                 return -1, rec.open_until - now
+            if held:
+                return -1, 0.0
             rec.state = _HALF
             rec.successes = 0
             rec.probes = []
@@ -398,7 +416,8 @@ class CircuitBreaker:
         if self.mode == "rate":
             self._record_window(rec, now, failed=False)
 
-    def _t_failure(self, rec: _Record, now: float, ticket: int) -> None:
+    def _t_failure(self, rec: _Record, now: float, ticket: int, pooled: int = 0) -> None:
+        """`pooled`: failures counted by siblings on the same upstream (upstream.py)."""
         if ticket >= PROBE:
             if rec.state == _HALF and self._release_probe(rec, ticket):
                 self._trip(rec, now)
@@ -407,7 +426,7 @@ class CircuitBreaker:
             return
         rec.failures += 1
         if self.mode == "consecutive":
-            if rec.failures >= self.failure_threshold:
+            if rec.failures + pooled >= self.failure_threshold:
                 self._trip(rec, now)
             return
         calls, failures = self._record_window(rec, now, failed=True)
@@ -440,9 +459,9 @@ class CircuitBreaker:
         rec = self._rec if self.store is None else _Record.from_json(self.store.get(self.key))
         if rec.state == _CLOSED:
             return ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
-        probe_id = _new_probe_id()
-        (ticket, wait), old, new = self._apply(lambda r, now: self._t_admit(r, now, probe_id))
-        return self._admitted(ticket, wait, old, new)
+        probe_id, held = _new_probe_id(), self._sibling_probing()
+        (ticket, wait), old, new = self._apply(lambda r, now: self._t_admit(r, now, probe_id, held))
+        return self._admitted(ticket, max(wait, _HELD_WAIT) if held else wait, old, new)
 
     async def abefore_call(self) -> int:
         if self.store is None:
@@ -450,11 +469,11 @@ class CircuitBreaker:
         rec = _Record.from_json(await self.store.aget(self.key))
         if rec.state == _CLOSED:
             return ADMITTED if (rec.failures or self.mode == "rate") else ADMITTED_CLEAN
-        probe_id = _new_probe_id()
+        probe_id, held = _new_probe_id(), self._sibling_probing()
         (ticket, wait), old, new = await self._aapply(
-            lambda r, now: self._t_admit(r, now, probe_id)
+            lambda r, now: self._t_admit(r, now, probe_id, held)
         )
-        return self._admitted(ticket, wait, old, new)
+        return self._admitted(ticket, max(wait, _HELD_WAIT) if held else wait, old, new)
 
     def _admitted(self, ticket: int, wait: float, old: str, new: str) -> int:
         if old != new:
@@ -490,6 +509,8 @@ class CircuitBreaker:
         return ticket, 0.0, state
 
     def _admit_result(self, ticket: int, wait: float, old: str, new: str) -> tuple[int, float, str]:
+        if new == _HELD:  # the record stayed open: no transition
+            return ticket, _HELD_WAIT, new
         if old != new:
             self._transition(old, new)
         if ticket < 0:
@@ -502,9 +523,9 @@ class CircuitBreaker:
         closed = self._read(None if self.store is None else self.store.get(self.key))
         if closed is not None:
             return closed
-        probe_id = _new_probe_id()
-        (ticket, wait), old, new = self._apply(lambda r, now: self._t_admit(r, now, probe_id))
-        return self._admit_result(ticket, wait, old, new)
+        probe_id, held = _new_probe_id(), self._sibling_probing()
+        (ticket, wait), old, new = self._apply(lambda r, now: self._t_admit(r, now, probe_id, held))
+        return self._admit_result(ticket, wait, old, _held(ticket, wait, new, held))
 
     async def _astep(self) -> tuple[int, float, str]:
         if self.store is None:
@@ -512,11 +533,11 @@ class CircuitBreaker:
         closed = self._read(await self.store.aget(self.key))
         if closed is not None:
             return closed
-        probe_id = _new_probe_id()
+        probe_id, held = _new_probe_id(), self._sibling_probing()
         (ticket, wait), old, new = await self._aapply(
-            lambda r, now: self._t_admit(r, now, probe_id)
+            lambda r, now: self._t_admit(r, now, probe_id, held)
         )
-        return self._admit_result(ticket, wait, old, new)
+        return self._admit_result(ticket, wait, old, _held(ticket, wait, new, held))
 
     def _wait_plan(self, state: str, budgets: list[WaitBudget | None]) -> float:
         """After a rejected step: how long to wait now (0: reject). `budgets` holds the
@@ -529,7 +550,7 @@ class CircuitBreaker:
         """
         ramp = state == _RAMP_FULL
         if state == _OPEN or (self.probe_wait <= 0 and not ramp):
-            return 0.0
+            return 0.0  # (_HELD waits like half-open: the sibling's verdict wakes us)
         budget = budgets[ramp]
         if budget is None:
             budget = budgets[ramp] = WaitBudget(self.probe_timeout if ramp else self.probe_wait)
@@ -569,7 +590,7 @@ class CircuitBreaker:
             if left <= 0:
                 if waited is not None:
                     self._probe_waited(waited, "rejected")
-                self._reject(retry_after, "slow_start" if state == _RAMP_FULL else state)
+                self._reject(retry_after, _REJECTED_AS.get(state, state))
             waited = waited or (time.monotonic(), state)
             self._signal(state).wait(epochs[state == _RAMP_FULL], left)
 
@@ -590,7 +611,7 @@ class CircuitBreaker:
             if left <= 0:
                 if waited is not None:
                     self._probe_waited(waited, "rejected")
-                self._reject(retry_after, "slow_start" if state == _RAMP_FULL else state)
+                self._reject(retry_after, _REJECTED_AS.get(state, state))
             waited = waited or (time.monotonic(), state)
             await self._signal(state).await_(epochs[state == _RAMP_FULL], left)
 
@@ -721,7 +742,16 @@ class CircuitBreaker:
         if ticket == RAMPED:
             ticket = self._unramp()
         if self.counts_as_failure(exc, verdict):
-            _, old, new = self._apply(lambda rec, now: self._t_failure(rec, now, ticket))
+            group = self.upstream
+            if group is None or ticket >= PROBE or self.mode != "consecutive":
+                _, old, new = self._apply(lambda rec, now: self._t_failure(rec, now, ticket))
+            else:  # one outage signal per upstream: siblings' failures count too
+                with group.failure_lock:
+                    pooled = group.sibling_failures(self)
+                    _, old, new = self._apply(
+                        lambda rec, now: self._t_failure(rec, now, ticket, pooled)
+                    )
+                    group.failed(self)
         elif ticket >= PROBE:
             _, old, new = self._apply(lambda rec, now: self._t_ignored(rec, now, ticket))
         else:
@@ -737,7 +767,15 @@ class CircuitBreaker:
         if ticket == RAMPED:
             ticket = self._unramp()
         if self.counts_as_failure(exc, verdict):
-            _, old, new = await self._aapply(lambda rec, now: self._t_failure(rec, now, ticket))
+            # siblings' failures read without the group's lock (it is not held across an await)
+            group, pooled = self.upstream, 0
+            if group is not None and ticket < PROBE and self.mode == "consecutive":
+                pooled = group.sibling_failures(self)
+            _, old, new = await self._aapply(
+                lambda rec, now: self._t_failure(rec, now, ticket, pooled)
+            )
+            if group is not None and ticket < PROBE:
+                group.failed(self)
         elif ticket >= PROBE:
             _, old, new = await self._aapply(lambda rec, now: self._t_ignored(rec, now, ticket))
         else:
@@ -864,12 +902,38 @@ class CircuitBreaker:
             self._trip(rec, now)  # failing too, since its last success: open together
             rec.open_until = now + period
 
+    def local_now(self) -> float:
+        """This process's reading of the breaker's clock (never the store's shared time)."""
+        return get_clock(self.clock).monotonic()
+
+    def first_open_period(self) -> float:
+        return self._open_period(1)
+
+    def _sibling_probing(self) -> bool:
+        group = self.upstream
+        return group is not None and group.sibling_probing(self)
+
+    def probing(self) -> bool:
+        """A half-open probe is in flight: for upstream.py."""
+        rec = self._snapshot()
+        if rec.state != _HALF:
+            return False
+        now = self._now()
+        return any(p[1] > now for p in rec.probes)
+
+    def closed_failures(self) -> int:
+        """Failures counted while closed (0 when open or half-open): for upstream.py."""
+        rec = self._snapshot()
+        return rec.failures if rec.state == _CLOSED else 0
+
     def follow(self, period: float) -> None:
         """A sibling on the same upstream opened for `period` seconds: follow it (see
         upstream.py)."""
         _, old, new = self._apply(lambda rec, now: self._t_follow(rec, now, period))
         if old != new:
             self._transition(old, new)
+        else:
+            self._wake(new)  # callers held for the sibling's probe: its verdict is in
 
     def probe_now(self) -> None:
         """A sibling's probe succeeded: if open, admit a probe at once."""

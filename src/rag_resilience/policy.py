@@ -28,7 +28,7 @@ from . import _validate as _v
 from . import deadline as _deadline
 from ._counter import AtomicCounter
 from .backoff import RetryBudget
-from .breaker import ADMITTED_CLEAN, CircuitBreaker
+from .breaker import ADMITTED_CLEAN, PROBE, CircuitBreaker
 from .classify import Classifier, ErrorVerdict, make_classifier
 from .clock import Clock, get_clock
 from .deadline import enter as _enter_deadline
@@ -309,10 +309,12 @@ def _served_record(served: Served[Any]) -> Served[None]:
     return replace(served, value=None, degraded=True)
 
 
-def _waits_for_probe(error: BaseException) -> bool:
-    """Refused while open (not after a probe-wait ran out, nor a full ramp: those callers
-    have waited their turn already), and no enclosing policy serves its caller at once."""
-    return isinstance(error, CircuitOpenError) and error.state == "open" and not OUTER_SERVES.get()
+def _waits_for_probe(error: BaseException, opened: bool = False) -> bool:
+    """Refused while open, or `opened` while retrying (not after a probe-wait ran out, nor
+    a full ramp: those callers have waited their turn already), and no enclosing policy
+    serves its caller at once."""
+    refused = opened or (isinstance(error, CircuitOpenError) and error.state == "open")
+    return refused and not OUTER_SERVES.get()
 
 
 def _items_of(value: Any) -> Iterable[Any]:
@@ -1028,7 +1030,14 @@ class ResiliencePolicy:
                         run = self._new_run(started, attempts)
                     verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
-                        return self._degrade(self._plan(exc, attempts, started, verdict), call)
+                        plan = self._plan(exc, attempts, started, verdict)
+                        if not self._opened(verdict, ticket):
+                            return self._degrade(plan, call)
+                        served = self._refused(plan, call, opened=True)
+                        if served is not None:
+                            return served
+                        run, attempts = None, attempts + 1  # waited for the probe: try again
+                        continue
                     rejected = self._pause(call, run, delay, exc)
                     if rejected is not None:
                         return self._degrade(self._plan(rejected, attempts, started), call)
@@ -1077,15 +1086,28 @@ class ResiliencePolicy:
             return served
         return self._generic(plan, call.generic)
 
-    def _refused(self, plan: _Degrade, call: _Call) -> Served[Any] | None:
-        """The circuit refused the call: a degraded answer at once if there is one. With
-        nothing to degrade to, wait (permit given back) for the next probe if its verdict
-        can come within the call's deadline: None means "ask the breaker again"."""
+    def _opened(self, verdict: ErrorVerdict, ticket: int) -> bool:
+        """The circuit is open after a retryable failure (`_failed` stopped the retries) of
+        an attempt that was not a half-open probe (a failed probe is the outcome the call
+        waited for: the upstream is still down)."""
+        breaker = self.breaker
+        return (
+            breaker is not None
+            and ticket < PROBE
+            and verdict.retryable
+            and breaker.retry_after() > 0
+        )
+
+    def _refused(self, plan: _Degrade, call: _Call, opened: bool = False) -> Served[Any] | None:
+        """The circuit refused the call (`opened`: opened while the call was retrying, its
+        error is the upstream's): a degraded answer at once if there is one. With nothing
+        to degrade to, wait (permit given back) for the next probe if its verdict can come
+        within the call's deadline: None means "ask the breaker again"; else the error."""
         served = self._serve(plan, call)
         if served is not None:
             return served
         breaker = self.breaker
-        if breaker is not None and _waits_for_probe(plan.error):
+        if breaker is not None and _waits_for_probe(plan.error, opened):
             call.give()  # waiting is not in flight
             waited = breaker.wait_recovery(_deadline.patience())
             try:
@@ -1098,12 +1120,14 @@ class ResiliencePolicy:
         self._give_up(plan)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _arefused(self, plan: _Degrade, call: _Call) -> Served[Any] | None:
+    async def _arefused(
+        self, plan: _Degrade, call: _Call, opened: bool = False
+    ) -> Served[Any] | None:
         served = await self._aserve(plan, call)
         if served is not None:
             return served
         breaker = self.breaker
-        if breaker is not None and _waits_for_probe(plan.error):
+        if breaker is not None and _waits_for_probe(plan.error, opened):
             await call.agive()
             waited = await breaker.await_recovery(_deadline.patience())
             try:
@@ -1212,7 +1236,13 @@ class ResiliencePolicy:
                     verdict, delay = self._failed(run, exc, ticket, call)
                     if delay is None:
                         plan = self._plan(exc, attempts, started, verdict)
-                        return await self._adegrade(plan, call)
+                        if not self._opened(verdict, ticket):
+                            return await self._adegrade(plan, call)
+                        served = await self._arefused(plan, call, opened=True)
+                        if served is not None:
+                            return served
+                        run, attempts = None, attempts + 1  # as in `execute`
+                        continue
                     rejected = await self._apause(call, run, delay, exc)
                     if rejected is not None:
                         plan = self._plan(rejected, attempts, started)

@@ -5,11 +5,20 @@ Each wrapper keeps its own breaker (one endpoint failing alone, e.g. chat overlo
 embeddings work, opens only that one), and joins the group of its upstream (`upstream=`,
 default: the host of the wrapped model's or client's base URL). The group links them:
 
+* counts together: a member's consecutive failures add up with those of the members that
+  are failing too (failures counted, no success since), so the host trips after
+  `failure_threshold` failures across its wrappers, as one breaker guarding them all would
+  (benchmarks/chaos.py outage: the LangChain/LlamaIndex chat breaker opened ~45 ms later
+  than ResilientOpenAIClient's, having seen only the chat share of the failing attempts);
+  a member that succeeds has 0 failures, so an endpoint failing alone still counts alone;
 * opens together: when a member trips, every member that has failures counted and no
   success since (it is failing too) opens with it, following the one that tripped;
 * probes together: while several members are open, only the leader probes; a failed probe
   pushes the followers' open periods past the leader's next probe, so the dead host gets
-  one probe per recovery period, not one per wrapper;
+  one probe per recovery period, not one per wrapper; a member whose period ends while a
+  sibling's probe is in flight does not probe too: its callers wait for that verdict like
+  probe-waiters (benchmarks/chaos.py outage: without this the chat and the embeddings
+  wrapper sometimes probed 3 ms apart when the leader's probe came late);
 * closes together: when any member's probe succeeds, every open member may probe at once
   (its open period ends now), so a recovered host is used again by every wrapper.
 
@@ -40,12 +49,21 @@ class UpstreamGroup:
         self._members: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._busy = threading.local()  # re-entrancy guard: our own force-opens notify us
+        # held while a member counts a failure: two members failing at once each see the
+        # other's count (else both could read a stale sum and neither trip)
+        self.failure_lock = threading.Lock()
+        self._seq = 0  # failures counted in this group, for `sibling_failures`
+        self._joined: weakref.WeakKeyDictionary[CircuitBreaker, int] = weakref.WeakKeyDictionary()
+        self._last_failure: weakref.WeakKeyDictionary[CircuitBreaker, tuple[int, float]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def add(self, breaker: CircuitBreaker) -> None:
         with self._lock:
             if breaker in self._members:
                 return
             self._members.add(breaker)
+            self._joined[breaker] = self._seq
         breaker.upstream = self
         ref = weakref.ref(breaker)
 
@@ -57,6 +75,34 @@ class UpstreamGroup:
     def members(self) -> list[CircuitBreaker]:
         with self._lock:
             return list(self._members)
+
+    def sibling_failures(self, breaker: CircuitBreaker) -> int:
+        """Consecutive failures counted by the other closed members that are failing now:
+        0 for one that succeeded since its last failure, and nothing from one whose last
+        failure came before `breaker` joined or more than one first open period ago (a
+        wrapper of yesterday's outage, or one built per request and dropped, says nothing
+        about this one)."""
+        joined = self._joined.get(breaker, 0)
+        now = breaker.local_now()
+        window = breaker.first_open_period()
+        total = 0
+        for member in self.members():
+            if member is breaker or member.mode != "consecutive":
+                continue
+            seq, at = self._last_failure.get(member, (0, 0.0))
+            if seq > joined and now - at <= window:
+                total += member.closed_failures()
+        return total
+
+    def failed(self, breaker: CircuitBreaker) -> None:
+        """`breaker` counted a failure (its clock's time): see `sibling_failures`."""
+        with self._lock:
+            self._seq += 1
+            self._last_failure[breaker] = (self._seq, breaker.local_now())
+
+    def sibling_probing(self, breaker: CircuitBreaker) -> bool:
+        """Another member has a half-open probe in flight."""
+        return any(m.probing() for m in self.members() if m is not breaker)
 
     def _changed(self, ref: weakref.ReferenceType[CircuitBreaker], new: Any) -> None:
         leader = ref()
