@@ -36,6 +36,7 @@ from .deadline import bound as _deadline_bound
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
 from .stores.base import Store, shared_time
+from .stores.redis_notify import notifier_for
 
 __all__ = ["ConcurrencyLimit", "QueueWorker", "RequestQueue"]
 
@@ -393,7 +394,7 @@ class ConcurrencyLimit:
     With a shared `store` (``store.shared``), permits are leases at key
     ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
     processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`; a release in
-    this process wakes its oldest waiter at once), waiters are served first come, first
+    this process, or in another one on Redis (pub/sub), wakes its oldest waiter at once), waiters are served first come, first
     served across processes where the store can queue them (Redis, and the local fallback;
     see `Store.lease_wait`), and `in_flight` counts this process's permits only. A caller
     cancelled while its lease request is in flight releases that lease (its token is
@@ -460,6 +461,9 @@ class ConcurrencyLimit:
         self._renewer: threading.Thread | None = None
         self._forgotten: set[asyncio.Task[None]] = set()
         self._store_warned = False
+        # A release in another replica wakes a waiter here (Redis pub/sub, published by
+        # the release script itself): cross-process hand-offs do not wait for a poll.
+        self._notifier = notifier_for(self._store, self.key, self._remote_release)
         self._slot = _Slot(self, None)  # stateless: one shared instance for the common case
         self._aslot = _AsyncSlot(self, None)
 
@@ -860,6 +864,9 @@ class ConcurrencyLimit:
         token = self._new_token()
         if self._lease_once(token):
             return
+        # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
+        # (tombstoned), and a waiter's token must stay grantable.
+        token = self._new_token()
         self._enter_wait(timeout)
         asked = self.wait_timeout if timeout is None else timeout
         wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
@@ -889,6 +896,9 @@ class ConcurrencyLimit:
         token = self._new_token()
         if await self._alease_once(token):
             return
+        # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
+        # (tombstoned), and a waiter's token must stay grantable.
+        token = self._new_token()
         self._enter_wait(timeout)
         asked = self.wait_timeout if timeout is None else timeout
         wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
@@ -921,6 +931,11 @@ class ConcurrencyLimit:
         if rank is not None and rank < self._max:
             return _POLL_FIRST_S
         return min(delay * 2, _POLL_MAX_S)
+
+    def _remote_release(self, state: str) -> None:
+        """Another process freed a permit while waiters queue: the oldest sleeper asks."""
+        if state == "release" and self._sleepers:
+            self._wake_sleeper()
 
     def _wake_sleeper(self) -> None:
         with self._lock:

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import math
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -213,13 +215,18 @@ return -1 - rank
 
 
 # KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
-# ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant). Also how a waiter
-# that gives up leaves the queue.
+# ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant), 3 pub/sub channel
+# ('' = none), 4 message. Also how a waiter that gives up leaves the queue. A permit freed
+# while others wait is announced on the channel, so every replica's waiters ask at once
+# instead of at their next poll (same round trip: no extra Redis operation).
 _LEASE_RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
+local held = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+if held == 1 and ARGV[3] ~= '' and redis.call('ZCARD', KEYS[3]) > 0 then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
 return 1
 """
 
@@ -283,12 +290,6 @@ def _import_redis() -> Any:
             "RedisStore needs the `redis` package: pip install rag-resilience[redis]"
         ) from exc
     return redis
-
-
-def _not_granted() -> bool:
-    """A lease request Redis was too busy to answer: not granted, the caller waits and
-    asks again (a local grant here would let a burst exceed the shared limit)."""
-    return False
 
 
 def _text(raw: Any) -> str | None:
@@ -383,7 +384,7 @@ class RedisStore(Store):
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        self._health = Failover("redis", self, self.retry_interval)
+        self._health = Failover("redis", self, self.retry_interval, probe=self._probe_back)
         self._checker: Any = None  # one dedicated connection for stall checks
         self._flushing = False
         self._ranks: dict[str, int] = {}  # waiter token -> its queue position (last ask)
@@ -392,6 +393,9 @@ class RedisStore(Store):
         self._warned_no_sync = False
         self._time_offset: float | None = None  # Redis TIME - time.monotonic()
         self._time_checked = -math.inf
+        #: this process's id in notifications (stores/redis_notify.py ignores its own)
+        self.sender_id = uuid.uuid4().hex
+        self._release_message = json.dumps({"s": "release", "from": self.sender_id})
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -405,11 +409,16 @@ class RedisStore(Store):
         retry = retry_mod.Retry(
             self._redis.backoff.NoBackoff(), 1, (self._redis.exceptions.ConnectionError,)
         )
-        return {
+        options: dict[str, Any] = {
             "socket_timeout": self.op_timeout,
             "socket_connect_timeout": self.op_timeout,
             "retry": retry,
         }
+        # No CLIENT SETINFO on connect: two round trips fewer for each connection a
+        # recovering Redis must accept from every caller at once (redis-py >= 7).
+        if "driver_info" in inspect.signature(self._redis.Connection.__init__).parameters:
+            options["driver_info"] = None
+        return options
 
     # -- health ----------------------------------------------------------------------
     @property
@@ -460,6 +469,14 @@ class RedisStore(Store):
             return bool(client.ping())
         except self._faults:
             return False
+
+    def _probe_back(self) -> bool:
+        """The degraded store's background probe: a PING on the checker connection; when
+        Redis answers, the releases the outage held back are sent at once."""
+        alive = self._answers()
+        if alive and self._health.pending and self._client is not None:
+            self._flush(self._client)
+        return alive
 
     def _wrongtype(self, exc: BaseException) -> bool:
         return isinstance(exc, self._redis.exceptions.ResponseError) and str(exc).startswith(
@@ -631,7 +648,10 @@ class RedisStore(Store):
             return local()
         try:
             try:
-                result = await remote(client)
+                # One op timeout for the whole op, reconnect included (the socket
+                # timeouts bound each connect and read separately).
+                async with asyncio.timeout(self.op_timeout):
+                    result = await remote(client)
             except self._redis.exceptions.ResponseError as exc:
                 if not keys or not self._wrongtype(exc):
                     raise
@@ -664,11 +684,16 @@ class RedisStore(Store):
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:lease:{{{key}}}"
 
-    def _release_call(self, k: str, token: str, forget: bool = True) -> tuple[list[str], list[Any]]:
+    def _release_call(
+        self, k: str, token: str, forget: bool = True, key: str | None = None
+    ) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
-        and args; the tombstone shares the zset's hash slot."""
+        and args; the tombstone shares the zset's hash slot. With the limit's `key`, a
+        freed permit is announced to waiters (see `_LEASE_RELEASE`)."""
         ms = _ms(_LEASE_GC_GRACE_S) if forget else 0
-        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, ms]
+        channel = "" if key is None else self.channel(key)
+        keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"]
+        return keys, [token, ms, channel, self._release_message]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -1089,9 +1114,9 @@ class RedisStore(Store):
         local = self._local.lease_wait if wait else self._local.lease_acquire
         return self._run(
             lambda c: self._granted(token, run(c)),
-            lambda: local(key, token, limit, lease_s, now),
+            lambda: self._unanswered(token, local(key, token, limit, lease_s, now)),
             tuple(keys),
-            _not_granted,
+            lambda: self._not_granted(keys[0], token, wait),
         )
 
     async def _alease_call(
@@ -1115,9 +1140,9 @@ class RedisStore(Store):
         return await self._arun(
             remote,
             lambda c: self._granted(token, run(c)),
-            lambda: local(key, token, limit, lease_s, now),
+            lambda: self._unanswered(token, local(key, token, limit, lease_s, now)),
             tuple(keys),
-            _not_granted,
+            lambda: self._not_granted(keys[0], token, wait),
         )
 
     def _granted(self, token: str, reply: Any) -> bool:
@@ -1126,6 +1151,23 @@ class RedisStore(Store):
         if code < 0 and len(self._ranks) < 10_000:
             self._ranks[token] = -1 - code
         return code == 1
+
+    def _unanswered(self, token: str, granted: bool) -> bool:
+        """A lease ask Redis did not answer (served locally): a waiter asks again soon (no
+        Redis op is spent on it), so it is served as soon as the store has a verdict."""
+        if not granted and len(self._ranks) < 10_000:
+            self._ranks[token] = 0
+        return granted
+
+    def _not_granted(self, k: str, token: str, wait: bool) -> bool:
+        """A lease request Redis was too busy to answer: not granted, the caller waits and
+        asks again (a local grant here would let a burst exceed the shared limit). The
+        script may still run in Redis: a one-shot ask's token is forgotten (released with
+        a tombstone once Redis answers), so its late grant cannot hold a permit for
+        `lease_s`; a waiter keeps its token and asks again (a late grant is then its own)."""
+        if not wait:
+            self._health.defer_release(k, token)
+        return self._unanswered(token, False)
 
     def waiter_rank(self, token: str) -> int | None:
         """Position of waiter `token` in the queue at its last ask (0 = next), if queued."""
@@ -1149,7 +1191,7 @@ class RedisStore(Store):
     def _release(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token, forget)
+        keys, args = self._release_call(k, token, forget, key)
         self._run(
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
@@ -1159,7 +1201,7 @@ class RedisStore(Store):
     async def _arelease(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token, forget)
+        keys, args = self._release_call(k, token, forget, key)
         await self._arun(
             self._ascript("lease_release", keys, args),
             self._script("lease_release", keys, args),
@@ -1220,9 +1262,13 @@ class RedisStore(Store):
         if self.url is not None:
             return self._redis.Redis.from_url(self.url, socket_connect_timeout=1.0)
         if self._client is not None:
-            kwargs = dict(self._client.connection_pool.connection_kwargs)
+            # the same connection settings through a pool of its own (connection_kwargs
+            # may hold keys that `Redis()` itself does not take)
+            pool = self._client.connection_pool
+            kwargs = dict(pool.connection_kwargs)
             kwargs["socket_timeout"] = None
-            return self._redis.Redis(**kwargs)
+            own = self._redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            return self._redis.Redis(connection_pool=own)
         return None
 
     # -- lifecycle -------------------------------------------------------------------
