@@ -216,17 +216,34 @@ return -1 - rank
 
 # KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
 # ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant), 3 pub/sub channel
-# ('' = none), 4 message. Also how a waiter that gives up leaves the queue. A permit freed
-# while others wait is announced on the channel, so every replica's waiters ask at once
-# instead of at their next poll (same round trip: no extra Redis operation).
+# ('' = none), 4 sender id, 5 now ('' = no hand-off), 6 expiry of a handed lease, 7 waiters
+# last seen before this are gone, 8 limit. Also how a waiter that gives up leaves the
+# queue. A permit freed while others wait goes straight to the oldest live waiter (FIFO,
+# never over the limit) and is announced on the channel ("granted:<token>"), so that
+# waiter's process admits it without another round trip; without a hand-off, waiters are
+# woken to ask ("release"). Returns the token handed to, or 1.
 _LEASE_RELEASE = """
 local held = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
-if held == 1 and ARGV[3] ~= '' and redis.call('ZCARD', KEYS[3]) > 0 then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+if held == 0 or ARGV[3] == '' or redis.call('ZCARD', KEYS[3]) == 0 then return 1 end
+if ARGV[5] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])) do
+    redis.call('ZREM', KEYS[3], t)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if head and redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[8]) then
+    redis.call('ZADD', KEYS[1], ARGV[6], head)
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('ZREM', KEYS[4], head)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({s = 'granted:' .. head, from = ARGV[4]}))
+    return head
+  end
 end
+redis.call('PUBLISH', ARGV[3], cjson.encode({s = 'release', from = ARGV[4]}))
 return 1
 """
 
@@ -395,7 +412,8 @@ class RedisStore(Store):
         self._time_checked = -math.inf
         #: this process's id in notifications (stores/redis_notify.py ignores its own)
         self.sender_id = uuid.uuid4().hex
-        self._release_message = json.dumps({"s": "release", "from": self.sender_id})
+        # lease key -> (limit, lease_s, caller's now, monotonic then) of the last ask
+        self._lease_params: dict[str, tuple[int, float, float, float]] = {}
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -689,11 +707,30 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
         and args; the tombstone shares the zset's hash slot. With the limit's `key`, a
-        freed permit is announced to waiters (see `_LEASE_RELEASE`)."""
+        freed permit is handed to the oldest waiter (see `_LEASE_RELEASE`), on the limit
+        and lease time last asked for, at the caller's `now` as last seen plus the time
+        since (callers' clocks may be fake)."""
         ms = _ms(_LEASE_GC_GRACE_S) if forget else 0
-        channel = "" if key is None else self.channel(key)
         keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"]
-        return keys, [token, ms, channel, self._release_message]
+        params = None if key is None else self._lease_params.get(k)
+        if key is None:
+            return keys, [token, ms, "", self.sender_id, "", "", "", 0]
+        if params is None:
+            return keys, [token, ms, self.channel(key), self.sender_id, "", "", "", 0]
+        limit, lease_s, seen_now, seen_at = params
+        now = seen_now + (time.monotonic() - seen_at)
+        handoff = [_num(now), _num(now + lease_s), _num(now - _WAITER_GONE_S), limit]
+        return keys, [token, ms, self.channel(key), self.sender_id, *handoff]
+
+    def _handed(self, key: str, reply: Any) -> None:
+        """The release script handed the permit to a waiter: if it is one of this
+        process's, its limit admits it now (the pub/sub copy of a process's own message
+        is ignored)."""
+        if reply is None or isinstance(reply, int):
+            return
+        notifier = getattr(self, "_rag_resilience_notifier", None)
+        if notifier is not None:
+            notifier.deliver(key, "granted:" + _text(reply))  # type: ignore[operator]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -1075,6 +1112,8 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
         k = self._lease_key(key)
+        if len(self._lease_params) < 10_000 or k in self._lease_params:
+            self._lease_params[k] = (int(limit), float(lease_s), float(now), time.monotonic())
         keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb", f"{k}:seq"]
         args = [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
         return keys, [*args, "1" if wait else "0", _num(now - _WAITER_GONE_S)]
@@ -1192,22 +1231,24 @@ class RedisStore(Store):
         k = self._lease_key(key)
         self._local.lease_release(key, token)
         keys, args = self._release_call(k, token, forget, key)
-        self._run(
+        reply = self._run(
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
             tuple(keys),
         )
+        self._handed(key, reply)
 
     async def _arelease(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
         keys, args = self._release_call(k, token, forget, key)
-        await self._arun(
+        reply = await self._arun(
             self._ascript("lease_release", keys, args),
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
             tuple(keys),
         )
+        self._handed(key, reply)
 
     def lease_count(self, key: str, now: float) -> int:
         k, low = self._lease_key(key), "(" + _num(now)

@@ -102,7 +102,11 @@ class RedisNotifier:
         if sender == self.sender:
             return
         prefix = self.store.channel("")
-        key = channel[len(prefix) :] if channel.startswith(prefix) else channel
+        self.deliver(channel[len(prefix) :] if channel.startswith(prefix) else channel, state)
+
+    def deliver(self, key: str, state: str) -> None:
+        """Call the callbacks registered for `key` with `state` (a message of another
+        process, or this process's own news that skipped pub/sub)."""
         with self._lock:
             refs = list(self._callbacks.get(key, ()))
         for ref in refs:
