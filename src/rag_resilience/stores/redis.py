@@ -668,8 +668,7 @@ class RedisStore(Store):
             try:
                 # One op timeout for the whole op, reconnect included (the socket
                 # timeouts bound each connect and read separately).
-                async with asyncio.timeout(self.op_timeout):
-                    result = await remote(client)
+                result = await asyncio.wait_for(remote(client), self.op_timeout)
             except self._redis.exceptions.ResponseError as exc:
                 if not keys or not self._wrongtype(exc):
                     raise
