@@ -167,10 +167,10 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
     await asyncio.to_thread(lambda: [t.join() for t in threads])
     assert errors == []
     assert store.counters["outages"] >= 1, "the stall was never seen"
-    assert store.counters["probes"] >= 1  # the stall outlasted a retry_interval
     assert sum(c[0] for c in calls) >= 1  # some call did meet the stall
     assert max(c[0] for c in calls) <= 1, "a call paid more than one op timeout"
     assert sum(c[1] for c in calls) == 0, "a call sent Redis an op while it was degraded"
+    assert store.counters.get("probes", 0) >= 1  # the stall outlasted a retry_interval
     assert limit.in_flight == 0
     await _until(lambda: raw.zcard(LEASE) == 0, "no lease held in Redis")
     await store.aclose()
