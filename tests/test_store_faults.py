@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time as _time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,14 +145,6 @@ async def _until(condition: Any, what: str = "condition", limit_s: float = 30.0)
         await asyncio.sleep(0.005)
 
 
-def _stall(server: RedisServer, seconds: float) -> socket.socket:
-    """Send DEBUG SLEEP on a raw socket and return at once: Redis stops answering while
-    every command sent meanwhile waits in its socket buffer (read the reply to join)."""
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
-    return sock
-
-
 async def test_cancelled_aacquire_releases_the_lease_redis_granted(
     redis_server: RedisServer, raw: Any
 ) -> None:
@@ -164,7 +155,7 @@ async def test_cancelled_aacquire_releases_the_lease_redis_granted(
     limit = ConcurrencyLimit(1, max_waiting=4, name="llm", store=store)
     await limit.aacquire()  # connect and load the script while Redis answers
     await limit.arelease()
-    stall = _stall(redis_server, 0.3)
+    stall = redis_server.stall(0.3)
     await asyncio.sleep(0.05)  # Redis is asleep (if not yet, the task is merely granted)
     task = asyncio.create_task(limit.aacquire())
     await asyncio.sleep(0.05)  # the task's script is sent; its reply will never be read
@@ -261,7 +252,7 @@ async def test_one_second_stall_leaves_no_permit_held(redis_server: RedisServer,
         t.start()
     tasks = [asyncio.create_task(task_worker()) for _ in range(12)]
     await _until(lambda: len(done) > 50, "calls flowing")
-    stall = _stall(redis_server, 1.0)
+    stall = redis_server.stall(1.0)
     assert (await asyncio.to_thread(stall.recv, 64)).startswith(b"+OK")
     stall.close()
     await _until(lambda: not store.degraded, "recovered")

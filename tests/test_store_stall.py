@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from _redis_server import RedisServer, own_redis
+import test_store_faults as _faults
+from _redis_server import RedisServer
 from rag_resilience.breaker import CircuitBreaker
 from rag_resilience.limits import ConcurrencyLimit
 from rag_resilience.policy import ResiliencePolicy
@@ -30,6 +29,9 @@ pytestmark = pytest.mark.enable_socket
 LEASE = "p:lease:{rag_resilience:llm:limit}"
 
 # per call: [op timeouts paid to the stall, Redis ops attempted while the store was degraded]
+# the private redis-server fixtures and the bounded wait of test_store_faults
+redis_server, raw, _until = _faults.redis_server, _faults.raw, _faults._until
+
 _CALL: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("call", default=None)
 _OP_STARTED: contextvars.ContextVar[float] = contextvars.ContextVar("op", default=0.0)
 
@@ -74,34 +76,6 @@ class _CountingStore(RedisStore):
         if call is not None and isinstance(exc, timeout) and _OP_STARTED.get() >= self.stalled_at:
             call[0] += 1
         return super()._fault(exc)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    yield from own_redis(tmp_path)
-
-
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[Any]:
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
-async def _until(condition: Callable[[], bool], what: str, limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} never held")
-        await asyncio.sleep(0.005)
-
-
-def _stall(server: RedisServer, seconds: float) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
-    return sock
 
 
 async def test_a_stall_costs_a_call_at_most_one_op_timeout(
@@ -156,7 +130,7 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
     # Only the stall's timeouts count: on a loaded box a call may also pay one to load
     # before it (a slow reply, checked and found alive), which is not what this measures.
     store.stalled_at = time.monotonic()
-    stall = _stall(redis_server, 1.5)
+    stall = redis_server.stall(1.5)
     assert (await asyncio.to_thread(stall.recv, 64)).startswith(b"+OK")
     stall.close()
     await _until(lambda: not store.degraded, "recovered")
@@ -187,7 +161,7 @@ async def test_try_acquire_that_timed_out_holds_no_lease(
     limit = ConcurrencyLimit(8, name="llm", store=store)
     assert limit.try_acquire()  # connect and load the scripts while Redis answers
     limit.release()
-    stall = _stall(redis_server, 0.5)
+    stall = redis_server.stall(0.5)
     await asyncio.sleep(0.05)  # Redis is asleep (on a loaded box perhaps not yet)
 
     async def task_try() -> bool:

@@ -638,10 +638,13 @@ class RedisStore(Store):
             with self._lock:
                 client = self._async_clients.get(loop)
                 if client is None:
+                    # Half the op timeout to wait for a pooled connection: a full pool
+                    # is load, reported as busy (ConnectionError), before the whole op's
+                    # op_timeout bound (a timeout: checked as a possible stall) runs out.
                     pool = self._redis.asyncio.BlockingConnectionPool.from_url(
                         self.url,
                         max_connections=self.max_connections,
-                        timeout=self.op_timeout,
+                        timeout=self.op_timeout / 2,
                         **self._client_options(sync=False),
                     )
                     client = self._redis.asyncio.Redis(connection_pool=pool)
@@ -1191,9 +1194,12 @@ class RedisStore(Store):
         return code == 1
 
     def _unanswered(self, token: str, granted: bool) -> bool:
-        """A lease ask Redis did not answer (served locally): a waiter asks again soon (no
-        Redis op is spent on it), so it is served as soon as the store has a verdict."""
-        if not granted and len(self._ranks) < 10_000:
+        """A lease ask Redis did not answer because the store is down or a stall is being
+        checked (served locally, no Redis op spent on it): a waiter asks again soon, so it
+        is served as soon as the store has a verdict. A full pool is load: the waiter backs
+        off as usual (asking sooner would only crowd the pool more)."""
+        health = self._health
+        if not granted and (health.suspect or health.degraded) and len(self._ranks) < 10_000:
             self._ranks[token] = 0
         return granted
 
@@ -1205,6 +1211,8 @@ class RedisStore(Store):
         `lease_s`; a waiter keeps its token and asks again (a late grant is then its own)."""
         if not wait:
             self._health.defer_release(k, token)
+            if self._client is not None and not self._health.degraded:
+                self._flush(self._client)  # Redis is up: send it now, in the background
         return self._unanswered(token, False)
 
     def waiter_rank(self, token: str) -> int | None:

@@ -495,9 +495,7 @@ class SQLiteStore(Store):
                     "INSERT OR REPLACE INTO leases (key, token, expires_at) VALUES (?, ?, ?)",
                     (key, token, now + lease_s),
                 )
-                conn.execute(
-                    "DELETE FROM lease_waiters WHERE key = ? AND token = ?", (key, token)
-                )
+                conn.execute("DELETE FROM lease_waiters WHERE key = ? AND token = ?", (key, token))
                 return True
 
             held = conn.execute(
