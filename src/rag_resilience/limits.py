@@ -394,12 +394,14 @@ class ConcurrencyLimit:
     With a shared `store` (``store.shared``), permits are leases at key
     ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
     processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`; a release in
-    this process, or in another one on Redis (pub/sub), wakes its oldest waiter at once), waiters are served first come, first
-    served across processes where the store can queue them (Redis, and the local fallback;
-    see `Store.lease_wait`), and `in_flight` counts this process's permits only. A caller
-    cancelled while its lease request is in flight releases that lease (its token is
-    chosen before the request), so cancellation never strands a permit. A
-    background thread renews held leases every `lease_s / 3` seconds while any is held;
+    this process wakes its oldest waiter at once), waiters are served first come, first
+    served across processes where the store can queue them (Redis, SQLite, and the local
+    fallback; see `Store.lease_wait`), and `in_flight` counts this process's permits only.
+    On Redis a release hands the permit to the oldest waiter of any process and says so
+    over pub/sub (`stores.redis_notify`): that waiter is admitted without asking again.
+    A caller cancelled while its lease request is in flight releases that lease (its token
+    is chosen before the request), so cancellation never strands a permit. A background
+    thread renews held leases every `lease_s / 3` seconds while any is held;
     a crashed process stops renewing, so its permits free themselves within `lease_s`.
     `lease_s` must therefore exceed the longest stall of a live process (GC pause, paused
     VM), or a stalled holder's permit can be taken by another process. With a `FakeClock`

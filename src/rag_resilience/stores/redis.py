@@ -17,8 +17,10 @@ Why it looks like this:
   (socket timeouts on the clients built here; a refused or reset connection fails at
   once), then serves from process-local state (`stores.failover`). A refused connection
   or a timeout confirmed by a PING on a connection of its own is an outage: one warning,
-  Redis skipped for `retry_interval` (one probe per interval), ``redis back`` logged when
-  a probe succeeds. Load is not an outage: a pool with no free connection (the pool is a
+  then no call sends Redis anything; a background PING once per `retry_interval` probes
+  it, ``redis back`` logged when one succeeds (so a stall costs a call one op timeout,
+  never a second one for a probe; async ops are bounded by one op timeout in total,
+  reconnect included). Load is not an outage: a pool with no free connection (the pool is a
   `BlockingConnectionPool` of `max_connections`) or an unconfirmed timeout serves that op
   locally (``counters["busy"]``), and a lease request Redis was too busy for is simply not
   granted, so a burst never exceeds the shared limit.
@@ -33,7 +35,9 @@ Why it looks like this:
   a release also leaves a short-lived tombstone, so a grant that executes after its
   release (a cancelled or timed-out caller's script) is refused; releases that cannot
   reach Redis are sent, pipelined, when it is back. Waiters are served first come, first
-  served across processes (a queue in Redis; see `lease_wait`), and lease times use the
+  served across processes (a queue in Redis; see `lease_wait`); a release hands the freed
+  permit to the oldest waiter in the same script and announces it on pub/sub, so the
+  waiter's process admits it without another round trip. Lease times use the
   Redis server's clock (`server_time`), so a host whose clock is off cannot expire
   other hosts' leases.
 """
