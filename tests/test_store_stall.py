@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class _CountingStore(RedisStore):
     out, and the ones attempted (sent) while the store was already marked degraded."""
 
     stalled_at = float("inf")
+    stall_ended = float("inf")
 
     def _run(self, remote: Callable[[Any], Any], local: Any, *args: Any) -> Any:
         _OP_STARTED.set(time.monotonic())
@@ -73,9 +75,26 @@ class _CountingStore(RedisStore):
     def _fault(self, exc: BaseException) -> bool:
         call = _CALL.get()
         timeout = (self._redis.exceptions.TimeoutError, asyncio.TimeoutError)
-        if call is not None and isinstance(exc, timeout) and _OP_STARTED.get() >= self.stalled_at:
-            call[0] += 1
+        started = _OP_STARTED.get()
+        if call is not None and isinstance(exc, timeout) and self.stalled_at <= started:
+            call[0] += started < self.stall_ended
         return super()._fault(exc)
+
+
+def _until_asleep(server: RedisServer) -> float:
+    """Wait until Redis leaves a PING unanswered for 50 ms (DEBUG SLEEP has begun);
+    return when it last answered one (monotonic): it fell asleep after that."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(0.05)
+        awake = time.monotonic()
+        while True:
+            sock.sendall(b"PING\r\n")
+            try:
+                sock.recv(64)
+            except TimeoutError:
+                return awake
+            awake = time.monotonic()
+            time.sleep(0.001)
 
 
 async def test_a_stall_costs_a_call_at_most_one_op_timeout(
@@ -127,11 +146,13 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
         t.start()
     tasks = [asyncio.create_task(task_worker()) for _ in range(12)]
     await _until(lambda: len(calls) > 50, "calls flowing")
-    # Only the stall's timeouts count: on a loaded box a call may also pay one to load
-    # before it (a slow reply, checked and found alive), which is not what this measures.
-    store.stalled_at = time.monotonic()
+    # Only the stall's timeouts count (ops begun while Redis was asleep): on a loaded box
+    # a call may also pay one to load just before it or in the reconnect rush after it
+    # (a slow reply, checked and found alive), which is not what this measures.
     stall = redis_server.stall(1.5)
+    store.stalled_at = await asyncio.to_thread(_until_asleep, redis_server)
     assert (await asyncio.to_thread(stall.recv, 64)).startswith(b"+OK")
+    store.stall_ended = time.monotonic()
     stall.close()
     await _until(lambda: not store.degraded, "recovered")
     before = len(calls)
