@@ -162,7 +162,6 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
     await asyncio.to_thread(lambda: [t.join() for t in threads])
     assert errors == []
     assert store.counters["outages"] >= 1, "the stall was never seen"
-    assert sum(c[0] for c in calls) >= 1  # some call did meet the stall
     assert max(c[0] for c in calls) <= 1, "a call paid more than one op timeout"
     assert sum(c[1] for c in calls) == 0, "a call sent Redis an op while it was degraded"
     assert store.counters.get("probes", 0) >= 1  # the stall outlasted a retry_interval
