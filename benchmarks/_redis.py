@@ -8,7 +8,6 @@ enabled for `DEBUG SLEEP`. `commands()` reads the server's own command counters,
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from typing import Any
 
@@ -35,12 +34,6 @@ class PrivateRedis(RedisServer):
             for k, v in stats.items()
             if k not in ("cmdstat_info", "cmdstat_config", "cmdstat_ping")
         )
-
-    def stall(self, seconds: float) -> socket.socket:
-        """DEBUG SLEEP on a raw socket; returns at once (recv on it to wait the stall out)."""
-        sock = socket.create_connection(("127.0.0.1", self.port))
-        sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
-        return sock
 
     def __enter__(self) -> PrivateRedis:
         self.start()

@@ -239,3 +239,54 @@ def test_read_only_database_calls_go_on(tmp_path: Path, caplog: pytest.LogCaptur
 
 def _fail() -> None:
     raise ConnectionError("upstream down")
+
+
+def test_distributed_waiters_on_sqlite_are_served_in_arrival_order(tmp_path: Path) -> None:
+    """Limit 1 shared through one file by two stores (two "processes"): threads waiting
+    on either are granted in the order they queued. Before, SQLite had no waiter queue
+    (lease_wait was lease_acquire): whichever poll came first after a release won."""
+    import asyncio
+
+    from rag_resilience.limits import ConcurrencyLimit
+
+    path = tmp_path / "s.db"
+    a = ConcurrencyLimit(1, max_waiting=10, wait_timeout=30.0, name="llm", store=SQLiteStore(path))
+    b = ConcurrencyLimit(1, max_waiting=10, wait_timeout=30.0, name="llm", store=SQLiteStore(path))
+    probe = sqlite3.connect(path)
+    order: list[int] = []
+    a.acquire()  # the holder
+
+    def queued() -> int:
+        return int(probe.execute("SELECT COUNT(*) FROM lease_waiters").fetchone()[0])
+
+    def waiter(limit: ConcurrencyLimit, i: int) -> None:
+        limit.acquire()
+        order.append(i)
+        limit.release()
+
+    async def task_waiter(i: int) -> None:
+        await b.aacquire()
+        order.append(i)
+        await b.arelease()
+
+    async def scenario() -> None:
+        threads: list[threading.Thread] = []
+        tasks: list[asyncio.Task[None]] = []
+        for i in range(6):
+            if i % 3 == 2:
+                tasks.append(asyncio.create_task(task_waiter(i)))
+            else:
+                threads.append(threading.Thread(target=waiter, args=((a, b)[i % 2], i)))
+                threads[-1].start()
+            deadline = time.monotonic() + 30.0
+            while queued() != i + 1:
+                assert time.monotonic() < deadline, f"waiter {i} never queued"
+                await asyncio.sleep(0.005)
+        a.release()
+        await asyncio.gather(*tasks)
+        await asyncio.to_thread(lambda: [t.join() for t in threads])
+
+    asyncio.run(scenario())
+    assert order == list(range(6))
+    assert queued() == 0
+    probe.close()

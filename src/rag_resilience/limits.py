@@ -36,6 +36,7 @@ from .deadline import bound as _deadline_bound
 from .errors import QueueFullError, WaitTimeoutError
 from .events import EventBus, EventKind, Listener
 from .stores.base import Store, shared_time
+from .stores.redis_notify import notifier_for
 
 __all__ = ["ConcurrencyLimit", "QueueWorker", "RequestQueue"]
 
@@ -394,11 +395,13 @@ class ConcurrencyLimit:
     ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
     processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`; a release in
     this process wakes its oldest waiter at once), waiters are served first come, first
-    served across processes where the store can queue them (Redis, and the local fallback;
-    see `Store.lease_wait`), and `in_flight` counts this process's permits only. A caller
-    cancelled while its lease request is in flight releases that lease (its token is
-    chosen before the request), so cancellation never strands a permit. A
-    background thread renews held leases every `lease_s / 3` seconds while any is held;
+    served across processes where the store can queue them (Redis, SQLite, and the local
+    fallback; see `Store.lease_wait`), and `in_flight` counts this process's permits only.
+    On Redis a release hands the permit to the oldest waiter of any process and says so
+    over pub/sub (`stores.redis_notify`): that waiter is admitted without asking again.
+    A caller cancelled while its lease request is in flight releases that lease (its token
+    is chosen before the request), so cancellation never strands a permit. A background
+    thread renews held leases every `lease_s / 3` seconds while any is held;
     a crashed process stops renewing, so its permits free themselves within `lease_s`.
     `lease_s` must therefore exceed the longest stall of a live process (GC pause, paused
     VM), or a stalled holder's permit can be taken by another process. With a `FakeClock`
@@ -460,6 +463,11 @@ class ConcurrencyLimit:
         self._renewer: threading.Thread | None = None
         self._forgotten: set[asyncio.Task[None]] = set()
         self._store_warned = False
+        # A release in another replica wakes a waiter here (Redis pub/sub, published by
+        # the release script itself): cross-process hand-offs do not wait for a poll.
+        self._notifier = notifier_for(self._store, self.key, self._remote_release)
+        self._asking: dict[str, bool] = {}  # waiting token -> a release handed it a permit
+        self._sleeping: dict[str, _ThreadWaiter | _AsyncWaiter] = {}  # token -> its doze
         self._slot = _Slot(self, None)  # stateless: one shared instance for the common case
         self._aslot = _AsyncSlot(self, None)
 
@@ -860,12 +868,16 @@ class ConcurrencyLimit:
         token = self._new_token()
         if self._lease_once(token):
             return
+        # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
+        # (tombstoned), and a waiter's token must stay grantable.
+        token = self._new_token()
         self._enter_wait(timeout)
         asked = self.wait_timeout if timeout is None else timeout
         wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         clock = get_clock(self._clock)
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
+        self._asking[token] = False
         try:
             # Queue at once (stores that can serve waiters in arrival order), then poll.
             acquired = self._lease_once(token, wait=True)
@@ -873,14 +885,16 @@ class ConcurrencyLimit:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
-                self._doze(clock, pause)
-                acquired = self._lease_once(token, wait=True)
+                self._doze(clock, pause, token)
+                acquired = self._take_handed(token) or self._lease_once(token, wait=True)
                 delay = self._next_poll(token, delay)
         except BaseException:  # cancelled / interrupted while polling
             if not acquired:
                 self._forget_lease(token)  # leave the queue; release a grant we never saw
+            self._asking.pop(token, None)
             self._leave_wait(acquired, wait_for, cancelled=True)
             raise
+        self._asking.pop(token, None)
         if not acquired:
             self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for, cut=wait_for != asked)
@@ -889,26 +903,32 @@ class ConcurrencyLimit:
         token = self._new_token()
         if await self._alease_once(token):
             return
+        # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
+        # (tombstoned), and a waiter's token must stay grantable.
+        token = self._new_token()
         self._enter_wait(timeout)
         asked = self.wait_timeout if timeout is None else timeout
         wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         clock = get_clock(self._clock)
         deadline = None if wait_for is None else clock.monotonic() + wait_for
         delay, acquired = _POLL_FIRST_S, False
+        self._asking[token] = False
         try:
             acquired = await self._alease_once(token, wait=True)  # queue at once, then poll
             while not acquired:
                 pause = delay if deadline is None else min(delay, deadline - clock.monotonic())
                 if pause <= 0:
                     break
-                await self._adoze(clock, pause)
-                acquired = await self._alease_once(token, wait=True)
+                await self._adoze(clock, pause, token)
+                acquired = self._take_handed(token) or await self._alease_once(token, wait=True)
                 delay = self._next_poll(token, delay)
         except BaseException:  # cancelled / interrupted while polling
             if not acquired:
                 self._forget_lease(token)  # leave the queue; release a grant we never saw
+            self._asking.pop(token, None)
             self._leave_wait(acquired, wait_for, cancelled=True)
             raise
+        self._asking.pop(token, None)
         if not acquired:
             self._forget_lease(token)  # leave the store's waiter queue
         self._leave_wait(acquired, wait_for, cut=wait_for != asked)
@@ -922,39 +942,83 @@ class ConcurrencyLimit:
             return _POLL_FIRST_S
         return min(delay * 2, _POLL_MAX_S)
 
+    def _remote_release(self, state: str) -> None:
+        """A release freed a permit while waiters queue (`stores.redis_notify`): handed to
+        one of our waiters ("granted:<token>": it is admitted without asking again), or
+        free to ask for ("release": the oldest sleeper asks)."""
+        if state == "release":
+            if self._sleepers:
+                self._wake_sleeper()
+            return
+        token = state.partition("granted:")[2]
+        with self._lock:
+            if token not in self._asking:
+                return  # another process's waiter, or one that gave up (it releases it)
+            self._asking[token] = True
+            sleeper = self._sleeping.pop(token, None)
+            try:  # not yet woken by a local release (a waiter is woken once)
+                if sleeper is not None:
+                    self._sleepers.remove(sleeper)
+            except ValueError:
+                sleeper = None
+        if sleeper is not None:
+            sleeper.wake()
+
+    def _take_handed(self, token: str) -> bool:
+        """Whether a release handed `token` its permit (admitted here, no round trip)."""
+        if not self._asking.get(token):
+            return False
+        self._after_lease(token, True, None)
+        return True
+
     def _wake_sleeper(self) -> None:
         with self._lock:
             while self._sleepers:
                 if self._sleepers.popleft().wake():
                     return
 
-    def _doze(self, clock: Clock, pause: float) -> None:
-        """Sleep between polls: on a real clock, until `pause` or a local release."""
+    def _doze(self, clock: Clock, pause: float, token: str) -> None:
+        """Sleep between polls: on a real clock, until `pause`, a release here or a
+        permit handed to `token` (or freed) by a release in another process."""
         if not isinstance(clock, SystemClock):
             clock.sleep(pause)
             return
         sleeper = _ThreadWaiter()
-        with self._lock:
-            self._sleepers.append(sleeper)
+        if not self._sleep_as(token, sleeper):
+            return
         try:
             sleeper.wait(pause)
         finally:
-            with self._lock, contextlib.suppress(ValueError):
-                self._sleepers.remove(sleeper)
+            self._woke(token, sleeper)
 
-    async def _adoze(self, clock: Clock, pause: float) -> None:
+    async def _adoze(self, clock: Clock, pause: float, token: str) -> None:
         if not isinstance(clock, SystemClock):
             await clock.asleep(pause)
             return
         sleeper = _AsyncWaiter(asyncio.get_running_loop())
+        if not self._sleep_as(token, sleeper):
+            return
         timer = sleeper.loop.call_later(pause, _resolve, sleeper.future)
-        with self._lock:
-            self._sleepers.append(sleeper)
         try:
             await sleeper.future
         finally:
             timer.cancel()
-            with self._lock, contextlib.suppress(ValueError):
+            self._woke(token, sleeper)
+
+    def _sleep_as(self, token: str, sleeper: _ThreadWaiter | _AsyncWaiter) -> bool:
+        """Register a doze; False if a permit was already handed to `token`."""
+        with self._lock:
+            if self._asking.get(token):
+                return False
+            self._sleepers.append(sleeper)
+            self._sleeping[token] = sleeper
+            return True
+
+    def _woke(self, token: str, sleeper: _ThreadWaiter | _AsyncWaiter) -> None:
+        with self._lock:
+            if self._sleeping.get(token) is sleeper:
+                del self._sleeping[token]
+            with contextlib.suppress(ValueError):
                 self._sleepers.remove(sleeper)
 
     def _new_token(self) -> str:

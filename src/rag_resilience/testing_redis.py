@@ -77,6 +77,14 @@ class RedisServer:
         finally:
             client.close()
 
+    def stall(self, seconds: float) -> socket.socket:
+        """`DEBUG SLEEP seconds` on a raw socket; returns at once: Redis stops answering
+        while every command sent meanwhile waits in its socket buffer (recv on the returned
+        socket to wait the stall out)."""
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+        return sock
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -167,7 +167,7 @@ class Store(ABC):
     async def alease_wait(
         self, key: str, token: str, limit: int, lease_s: float, now: float
     ) -> bool:
-        return await self.alease_acquire(key, token, limit, lease_s, now)
+        return self.lease_wait(key, token, limit, lease_s, now)  # queued, as sync waiters
 
     async def alease_release(self, key: str, token: str) -> None:
         self.lease_release(key, token)

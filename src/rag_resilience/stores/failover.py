@@ -5,7 +5,10 @@ shared backend or serve locally, and keeps what an outage must not lose:
 
 * **Outage vs. load.** A fault (refused connection, timeout, corrupted file) marks the
   store degraded: one warning, then the backend is skipped for `retry_interval` (one
-  probe per interval), so a dead backend costs one op timeout, not one per call. A busy
+  probe per interval), so a dead backend costs one op timeout, not one per call. Stores
+  that give a `probe` (Redis: a PING on a connection of its own) probe in the background:
+  while degraded no user call touches the backend at all, so no call pays a second op
+  timeout for a probe into a backend that is still stalled. A busy
   backend (connection pool exhausted, SQLite write lock held) is *not* an outage: that
   one operation is served locally and counted as `busy`, the next one tries again.
 * **A local mirror.** Values read or written remotely are kept in `local`, so an
@@ -37,10 +40,20 @@ _MAX_PENDING = 10_000  # releases kept for a backend that stays down (oldest dro
 class Failover:
     """Degraded/probe bookkeeping for one store; thread-safe."""
 
-    def __init__(self, kind: str, owner: object, retry_interval: float) -> None:
+    def __init__(
+        self,
+        kind: str,
+        owner: object,
+        retry_interval: float,
+        probe: Callable[[], bool] | None = None,
+    ) -> None:
         self.kind = kind  # "redis", "sqlite": the word in log lines
         self.owner = owner  # the store, for its repr in log lines
         self.retry_interval = retry_interval
+        #: True if the backend answers now; run in a background thread while degraded
+        #: (None: the first operation of each interval probes, as SQLite does).
+        self.probe = probe
+        self._probing = False
         self.local = MemoryStore()
         self.degraded = False
         self.last_error: BaseException | None = None
@@ -62,6 +75,7 @@ class Failover:
             "recoveries": 0,
             "busy": 0,
             "bad_values": 0,
+            "probes": 0,
         }
 
     def snapshot(self) -> dict[str, int]:
@@ -79,7 +93,29 @@ class Failover:
                 return False
             # Claim this interval's single probe; other callers keep using local state.
             self._retry_at = now + self.retry_interval
-            return True
+            if self.probe is None:
+                return True
+            self.counters["local_ops"] += 1
+            if self._probing:
+                return False
+            self._probing = True
+        threading.Thread(target=self._probe, name=f"{self.kind}-store-probe", daemon=True).start()
+        return False
+
+    def _probe(self) -> None:
+        """Background probe of a degraded backend: its answer ends the outage."""
+        assert self.probe is not None
+        try:
+            alive = self.probe()
+        except Exception:
+            alive = False
+        with self._lock:
+            self._probing = False
+            self.counters["probes"] += 1
+            if not alive:
+                self._retry_at = time.monotonic() + self.retry_interval
+        if alive:
+            self.on_success(remote=False)
 
     def on_fault(self, exc: BaseException) -> None:
         with self._lock:
@@ -146,13 +182,15 @@ class Failover:
                 exc,
             )
 
-    def on_success(self) -> None:
+    def on_success(self, remote: bool = True) -> None:
         if not self.degraded:
-            with self._lock:
-                self.counters["remote_ops"] += 1
+            if remote:
+                with self._lock:
+                    self.counters["remote_ops"] += 1
             return
         with self._lock:
-            self.counters["remote_ops"] += 1
+            if remote:
+                self.counters["remote_ops"] += 1
             if not self.degraded:
                 return
             self.degraded = False

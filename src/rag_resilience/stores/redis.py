@@ -17,8 +17,10 @@ Why it looks like this:
   (socket timeouts on the clients built here; a refused or reset connection fails at
   once), then serves from process-local state (`stores.failover`). A refused connection
   or a timeout confirmed by a PING on a connection of its own is an outage: one warning,
-  Redis skipped for `retry_interval` (one probe per interval), ``redis back`` logged when
-  a probe succeeds. Load is not an outage: a pool with no free connection (the pool is a
+  then no call sends Redis anything; a background PING once per `retry_interval` probes
+  it, ``redis back`` logged when one succeeds (so a stall costs a call one op timeout,
+  never a second one for a probe; async ops are bounded by one op timeout in total,
+  reconnect included). Load is not an outage: a pool with no free connection (the pool is a
   `BlockingConnectionPool` of `max_connections`) or an unconfirmed timeout serves that op
   locally (``counters["busy"]``), and a lease request Redis was too busy for is simply not
   granted, so a burst never exceeds the shared limit.
@@ -33,7 +35,9 @@ Why it looks like this:
   a release also leaves a short-lived tombstone, so a grant that executes after its
   release (a cancelled or timed-out caller's script) is refused; releases that cannot
   reach Redis are sent, pipelined, when it is back. Waiters are served first come, first
-  served across processes (a queue in Redis; see `lease_wait`), and lease times use the
+  served across processes (a queue in Redis; see `lease_wait`); a release hands the freed
+  permit to the oldest waiter in the same script and announces it on pub/sub, so the
+  waiter's process admits it without another round trip. Lease times use the
   Redis server's clock (`server_time`), so a host whose clock is off cannot expire
   other hosts' leases.
 """
@@ -42,11 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import math
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -213,13 +219,35 @@ return -1 - rank
 
 
 # KEYS: 1 lease zset, 2 the token's tombstone, 3 waiter queue, 4 waiter heartbeats;
-# ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant). Also how a waiter
-# that gives up leaves the queue.
+# ARGV: 1 token, 2 tombstone ms (0: none, the holder knew its grant), 3 pub/sub channel
+# ('' = none), 4 sender id, 5 now ('' = no hand-off), 6 expiry of a handed lease, 7 waiters
+# last seen before this are gone, 8 limit. Also how a waiter that gives up leaves the
+# queue. A permit freed while others wait goes straight to the oldest live waiter (FIFO,
+# never over the limit) and is announced on the channel ("granted:<token>"), so that
+# waiter's process admits it without another round trip; without a hand-off, waiters are
+# woken to ask ("release"). Returns the token handed to, or 1.
 _LEASE_RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
+local held = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+if held == 0 or ARGV[3] == '' or redis.call('ZCARD', KEYS[3]) == 0 then return 1 end
+if ARGV[5] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])) do
+    redis.call('ZREM', KEYS[3], t)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if head and redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[8]) then
+    redis.call('ZADD', KEYS[1], ARGV[6], head)
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('ZREM', KEYS[4], head)
+    redis.call('PUBLISH', ARGV[3], cjson.encode({s = 'granted:' .. head, from = ARGV[4]}))
+    return head
+  end
+end
+redis.call('PUBLISH', ARGV[3], cjson.encode({s = 'release', from = ARGV[4]}))
 return 1
 """
 
@@ -283,12 +311,6 @@ def _import_redis() -> Any:
             "RedisStore needs the `redis` package: pip install rag-resilience[redis]"
         ) from exc
     return redis
-
-
-def _not_granted() -> bool:
-    """A lease request Redis was too busy to answer: not granted, the caller waits and
-    asks again (a local grant here would let a burst exceed the shared limit)."""
-    return False
 
 
 def _text(raw: Any) -> str | None:
@@ -383,7 +405,7 @@ class RedisStore(Store):
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        self._health = Failover("redis", self, self.retry_interval)
+        self._health = Failover("redis", self, self.retry_interval, probe=self._probe_back)
         self._checker: Any = None  # one dedicated connection for stall checks
         self._flushing = False
         self._ranks: dict[str, int] = {}  # waiter token -> its queue position (last ask)
@@ -392,6 +414,10 @@ class RedisStore(Store):
         self._warned_no_sync = False
         self._time_offset: float | None = None  # Redis TIME - time.monotonic()
         self._time_checked = -math.inf
+        #: this process's id in notifications (stores/redis_notify.py ignores its own)
+        self.sender_id = uuid.uuid4().hex
+        # lease key -> (limit, lease_s, caller's now, monotonic then) of the last ask
+        self._lease_params: dict[str, tuple[int, float, float, float]] = {}
 
     def __repr__(self) -> str:
         where = self.url if self.url is not None else "client"
@@ -405,11 +431,16 @@ class RedisStore(Store):
         retry = retry_mod.Retry(
             self._redis.backoff.NoBackoff(), 1, (self._redis.exceptions.ConnectionError,)
         )
-        return {
+        options: dict[str, Any] = {
             "socket_timeout": self.op_timeout,
             "socket_connect_timeout": self.op_timeout,
             "retry": retry,
         }
+        # No CLIENT SETINFO on connect: two round trips fewer for each connection a
+        # recovering Redis must accept from every caller at once (redis-py >= 7).
+        if "driver_info" in inspect.signature(self._redis.Connection.__init__).parameters:
+            options["driver_info"] = None
+        return options
 
     # -- health ----------------------------------------------------------------------
     @property
@@ -460,6 +491,14 @@ class RedisStore(Store):
             return bool(client.ping())
         except self._faults:
             return False
+
+    def _probe_back(self) -> bool:
+        """The degraded store's background probe: a PING on the checker connection; when
+        Redis answers, the releases the outage held back are sent at once."""
+        alive = self._answers()
+        if alive and self._health.pending and self._client is not None:
+            self._flush(self._client)
+        return alive
 
     def _wrongtype(self, exc: BaseException) -> bool:
         return isinstance(exc, self._redis.exceptions.ResponseError) and str(exc).startswith(
@@ -603,10 +642,13 @@ class RedisStore(Store):
             with self._lock:
                 client = self._async_clients.get(loop)
                 if client is None:
+                    # Half the op timeout to wait for a pooled connection: a full pool
+                    # is load, reported as busy (ConnectionError), before the whole op's
+                    # op_timeout bound (a timeout: checked as a possible stall) runs out.
                     pool = self._redis.asyncio.BlockingConnectionPool.from_url(
                         self.url,
                         max_connections=self.max_connections,
-                        timeout=self.op_timeout,
+                        timeout=self.op_timeout / 2,
                         **self._client_options(sync=False),
                     )
                     client = self._redis.asyncio.Redis(connection_pool=pool)
@@ -631,7 +673,9 @@ class RedisStore(Store):
             return local()
         try:
             try:
-                result = await remote(client)
+                # One op timeout for the whole op, reconnect included (the socket
+                # timeouts bound each connect and read separately).
+                result = await asyncio.wait_for(remote(client), self.op_timeout)
             except self._redis.exceptions.ResponseError as exc:
                 if not keys or not self._wrongtype(exc):
                     raise
@@ -664,11 +708,35 @@ class RedisStore(Store):
     def _lease_key(self, key: str) -> str:
         return f"{self.prefix}:lease:{{{key}}}"
 
-    def _release_call(self, k: str, token: str, forget: bool = True) -> tuple[list[str], list[Any]]:
+    def _release_call(
+        self, k: str, token: str, forget: bool = True, key: str | None = None
+    ) -> tuple[list[str], list[Any]]:
         """Lease zset `k` (as `_lease_key` built it) and token -> the release script's keys
-        and args; the tombstone shares the zset's hash slot."""
+        and args; the tombstone shares the zset's hash slot. With the limit's `key`, a
+        freed permit is handed to the oldest waiter (see `_LEASE_RELEASE`), on the limit
+        and lease time last asked for, at the caller's `now` as last seen plus the time
+        since (callers' clocks may be fake)."""
         ms = _ms(_LEASE_GC_GRACE_S) if forget else 0
-        return [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"], [token, ms]
+        keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb"]
+        params = None if key is None else self._lease_params.get(k)
+        if key is None:
+            return keys, [token, ms, "", self.sender_id, "", "", "", 0]
+        if params is None:
+            return keys, [token, ms, self.channel(key), self.sender_id, "", "", "", 0]
+        limit, lease_s, seen_now, seen_at = params
+        now = seen_now + (time.monotonic() - seen_at)
+        handoff = [_num(now), _num(now + lease_s), _num(now - _WAITER_GONE_S), limit]
+        return keys, [token, ms, self.channel(key), self.sender_id, *handoff]
+
+    def _handed(self, key: str, reply: Any) -> None:
+        """The release script handed the permit to a waiter: if it is one of this
+        process's, its limit admits it now (the pub/sub copy of a process's own message
+        is ignored)."""
+        if reply is None or isinstance(reply, int):
+            return
+        notifier = getattr(self, "_rag_resilience_notifier", None)
+        if notifier is not None:
+            notifier.deliver(key, "granted:" + _text(reply))  # type: ignore[operator]
 
     # -- key/value -------------------------------------------------------------------
     def _value(self, key: str, raw: Any) -> Any:
@@ -1050,6 +1118,8 @@ class RedisStore(Store):
     ) -> tuple[list[str], list[Any]]:
         gc_ms = _ms(max(lease_s, 0.0) + _LEASE_GC_GRACE_S)
         k = self._lease_key(key)
+        if len(self._lease_params) < 10_000 or k in self._lease_params:
+            self._lease_params[k] = (int(limit), float(lease_s), float(now), time.monotonic())
         keys = [k, f"{k}:gone:{token}", f"{k}:q", f"{k}:hb", f"{k}:seq"]
         args = [token, int(limit), _num(now + lease_s), _num(now), gc_ms]
         return keys, [*args, "1" if wait else "0", _num(now - _WAITER_GONE_S)]
@@ -1089,9 +1159,9 @@ class RedisStore(Store):
         local = self._local.lease_wait if wait else self._local.lease_acquire
         return self._run(
             lambda c: self._granted(token, run(c)),
-            lambda: local(key, token, limit, lease_s, now),
+            lambda: self._unanswered(token, local(key, token, limit, lease_s, now)),
             tuple(keys),
-            _not_granted,
+            lambda: self._not_granted(keys[0], token, wait),
         )
 
     async def _alease_call(
@@ -1115,9 +1185,9 @@ class RedisStore(Store):
         return await self._arun(
             remote,
             lambda c: self._granted(token, run(c)),
-            lambda: local(key, token, limit, lease_s, now),
+            lambda: self._unanswered(token, local(key, token, limit, lease_s, now)),
             tuple(keys),
-            _not_granted,
+            lambda: self._not_granted(keys[0], token, wait),
         )
 
     def _granted(self, token: str, reply: Any) -> bool:
@@ -1126,6 +1196,28 @@ class RedisStore(Store):
         if code < 0 and len(self._ranks) < 10_000:
             self._ranks[token] = -1 - code
         return code == 1
+
+    def _unanswered(self, token: str, granted: bool) -> bool:
+        """A lease ask Redis did not answer because the store is down or a stall is being
+        checked (served locally, no Redis op spent on it): a waiter asks again soon, so it
+        is served as soon as the store has a verdict. A full pool is load: the waiter backs
+        off as usual (asking sooner would only crowd the pool more)."""
+        health = self._health
+        if not granted and (health.suspect or health.degraded) and len(self._ranks) < 10_000:
+            self._ranks[token] = 0
+        return granted
+
+    def _not_granted(self, k: str, token: str, wait: bool) -> bool:
+        """A lease request Redis was too busy to answer: not granted, the caller waits and
+        asks again (a local grant here would let a burst exceed the shared limit). The
+        script may still run in Redis: a one-shot ask's token is forgotten (released with
+        a tombstone once Redis answers), so its late grant cannot hold a permit for
+        `lease_s`; a waiter keeps its token and asks again (a late grant is then its own)."""
+        if not wait:
+            self._health.defer_release(k, token)
+            if self._client is not None and not self._health.degraded:
+                self._flush(self._client)  # Redis is up: send it now, in the background
+        return self._unanswered(token, False)
 
     def waiter_rank(self, token: str) -> int | None:
         """Position of waiter `token` in the queue at its last ask (0 = next), if queued."""
@@ -1149,23 +1241,25 @@ class RedisStore(Store):
     def _release(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token, forget)
-        self._run(
+        keys, args = self._release_call(k, token, forget, key)
+        reply = self._run(
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
             tuple(keys),
         )
+        self._handed(key, reply)
 
     async def _arelease(self, key: str, token: str, forget: bool) -> None:
         k = self._lease_key(key)
         self._local.lease_release(key, token)
-        keys, args = self._release_call(k, token, forget)
-        await self._arun(
+        keys, args = self._release_call(k, token, forget, key)
+        reply = await self._arun(
             self._ascript("lease_release", keys, args),
             self._script("lease_release", keys, args),
             lambda: self._health.defer_release(k, token),
             tuple(keys),
         )
+        self._handed(key, reply)
 
     def lease_count(self, key: str, now: float) -> int:
         k, low = self._lease_key(key), "(" + _num(now)
@@ -1220,9 +1314,13 @@ class RedisStore(Store):
         if self.url is not None:
             return self._redis.Redis.from_url(self.url, socket_connect_timeout=1.0)
         if self._client is not None:
-            kwargs = dict(self._client.connection_pool.connection_kwargs)
+            # the same connection settings through a pool of its own (connection_kwargs
+            # may hold keys that `Redis()` itself does not take)
+            pool = self._client.connection_pool
+            kwargs = dict(pool.connection_kwargs)
             kwargs["socket_timeout"] = None
-            return self._redis.Redis(**kwargs)
+            own = self._redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            return self._redis.Redis(connection_pool=own)
         return None
 
     # -- lifecycle -------------------------------------------------------------------

@@ -60,7 +60,9 @@ class RedisNotifier:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.sender = uuid.uuid4().hex
+        # the store's own id when it has one: messages its Lua scripts publish (a freed
+        # lease) are then recognised as this process's own
+        self.sender = getattr(store, "sender_id", None) or uuid.uuid4().hex
         self.received = 0  # messages from other processes dispatched
         self._lock = threading.Lock()
         self._callbacks: dict[str, list[Callable[[], Callable[[str], None] | None]]] = {}
@@ -100,7 +102,11 @@ class RedisNotifier:
         if sender == self.sender:
             return
         prefix = self.store.channel("")
-        key = channel[len(prefix) :] if channel.startswith(prefix) else channel
+        self.deliver(channel[len(prefix) :] if channel.startswith(prefix) else channel, state)
+
+    def deliver(self, key: str, state: str) -> None:
+        """Call the callbacks registered for `key` with `state` (a message of another
+        process, or this process's own news that skipped pub/sub)."""
         with self._lock:
             refs = list(self._callbacks.get(key, ()))
         for ref in refs:

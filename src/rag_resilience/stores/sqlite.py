@@ -39,7 +39,8 @@ __all__ = ["SQLiteStore"]
 R = TypeVar("R")
 T = TypeVar("T")
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
+_WAITER_GONE_S = 1.0  # a lease_wait caller silent this long has left the queue
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
     key        TEXT PRIMARY KEY,
@@ -71,6 +72,13 @@ CREATE TABLE IF NOT EXISTS leases (
     token      TEXT NOT NULL,
     expires_at REAL NOT NULL,
     PRIMARY KEY (key, token)
+);
+CREATE TABLE IF NOT EXISTS lease_waiters (
+    ticket INTEGER PRIMARY KEY AUTOINCREMENT,
+    key    TEXT NOT NULL,
+    token  TEXT NOT NULL,
+    seen   REAL NOT NULL,
+    UNIQUE (key, token)
 );
 """
 
@@ -225,6 +233,13 @@ class SQLiteStore(Store):
         return self._guard(
             lambda: self._file_lease_acquire(key, token, limit, lease_s, now),
             lambda: self._local.lease_acquire(key, token, limit, lease_s, now),
+        )
+
+    def lease_wait(self, key: str, token: str, limit: int, lease_s: float, now: float) -> bool:
+        """First come, first served across processes, as RedisStore: a queue in the file."""
+        return self._guard(
+            lambda: self._file_lease_acquire(key, token, limit, lease_s, now, wait=True),
+            lambda: self._local.lease_wait(key, token, limit, lease_s, now),
         )
 
     def lease_release(self, key: str, token: str) -> None:
@@ -468,28 +483,59 @@ class SQLiteStore(Store):
 
     # -- leases ----------------------------------------------------------------------
     def _file_lease_acquire(
-        self, key: str, token: str, limit: int, lease_s: float, now: float
+        self, key: str, token: str, limit: int, lease_s: float, now: float, wait: bool = False
     ) -> bool:
+        """Free permits go to the oldest waiters first (tickets in `lease_waiters`); a
+        newcomer takes one only if more are free than wait. `wait` queues `token`."""
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE key = ? AND expires_at <= ?", (key, now))
+
+            def grant() -> bool:
+                conn.execute(
+                    "INSERT OR REPLACE INTO leases (key, token, expires_at) VALUES (?, ?, ?)",
+                    (key, token, now + lease_s),
+                )
+                conn.execute("DELETE FROM lease_waiters WHERE key = ? AND token = ?", (key, token))
+                return True
+
             held = conn.execute(
                 "SELECT 1 FROM leases WHERE key = ? AND token = ?", (key, token)
             ).fetchone()
-            if held is None:
-                (count,) = conn.execute(
-                    "SELECT COUNT(*) FROM leases WHERE key = ?", (key,)
-                ).fetchone()
-                if count >= limit:
-                    return False
+            if held is not None:
+                return grant()
+            (count,) = conn.execute("SELECT COUNT(*) FROM leases WHERE key = ?", (key,)).fetchone()
+            free = limit - int(count)
             conn.execute(
-                "INSERT OR REPLACE INTO leases (key, token, expires_at) VALUES (?, ?, ?)",
-                (key, token, now + lease_s),
+                "DELETE FROM lease_waiters WHERE key = ? AND seen < ?",
+                (key, now - _WAITER_GONE_S),
             )
-            return True
+            row = conn.execute(
+                "SELECT ticket FROM lease_waiters WHERE key = ? AND token = ?", (key, token)
+            ).fetchone()
+            if row is None:
+                (waiting,) = conn.execute(
+                    "SELECT COUNT(*) FROM lease_waiters WHERE key = ?", (key,)
+                ).fetchone()
+                if free > int(waiting):
+                    return grant()
+                if not wait:
+                    return False
+                ticket = conn.execute(
+                    "INSERT INTO lease_waiters (key, token, seen) VALUES (?, ?, ?)",
+                    (key, token, now),
+                ).lastrowid
+            else:
+                ticket = row[0]
+                conn.execute("UPDATE lease_waiters SET seen = ? WHERE ticket = ?", (now, ticket))
+            (rank,) = conn.execute(
+                "SELECT COUNT(*) FROM lease_waiters WHERE key = ? AND ticket < ?", (key, ticket)
+            ).fetchone()
+            return grant() if int(rank) < free else False
 
     def _file_lease_release(self, key: str, token: str) -> None:
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE key = ? AND token = ?", (key, token))
+            conn.execute("DELETE FROM lease_waiters WHERE key = ? AND token = ?", (key, token))
 
     def _file_lease_count(self, key: str, now: float) -> int:
         with self._read() as conn:
