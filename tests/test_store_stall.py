@@ -160,11 +160,15 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
     stop.set()
     await asyncio.gather(*tasks)
     await asyncio.to_thread(lambda: [t.join() for t in threads])
-    assert errors == []
-    assert store.counters["outages"] >= 1, "the stall was never seen"
-    assert max(c[0] for c in calls) <= 1, "a call paid more than one op timeout"
-    assert sum(c[1] for c in calls) == 0, "a call sent Redis an op while it was degraded"
-    assert store.counters.get("probes", 0) >= 1  # the stall outlasted a retry_interval
+    # every message carries the store's counters: a failure under load explains itself
+    seen = f"counters {dict(store.counters)}, {len(calls)} calls"
+    assert errors == [], f"{errors[:3]!r}; {seen}"
+    assert store.counters["outages"] >= 1, f"the stall was never seen; {seen}"
+    paid = sorted((c[0] for c in calls), reverse=True)[:5]
+    assert paid[0] <= 1, f"a call paid more than one op timeout: worst {paid}; {seen}"
+    sent = sum(c[1] for c in calls)
+    assert sent == 0, f"{sent} ops sent to Redis while degraded; {seen}"
+    assert store.counters.get("probes", 0) >= 1, f"no background probe; {seen}"
     assert limit.in_flight == 0
     await _until(lambda: raw.zcard(LEASE) == 0, "no lease held in Redis")
     await store.aclose()
