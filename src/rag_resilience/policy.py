@@ -679,7 +679,10 @@ class ResiliencePolicy:
         or the rejection if it comes after the deadline (then nothing is sent and
         nothing is retried). The drivers sleep; no coroutine frame when there is room."""
         try:
-            return limiter.reserve(pace or self._default_pace, _deadline.remaining())
+            # the policy's own deadline: the limiter shortens it to the deadline in force
+            # (`deadline.bound`) only when the call must wait, so a call with room reads
+            # no clock for it (the hot path)
+            return limiter.reserve(pace or self._default_pace, self.deadline)
         except RateLimitedError as exc:
             self._pace_rejected(exc)
             return exc
@@ -1333,7 +1336,7 @@ class ResiliencePolicy:
                     plan = self._expired(clock)
                 else:
                     if self.rate_limiter is not None:  # deadline -> pacing -> permit
-                        self._published(self.rate_limiter.acquire, pace, _deadline.remaining())
+                        self._published(self.rate_limiter.acquire, pace, self.deadline)
                     call.take()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
@@ -1446,7 +1449,7 @@ class ResiliencePolicy:
                     plan = self._expired(clock)
                 else:
                     if self.rate_limiter is not None:  # deadline -> pacing -> permit
-                        await self._apublished(pace, _deadline.remaining())
+                        await self._apublished(pace, self.deadline)
                     await call.atake()
             except QueueFullError as exc:
                 plan = self._plan(exc, 0, get_clock(self.clock).monotonic())
