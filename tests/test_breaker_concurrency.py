@@ -85,7 +85,7 @@ STORES = pytest.mark.parametrize("store", [False, True], ids=["local", "store"])
 
 
 # -- threads --------------------------------------------------------------------------------
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 def test_threads_failure_count_is_exact(store: bool) -> None:
     cb = breaker(store, FakeClock(), failure_threshold=10**9)
@@ -104,7 +104,7 @@ def test_threads_failure_count_is_exact(store: bool) -> None:
     assert cb.get_state() is CircuitState.CLOSED
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 def test_threads_rate_window_counts_every_call(store: bool) -> None:
     cb = breaker(store, FakeClock(), mode="rate", minimum_calls=10**9, window_seconds=60.0)
@@ -134,7 +134,7 @@ def test_threads_rate_window_counts_every_call(store: bool) -> None:
     )
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 def test_threads_trip_once_and_rejections_are_exact(store: bool) -> None:
     clock = FakeClock()
@@ -171,7 +171,7 @@ def test_threads_trip_once_and_rejections_are_exact(store: bool) -> None:
     assert stats["breaker_transitions"] == {"closed->open": 1}
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 def test_threads_half_open_probes_never_above_bound(store: bool) -> None:
     clock = FakeClock()
@@ -213,7 +213,7 @@ def test_threads_half_open_probes_never_above_bound(store: bool) -> None:
     assert cb.stats()["probes_in_flight"] == 0  # every slot given back
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 def test_threads_half_open_closes_after_success_threshold(store: bool) -> None:
     clock = FakeClock()
@@ -247,7 +247,7 @@ def test_threads_half_open_closes_after_success_threshold(store: bool) -> None:
     assert transitions == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_lock_is_not_held_around_the_call_or_listeners() -> None:
     clock = FakeClock()
     cb = CircuitBreaker(failure_threshold=1, recovery_timeout=5.0, clock=clock)
@@ -289,7 +289,7 @@ def test_lock_is_not_held_around_the_call_or_listeners() -> None:
 
 
 # -- asyncio --------------------------------------------------------------------------------
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 async def test_tasks_counters_exact_and_single_trip(store: bool) -> None:
     clock = FakeClock()
@@ -321,7 +321,7 @@ async def test_tasks_counters_exact_and_single_trip(store: bool) -> None:
     assert cb.get_state() is CircuitState.OPEN
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 async def test_tasks_half_open_probes_never_above_bound(store: bool) -> None:
     clock = FakeClock()
@@ -359,7 +359,7 @@ async def test_tasks_half_open_probes_never_above_bound(store: bool) -> None:
     assert cb.stats()["probes_in_flight"] == 0
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 @STORES
 async def test_tasks_cancelled_probes_free_their_slots(store: bool) -> None:
     clock = FakeClock()
@@ -405,7 +405,7 @@ def make_policy(limit: int, clock: FakeClock) -> ResiliencePolicy:
     )
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_policy_threads_in_flight_within_limit_and_counts_exact() -> None:
     clock = FakeClock()
     policy = make_policy(4, clock)
@@ -443,7 +443,7 @@ def test_policy_threads_in_flight_within_limit_and_counts_exact() -> None:
     assert policy.limit is not None and policy.limit.in_flight == 0
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_policy_tasks_in_flight_within_limit_and_counts_exact() -> None:
     clock = FakeClock()
     policy = make_policy(8, clock)
@@ -468,7 +468,7 @@ async def test_policy_tasks_in_flight_within_limit_and_counts_exact() -> None:
     assert policy.limit is not None and policy.limit.in_flight == 0
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_policy_threads_and_tasks_share_one_limit() -> None:
     clock = FakeClock()
     policy = make_policy(3, clock)

@@ -290,7 +290,7 @@ TestQueueMachine.settings = settings(max_examples=60, stateful_step_count=30, de
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_seed_demo_worker_processes_five_and_empties_queue() -> None:
     work_queue: RequestQueue[str] = RequestQueue(max_size=20)
     processed_items: list[str] = []
@@ -312,7 +312,7 @@ def test_seed_demo_worker_processes_five_and_empties_queue() -> None:
     assert worker.stats()["processed"] == 5
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_worker_survives_exceptions_and_counts_them(caplog: pytest.LogCaptureFixture) -> None:
     queue: RequestQueue[int] = RequestQueue(20)
     done: list[int] = []
@@ -336,7 +336,7 @@ def test_worker_survives_exceptions_and_counts_them(caplog: pytest.LogCaptureFix
     assert sum("bad item" in r.getMessage() or r.exc_info is not None for r in caplog.records) == 5
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_stop_drains_everything_queued_first() -> None:
     queue: RequestQueue[int] = RequestQueue(100)
     seen: list[int] = []
@@ -351,7 +351,7 @@ def test_stop_drains_everything_queued_first() -> None:
     assert worker.processed == 50
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_stop_without_drain_returns_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
     queue: RequestQueue[int] = RequestQueue(100)
     gate = threading.Event()
@@ -384,7 +384,7 @@ def test_stop_without_drain_returns_what_is_left(caplog: pytest.LogCaptureFixtur
     assert worker.stats()["returned_unprocessed"] == 4
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_stop_with_drain_never_hangs_on_a_stuck_fn(caplog: pytest.LogCaptureFixture) -> None:
     queue: RequestQueue[int] = RequestQueue(10)
     gate = threading.Event()
@@ -403,7 +403,7 @@ def test_stop_with_drain_never_hangs_on_a_stuck_fn(caplog: pytest.LogCaptureFixt
     wait_until(lambda: worker.processed == 1)
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_many_workers_process_each_item_exactly_once() -> None:
     queue: RequestQueue[int] = RequestQueue(500)
     seen: list[int] = []
@@ -424,7 +424,7 @@ def test_many_workers_process_each_item_exactly_once() -> None:
     assert worker.stats()["num_workers"] == 4
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_worker_restarts_and_exits_when_queue_closes() -> None:
     queue: RequestQueue[int] = RequestQueue(10)
     seen: list[int] = []
@@ -520,7 +520,7 @@ def test_non_shared_store_uses_local_fast_path() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_backpressure_rejects_at_once_when_wait_queue_full() -> None:
     events, listener = collect()
     limit = ConcurrencyLimit(2, max_waiting=1, name="llm", listeners=[listener])
@@ -565,7 +565,7 @@ async def test_async_backpressure_with_no_wait_queue() -> None:
     assert limit.stats()["rejected"] == 2
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_wait_timeout_raises_wait_timeout_error() -> None:
     events, listener = collect()
     limit = ConcurrencyLimit(1, max_waiting=5, wait_timeout=0.02, name="t", listeners=[listener])
@@ -743,7 +743,7 @@ async def test_threads_and_tasks_on_two_event_loops_share_one_limit() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_cancelled_waiters_do_not_leak_permits() -> None:
     limit = ConcurrencyLimit(1, max_waiting=10)
     await limit.aacquire()
@@ -769,7 +769,7 @@ async def test_cancelled_waiters_do_not_leak_permits() -> None:
     assert limit.try_acquire()
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_permit_handed_to_a_task_being_cancelled_is_passed_on() -> None:
     limit = ConcurrencyLimit(1, max_waiting=10)
     await limit.aacquire()
@@ -798,7 +798,7 @@ async def test_permit_handed_to_a_task_being_cancelled_is_passed_on() -> None:
     assert limit.try_acquire()
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_permit_granted_as_wait_times_out_is_kept() -> None:
     limit = ConcurrencyLimit(1, max_waiting=1, wait_timeout=0.02)
     await limit.aacquire()
@@ -812,7 +812,7 @@ async def test_permit_granted_as_wait_times_out_is_kept() -> None:
     limit.release()
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_thread_waiters_are_served_fifo_without_barging() -> None:
     limit = ConcurrencyLimit(1, max_waiting=8)
     limit.acquire()
@@ -836,7 +836,7 @@ def test_thread_waiters_are_served_fifo_without_barging() -> None:
     assert order == list(range(8))
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_threads_and_tasks_wait_in_one_fifo_line() -> None:
     limit = ConcurrencyLimit(1, max_waiting=6)
     await limit.aacquire()
@@ -1074,7 +1074,7 @@ def test_threads_on_two_instances_never_exceed_distributed_limit() -> None:
     assert store.lease_count(KEY, time.time()) == 0
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 def test_held_lease_is_renewed_while_the_call_runs() -> None:
     store = SharedMemoryStore()
     holder = ConcurrencyLimit(1, name="shared-llm", store=store, lease_s=0.1)
@@ -1101,7 +1101,7 @@ def test_store_failure_falls_back_to_a_local_limit(caplog: pytest.LogCaptureFixt
     assert len(warnings) == 1  # once per outage, not per call
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(60)
 async def test_cancelled_distributed_waiter_frees_its_place() -> None:
     store = SharedMemoryStore()
     a = ConcurrencyLimit(1, name="shared-llm", store=store)

@@ -394,6 +394,9 @@ def _tracer_of(tracer_provider: Any) -> Any:
     )
 
 
+_INHERITED: Any = object()  # `instrument` found the method on a base class
+
+
 def is_instrumented() -> bool:
     return bool(_active)
 
@@ -409,9 +412,10 @@ def instrument(tracer_provider: Any = None) -> None:
             return
         inst = _Instrumentation(tracer)
         for name, wrap in _WRAPPERS:
-            original = ResiliencePolicy.__dict__[name]
-            inst.originals[name] = original
-            setattr(ResiliencePolicy, name, wrap(original, inst))
+            # the drivers are inherited (`_async/drivers.py` and its generated sync twin):
+            # wrap what the class resolves, and remember whether it was its own
+            inst.originals[name] = ResiliencePolicy.__dict__.get(name, _INHERITED)
+            setattr(ResiliencePolicy, name, wrap(getattr(ResiliencePolicy, name), inst))
         _active.append(inst)
         add_listener(inst.listener)
 
@@ -423,7 +427,10 @@ def uninstrument() -> None:
             return
         inst = _active.pop()
         for name, original in inst.originals.items():
-            setattr(ResiliencePolicy, name, original)
+            if original is _INHERITED:
+                delattr(ResiliencePolicy, name)
+            else:
+                setattr(ResiliencePolicy, name, original)
         remove_listener(inst.listener)
 
 
@@ -432,7 +439,7 @@ def trace_policy(policy: ResiliencePolicy, tracer_provider: Any = None) -> Resil
     Do not combine with a process-wide `instrument` (its calls would get two spans)."""
     inst = _Instrumentation(_tracer_of(tracer_provider))
     for name, wrap in _WRAPPERS:
-        original = ResiliencePolicy.__dict__[name]
+        original = getattr(ResiliencePolicy, name)
         setattr(policy, name, types.MethodType(wrap(original, inst), policy))
     policy.add_listener(inst.listener)
     return policy

@@ -34,7 +34,8 @@ from ..adapters import (
 from ..degraded import note_degraded
 from ..errors import add_note, mark_handled
 from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
-from ..policy import _NO_KEY, ResiliencePolicy, Served
+from ..policy import ResiliencePolicy, Served
+from ..policy_core import _NO_KEY
 from ..ratelimit import PaceRequest
 from ..ratelimit_instrument import instrument, model_upstream
 from ..ratelimit_tokens import estimate_request_tokens

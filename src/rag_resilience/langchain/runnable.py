@@ -30,7 +30,8 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from ..degraded import DegradedScope, enter_scope, exit_scope
 from ..fallback import stable_key
 from ..knobs import check_given_policy, check_unknown, pop_knobs, resolve_policy
-from ..policy import _NO_KEY, CacheHooks, Codec, ResiliencePolicy, Served
+from ..policy import CacheHooks, Codec, ResiliencePolicy, Served
+from ..policy_core import _NO_KEY
 from . import _common as c
 from . import dropin
 from .typed import generic_arity, unavailable
