@@ -118,3 +118,24 @@ async def test_a_crowd_of_waiters_sends_a_bounded_number_of_requests(
     await _until(lambda: raw.zcard(LEASE) == 0, "no lease held in Redis")
     await _until(lambda: raw.zcard(f"{LEASE}:q") == 0, "no waiter queued in Redis")
     await store.aclose()
+
+
+async def test_a_release_the_busy_pool_deferred_is_sent_without_a_later_call(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    """The only pooled connection is taken when a permit is released: the release is
+    deferred (busy, not an outage). Before, it was sent only by the next successful
+    operation, so the last releases of a burst held their permits for lease_s (60 s)."""
+    store = RedisStore(redis_server.url, prefix="p", max_connections=1)
+    assert store.lease_acquire("rag_resilience:llm:limit", "t1", 4, 60.0, time.time())
+    pool = store._client.connection_pool
+    taken = pool.get_connection()  # the pool is empty now
+    try:
+        store.lease_release("rag_resilience:llm:limit", "t1")
+        assert store.counters["busy"] >= 1 and not store.degraded
+        assert raw.zcard(LEASE) == 1  # not sent yet
+    finally:
+        pool.release(taken)
+    await _until(lambda: raw.zcard(LEASE) == 0, "the deferred release sent")
+    assert store.counters["outages"] == 0
+    store.close()
