@@ -139,3 +139,20 @@ async def test_a_release_the_busy_pool_deferred_is_sent_without_a_later_call(
     await _until(lambda: raw.zcard(LEASE) == 0, "the deferred release sent")
     assert store.counters["outages"] == 0
     store.close()
+
+
+async def test_a_caller_that_may_not_wait_still_asks_when_the_askers_are_busy(
+    redis_server: RedisServer,
+) -> None:
+    """With `max_waiting=0` the one ask is a caller's only chance: it is sent even while
+    the process's askers are all busy (else a free permit would be refused)."""
+    store = RedisStore(redis_server.url, prefix="p")
+    limit = ConcurrencyLimit(2, name="llm", store=store)  # max_waiting=0
+    for _ in range(limit._asks.capacity):  # every asker's turn is taken
+        assert limit._asks.try_enter()
+    limit.acquire()
+    await limit.aacquire()
+    assert limit.in_flight == 2
+    limit.release()
+    await limit.arelease()
+    await store.aclose()

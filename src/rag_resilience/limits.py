@@ -900,9 +900,10 @@ class ConcurrencyLimit:
 
     def _ask_once(self, token: str) -> bool:
         """Ask for a lease at once, if this process's askers leave room (a burst of new
-        calls must not send one request each: they queue at the gate instead)."""
+        calls must not send one request each: they queue at the gate instead). Without
+        room to wait (`max_waiting=0`) this ask is the caller's only chance: it is sent."""
         if not self._asks.try_enter():
-            return False
+            return not self._max_waiting and self._lease_once(token)
         try:
             return self._lease_once(token)
         finally:
@@ -941,12 +942,14 @@ class ConcurrencyLimit:
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
         token = self._new_token()
-        if self._asks.try_enter():  # one ask at once, unless the process's askers are busy
+        if self._asks.try_enter():  # as in _ask_once
             try:
                 if await self._alease_once(token):
                     return
             finally:
                 self._asks.leave()
+        elif not self._max_waiting and await self._alease_once(token):
+            return
         # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
         # (tombstoned), and a waiter's token must stay grantable.
         token = self._new_token()
