@@ -209,6 +209,8 @@ async def test_cancellation_storm_leaks_no_permit(redis_server: RedisServer, raw
     await _until(lambda: not getattr(limit, "_forgotten", ()), "releases sent")
     assert len(thread_calls) == 40
     assert limit.in_flight == 0
+    # no asker's turn was lost to a cancelled task (parked or asking)
+    assert (limit._asks.holders, limit._asks.waiting) == (0, 0)
     assert raw.zcard(LEASE) == 0
     assert limit.stats()["peak_in_flight"] <= 3
     await store.aclose()
