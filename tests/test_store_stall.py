@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import test_store_faults as _faults
+from _crowd import Crowd
 from _redis_server import RedisServer
 from rag_resilience.breaker import CircuitBreaker
 from rag_resilience.limits import ConcurrencyLimit
@@ -109,9 +110,6 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
     limit = ConcurrencyLimit(6, max_waiting=200, wait_timeout=30.0, name="llm", store=store)
     breaker = CircuitBreaker(5, 30.0, name="chat", store=store)
     policy = ResiliencePolicy(breaker=breaker, limit=limit, name="stall")
-    stop = threading.Event()
-    calls: list[list[int]] = []
-    errors: list[BaseException] = []
 
     async def upstream() -> str:
         await asyncio.sleep(0.001)
@@ -121,30 +119,20 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
         time.sleep(0.001)
         return "ok"
 
-    def thread_worker() -> None:
-        while not stop.is_set():
-            call = [0, 0]
-            _CALL.set(call)
-            try:
-                policy.call(sync_upstream)
-            except BaseException as exc:
-                errors.append(exc)
-            calls.append(call)
+    def new_call() -> list[int]:
+        call = [0, 0]
+        _CALL.set(call)
+        return call
 
-    async def task_worker() -> None:
-        while not stop.is_set():
-            call = [0, 0]
-            _CALL.set(call)
-            try:
-                await policy.acall(upstream)
-            except BaseException as exc:
-                errors.append(exc)
-            calls.append(call)
-
-    threads = [threading.Thread(target=thread_worker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    tasks = [asyncio.create_task(task_worker()) for _ in range(12)]
+    crowd = Crowd(
+        lambda: policy.call(sync_upstream),
+        lambda: policy.acall(upstream),
+        threads=3,
+        tasks=12,
+        start_call=new_call,
+    )
+    crowd.start()
+    calls, errors = crowd.calls, crowd.errors
     await _until(lambda: len(calls) > 50, "calls flowing")
     # Only the stall's timeouts count (ops begun while Redis was asleep): on a loaded box
     # a call may also pay one to load just before it or in the reconnect rush after it
@@ -157,9 +145,7 @@ async def test_a_stall_costs_a_call_at_most_one_op_timeout(
     await _until(lambda: not store.degraded, "recovered")
     before = len(calls)
     await _until(lambda: len(calls) > before + 50, "calls flowing again")
-    stop.set()
-    await asyncio.gather(*tasks)
-    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    await crowd.finish()
     # every message carries the store's counters: a failure under load explains itself
     seen = f"counters {dict(store.counters)}, {len(calls)} calls"
     assert errors == [], f"{errors[:3]!r}; {seen}"
@@ -260,8 +246,7 @@ async def test_two_replicas_crowd_never_exceed_the_limit(
     release: the number inside never exceeds 3, every call gets through, nothing leaks."""
     stores = [RedisStore(redis_server.url, prefix="p", op_timeout=1.0) for _ in range(2)]
     limits = [
-        ConcurrencyLimit(3, max_waiting=100, wait_timeout=60.0, name="llm", store=s)
-        for s in stores
+        ConcurrencyLimit(3, max_waiting=100, wait_timeout=60.0, name="llm", store=s) for s in stores
     ]
     lock = threading.Lock()
     state = {"in": 0, "peak": 0, "done": 0}

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from . import _validate as _v
+from ._askgate import AskGate
 from ._counter import AtomicCounter
 from .clock import Clock, SystemClock, get_clock
 from .deadline import bound as _deadline_bound
@@ -47,6 +48,8 @@ T = TypeVar("T")
 # Distributed waiters poll the store: first after 5 ms, backing off to 50 ms.
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.05
+# At most this many (or the limit, if larger) waiters of one process ask the store at once.
+_ASKERS_MIN = 16
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,7 +397,9 @@ class ConcurrencyLimit:
     With a shared `store` (``store.shared``), permits are leases at key
     ``rag_resilience:{name}:limit`` taken with `lease_s` expiry: the limit holds across
     processes, waiting polls the store (5 ms backing off to 50 ms, on `clock`; a release in
-    this process wakes its oldest waiter at once), waiters are served first come, first
+    this process wakes its oldest waiter at once; only the first max(limit, 16) waiters of a
+    process poll, the rest queue in the process, so a crowd cannot run the store's
+    connection pool dry), waiters are served first come, first
     served across processes where the store can queue them (Redis, SQLite, and the local
     fallback; see `Store.lease_wait`), and `in_flight` counts this process's permits only.
     On Redis a release hands the permit to the oldest waiter of any process and says so
@@ -456,6 +461,9 @@ class ConcurrencyLimit:
         # release here wakes the oldest to ask the store at once (it is likely next in
         # the store's queue), instead of leaving the permit idle until its next poll.
         self._sleepers: deque[_ThreadWaiter | _AsyncWaiter] = deque()
+        # Only the first few waiters of this process poll the store; the rest queue here
+        # (a crowd of pollers ran the connection pool dry and timed out a healthy Redis).
+        self._asks = AskGate(max(max_concurrency, _ASKERS_MIN))
         # token = random per-instance prefix + counter: unique across processes, and
         # ~10x cheaper than a uuid4 (an os.urandom syscall) per acquisition
         self._token_prefix = uuid.uuid4().hex
@@ -866,7 +874,7 @@ class ConcurrencyLimit:
 
     def _acquire_distributed(self, timeout: float | None) -> None:
         token = self._new_token()
-        if self._lease_once(token):
+        if self._ask_once(token):
             return
         # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
         # (tombstoned), and a waiter's token must stay grantable.
@@ -876,6 +884,39 @@ class ConcurrencyLimit:
         wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         clock = get_clock(self._clock)
         deadline = None if wait_for is None else clock.monotonic() + wait_for
+        gated = isinstance(clock, SystemClock)  # a fake clock's waiters never block for real
+        try:
+            turn = not gated or self._asks.enter(wait_for)
+        except BaseException:
+            self._leave_wait(False, wait_for, cancelled=True)
+            raise
+        if not turn:
+            self._leave_wait(False, wait_for, cut=wait_for != asked)  # raises
+        try:
+            self._poll_until(token, clock, deadline, asked, wait_for)
+        finally:
+            if gated:
+                self._asks.leave()
+
+    def _ask_once(self, token: str) -> bool:
+        """Ask for a lease at once, if this process's askers leave room (a burst of new
+        calls must not send one request each: they queue at the gate instead). Without
+        room to wait (`max_waiting=0`) this ask is the caller's only chance: it is sent."""
+        if not self._asks.try_enter():
+            return not self._max_waiting and self._lease_once(token)
+        try:
+            return self._lease_once(token)
+        finally:
+            self._asks.leave()
+
+    def _poll_until(
+        self,
+        token: str,
+        clock: Clock,
+        deadline: float | None,
+        asked: float | None,
+        wait_for: float | None,
+    ) -> None:
         delay, acquired = _POLL_FIRST_S, False
         self._asking[token] = False
         try:
@@ -901,7 +942,13 @@ class ConcurrencyLimit:
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
         token = self._new_token()
-        if await self._alease_once(token):
+        if self._asks.try_enter():  # as in _ask_once
+            try:
+                if await self._alease_once(token):
+                    return
+            finally:
+                self._asks.leave()
+        elif not self._max_waiting and await self._alease_once(token):
             return
         # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
         # (tombstoned), and a waiter's token must stay grantable.
@@ -911,6 +958,28 @@ class ConcurrencyLimit:
         wait_for = _deadline_bound(asked)  # the call's deadline cuts the wait (deadline.py)
         clock = get_clock(self._clock)
         deadline = None if wait_for is None else clock.monotonic() + wait_for
+        gated = isinstance(clock, SystemClock)  # as in _acquire_distributed
+        try:
+            turn = not gated or await self._asks.aenter(wait_for)
+        except BaseException:
+            self._leave_wait(False, wait_for, cancelled=True)
+            raise
+        if not turn:
+            self._leave_wait(False, wait_for, cut=wait_for != asked)  # raises
+        try:
+            await self._apoll_until(token, clock, deadline, asked, wait_for)
+        finally:
+            if gated:
+                self._asks.leave()
+
+    async def _apoll_until(
+        self,
+        token: str,
+        clock: Clock,
+        deadline: float | None,
+        asked: float | None,
+        wait_for: float | None,
+    ) -> None:
         delay, acquired = _POLL_FIRST_S, False
         self._asking[token] = False
         try:

@@ -596,8 +596,9 @@ class RedisStore(Store):
                 except self._faults as exc:
                     for key, token in pending:
                         self._health.defer_release(key, token)
-                    self._fault(exc)
-                    return
+                    if not self._fault(exc):
+                        return  # an outage: the probe sends them when Redis is back
+                    time.sleep(self.op_timeout)  # busy: try again shortly
         finally:
             with self._lock:
                 self._flushing = False
@@ -1214,10 +1215,16 @@ class RedisStore(Store):
         a tombstone once Redis answers), so its late grant cannot hold a permit for
         `lease_s`; a waiter keeps its token and asks again (a late grant is then its own)."""
         if not wait:
-            self._health.defer_release(k, token)
-            if self._client is not None and not self._health.degraded:
-                self._flush(self._client)  # Redis is up: send it now, in the background
+            self._defer(k, token)
         return self._unanswered(token, False)
+
+    def _defer(self, k: str, token: str) -> None:
+        """A release Redis could not take now: kept, and sent in the background at once
+        if Redis is up (busy), else when it is back. Nothing else may follow to trigger
+        it: the last releases of a burst must not hold permits for `lease_s`."""
+        self._health.defer_release(k, token)
+        if self._client is not None and not self._health.degraded:
+            self._flush(self._client)
 
     def waiter_rank(self, token: str) -> int | None:
         """Position of waiter `token` in the queue at its last ask (0 = next), if queued."""
@@ -1244,7 +1251,7 @@ class RedisStore(Store):
         keys, args = self._release_call(k, token, forget, key)
         reply = self._run(
             self._script("lease_release", keys, args),
-            lambda: self._health.defer_release(k, token),
+            lambda: self._defer(k, token),
             tuple(keys),
         )
         self._handed(key, reply)
@@ -1256,7 +1263,7 @@ class RedisStore(Store):
         reply = await self._arun(
             self._ascript("lease_release", keys, args),
             self._script("lease_release", keys, args),
-            lambda: self._health.defer_release(k, token),
+            lambda: self._defer(k, token),
             tuple(keys),
         )
         self._handed(key, reply)
