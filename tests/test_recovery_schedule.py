@@ -139,9 +139,8 @@ def test_the_seed_breaker_still_opens_for_its_period_from_the_trip(clock: FakeCl
     ("spread", "retry_after", "open_count"),
     [
         (0.5, 2.0 - 1.0, 1),  # first probe 2 s after the first failure
-        (1.5, 6.0 - 3.0, 2),  # 2 s passed while failing: the next probe time, 6 s
-        (10.0, 30.0 - 20.0, 4),  # 2, 6, 14 passed: 30 s (periods 2, 4, 8, 16)
-        (40.0, 122.0 - 80.0, 6),  # periods reach recovery_timeout (60 s): 2..30, 62, 122
+        (1.5, 4.0, 2),  # 2 s passed while failing: as if opened at 1 s, probe at 7 s
+        (10.0, 4.0, 2),  # at most one period credited: as if opened at 18 s, probe at 24 s
     ],
 )
 def test_the_schedule_skips_probe_times_the_failing_run_passed(

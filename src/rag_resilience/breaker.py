@@ -378,8 +378,12 @@ class CircuitBreaker:
         (count="calls") 0.2-0.3 s into a scaled outage, later under load: timed from the
         trip, every probe came that much later (benchmarks/chaos.py outage: the first live
         answer 0.65 s after recovery instead of 0.45 s), and a trip past the first probe
-        time still probed twice in a 1 s outage (the zero-upstream share fell under 95%)."""
+        time still probed twice in a 1 s outage (the zero-upstream share fell under 95%).
+        At most one period is credited (a run longer than that counts as one failed probe)."""
         count = rec.open_count
+        # credit at most one open period: a lone caller whose failed calls spread over 30 s
+        # is not told to wait out the 30 s schedule (its next probe: one period later)
+        start = max(start, now - self._open_period(count))
         until = start + self._open_period(count)
         while until <= now:
             period = self._open_period(count + 1)
