@@ -251,8 +251,10 @@ def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
         served_open = oai.chat.completions.create(**CHAT)  # open: no upstream request at all
         assert cassette.play_count == 20
         # An unknown request while open: nothing cached, no generic answer. It waits for
-        # the next probe (2 s, within its deadline) instead of failing at once, is the
-        # probe, and the API is still down: the upstream's own error, the circuit reopens.
+        # the next probe (within its deadline) instead of failing at once, is the probe,
+        # and the API is still down: the upstream's own error, the circuit reopens. The
+        # probe is due 4 s after the trip, not 2 s: the failed calls spanned 30 s, and the
+        # presets time open periods from when the failures began, crediting one period.
         with pytest.raises(openai.InternalServerError):
             oai.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "new"}]
@@ -260,7 +262,7 @@ def test_chat_outage_opens_the_breaker_then_no_upstream_calls_then_recovers(
         assert cassette.play_count == 21 and breaker.get_state() is CircuitState.OPEN
     metas = [r.resilience for r in (*failed, served_open)]  # type: ignore[attr-defined]
     assert [(m["source"], m["attempts"]) for m in metas] == [("cache", 4)] * 5 + [("cache", 0)]
-    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 15 + [pytest.approx(2.0)]
+    assert clock.sleeps == [pytest.approx(OUTAGE_RETRY_AFTER)] * 15 + [pytest.approx(4.0)]
     clock.advance(breaker.retry_after())
     with cassettes.use_cassette("openai_chat/success") as cassette:
         healed = oai.chat.completions.create(**CHAT)

@@ -94,6 +94,7 @@ class _Record:
     """Breaker state; JSON round-trips for stores."""
 
     __slots__ = (
+        "failing_since",
         "failures",
         "open_count",
         "open_until",
@@ -107,6 +108,7 @@ class _Record:
     def __init__(self) -> None:
         self.state = _CLOSED
         self.failures = 0
+        self.failing_since: float | None = None  # the first failure of the current run
         self.successes = 0
         self.opened_at = 0.0
         self.open_until = 0.0
@@ -118,6 +120,7 @@ class _Record:
         return {
             "s": self.state,
             "f": self.failures,
+            "fs": self.failing_since,
             "ok": self.successes,
             "oa": self.opened_at,
             "ou": self.open_until,
@@ -154,6 +157,8 @@ class _Record:
         if isinstance(data, dict):
             rec.state = str(data.get("s", _CLOSED))
             rec.failures = int(data.get("f", 0))
+            since = data.get("fs")
+            rec.failing_since = None if since is None else float(since)
             rec.successes = int(data.get("ok", 0))
             rec.opened_at = float(data.get("oa", 0.0))
             rec.open_until = float(data.get("ou", 0.0))
@@ -167,7 +172,9 @@ class _Record:
             rec.window = {str(k): [int(v[0]), int(v[1])] for k, v in data.get("w", {}).items()}
             if rec.state not in (_CLOSED, _OPEN, _HALF):
                 raise ValueError(f"unknown state {rec.state!r}")
-            if not all(map(math.isfinite, (rec.opened_at, rec.open_until))):
+            if not all(map(math.isfinite, (rec.opened_at, rec.open_until))) or (
+                rec.failing_since is not None and not math.isfinite(rec.failing_since)
+            ):
                 raise ValueError("non-finite open time")
         return rec
 
@@ -195,6 +202,7 @@ class CircuitBreaker:
         minimum_calls: int = 10,
         window_seconds: float = 60.0,
         min_recovery_timeout: float | None = None,
+        open_from: str = "trip",
         probe_timeout: float = 60.0,
         probe_wait: float | None = None,
         slow_start: SlowStart | None = None,
@@ -220,6 +228,8 @@ class CircuitBreaker:
                 f"min_recovery_timeout must be in (0, recovery_timeout={recovery_timeout}], "
                 f"got {min_recovery_timeout}"
             )
+        if open_from not in ("trip", "first_failure"):
+            raise ValueError(f"open_from must be 'trip' or 'first_failure', got {open_from!r}")
         _v.positive("probe_timeout", probe_timeout)
         if probe_wait is not None and not 0 <= probe_wait <= probe_timeout:
             raise ValueError(
@@ -237,6 +247,9 @@ class CircuitBreaker:
         self.minimum_calls = minimum_calls
         self.window_seconds = float(window_seconds)
         self.min_recovery_timeout = min_recovery_timeout
+        #: when the first open period starts: at the trip, or ("first_failure", the presets)
+        #: at the first failure of the run that tripped it (consecutive mode), see `_t_failure`
+        self.open_from = open_from
         self.probe_timeout = probe_timeout
         #: how long `admit` waits for a probe in flight (0: reject at once, as `before_call`)
         self.probe_wait = (
@@ -354,9 +367,38 @@ class CircuitBreaker:
         rec.successes = 0
         rec.probes = []
 
+    def _schedule_from(self, rec: _Record, start: float, now: float) -> None:
+        """`open_from="first_failure"`: a circuit that just opened (`_trip`) at `now` on
+        failures that began at `start` probes on the schedule it would have had opening at
+        `start` (open periods doubling from the trip's), skipping the probe times already
+        past: the failing attempts of that time said what those probes would have said.
+
+        Why: the threshold decides whether to open; how long the upstream has been seen
+        down decides when to look again. A crowd reaches 20 failed attempts
+        (count="calls") 0.2-0.3 s into a scaled outage, later under load: timed from the
+        trip, every probe came that much later (benchmarks/chaos.py outage: the first live
+        answer 0.65 s after recovery instead of 0.45 s), and a trip past the first probe
+        time still probed twice in a 1 s outage (the zero-upstream share fell under 95%).
+        At most one period is credited (a run longer than that counts as one failed probe)."""
+        count = rec.open_count
+        # credit at most one open period: a lone caller whose failed calls spread over 30 s
+        # is not told to wait out the 30 s schedule (its next probe: one period later)
+        start = max(start, now - self._open_period(count))
+        until = start + self._open_period(count)
+        while until <= now:
+            period = self._open_period(count + 1)
+            if period >= self.recovery_timeout:  # periods stopped doubling: jump
+                skip = math.floor((now - until) / period) + 1
+                count, until = count + skip, until + skip * period
+                break
+            count, until = count + 1, until + period
+        rec.open_count = count
+        rec.open_until = until
+
     def _close(self, rec: _Record) -> None:
         rec.state = _CLOSED
         rec.failures = 0
+        rec.failing_since = None
         rec.successes = 0
         rec.open_count = 0
         rec.probes = []
@@ -389,6 +431,13 @@ class CircuitBreaker:
             return ADMITTED, 0.0
         return ADMITTED_CLEAN, 0.0
 
+    def _probe_sent(self, rec: _Record, ticket: int) -> float | None:
+        """When probe `ticket` was admitted (None: not in flight in this round)."""
+        for probe_id, expiry in rec.probes:
+            if probe_id == ticket:
+                return expiry - self.probe_timeout
+        return None
+
     def _release_probe(self, rec: _Record, ticket: int) -> bool:
         """Free the slot of probe `ticket`; False if it is not in flight in this round.
 
@@ -419,15 +468,25 @@ class CircuitBreaker:
     def _t_failure(self, rec: _Record, now: float, ticket: int, pooled: int = 0) -> None:
         """`pooled`: failures counted by siblings on the same upstream (upstream.py)."""
         if ticket >= PROBE:
+            sent = self._probe_sent(rec, ticket)
             if rec.state == _HALF and self._release_probe(rec, ticket):
                 self._trip(rec, now)
+                if self.open_from == "first_failure" and sent is not None:
+                    # from the probe's send: the schedule does not drift by each failed
+                    # probe's round trip (or its timeout)
+                    self._schedule_from(rec, sent, now)
             return
         if rec.state != _CLOSED:
             return
+        if not rec.failures or rec.failing_since is None:
+            rec.failing_since = now
         rec.failures += 1
         if self.mode == "consecutive":
             if rec.failures + pooled >= self.failure_threshold:
+                since = rec.failing_since
                 self._trip(rec, now)
+                if self.open_from == "first_failure" and since is not None:
+                    self._schedule_from(rec, since, now)
             return
         calls, failures = self._record_window(rec, now, failed=True)
         if calls >= self.minimum_calls and failures / calls >= self.failure_rate_threshold:
@@ -895,16 +954,25 @@ class CircuitBreaker:
             self._transition(old, new)
 
     # -- one outage signal per upstream (upstream.py drives these) ---------------------------
-    def _t_follow(self, rec: _Record, now: float, period: float) -> None:
+    def _t_follow(self, rec: _Record, now: float, period: float, open_count: int) -> None:
         if rec.state == _OPEN:
             rec.open_until = max(rec.open_until, now + period)  # probe after the leader
         elif rec.state == _CLOSED and rec.failures and period > 0:
             self._trip(rec, now)  # failing too, since its last success: open together
             rec.open_until = now + period
+        else:
+            return
+        # one schedule per upstream: whichever member probes next, its failure doubles the
+        # period as the leader's would (else it depended on which wrapper probed)
+        rec.open_count = max(rec.open_count, open_count)
 
     def local_now(self) -> float:
         """This process's reading of the breaker's clock (never the store's shared time)."""
         return get_clock(self.clock).monotonic()
+
+    def open_count(self) -> int:
+        """Times opened since the circuit last closed: for upstream.py."""
+        return self._snapshot().open_count
 
     def first_open_period(self) -> float:
         return self._open_period(1)
@@ -926,10 +994,10 @@ class CircuitBreaker:
         rec = self._snapshot()
         return rec.failures if rec.state == _CLOSED else 0
 
-    def follow(self, period: float) -> None:
-        """A sibling on the same upstream opened for `period` seconds: follow it (see
-        upstream.py)."""
-        _, old, new = self._apply(lambda rec, now: self._t_follow(rec, now, period))
+    def follow(self, period: float, open_count: int = 0) -> None:
+        """A sibling on the same upstream opened (its `open_count`-th time in a row) for
+        `period` seconds: follow it (see upstream.py)."""
+        _, old, new = self._apply(lambda rec, now: self._t_follow(rec, now, period, open_count))
         if old != new:
             self._transition(old, new)
         else:
@@ -976,6 +1044,7 @@ class CircuitBreaker:
             "window_seconds": self.window_seconds if self.mode == "rate" else None,
             "recovery_timeout": self.recovery_timeout,
             "min_recovery_timeout": self.min_recovery_timeout,
+            "open_from": self.open_from,
             "success_threshold": self.success_threshold,
             "half_open_max_calls": self.half_open_max_calls,
             "probe_wait": self.probe_wait,

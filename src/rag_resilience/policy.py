@@ -184,6 +184,7 @@ class ResiliencePolicy(SyncDrivers, AsyncDrivers):
             min_recovery_timeout=cfg.get(
                 "min_recovery_timeout", min(PRESET_MIN_RECOVERY, cfg["recovery_timeout"])
             ),
+            open_from="first_failure",
             half_open_max_calls=cfg.get("half_open_max_calls", 1),
             success_threshold=cfg.get("success_threshold", 1),
             probe_wait=cfg.get("probe_wait", default_probe_wait(cfg["attempt_timeout"])),
@@ -264,6 +265,7 @@ class ResiliencePolicy(SyncDrivers, AsyncDrivers):
                 minimum_calls=b.minimum_calls,
                 window_seconds=b.window_seconds,
                 min_recovery_timeout=b.min_recovery_timeout,
+                open_from=b.open_from,
                 probe_timeout=b.probe_timeout,
                 probe_wait=b.probe_wait,
                 classifier=self._classifier_arg,

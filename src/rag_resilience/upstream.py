@@ -114,9 +114,9 @@ class UpstreamGroup:
             others = [m for m in self.members() if m is not leader]
             if state == "open":
                 # seconds, not a time: members may read different clocks (local/shared)
-                period = leader.retry_after() + _STAGGER_S
+                period, count = leader.retry_after() + _STAGGER_S, leader.open_count()
                 for member in others:
-                    member.follow(period)
+                    member.follow(period, count)
             elif state == "closed":
                 for member in others:
                     member.probe_now()
