@@ -167,7 +167,9 @@ def scenarios(quick: bool, s: float) -> dict[str, Scenario]:
     # rate limited: bursts of 16 every 0.2 s (80 req/s) against 100 req/s with a bucket of 10
     bursts = 4 if q else 24
     rl_arrivals = [b * 0.2 + k * 0.0005 for b in range(bursts) for k in range(16)]
-    pre, down, post = (0.3, 0.3, 0.6) if q else (1.0, 10.0 * s, 2.5)
+    # quick: the outage must outlast the 20 failed attempts that open the presets' circuit
+    # even on a loaded box (0.3 s did not, once, under CPU hogs)
+    pre, down, post = (0.3, 0.8, 0.6) if q else (1.0, 10.0 * s, 2.5)
     out_arrivals = open_loop(50.0, pre + down + post)
     spike_n = 60 if q else 200
     return {
