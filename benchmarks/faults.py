@@ -73,6 +73,7 @@ class Charge:
         "op_s",
         "op_timeouts",
         "ops_degraded",
+        "remote_s",
         "started",
         "store_s",
     )
@@ -85,6 +86,7 @@ class Charge:
         self.store_s = 0.0  # wall time inside store operations (remote or local)
         self.op_s: list[float] = []  # the same, per operation
         self.depth = 0  # store operations in progress (an async op may run a sync one)
+        self.remote_s: list[float] = []  # each async Redis op, inside its wait_for bound
         self.in_thread = threading.current_thread() is not threading.main_thread()
 
 
@@ -105,7 +107,13 @@ class CountingStore(RedisStore):
 
         async def watched(c: Any) -> Any:
             _charge(degraded_op=degraded)
-            return await remote(c)
+            t0 = time.perf_counter()
+            try:
+                return await remote(c)
+            finally:
+                call = _CALL.get()
+                if call is not None:
+                    call.remote_s.append(time.perf_counter() - t0)
 
         with _timed():
             return await super()._arun(watched, self._watch(sync_remote), local, *args)
@@ -402,6 +410,7 @@ async def run_scenario(
                 "ops_ms": [round(t * 1000, 1) for t in costly.op_s],
                 "op_timeouts": costly.op_timeouts,
                 "in_thread": costly.in_thread,
+                "async_remote_ms": [round(t * 1000, 1) for t in costly.remote_s],
                 "started_after_fault_s": round(costly.started - struck, 3),
                 "loop_lag_worst_ms": _worst_lag(w, costly.started, costly.ended or ended),
             },
