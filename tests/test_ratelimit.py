@@ -4,6 +4,7 @@ rates learned from headers, AIMD without them, token correction, config errors."
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from datetime import datetime, timezone
 
@@ -147,6 +148,42 @@ def test_a_429_blocks_until_its_retry_after_then_spaces_the_crowd() -> None:
     waits = [limiter.reserve(req())[0] for _ in range(3)]
     assert waits == pytest.approx([2.0, 2.1, 2.2])
     assert limiter.stats()["throttled_429"] == 1
+
+
+def test_a_call_that_met_a_429_keeps_its_place_while_a_crowd_reserves() -> None:
+    """Issue 16: the retry of a 429'd call is granted the first slot the Retry-After
+    allows, at the 429; before, it queued again after sleeping through the Retry-After,
+    behind every caller who reserved meanwhile (here 0.6 s late instead of on time)."""
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=10.0, clock=clock)
+    throttled = contextvars.copy_context()  # the 429'd call's own thread/task context
+    throttled.run(limiter.reserve, req())
+    throttled.run(limiter.observe, {"retry-after-ms": "500"}, status=429, upstream=UP)
+    slots: list[float] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        wait = limiter.reserve(req())[0]
+        with lock:
+            slots.append(wait)
+
+    async def tasks() -> None:
+        async def task() -> None:
+            one()
+            await asyncio.sleep(0)
+
+        await asyncio.gather(*(task() for _ in range(3)))
+
+    crowd = [threading.Thread(target=one) for _ in range(3)]
+    crowd.append(threading.Thread(target=asyncio.run, args=(tasks(),)))
+    for t in crowd:
+        t.start()
+    for t in crowd:
+        t.join()
+    clock.advance(0.5)  # the retry slept through exactly the Retry-After
+    assert throttled.run(limiter.reserve, req())[0] == pytest.approx(0.0)
+    # the crowd queues behind it, one interval apart
+    assert sorted(slots) == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
 
 
 def test_aimd_cuts_on_429_without_headers_and_grows_back() -> None:

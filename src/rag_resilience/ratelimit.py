@@ -86,6 +86,9 @@ class Reservation:
     tokens: int
     at: float = 0.0  # the slot (monotonic): the request went no earlier
     observed: bool = False
+    #: the retry's slot, granted when this call's request met a 429: the first one at the
+    #: server's Retry-After, ahead of callers who came later (see `Pacer.promise_retry`)
+    retry_at: float | None = None
 
 
 _logger = logging.getLogger("rag_resilience")
@@ -159,10 +162,13 @@ class Pacer:
     def calls(self) -> int:
         return self._calls + self._free.value
 
-    def reserve(self, now: float, tokens: int, max_wait: float | None) -> float:
+    def reserve(
+        self, now: float, tokens: int, max_wait: float | None, promised: float | None = None
+    ) -> float:
         """Grant the next slot and return its time (monotonic), or raise
         `RateLimitedError` (nothing reserved) if it comes later than the call's deadline
-        (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full."""
+        (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full.
+        `promised`: the request slot this call already holds (a retry after a 429)."""
         if (
             self.requests is None
             and self.tokens is None
@@ -181,7 +187,10 @@ class Pacer:
             self._grow_aimd(now)
             at = self._blocked_until if self._blocked_until > now else now
             requests, token_bucket = self.requests, self.tokens
-            if requests is not None:
+            if promised is not None:
+                # its request slot was taken when the 429 was seen: keep that place
+                at, requests = max(now, promised), None
+            elif requests is not None:
                 at = max(at, requests.allowed_at(now, 1.0))
             if token_bucket is not None and tokens > 0:
                 at = max(at, token_bucket.allowed_at(now, float(tokens)))
@@ -216,6 +225,20 @@ class Pacer:
                 token_bucket.take(at, float(tokens))
             self._calls += 1
             self._admitted.append(at)
+            return at
+
+    def promise_retry(self, now: float) -> float | None:
+        """The slot for the retry of a request that just met a 429, taken now (so callers
+        who reserve while it sleeps through the Retry-After queue behind it): the first
+        one the server's Retry-After allows. Without it the retry queued again after its
+        sleep, behind everyone who came meanwhile, and on a crowd could meet 429 after
+        429 until it ran out of attempts (issue 16). None: no local request bucket."""
+        with self._lock:
+            requests = self.requests
+            if requests is None or self._shared is not None:
+                return None
+            at = max(now, self._blocked_until, requests.allowed_at(now, 1.0))
+            requests.take(at, 1.0)
             return at
 
     def _reserve_shared(self, now: float, tokens: int, max_wait: float | None) -> float | None:
@@ -603,7 +626,11 @@ class RateLimiter:
             pacer._admitted.append(now)
             at = now
         else:
-            at = pacer.reserve(now, request.tokens, max_wait)
+            prior = _current.get()
+            promised = None
+            if prior is not None and prior.pacer is pacer and prior.retry_at is not None:
+                promised, prior.retry_at = prior.retry_at, None
+            at = pacer.reserve(now, request.tokens, max_wait, promised)
         _current.set(Reservation(pacer, request.tokens, at))
         return at - now, clock
 
@@ -678,6 +705,8 @@ class RateLimiter:
                 info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
                 pacer.observe(info, status, now)
+                if status == 429 and reservation is not None and reservation.retry_at is None:
+                    reservation.retry_at = pacer.promise_retry(now)
             if reservation is not None and not reservation.observed:
                 reservation.observed = True
                 if usage_tokens is not None and pacer.tokens is not None:
