@@ -159,27 +159,7 @@ def test_a_call_that_met_a_429_keeps_its_place_while_a_crowd_reserves() -> None:
     throttled = contextvars.copy_context()  # the 429'd call's own thread/task context
     throttled.run(limiter.reserve, req())
     throttled.run(limiter.observe, {"retry-after-ms": "500"}, status=429, upstream=UP)
-    slots: list[float] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        wait = limiter.reserve(req())[0]
-        with lock:
-            slots.append(wait)
-
-    async def tasks() -> None:
-        async def task() -> None:
-            one()
-            await asyncio.sleep(0)
-
-        await asyncio.gather(*(task() for _ in range(3)))
-
-    crowd = [threading.Thread(target=one) for _ in range(3)]
-    crowd.append(threading.Thread(target=asyncio.run, args=(tasks(),)))
-    for t in crowd:
-        t.start()
-    for t in crowd:
-        t.join()
+    slots = crowd_waits(limiter, 3, 3)
     clock.advance(0.5)  # the retry slept through exactly the Retry-After
     assert throttled.run(limiter.reserve, req())[0] == pytest.approx(0.0)
     # the crowd queues behind it, one interval apart
@@ -284,9 +264,8 @@ def test_policy_serves_a_paced_out_call_degraded_at_once_without_calling() -> No
     assert policy.stats()["rate_limit"]["rejected"] == 1
 
 
-def test_crowd_of_threads_and_tasks_gets_distinct_fifo_slots() -> None:
-    clock = FakeClock()
-    limiter = RateLimiter(requests_per_second=100.0, clock=clock)
+def crowd_waits(limiter: RateLimiter, threads: int, tasks: int) -> list[float]:
+    """The waits `reserve` grants a crowd of `threads` threads and `tasks` asyncio tasks."""
     waits: list[float] = []
     lock = threading.Lock()
 
@@ -295,19 +274,26 @@ def test_crowd_of_threads_and_tasks_gets_distinct_fifo_slots() -> None:
         with lock:
             waits.append(wait)
 
-    async def tasks() -> None:
+    async def run_tasks() -> None:
         async def one() -> None:
             take()
             await asyncio.sleep(0)
 
-        await asyncio.gather(*(one() for _ in range(50)))
+        await asyncio.gather(*(one() for _ in range(tasks)))
 
-    threads = [threading.Thread(target=take) for _ in range(50)]
-    runner = threading.Thread(target=asyncio.run, args=(tasks(),))
-    for t in [*threads, runner]:
+    crowd = [threading.Thread(target=take) for _ in range(threads)]
+    crowd.append(threading.Thread(target=asyncio.run, args=(run_tasks(),)))
+    for t in crowd:
         t.start()
-    for t in [*threads, runner]:
+    for t in crowd:
         t.join()
+    return waits
+
+
+def test_crowd_of_threads_and_tasks_gets_distinct_fifo_slots() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(requests_per_second=100.0, clock=clock)
+    waits = crowd_waits(limiter, 50, 50)
     # 100 callers, one slot each, 10 ms apart: no two share a slot, none is skipped
     assert sorted(round(w, 6) for w in waits) == [round(i * 0.01, 6) for i in range(100)]
 
