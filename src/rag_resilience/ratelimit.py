@@ -29,7 +29,6 @@ left than the server says. With a `RedisStore` the arrival times live in Redis
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import logging
 import math
@@ -105,15 +104,6 @@ _current: ContextVar[Reservation | None] = ContextVar("rag_resilience_pace", def
 def current_reservation() -> Reservation | None:
     """The slot the current thread/task was last granted (response hooks read it)."""
     return _current.get()
-
-
-def _widen(info: RateLimitInfo, seconds: float) -> RateLimitInfo:
-    def widen(bucket: BucketInfo | None) -> BucketInfo | None:
-        if bucket is None:
-            return None
-        return dataclasses.replace(bucket, age=bucket.age + seconds)
-
-    return dataclasses.replace(info, requests=widen(info.requests), tokens=widen(info.tokens))
 
 
 class Pacer:
@@ -329,7 +319,9 @@ class Pacer:
         cfg = self.limiter
         with self._lock:
             self.responses += 1
+            admitted = status != 429
             if info.requests is not None:
+                self._req_est.add(info.requests, admitted)
                 # On a 429 the Retry-After says exactly when the next request fits
                 # (applied below); "0 remaining" would only delay it further.
                 exact = status == 429 and info.retry_after is not None
@@ -337,6 +329,7 @@ class Pacer:
                     self.requests, self._req_est, info.requests, now, 1.0, "requests", not exact
                 )
             if info.tokens is not None:
+                self._tok_est.add(info.tokens, admitted)
                 self.tokens = self._learn(
                     self.tokens, self._tok_est, info.tokens, now, 0.0, "tokens", True
                 )
@@ -368,7 +361,6 @@ class Pacer:
         sync_remaining: bool,
     ) -> Bucket | None:
         cfg = self.limiter
-        estimate.add(info)
         rate = estimate.rate()
         configured = (
             self.request_source == "configured"
@@ -694,15 +686,9 @@ class RateLimiter:
             else:
                 return
             clock = get_clock(self.clock)
-            # The wall clock first: `now` is then no earlier than the moment the resets
-            # are counted from, and `now - reservation.at` bounds the answer's age.
             wall = clock.time()
             now = clock.monotonic()
             info = parse_rate_limit_headers(headers, now=wall)
-            if info.format == "anthropic" and reservation is not None:
-                # An absolute reset (RFC 3339) was stamped somewhere between the slot
-                # and now: counted from the stamp, it is longer by up to the answer's age.
-                info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
                 pacer.observe(info, status, now)
                 if status == 429 and reservation is not None and reservation.retry_at is None:
