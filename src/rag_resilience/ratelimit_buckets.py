@@ -153,7 +153,8 @@ class RateEstimate:
         stays full and its reports stop bounding the rate from below (a bucket of 5
         proves at most 4/5 of its rate that way: issue 16's crowd stuck at 29.5/s of 40).
         So while the server keeps reporting room the pace reaches further toward the
-        upper bound, step by step; a bucket found (nearly) empty starts over.
+        upper bound, step by step, never past what the lower bound allows (upper bounds
+        from answers stamped late are loose); a bucket found (nearly) empty starts over.
         `safety` and the remaining-count sync keep the overshoot safe."""
         if not self.highs:
             # A lower bound alone (every report's reset within its error, or absolute
@@ -166,4 +167,10 @@ class RateEstimate:
         lo = max(self.lows)
         gap = max(0.0, hi - lo)
         middle = min(lo + 0.5 * gap, lo * 1.1)
-        return max(middle, lo + min(_REACH_MAX, _REACH_STEP * self.room) * gap)
+        reach = lo + min(_REACH_MAX, _REACH_STEP * self.room) * gap
+        # One report of a bucket of L proves at most (L - 1) / L of the rate from below
+        # (`add`): lo * L / (L - 1) is at most the rate, however loose the upper bound.
+        limit = self.limit or 1.0
+        if limit > 1.0:
+            reach = min(reach, lo * limit / (limit - 1.0))
+        return max(middle, reach)
