@@ -203,18 +203,24 @@ def test_token_limit_paces_long_prompts(chaos_server_factory: Callable[..., Chao
     assert 0.75 * 3000 <= up["tokens_per_s"] <= 1.05 * 3000
 
 
+@pytest.mark.parametrize("clock_offset", [0.0, 2.0, -2.0])
 def test_anthropic_format_headers_are_learned_too(
-    chaos_server_factory: Callable[..., ChaosServer],
+    chaos_server_factory: Callable[..., ChaosServer], clock_offset: float
 ) -> None:
+    """Also from a server whose clock is 2 s ahead of ours or behind it: its RFC 3339
+    resets are all off by as much, their differences are not (issue 16: 0.2 s ahead
+    collapsed the rate to ~4/s)."""
     clock = CrowdClock(CALLERS)
-    server = limited_server(chaos_server_factory, clock, rate_limit_headers="anthropic")
+    server = limited_server(
+        chaos_server_factory, clock, rate_limit_headers="anthropic", clock_offset=clock_offset
+    )
     metas, errors, stats = crowd(server, clock)
     assert errors == [] and not any(m["degraded"] for m in metas)
     assert server.stats()["statuses"].get(429, 0) <= PACED_429S
     up = next(iter(stats["rate_limit"]["upstreams"].values()))
-    # An RFC 3339 reset is uncertain by the answer's age (on a fake clock answers age in
-    # jumps, by other callers' whole waits): the age loosens only the lower bound, so
-    # the learned rate stays near the limit (it collapsed to < 1/s before issue 16's fix)
+    # Read against our clock an RFC 3339 reset is off by the answer's age and the clocks'
+    # offset; the rate is read from differences of resets, which neither changes (it
+    # collapsed to < 1/s on late answers, then ~4/s on a clock 0.2 s ahead: issue 16)
     assert up["requests_source"] == "headers"
     assert 0.75 * 40 <= up["requests_per_s"] <= 1.1 * 40
 
