@@ -189,11 +189,19 @@ def test_without_pacing_the_same_crowd_is_degraded(
     assert server.stats()["statuses"].get(429, 0) > PACED_429S
 
 
-def test_token_limit_paces_long_prompts(chaos_server_factory: Callable[..., ChaosServer]) -> None:
+@pytest.mark.parametrize("headers", ["openai", "anthropic"])
+def test_token_limit_paces_long_prompts(
+    chaos_server_factory: Callable[..., ChaosServer], headers: str
+) -> None:
+    """Requests cost ~260 tokens each: an absolute (Anthropic) token reset moves by a
+    request's cost, not by one, between two requests (read as one it paced at ~12 tokens/s)."""
     clock = CrowdClock(CALLERS)
     long = [{"role": "user", "content": "tell me about rate limits " * 40}]  # ~260 tokens
     server = chaos_server_factory(
-        clock=clock, rate_limit_tpm=60 * 3000.0, rate_limit_token_burst=3000
+        clock=clock,
+        rate_limit_tpm=60 * 3000.0,
+        rate_limit_token_burst=3000,
+        rate_limit_headers=headers,
     )  # ~10 such requests per second; requests unlimited
     metas, errors, stats = crowd(server, clock, messages=long)
     assert errors == [] and not any(m["degraded"] for m in metas)

@@ -31,6 +31,7 @@ left than the server says. With a `RedisStore` the arrival times live in Redis
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import math
@@ -108,6 +109,15 @@ def current_reservation() -> Reservation | None:
     return _current.get()
 
 
+def _widen(info: RateLimitInfo, seconds: float) -> RateLimitInfo:
+    def widen(bucket: BucketInfo | None) -> BucketInfo | None:
+        if bucket is None:
+            return None
+        return dataclasses.replace(bucket, age=bucket.age + seconds)
+
+    return dataclasses.replace(info, requests=widen(info.requests), tokens=widen(info.tokens))
+
+
 class Pacer:
     """The buckets of one upstream. All decisions are made under its lock; nobody sleeps
     holding it. Thread- and task-safe."""
@@ -128,7 +138,7 @@ class Pacer:
             cap = cfg.token_burst if cfg.token_burst is not None else cfg.tokens_per_second
             self.tokens = Bucket(1.0 / cfg.tokens_per_second, cap, now)
             self.token_source = "configured"
-        self._req_est = RateEstimate()
+        self._req_est = RateEstimate(unit_cost=True)
         self._tok_est = RateEstimate()
         self._blocked_until = -math.inf
         self._aimd_rate: float | None = None
@@ -691,6 +701,10 @@ class RateLimiter:
             wall = clock.time()
             now = clock.monotonic()
             info = parse_rate_limit_headers(headers, now=wall)
+            if info.format == "anthropic" and reservation is not None:
+                # An absolute reset (RFC 3339) was stamped somewhere between the slot
+                # and now: counted from the stamp, it is longer by up to the answer's age.
+                info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
                 pacer.observe(info, status, now)
                 if status == 429 and reservation is not None and reservation.retry_at is None:

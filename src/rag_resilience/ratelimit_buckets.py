@@ -59,11 +59,14 @@ class RateEstimate:
     the two would bias every such bound, either way. What an offset cannot touch is the
     *difference* of two absolute resets: the server's bucket is full at its reset time
     (a GCRA "theoretical arrival time"), and each admitted request moves that time by at
-    least one interval, so two admitted requests' resets are at least 1/rate apart."""
+    least one interval, so two admitted requests' resets are at least 1/rate apart. That
+    holds for a bucket of requests (`unit_cost`: each costs one); a token bucket's
+    requests cost what they cost, so its absolute resets are read one by one."""
 
-    __slots__ = ("headroom", "highs", "limit", "lows", "marks", "room")
+    __slots__ = ("headroom", "highs", "limit", "lows", "marks", "room", "unit_cost")
 
-    def __init__(self) -> None:
+    def __init__(self, unit_cost: bool = False) -> None:
+        self.unit_cost = unit_cost
         self.lows: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
         self.highs: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
         #: absolute reset times (POSIX, on the server's clock) of admitted requests
@@ -81,29 +84,30 @@ class RateEstimate:
             if self.limit is not None and info.limit != self.limit:
                 self.clear()  # the limit changed: old reports say nothing now
             self.limit = info.limit
-        limit, remaining, reset = self.limit, info.remaining, info.reset
+        limit, remaining, reset, age = self.limit, info.remaining, info.reset, info.age
         if limit is not None and remaining is not None:
             # Paced below the server's rate its bucket stays full and no report proves
             # more than the lower bound we have: `rate` then reaches toward the upper
             # one, until the bucket runs (nearly) empty.
             self.room = self.room + 1 if remaining > 0.1 * limit else 0
             self.headroom = min(1.0, remaining / limit)
-        if info.reset_at is not None:
+        if info.reset_at is not None and self.unit_cost:
             # (a bucket reported full says nothing: its reset is the report's own time)
             if admitted and limit is not None and remaining is not None and remaining < limit:
                 self._add_mark(info.reset_at, info.resolution)
             return
-        if limit is None or remaining is None or reset is None or reset <= 0:
+        if limit is None or remaining is None or reset is None or reset + age <= 0:
             return
         used = limit - remaining
         if used <= 0:
             return
         # Resets are rounded or truncated (to the millisecond, or the second): widen
-        # the bounds by the largest error that leaves. A reset within its own error says
-        # nothing about the upper bound (taking the error as the reset turned a stale
-        # answer into "1 per 15 s": issue 16).
+        # the bounds by the largest error that leaves. An absolute reset read `age` s
+        # after it may have been stamped is longer by up to `age`: only the lower bound
+        # moves. A reset within its own error says nothing about the upper bound (taking
+        # the error as the reset turned a stale answer into "1 per 15 s": issue 16).
         res = info.resolution
-        lo = max(0.0, used - 1.0) / (reset + res)
+        lo = max(0.0, used - 1.0) / (reset + res + age)
         hi = used / (reset - res) if reset > 2.0 * res else None
         if (hi is not None and self.lows and hi < max(self.lows) * 0.95) or (
             self.highs and lo > min(self.highs) * 1.05

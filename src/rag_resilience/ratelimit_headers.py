@@ -56,6 +56,10 @@ class BucketInfo:
     #: clock, which may be ahead of ours or behind it (`reset` is read on ours). Only
     #: differences of these are exact.
     reset_at: float | None = None
+    #: how long before it was read an absolute (RFC 3339) reset may have been stamped: the
+    #: bucket's real time-to-full, counted from the stamp, is longer by up to this, never
+    #: shorter (so it loosens the lower bound on the rate only)
+    age: float = 0.0
 
     @property
     def empty(self) -> bool:
