@@ -155,7 +155,7 @@ def test_an_rfc3339_reset_from_a_server_clock_off_ours_keeps_the_rate(ahead: flo
         return anthropic_headers(server, int(level), (5.0 - level) / 40.0)
 
     learned = pace_against_a_bucket(RateLimiter(clock=clock), clock, report, 200)
-    assert min(learned[50:]) >= 0.9 * 40 and max(r or 0.0 for r in learned) <= 40.0
+    assert min(learned[50:]) >= 0.9 * 40 and max(r or 0.0 for r in learned) <= 1.05 * 40
 
 
 def test_a_rate_learned_below_the_limit_climbs_to_it_while_the_bucket_stays_full() -> None:
@@ -176,7 +176,7 @@ def test_a_rate_learned_below_the_limit_climbs_to_it_while_the_bucket_stays_full
 
     learned = pace_against_a_bucket(limiter, clock, report, 200)
     assert learned[0] < 0.85 * 40  # where it started
-    assert min(learned[50:]) >= 0.9 * 40 and max(r or 0.0 for r in learned) <= 40.0
+    assert min(learned[50:]) >= 0.9 * 40 and max(r or 0.0 for r in learned) <= 1.05 * 40
 
 
 def test_a_429_blocks_until_its_retry_after_then_spaces_the_crowd() -> None:

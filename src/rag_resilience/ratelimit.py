@@ -101,6 +101,9 @@ _logger = logging.getLogger("rag_resilience")
 _SURPRISE_SHARE = 0.1
 _SURPRISE_AFTER = 50
 
+# answers the granted-throughput bound spans (`Pacer._granted`)
+_GRANTED_WINDOW = 32
+
 _current: ContextVar[Reservation | None] = ContextVar("rag_resilience_pace", default=None)
 
 
@@ -139,6 +142,10 @@ class Pacer:
             self.tokens = Bucket(1.0 / cfg.tokens_per_second, cap, now)
             self.token_source = "configured"
         self._req_est = RateEstimate(unit_cost=True)
+        # the last admitted requests' (slot, answer read at, remaining): see `_granted`
+        self._granted_window: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=_GRANTED_WINDOW
+        )
         self._tok_est = RateEstimate()
         self._blocked_until = -math.inf
         self._aimd_rate: float | None = None
@@ -304,9 +311,12 @@ class Pacer:
         return f"{base or '?'} ({model or 'any model'})"
 
     # -- learning ------------------------------------------------------------------------
-    def observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
-        """Learn from one response's rate-limit headers and status."""
-        self._observe(info, status, now)
+    def observe(
+        self, info: RateLimitInfo, status: int | None, now: float, sent: float | None = None
+    ) -> None:
+        """Learn from one response's rate-limit headers and status; `sent`: its request's
+        slot (it was sent no earlier)."""
+        self._observe(info, status, now, sent)
         shared = self._shared
         if shared is None:
             return
@@ -327,13 +337,17 @@ class Pacer:
         for which, ahead in adjust:
             shared.adjust(which, "atleast", ahead)
 
-    def _observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
+    def _observe(
+        self, info: RateLimitInfo, status: int | None, now: float, sent: float | None
+    ) -> None:
         cfg = self.limiter
         with self._lock:
             self.responses += 1
             admitted = status != 429
             if info.requests is not None:
                 self._req_est.add(info.requests, admitted)
+                if admitted and sent is not None and info.requests.remaining is not None:
+                    self._granted(now, sent, info.requests.remaining)
                 # On a 429 the Retry-After says exactly when the next request fits
                 # (applied below); "0 remaining" would only delay it further.
                 exact = status == 429 and info.retry_after is not None
@@ -361,6 +375,23 @@ class Pacer:
                     # one request's worth at `until`, then the usual spacing: callers
                     # woken by the same Retry-After do not go all at once
                     self.requests.block_until(until)
+
+    def _granted(self, now: float, sent: float, remaining: float) -> None:
+        """The request rate the server granted us proves a lower bound on its refill
+        rate, however late its answers were stamped: between an earlier answer (read
+        at t0, its request sent at s0, R0 left) and this one (sent at s1, R1 left) the
+        server admitted at least N of our requests (this one and those sent after t0
+        and answered before s1) from a bucket of at most R0 + 1, with R1 still left,
+        in at most now - s0 seconds: rate >= (N + R1 - R0 - 1) / (now - s0). A bucket
+        kept full proves nothing more answer by answer ('used 1'); this proves what
+        was sent. The earlier answer is the oldest of the last `_GRANTED_WINDOW`."""
+        window = self._granted_window
+        if window:
+            s0, t0, r0 = window[0]
+            if sent >= t0 and now > s0:
+                granted = 1 + sum(1 for s, t, _ in window if s >= t0 and t <= sent)
+                self._req_est.add_low((granted + remaining - r0 - 1.0) / (now - s0))
+        window.append((sent, now, remaining))
 
     def _learn(
         self,
@@ -706,7 +737,7 @@ class RateLimiter:
                 # and now: counted from the stamp, it is longer by up to the answer's age.
                 info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
-                pacer.observe(info, status, now)
+                pacer.observe(info, status, now, None if reservation is None else reservation.at)
                 if status == 429 and reservation is not None and reservation.retry_at is None:
                     reservation.retry_at = pacer.promise_retry(now)
             if reservation is not None and not reservation.observed:

@@ -11,10 +11,6 @@ from .ratelimit_headers import BucketInfo
 __all__ = ["Bucket", "RateEstimate"]
 
 _SAMPLES = 16  # responses the rate estimate remembers
-# Reaching for the proven upper bound while the server keeps reporting room: each such
-# report moves the pace this share of the way from the lower bound up (at most _REACH_MAX).
-_REACH_STEP = 0.05
-_REACH_MAX = 0.9
 
 
 class Bucket:
@@ -63,7 +59,7 @@ class RateEstimate:
     holds for a bucket of requests (`unit_cost`: each costs one); a token bucket's
     requests cost what they cost, so its absolute resets are read one by one."""
 
-    __slots__ = ("headroom", "highs", "limit", "lows", "marks", "room", "unit_cost")
+    __slots__ = ("headroom", "highs", "limit", "lows", "marks", "unit_cost")
 
     def __init__(self, unit_cost: bool = False) -> None:
         self.unit_cost = unit_cost
@@ -72,9 +68,7 @@ class RateEstimate:
         #: absolute reset times (POSIX, on the server's clock) of admitted requests
         self.marks: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
         self.limit: float | None = None
-        #: reports in a row in which the server's bucket had room, and the share of it
-        #: free in the last report (see `rate`)
-        self.room = 0
+        #: the share of the server's bucket free in the last report (see `rate`)
         self.headroom = 1.0
 
     def add(self, info: BucketInfo, admitted: bool = True) -> None:
@@ -86,10 +80,6 @@ class RateEstimate:
             self.limit = info.limit
         limit, remaining, reset, age = self.limit, info.remaining, info.reset, info.age
         if limit is not None and remaining is not None:
-            # Paced below the server's rate its bucket stays full and no report proves
-            # more than the lower bound we have: `rate` then reaches toward the upper
-            # one, until the bucket runs (nearly) empty.
-            self.room = self.room + 1 if remaining > 0.1 * limit else 0
             self.headroom = min(1.0, remaining / limit)
         if info.reset_at is not None and self.unit_cost:
             # (a bucket reported full says nothing: its reset is the report's own time)
@@ -113,7 +103,7 @@ class RateEstimate:
             self.highs and lo > min(self.highs) * 1.05
         ):
             self.clear()  # inconsistent with what we knew: the rate moved
-        self._add_low(lo)
+        self.add_low(lo)
         if hi is not None:
             self.highs.append(hi)
 
@@ -130,9 +120,10 @@ class RateEstimate:
         for i, other in enumerate(ordered):
             if i != at:
                 best = max(best, abs(i - at) / (abs(mark - other) + resolution))
-        self._add_low(best)
+        self.add_low(best)
 
-    def _add_low(self, lo: float) -> None:
+    def add_low(self, lo: float) -> None:
+        """Learn a lower bound on the rate proven otherwise (`Pacer`: by throughput)."""
         if lo > 0 and (not self.lows or lo >= 0.5 * max(self.lows)):
             # (a much looser bound, e.g. from a stale answer, would only push the
             # informative ones out of the window)
@@ -142,7 +133,6 @@ class RateEstimate:
         self.lows.clear()
         self.highs.clear()
         self.marks.clear()
-        self.room = 0
         self.headroom = 1.0
 
     def upper(self) -> float | None:
@@ -151,15 +141,14 @@ class RateEstimate:
 
     def rate(self) -> float | None:
         """The middle of the tightest bounds [max lower, min upper] of the recent reports
-        (None: nothing known yet), never more than 10 % above the lower bound at first
-        (a loose upper bound, e.g. from a stale answer, says little). The lower bound
-        alone would settle below the real rate: paced below it, the server's bucket
-        stays full and its reports stop bounding the rate from below (a bucket of 5
-        proves at most 4/5 of its rate that way: issue 16's crowd stuck at 29.5/s of 40).
-        So while the server keeps reporting room the pace reaches further toward the
-        upper bound, step by step, never past what the lower bound allows (upper bounds
-        from answers stamped late are loose); a bucket found (nearly) empty starts over.
-        `safety` and the remaining-count sync keep the overshoot safe."""
+        (None: nothing known yet), never more than 10 % above the lower bound (a loose
+        upper bound, e.g. from a stale answer, says little), less as the server's bucket
+        empties. The lower bound alone
+        would settle below the real rate: paced below it, the server's bucket stays full
+        and its reports stop bounding the rate from below (a bucket of 5 proves about
+        4/5 of its rate that way: issue 16's crowd stuck at 29.5/s of 40); `Pacer` then
+        adds what the throughput it was granted proves. `safety` and the remaining-count
+        sync keep the middle safe."""
         if not self.highs:
             # A lower bound alone (every report's reset within its error, or absolute
             # resets): up to 10 % above it, as much as the server's bucket has room (so
@@ -169,12 +158,7 @@ class RateEstimate:
         if not self.lows:
             return hi
         lo = max(self.lows)
-        gap = max(0.0, hi - lo)
-        middle = min(lo + 0.5 * gap, lo * 1.1)
-        reach = lo + min(_REACH_MAX, _REACH_STEP * self.room) * gap
-        # One report of a bucket of L proves at most (L - 1) / L of the rate from below
-        # (`add`): lo * L / (L - 1) is at most the rate, however loose the upper bound.
-        limit = self.limit or 1.0
-        if limit > 1.0:
-            reach = min(reach, lo * limit / (limit - 1.0))
-        return max(middle, reach)
+        # (up to 10 % above the lower bound as the server reports room: a lower bound
+        # proven by what we sent is tight once we send at the rate, and the server's
+        # bucket then empties)
+        return min(lo + 0.5 * max(0.0, hi - lo), lo * (1.0 + 0.1 * self.headroom))
