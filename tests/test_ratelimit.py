@@ -162,8 +162,7 @@ def test_a_rate_learned_below_the_limit_climbs_to_it_while_the_bucket_stays_full
     """Issue 16: a first burst bounded the rate at 30/s from below (a bucket of 5 proves
     at most 4/5 of its rate that way); paced at ~32/s the server's bucket stayed full,
     its answers proved no more, and the learned rate stuck there (the crowd test failed
-    6 runs in 57 at 29.5/s). Reports of a bucket with room now move the pace toward the
-    upper bound they prove."""
+    6 runs in 57 at 29.5/s). What the server granted now proves more: the pace climbs."""
     clock = FakeClock()
     limiter = RateLimiter(clock=clock)
     limiter.reserve(req())

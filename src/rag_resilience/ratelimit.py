@@ -19,10 +19,11 @@ finds `max_queue` callers already waiting.
 Learning the rate: a server bucket of capacity L that reports R left and S seconds until
 full refills at ``(L - R_exact) / S`` per second, with R_exact in [R, R + 1) since R is
 rounded down (and S rounded to its resolution): each response bounds the rate. The pacer
-keeps the tightest bounds of its last responses and paces near the lower one, reaching
-toward the upper one while the server keeps reporting room (`RateEstimate.rate`); RFC
-3339 resets, stamped on the server's clock, count only by their differences. It paces at
-that times `safety`, never keeps more burst than half the server's
+keeps the tightest bounds of its last responses, adds the lower bound the throughput it
+was granted proves (`Pacer._granted`: a bucket kept full proves little report by report),
+and paces at their middle (at most 10 % above the lower bound, less as the server's
+bucket empties); RFC 3339 resets, stamped on the server's clock, count only by their
+differences. It paces at that times `safety`, never keeps more burst than half the server's
 capacity (network jitter is absorbed by the server's bucket) and never believes more is
 left than the server says. With a `RedisStore` the arrival times live in Redis
 (`ratelimit_redis`), so every process pacing the same upstream shares them.
