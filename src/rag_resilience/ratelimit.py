@@ -347,7 +347,12 @@ class Pacer:
             admitted = status != 429
             if info.requests is not None:
                 self._req_est.add(info.requests, admitted)
-                if admitted and sent is not None and info.requests.remaining is not None:
+                if (
+                    admitted
+                    and sent is not None
+                    and info.requests.remaining is not None
+                    and self._req_est.limit is not None  # (Azure: what is left only, AIMD)
+                ):
                     self._granted(now, sent, info.requests.remaining)
                 # On a 429 the Retry-After says exactly when the next request fits
                 # (applied below); "0 remaining" would only delay it further.
