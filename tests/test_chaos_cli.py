@@ -14,7 +14,7 @@ def test_flags_build_the_faults() -> None:
             "--error-rate", "0.05", "--status", "503", "--error-rates", "429=0.1,insufficient_quota=0.01",
             "--retry-after", "2", "--fail-next", "3", "--latency", "0.01", "--stream-break-after", "4",
             "--rate-limit-rps", "50", "--max-concurrency", "20", "--concurrency-mode", "queue",
-            "--endpoints", "embeddings,chat",
+            "--endpoints", "embeddings,chat", "--clock-offset", "-1.5",
         ]
     )  # fmt: skip
     f = faults_from_args(args)
@@ -32,7 +32,10 @@ def test_flags_build_the_faults() -> None:
         max_concurrency=20,
         concurrency_mode="queue",
         endpoints=("embeddings", "chat"),
+        clock_offset=-1.5,
     )
+    with pytest.raises(ValueError, match="clock_offset"):
+        Faults(clock_offset=float("nan"))
 
 
 def test_fail_next_status_defaults_to_status() -> None:

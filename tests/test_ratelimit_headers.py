@@ -94,12 +94,13 @@ def test_anthropic_headers() -> None:
         now=NOW,
     )
     assert info.format == "anthropic"
-    assert info.requests == BucketInfo(50, 49, pytest.approx(3.0), 1.0)  # whole seconds
-    assert info.tokens == BucketInfo(40000, 39000, pytest.approx(3.0), 1.0)
+    # whole seconds; the reset as the server stated it kept too (its clock may not be ours)
+    assert info.requests == BucketInfo(50, 49, pytest.approx(3.0), 1.0, NOW + 3.0)
+    assert info.tokens == BucketInfo(40000, 39000, pytest.approx(3.0), 1.0, NOW + 3.0)
     precise = parse_rate_limit_headers(
         {"anthropic-ratelimit-requests-reset": "2023-11-14T22:13:20.250Z"}, now=NOW
     )
-    assert precise.requests == BucketInfo(None, None, pytest.approx(0.25), 0.001)
+    assert precise.requests == BucketInfo(None, None, pytest.approx(0.25), 0.001, NOW + 0.25)
     assert info.retry_after == pytest.approx(5.0)  # an HTTP date, 5 s after NOW
 
 

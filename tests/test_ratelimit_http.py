@@ -5,6 +5,8 @@ injected clock shared by client and server (nobody really waits)."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +23,66 @@ from rag_resilience.testing import FakeClock
 MSG = [{"role": "user", "content": "What is a circuit breaker?"}]
 THREADS, TASKS, EACH = 6, 6, 5
 CALLERS = THREADS + TASKS
-# On a fake clock sleepers do not overlap: each advances time by its whole wait, so
-# callers whose turn has passed meanwhile send together and a few still meet a 429.
-# Paced crowds stay within a few per caller; the same crowd unpaced gets 5-7 per caller.
+# Paced crowds stay within a few 429s per caller (mostly before the first answers taught
+# the limit); the same crowd unpaced gets 5-7 per caller.
 PACED_429S = 3 * CALLERS
+
+
+class CrowdClock(FakeClock):
+    """A fake clock on which a crowd's sleeps overlap, as they do in real time.
+
+    `FakeClock.sleep` advances time by the whole wait at once, so the waits of N callers
+    add up; callers woken meanwhile then send together, at one instant. Six asyncio tasks
+    each sleeping one slot apart reached the server's bucket of 5 in one instant, the
+    sixth got 429, and the same task (the one woken last) could lose four times in a row
+    and be served degraded (issue 16's flake: 2 runs in ~52 under CPU load). Here a
+    sleeper waits for its wake time, and time moves to the earliest pending wake only
+    when every one of the `participants` is asleep or gone (`leave`): a request is sent,
+    and counted by the server, at the instant its caller woke."""
+
+    def __init__(self, participants: int) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+        self._active = participants
+        self._wakes: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+
+    def _enqueue(self, seconds: float, wake: Callable[[], None]) -> None:
+        with self._cond:
+            self.sleeps.append(seconds)
+            at = self.monotonic() + max(0.0, seconds)
+            heapq.heappush(self._wakes, (at, next(self._order), wake))
+            self._advance()
+
+    def _advance(self) -> None:
+        """Under `_cond`: when everyone sleeps, move to the earliest wake and wake all
+        sleepers due then."""
+        if not self._wakes or len(self._wakes) < self._active:
+            return
+        at = self._wakes[0][0]
+        self.advance(max(0.0, at - self.monotonic()))
+        while self._wakes and self._wakes[0][0] <= at:
+            heapq.heappop(self._wakes)[2]()
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._advance()
+
+    def sleep(self, seconds: float) -> None:
+        woken = threading.Event()
+        self._enqueue(seconds, woken.set)
+        woken.wait()
+
+    async def asleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: woken.done() or woken.set_result(None))
+
+        self._enqueue(seconds, wake)
+        await woken
 
 
 def crowd(
@@ -46,13 +104,18 @@ def crowd(
         with lock:
             metas.append(result.resilience)
 
+    leave = clock.leave if isinstance(clock, CrowdClock) else lambda: None
+
     def worker() -> None:
-        for _ in range(EACH):
-            try:
-                record(sync.chat.completions.create(model="gpt-4o-mini", messages=messages))
-            except Exception as exc:
-                with lock:
-                    errors.append(exc)
+        try:
+            for _ in range(EACH):
+                try:
+                    record(sync.chat.completions.create(model="gpt-4o-mini", messages=messages))
+                except Exception as exc:
+                    with lock:
+                        errors.append(exc)
+        finally:
+            leave()
 
     async def tasks() -> None:
         aclient = AsyncResilientOpenAIClient(
@@ -60,16 +123,19 @@ def crowd(
         )
 
         async def one() -> None:
-            for _ in range(EACH):
-                try:
-                    record(
-                        await aclient.chat.completions.create(
-                            model="gpt-4o-mini", messages=messages
+            try:
+                for _ in range(EACH):
+                    try:
+                        record(
+                            await aclient.chat.completions.create(
+                                model="gpt-4o-mini", messages=messages
+                            )
                         )
-                    )
-                except Exception as exc:
-                    with lock:
-                        errors.append(exc)
+                    except Exception as exc:
+                        with lock:
+                            errors.append(exc)
+            finally:
+                leave()
 
         await asyncio.gather(*(one() for _ in range(TASKS)))
 
@@ -91,7 +157,7 @@ def limited_server(factory: Callable[..., ChaosServer], clock: FakeClock, **kw: 
 def test_a_crowd_over_the_limit_is_answered_live_by_pacing(
     chaos_server_factory: Callable[..., ChaosServer],
 ) -> None:
-    clock = FakeClock()
+    clock = CrowdClock(CALLERS)
     server = limited_server(chaos_server_factory, clock)
     metas, errors, stats = crowd(server, clock)
     total = (THREADS + TASKS) * EACH
@@ -117,17 +183,25 @@ def test_without_pacing_the_same_crowd_is_degraded(
 ) -> None:
     """The behaviour before pacing (rate_limit=False): retries after the same Retry-After
     collide, calls run out of attempts and are served degraded or fail."""
-    clock = FakeClock()
+    clock = CrowdClock(CALLERS)
     server = limited_server(chaos_server_factory, clock)
     crowd(server, clock, preset_kwargs={"rate_limit": False})
     assert server.stats()["statuses"].get(429, 0) > PACED_429S
 
 
-def test_token_limit_paces_long_prompts(chaos_server_factory: Callable[..., ChaosServer]) -> None:
-    clock = FakeClock()
+@pytest.mark.parametrize("headers", ["openai", "anthropic"])
+def test_token_limit_paces_long_prompts(
+    chaos_server_factory: Callable[..., ChaosServer], headers: str
+) -> None:
+    """Requests cost ~260 tokens each: an absolute (Anthropic) token reset moves by a
+    request's cost, not by one, between two requests (read as one it paced at ~12 tokens/s)."""
+    clock = CrowdClock(CALLERS)
     long = [{"role": "user", "content": "tell me about rate limits " * 40}]  # ~260 tokens
     server = chaos_server_factory(
-        clock=clock, rate_limit_tpm=60 * 3000.0, rate_limit_token_burst=3000
+        clock=clock,
+        rate_limit_tpm=60 * 3000.0,
+        rate_limit_token_burst=3000,
+        rate_limit_headers=headers,
     )  # ~10 such requests per second; requests unlimited
     metas, errors, stats = crowd(server, clock, messages=long)
     assert errors == [] and not any(m["degraded"] for m in metas)
@@ -137,18 +211,24 @@ def test_token_limit_paces_long_prompts(chaos_server_factory: Callable[..., Chao
     assert 0.75 * 3000 <= up["tokens_per_s"] <= 1.05 * 3000
 
 
+@pytest.mark.parametrize("clock_offset", [0.0, 2.0, -2.0])
 def test_anthropic_format_headers_are_learned_too(
-    chaos_server_factory: Callable[..., ChaosServer],
+    chaos_server_factory: Callable[..., ChaosServer], clock_offset: float
 ) -> None:
-    clock = FakeClock()
-    server = limited_server(chaos_server_factory, clock, rate_limit_headers="anthropic")
+    """Also from a server whose clock is 2 s ahead of ours or behind it: its RFC 3339
+    resets are all off by as much, their differences are not (issue 16: 0.2 s ahead
+    collapsed the rate to ~4/s)."""
+    clock = CrowdClock(CALLERS)
+    server = limited_server(
+        chaos_server_factory, clock, rate_limit_headers="anthropic", clock_offset=clock_offset
+    )
     metas, errors, stats = crowd(server, clock)
     assert errors == [] and not any(m["degraded"] for m in metas)
     assert server.stats()["statuses"].get(429, 0) <= PACED_429S
     up = next(iter(stats["rate_limit"]["upstreams"].values()))
-    # An RFC 3339 reset is uncertain by the answer's age (on a fake clock answers age in
-    # jumps, by other callers' whole waits): the age loosens only the lower bound, so
-    # the learned rate stays near the limit (it collapsed to < 1/s before issue 16's fix)
+    # Read against our clock an RFC 3339 reset is off by the answer's age and the clocks'
+    # offset; the rate is read from differences of resets, which neither changes (it
+    # collapsed to < 1/s on late answers, then ~4/s on a clock 0.2 s ahead: issue 16)
     assert up["requests_source"] == "headers"
     assert 0.75 * 40 <= up["requests_per_s"] <= 1.1 * 40
 
@@ -158,7 +238,7 @@ def test_azure_format_remaining_counts_only_are_paced_without_a_collapse(
 ) -> None:
     """Azure OpenAI reports what is left but no limit and no reset: no rate can be read
     from it, AIMD finds one from the 429s and the remaining counts hold the crowd back."""
-    clock = FakeClock()
+    clock = CrowdClock(CALLERS)
     server = limited_server(chaos_server_factory, clock, rate_limit_headers="azure")
     metas, errors, stats = crowd(server, clock)
     assert errors == [] and not any(m["degraded"] for m in metas)
@@ -172,7 +252,7 @@ def test_azure_format_remaining_counts_only_are_paced_without_a_collapse(
 def test_without_headers_aimd_finds_the_rate(
     chaos_server_factory: Callable[..., ChaosServer],
 ) -> None:
-    clock = FakeClock()
+    clock = CrowdClock(CALLERS)
     server = limited_server(chaos_server_factory, clock, rate_limit_headers="none")
     metas, errors, stats = crowd(server, clock)
     assert errors == [] and not any(m["degraded"] for m in metas)

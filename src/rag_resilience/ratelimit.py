@@ -19,8 +19,11 @@ finds `max_queue` callers already waiting.
 Learning the rate: a server bucket of capacity L that reports R left and S seconds until
 full refills at ``(L - R_exact) / S`` per second, with R_exact in [R, R + 1) since R is
 rounded down (and S rounded to its resolution): each response bounds the rate. The pacer
-keeps the tightest bounds of its last responses, paces at their middle (at most 10 %
-above the lower bound) times `safety`, never keeps more burst than half the server's
+keeps the tightest bounds of its last responses, adds the lower bound the throughput it
+was granted proves (`Pacer._granted`: a bucket kept full proves little report by report),
+and paces at their middle (at most 10 % above the lower bound, less as the server's
+bucket empties); RFC 3339 resets, stamped on the server's clock, count only by their
+differences. It paces at that times `safety`, never keeps more burst than half the server's
 capacity (network jitter is absorbed by the server's bucket) and never believes more is
 left than the server says. With a `RedisStore` the arrival times live in Redis
 (`ratelimit_redis`), so every process pacing the same upstream shares them.
@@ -86,6 +89,9 @@ class Reservation:
     tokens: int
     at: float = 0.0  # the slot (monotonic): the request went no earlier
     observed: bool = False
+    #: the retry's slot, granted when this call's request met a 429: the first one at the
+    #: server's Retry-After, ahead of callers who came later (see `Pacer.promise_retry`)
+    retry_at: float | None = None
 
 
 _logger = logging.getLogger("rag_resilience")
@@ -95,6 +101,9 @@ _logger = logging.getLogger("rag_resilience")
 # the same limit: other processes pacing alone, most likely.
 _SURPRISE_SHARE = 0.1
 _SURPRISE_AFTER = 50
+
+# answers the granted-throughput bound spans (`Pacer._granted`)
+_GRANTED_WINDOW = 32
 
 _current: ContextVar[Reservation | None] = ContextVar("rag_resilience_pace", default=None)
 
@@ -133,7 +142,11 @@ class Pacer:
             cap = cfg.token_burst if cfg.token_burst is not None else cfg.tokens_per_second
             self.tokens = Bucket(1.0 / cfg.tokens_per_second, cap, now)
             self.token_source = "configured"
-        self._req_est = RateEstimate()
+        self._req_est = RateEstimate(unit_cost=True)
+        # the last admitted requests' (slot, answer read at, remaining): see `_granted`
+        self._granted_window: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=_GRANTED_WINDOW
+        )
         self._tok_est = RateEstimate()
         self._blocked_until = -math.inf
         self._aimd_rate: float | None = None
@@ -159,10 +172,13 @@ class Pacer:
     def calls(self) -> int:
         return self._calls + self._free.value
 
-    def reserve(self, now: float, tokens: int, max_wait: float | None) -> float:
+    def reserve(
+        self, now: float, tokens: int, max_wait: float | None, promised: float | None = None
+    ) -> float:
         """Grant the next slot and return its time (monotonic), or raise
         `RateLimitedError` (nothing reserved) if it comes later than the call's deadline
-        (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full."""
+        (`max_wait`, shortened by `rag_resilience.deadline`) or the wait queue is full.
+        `promised`: the request slot this call already holds (a retry after a 429)."""
         if (
             self.requests is None
             and self.tokens is None
@@ -181,7 +197,10 @@ class Pacer:
             self._grow_aimd(now)
             at = self._blocked_until if self._blocked_until > now else now
             requests, token_bucket = self.requests, self.tokens
-            if requests is not None:
+            if promised is not None:
+                # its request slot was taken when the 429 was seen: keep that place
+                at, requests = max(now, promised), None
+            elif requests is not None:
                 at = max(at, requests.allowed_at(now, 1.0))
             if token_bucket is not None and tokens > 0:
                 at = max(at, token_bucket.allowed_at(now, float(tokens)))
@@ -216,6 +235,20 @@ class Pacer:
                 token_bucket.take(at, float(tokens))
             self._calls += 1
             self._admitted.append(at)
+            return at
+
+    def promise_retry(self, now: float) -> float | None:
+        """The slot for the retry of a request that just met a 429, taken now (so callers
+        who reserve while it sleeps through the Retry-After queue behind it): the first
+        one the server's Retry-After allows. Without it the retry queued again after its
+        sleep, behind everyone who came meanwhile, and on a crowd could meet 429 after
+        429 until it ran out of attempts (issue 16). None: no local request bucket."""
+        with self._lock:
+            requests = self.requests
+            if requests is None or self._shared is not None:
+                return None
+            at = max(now, self._blocked_until, requests.allowed_at(now, 1.0))
+            requests.take(at, 1.0)
             return at
 
     def _reserve_shared(self, now: float, tokens: int, max_wait: float | None) -> float | None:
@@ -279,9 +312,12 @@ class Pacer:
         return f"{base or '?'} ({model or 'any model'})"
 
     # -- learning ------------------------------------------------------------------------
-    def observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
-        """Learn from one response's rate-limit headers and status."""
-        self._observe(info, status, now)
+    def observe(
+        self, info: RateLimitInfo, status: int | None, now: float, sent: float | None = None
+    ) -> None:
+        """Learn from one response's rate-limit headers and status; `sent`: its request's
+        slot (it was sent no earlier)."""
+        self._observe(info, status, now, sent)
         shared = self._shared
         if shared is None:
             return
@@ -302,11 +338,22 @@ class Pacer:
         for which, ahead in adjust:
             shared.adjust(which, "atleast", ahead)
 
-    def _observe(self, info: RateLimitInfo, status: int | None, now: float) -> None:
+    def _observe(
+        self, info: RateLimitInfo, status: int | None, now: float, sent: float | None
+    ) -> None:
         cfg = self.limiter
         with self._lock:
             self.responses += 1
+            admitted = status != 429
             if info.requests is not None:
+                self._req_est.add(info.requests, admitted)
+                if (
+                    admitted
+                    and sent is not None
+                    and info.requests.remaining is not None
+                    and self._req_est.limit is not None  # (Azure: what is left only, AIMD)
+                ):
+                    self._granted(now, sent, info.requests.remaining)
                 # On a 429 the Retry-After says exactly when the next request fits
                 # (applied below); "0 remaining" would only delay it further.
                 exact = status == 429 and info.retry_after is not None
@@ -314,6 +361,7 @@ class Pacer:
                     self.requests, self._req_est, info.requests, now, 1.0, "requests", not exact
                 )
             if info.tokens is not None:
+                self._tok_est.add(info.tokens, admitted)
                 self.tokens = self._learn(
                     self.tokens, self._tok_est, info.tokens, now, 0.0, "tokens", True
                 )
@@ -334,6 +382,23 @@ class Pacer:
                     # woken by the same Retry-After do not go all at once
                     self.requests.block_until(until)
 
+    def _granted(self, now: float, sent: float, remaining: float) -> None:
+        """The request rate the server granted us proves a lower bound on its refill
+        rate, however late its answers were stamped: between an earlier answer (read
+        at t0, its request sent at s0, R0 left) and this one (sent at s1, R1 left) the
+        server admitted at least N of our requests (this one and those sent after t0
+        and answered before s1) from a bucket of at most R0 + 1, with R1 still left,
+        in at most now - s0 seconds: rate >= (N + R1 - R0 - 1) / (now - s0). A bucket
+        kept full proves nothing more answer by answer ('used 1'); this proves what
+        was sent. The earlier answer is the oldest of the last `_GRANTED_WINDOW`."""
+        window = self._granted_window
+        if window:
+            s0, t0, r0 = window[0]
+            if sent >= t0 and now > s0:
+                granted = 1 + sum(1 for s, t, _ in window if s >= t0 and t <= sent)
+                self._req_est.add_low((granted + remaining - r0 - 1.0) / (now - s0))
+        window.append((sent, now, remaining))
+
     def _learn(
         self,
         bucket: Bucket | None,
@@ -345,7 +410,6 @@ class Pacer:
         sync_remaining: bool,
     ) -> Bucket | None:
         cfg = self.limiter
-        estimate.add(info)
         rate = estimate.rate()
         configured = (
             self.request_source == "configured"
@@ -603,7 +667,11 @@ class RateLimiter:
             pacer._admitted.append(now)
             at = now
         else:
-            at = pacer.reserve(now, request.tokens, max_wait)
+            prior = _current.get()
+            promised = None
+            if prior is not None and prior.pacer is pacer and prior.retry_at is not None:
+                promised, prior.retry_at = prior.retry_at, None
+            at = pacer.reserve(now, request.tokens, max_wait, promised)
         _current.set(Reservation(pacer, request.tokens, at))
         return at - now, clock
 
@@ -667,8 +735,6 @@ class RateLimiter:
             else:
                 return
             clock = get_clock(self.clock)
-            # The wall clock first: `now` is then no earlier than the moment the resets
-            # are counted from, and `now - reservation.at` bounds the answer's age.
             wall = clock.time()
             now = clock.monotonic()
             info = parse_rate_limit_headers(headers, now=wall)
@@ -677,7 +743,9 @@ class RateLimiter:
                 # and now: counted from the stamp, it is longer by up to the answer's age.
                 info = _widen(info, max(0.0, now - reservation.at))
             if not info.empty or status == 429:
-                pacer.observe(info, status, now)
+                pacer.observe(info, status, now, None if reservation is None else reservation.at)
+                if status == 429 and reservation is not None and reservation.retry_at is None:
+                    reservation.retry_at = pacer.promise_retry(now)
             if reservation is not None and not reservation.observed:
                 reservation.observed = True
                 if usage_tokens is not None and pacer.tokens is not None:

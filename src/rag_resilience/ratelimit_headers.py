@@ -52,6 +52,10 @@ class BucketInfo:
     #: the largest error in `reset` (seconds): durations are rounded to the millisecond
     #: (half of one), RFC 3339 times truncated to their last digit (one unit of it)
     resolution: float = 0.0005
+    #: an absolute (RFC 3339) reset as the server stated it: a POSIX time on the server's
+    #: clock, which may be ahead of ours or behind it (`reset` is read on ours). Only
+    #: differences of these are exact.
+    reset_at: float | None = None
     #: how long before it was read an absolute (RFC 3339) reset may have been stamped: the
     #: bucket's real time-to-full, counted from the stamp, is longer by up to this, never
     #: shorter (so it loosens the lower bound on the rate only)
@@ -130,6 +134,14 @@ def rfc3339_resolution(value: object) -> float:
 def parse_rfc3339(value: object, now: float) -> float | None:
     """Seconds from `now` (wall clock) until an RFC 3339 time ("2024-05-01T12:00:05Z");
     0 if it has passed; None when malformed or without a time zone."""
+    when = _rfc3339_time(value)
+    if when is None or not math.isfinite(when - now) or when - now > MAX_NUMBER:
+        return None
+    return max(0.0, when - now)
+
+
+def _rfc3339_time(value: object) -> float | None:
+    """The POSIX time of an RFC 3339 time with a time zone, else None."""
     text = _clean(value)
     if text is None:
         return None
@@ -139,12 +151,9 @@ def parse_rfc3339(value: object, now: float) -> float | None:
         when = datetime.fromisoformat(text)
         if when.tzinfo is None:
             return None
-        seconds = when.timestamp() - now
+        return when.timestamp()
     except (ValueError, OverflowError, OSError):
         return None
-    if not math.isfinite(seconds) or seconds > MAX_NUMBER:
-        return None
-    return max(0.0, seconds)
 
 
 def _get(headers: Mapping[str, str], name: str) -> object:
@@ -159,12 +168,13 @@ def _bucket(
     remaining: float | None,
     reset: float | None,
     resolution: float = 0.0005,
+    reset_at: float | None = None,
 ) -> BucketInfo | None:
     if limit is None and remaining is None and reset is None:
         return None
     if limit is not None and remaining is not None and remaining > limit:
         remaining = limit  # a confused server: never believe more is left than exists
-    return BucketInfo(limit, remaining, reset, resolution)
+    return BucketInfo(limit, remaining, reset, resolution, reset_at)
 
 
 def _openai(headers: Mapping[str, str], kind: str) -> BucketInfo | None:
@@ -178,11 +188,13 @@ def _openai(headers: Mapping[str, str], kind: str) -> BucketInfo | None:
 def _anthropic(headers: Mapping[str, str], kind: str, now: float) -> BucketInfo | None:
     prefix = f"anthropic-ratelimit-{kind}"
     reset = _get(headers, f"{prefix}-reset")
+    seconds = parse_rfc3339(reset, now)
     return _bucket(
         _number(_get(headers, f"{prefix}-limit")),
         _number(_get(headers, f"{prefix}-remaining")),
-        parse_rfc3339(reset, now),
+        seconds,
         rfc3339_resolution(reset),
+        None if seconds is None else _rfc3339_time(reset),
     )
 
 

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--rate-limit-headers", choices=("openai", "azure", "anthropic", "none"), default="openai"
     )
+    f.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds the server's clock runs ahead (negative: behind), in RFC 3339 resets",
+    )
     f.add_argument("--max-concurrency", type=int, default=None)
     f.add_argument("--concurrency-mode", choices=["reject", "queue"], default="reject")
     f.add_argument(
@@ -84,7 +90,7 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
             "outage", "outage_status", "fail_next", "fail_next_status", "latency",
             "latency_jitter", "stall", "stall_rate", "drop_rate", "drop_next",
             "stream_break_after", "rate_limit_rps", "rate_limit_burst", "rate_limit_tpm",
-            "rate_limit_token_burst", "rate_limit_headers", "max_concurrency",
+            "rate_limit_token_burst", "rate_limit_headers", "clock_offset", "max_concurrency",
             "concurrency_mode",
         )
     }  # fmt: skip

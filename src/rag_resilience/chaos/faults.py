@@ -266,6 +266,9 @@ class Faults:
     rate_limit_headers: Literal["openai", "azure", "anthropic", "none"] = "openai"
     """Format of the rate-limit headers on every response (see chaos/ratelimits.py); "azure":
     Azure OpenAI's remaining counts only (no limit, no reset)."""
+    clock_offset: float = 0.0
+    """Seconds the server's wall clock runs ahead of the real one (negative: behind), as
+    on a host without NTP: it shows in the absolute (RFC 3339) resets it stamps."""
     max_concurrency: int | None = None
     """Requests in flight beyond this get 503 (`concurrency_mode="reject"`) or wait ("queue")."""
     concurrency_mode: Literal["reject", "queue"] = "reject"
@@ -334,6 +337,8 @@ class Faults:
                 "rate_limit_token_burst must be None or an int >= 1, got "
                 f"{self.rate_limit_token_burst!r}"
             )
+        if not (isinstance(self.clock_offset, int | float) and math.isfinite(self.clock_offset)):
+            raise ValueError(f"clock_offset must be a finite number, got {self.clock_offset!r}")
         if self.rate_limit_headers not in ("openai", "azure", "anthropic", "none"):
             raise ValueError(
                 "rate_limit_headers must be 'openai', 'azure', 'anthropic' or 'none', got "

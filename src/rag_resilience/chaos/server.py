@@ -547,7 +547,7 @@ class ChaosServer:
         key = RateLimits.key_of(req.headers.get("authorization"))
         # the wall clock first: a stamp is then never later than the bucket state it
         # reports (a clock moved between the reads would make every reset look longer)
-        wall = self._clock.time()
+        wall = self._clock.time() + faults.clock_offset
         return self._limits.headers(faults, key, self._clock.monotonic(), wall)
 
     def _record(
