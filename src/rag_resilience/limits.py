@@ -909,6 +909,15 @@ class ConcurrencyLimit:
         finally:
             self._asks.leave()
 
+    async def _aask_once(self, token: str) -> bool:
+        """Async twin of `_ask_once`."""
+        if not self._asks.try_enter():
+            return not self._max_waiting and await self._alease_once(token)
+        try:
+            return await self._alease_once(token)
+        finally:
+            self._asks.leave()
+
     def _poll_until(
         self,
         token: str,
@@ -942,13 +951,7 @@ class ConcurrencyLimit:
 
     async def _aacquire_distributed(self, timeout: float | None) -> None:
         token = self._new_token()
-        if self._asks.try_enter():  # as in _ask_once
-            try:
-                if await self._alease_once(token):
-                    return
-            finally:
-                self._asks.leave()
-        elif not self._max_waiting and await self._alease_once(token):
+        if await self._aask_once(token):
             return
         # A fresh token to wait with: a one-shot ask Redis did not answer is forgotten
         # (tombstoned), and a waiter's token must stay grantable.
